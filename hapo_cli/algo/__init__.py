@@ -1,0 +1,57 @@
+"""The paper's math as pure torch functions: no I/O, no global state, imports only torch.
+
+Glossary (used in every shape comment):
+    B  responses in a batch = prompts x G
+    G  group size (responses sampled per prompt)
+    T  response tokens (padded length); `mask` (B, T) bool, True = a real token
+    V  vocabulary size
+    N  flattened tokens (rows of a logits matrix)
+    h  normalised entropy in [-1, 1]; `scores` one reward per response; `adv` advantages
+
+Components: A adaptive temperature (entropy.py), B token-level group advantages
+(advantages.py), C advantage redistribution and D adaptive clipping (loss.py).
+"""
+
+from .advantages import grpo_advantages, token_level_group_advantages
+from .distributed import distributed_entropy_stats, stats_from_shards
+from .entropy import (
+    EntropyStats,
+    adaptive_temperature,
+    apply_adaptive_temperature,
+    entropy_stats,
+    normalized_entropy,
+    token_entropy,
+)
+from .logprobs import logprobs_and_entropy
+from .loss import (
+    adaptive_clip_bounds,
+    forking_token_mask,
+    policy_loss,
+    redistribute_advantages,
+    tis_weights,
+)
+
+try:  # TODO(dev only): remove the guard once hapo_cli/algo/fused.py lands
+    from .fused import fused_logprobs_and_entropy
+except ImportError:  # pragma: no cover
+    fused_logprobs_and_entropy = None  # type: ignore[assignment]
+
+__all__ = [
+    "EntropyStats",
+    "adaptive_clip_bounds",
+    "adaptive_temperature",
+    "apply_adaptive_temperature",
+    "distributed_entropy_stats",
+    "entropy_stats",
+    "forking_token_mask",
+    "fused_logprobs_and_entropy",
+    "grpo_advantages",
+    "logprobs_and_entropy",
+    "normalized_entropy",
+    "policy_loss",
+    "redistribute_advantages",
+    "stats_from_shards",
+    "tis_weights",
+    "token_entropy",
+    "token_level_group_advantages",
+]

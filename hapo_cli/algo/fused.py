@@ -1,0 +1,414 @@
+"""Memory-bounded log-probs and entropy through the LM head (never [N, V] logits at once).
+
+The learner needs, for every response token, the log-probability of the sampled token and the
+entropy of the policy distribution it was sampled from. The naive formula materialises the
+logits of every token::
+
+    z = (hidden @ W.T + b) / T            # (N, V), float32
+    logp_all = z.log_softmax(-1)          # (N, V)
+    logp = logp_all.gather(-1, targets)   # (N,)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)   # (N,)
+
+With V = 151,936 (Qwen) and N = 8192 tokens that is 5 GB per float32 [N, V] tensor, and
+autograd keeps several of them. `fused_logprobs_and_entropy` computes the same two vectors
+chunk by chunk over the token dimension: at most one chunk of logits (plus one or two
+temporaries of the same size) is alive at a time. Backward saves only O(N) vectors (the
+per-token log-sum-exp and entropy) and recomputes each chunk's logits, so memory is
+O(chunk_size * V + V * d) instead of O(N * V); the price is one extra matmul (4 instead of 3).
+
+Gradients (per row, z = tempered logits, p = softmax(z), lse = logsumexp(z)):
+
+    logp = z_y - lse                      d logp / dz_j = 1[j = y] - p_j
+    H = lse - sum_k p_k z_k               dH / dz_j = -p_j (z_j - sum_k p_k z_k)
+                                                    = -p_j (log p_j + H)
+
+so with upstream gradients g (for logp) and e (for H):
+``dL/dz_j = g 1[j = y] - p_j (g + e (log p_j + H))``, and ``dL/dlogits = dL/dz / T``.
+
+Conventions:
+- The entropy is of the same tempered distribution as the log-prob (``softmax(z / T)``); pass
+  ``temperature=None`` for the untempered entropy that the entropy stats use.
+- Rows whose target equals ``ignore_index`` (-100) give logp = 0 and entropy = 0 and get zero
+  gradient (their logits are still computed; select valid rows first to save the work, as
+  `sequence_logprobs_and_entropy` does).
+- The temperature is a constant (no gradient flows to it).
+- Compute dtype: float32 for float32/bfloat16/float16 inputs (the matmul runs in the input
+  dtype, each chunk of logits is upcast to float32, grad_W is accumulated in float32 and cast
+  back), float64 for float64 inputs. Outputs have the compute dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------- chunk kernels
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_logits(
+    h: Tensor,  # (C, d)
+    weight: Tensor,  # (V, d)
+    bias: Tensor | None,  # (V,)
+    inv_t: Tensor | None,  # (C,) 1 / temperature, compute dtype
+) -> Tensor:
+    """Tempered logits of one chunk, upcast to the compute dtype: (C, V)."""
+    raw = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)  # (C, V) input dtype
+    z = raw.to(_compute_dtype(raw.dtype))  # no copy for float32: raw is fresh, edit in place
+    if inv_t is not None:
+        z.mul_(inv_t[:, None])
+    return z
+
+
+def _log_softmax_(z: Tensor, lse: Tensor) -> Tensor:
+    """In place: z <- z - lse, with -inf clamped to the dtype's min so 0 * log p stays 0."""
+    z.sub_(lse[:, None])
+    return z.clamp_(min=torch.finfo(z.dtype).min)
+
+
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """sum_j a[i, j] b[i, j] without a (C, V) temporary: (C,)."""
+    return (a[:, None, :] @ b[:, :, None]).reshape(-1)
+
+
+def _forward_chunk(
+    h: Tensor, weight: Tensor, bias: Tensor | None, inv_t: Tensor | None,
+    safe_targets: Tensor, compute_entropy: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(logp, lse, entropy or None) of one chunk, each (C,)."""
+    z = _chunk_logits(h, weight, bias, inv_t)  # (C, V)
+    lse = torch.logsumexp(z, dim=-1)  # (C,)
+    logp = z.gather(1, safe_targets[:, None]).reshape(-1) - lse  # (C,)
+    if not compute_entropy:
+        return logp, lse, None
+    logp_all = _log_softmax_(z, lse)  # (C, V), reuses z's storage
+    entropy = -_row_dot(torch.exp(logp_all), logp_all)  # (C,)
+    return logp, lse, entropy
+
+
+def _forward_loop(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+    inv_t: Tensor | None, chunk_size: int, compute_entropy: bool, ignore_index: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(logp, entropy, lse) for all N rows, zero logp/entropy on ignored rows."""
+    n = hidden.shape[0]
+    cdtype = _compute_dtype(hidden.dtype)
+    ignored = targets == ignore_index  # (N,)
+    safe_targets = targets.masked_fill(ignored, 0)  # (N,)
+    logp = hidden.new_zeros(n, dtype=cdtype)
+    lse = hidden.new_zeros(n, dtype=cdtype)
+    entropy = hidden.new_zeros(n, dtype=cdtype)
+    for s in range(0, n, chunk_size):
+        e = min(s + chunk_size, n)
+        it = None if inv_t is None else inv_t[s:e]
+        lp, ls, ent = _forward_chunk(
+            hidden[s:e], weight, bias, it, safe_targets[s:e], compute_entropy
+        )
+        logp[s:e] = lp
+        lse[s:e] = ls
+        if ent is not None:
+            entropy[s:e] = ent
+    logp = logp.masked_fill(ignored, 0.0)
+    entropy = entropy.masked_fill(ignored, 0.0)
+    return logp, entropy, lse
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class _FusedLogprobEntropy(torch.autograd.Function):
+    """Forward by chunks; backward recomputes each chunk's logits from hidden and W."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, inv_t, chunk_size, compute_entropy,
+                ignore_index):
+        logp, entropy, lse = _forward_loop(
+            hidden, weight, bias, targets, inv_t, chunk_size, compute_entropy, ignore_index
+        )
+        ctx.save_for_backward(hidden, weight, bias, targets, inv_t, lse, entropy)
+        ctx.chunk_size = chunk_size
+        ctx.compute_entropy = compute_entropy
+        ctx.ignore_index = ignore_index
+        return logp, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, targets, inv_t, lse, entropy = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        cdtype = lse.dtype
+        ignored = targets == ctx.ignore_index  # (N,)
+        safe_targets = targets.masked_fill(ignored, 0)
+        # upstream gradients in the compute dtype, zero on ignored rows (their outputs are 0)
+        g = (torch.zeros_like(lse) if grad_logp is None else grad_logp.to(cdtype))
+        g = g.masked_fill(ignored, 0.0)  # (N,)
+        use_ent = grad_entropy is not None and ctx.compute_entropy
+        e = grad_entropy.to(cdtype).masked_fill(ignored, 0.0) if use_ent else None  # (N,)
+
+        grad_h = torch.empty_like(hidden) if need_h else None  # (N, d)
+        grad_w = weight.new_zeros(weight.shape, dtype=cdtype) if need_w else None  # (V, d)
+        grad_b = weight.new_zeros(weight.shape[0], dtype=cdtype) if need_b else None  # (V,)
+        n = hidden.shape[0]
+        for s in range(0, n, ctx.chunk_size):
+            t = min(s + ctx.chunk_size, n)
+            h = hidden[s:t]  # (C, d)
+            it = None if inv_t is None else inv_t[s:t]
+            z = _chunk_logits(h, weight, bias, it)  # (C, V)
+            logp_all = _log_softmax_(z, lse[s:t])  # (C, V) log p
+            p = torch.exp(logp_all)  # (C, V)
+            # dL/dz = g 1[j=y] - p (g + e (log p + H)), built in logp_all's storage
+            gz = logp_all
+            if e is not None:
+                gz.add_(entropy[s:t, None]).mul_(e[s:t, None]).add_(g[s:t, None])
+            else:
+                gz.copy_(g[s:t, None].expand_as(gz))
+            gz.mul_(p).neg_()
+            del p
+            gz.scatter_add_(1, safe_targets[s:t, None], g[s:t, None])
+            if it is not None:
+                gz.mul_(it[:, None])  # dL/dlogits = dL/dz / T
+            if need_b:
+                grad_b += gz.sum(0)
+            gz_in = gz.to(weight.dtype)  # (C, V) input dtype for the matmuls
+            if need_h:
+                grad_h[s:t] = gz_in @ weight  # (C, d)
+            if need_w:
+                if gz_in.dtype == cdtype:
+                    grad_w.addmm_(gz_in.T, h)  # (V, d) accumulate in place
+                else:
+                    grad_w += gz_in.T @ h  # bf16 matmul, float32 accumulation
+            del gz, gz_in
+        if need_w:
+            grad_w = grad_w.to(weight.dtype)
+        if need_b:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _inverse_temperature(temperature, n: int, cdtype: torch.dtype, device) -> Tensor | None:
+    """None (T = 1) or a (N,) tensor of 1/T in the compute dtype; ValueError on bad input."""
+    if temperature is None:
+        return None
+    if isinstance(temperature, Tensor):
+        t = temperature.detach().to(device=device, dtype=cdtype)
+        if t.dim() == 0:
+            t = t.expand(n)
+        if t.shape != (n,):
+            raise ValueError(
+                f"temperature must be a float, a 0-dim tensor or shape ({n},); "
+                f"got shape {tuple(temperature.shape)}"
+            )
+        if not bool((t > 0).all()):
+            raise ValueError("temperature must be > 0 everywhere")
+        return t.reciprocal()
+    t = float(temperature)
+    if not t > 0:
+        raise ValueError(f"temperature must be > 0; got {temperature!r}")
+    return torch.full((n,), 1.0 / t, dtype=cdtype, device=device)
+
+
+def fused_logprobs_and_entropy(
+    hidden: Tensor,  # (N, d) final hidden states (after the final norm)
+    lm_head_weight: Tensor,  # (V, d)
+    targets: Tensor,  # (N,) token ids, IGNORE_INDEX rows are skipped
+    temperature: float | Tensor | None = None,  # scalar or (N,)
+    chunk_size: int = 1024,
+    *,
+    bias: Tensor | None = None,  # (V,)
+    compute_entropy: bool = True,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[Tensor, Tensor]:
+    """Log-prob of `targets` and entropy under softmax((hidden @ W.T + b) / T), by chunks.
+
+    Naive formula (what this equals, up to float rounding)::
+
+        z = ((hidden @ W.T + bias).float() / T)       # (N, V)
+        logp_all = z.log_softmax(-1)
+        logp = logp_all.gather(-1, targets[:, None])[:, 0]
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+
+    Returns ``(logp, entropy)``, each (N,) float32 (float64 for float64 inputs); both are
+    differentiable w.r.t. `hidden`, `lm_head_weight` and `bias`. At most `chunk_size` rows of
+    logits exist at a time (forward and backward). Rows with ``targets == ignore_index`` give
+    0 and 0. With ``compute_entropy=False`` the entropy output is all zeros (and skipped).
+    Under ``torch.no_grad()`` or when no input requires grad nothing is saved.
+    """
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be (N, d); got shape {tuple(hidden.shape)}")
+    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"lm_head_weight must be (V, d={hidden.shape[1]}); "
+            f"got shape {tuple(lm_head_weight.shape)}"
+        )
+    if lm_head_weight.dtype != hidden.dtype:
+        raise ValueError(
+            f"hidden and lm_head_weight must share a dtype; got {hidden.dtype} and "
+            f"{lm_head_weight.dtype}"
+        )
+    n = hidden.shape[0]
+    if targets.shape != (n,) or targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise ValueError(
+            f"targets must be integer token ids of shape ({n},); "
+            f"got {targets.dtype} of shape {tuple(targets.shape)}"
+        )
+    v = lm_head_weight.shape[0]
+    if bias is not None and (bias.shape != (v,) or bias.dtype != hidden.dtype):
+        raise ValueError(
+            f"bias must be ({v},) {hidden.dtype}; "
+            f"got {bias.dtype} of shape {tuple(bias.shape)}"
+        )
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
+    cdtype = _compute_dtype(hidden.dtype)
+    inv_t = _inverse_temperature(temperature, n, cdtype, hidden.device)
+    targets = targets.long()
+
+    needs_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad
+        or lm_head_weight.requires_grad
+        or (bias is not None and bias.requires_grad)
+    )
+    if not needs_grad:
+        logp, entropy, _ = _forward_loop(
+            hidden, lm_head_weight, bias, targets, inv_t, chunk_size, compute_entropy,
+            ignore_index,
+        )
+        return logp, entropy
+    return _FusedLogprobEntropy.apply(
+        hidden, lm_head_weight, bias, targets, inv_t, chunk_size, compute_entropy, ignore_index
+    )
+
+
+# ----------------------------------------------------------------------------- HF models
+
+
+def model_hidden_and_head(
+    model,  # a transformers causal LM (Qwen2/Qwen3/Llama-style: base model + linear head)
+    input_ids: Tensor,  # (B, L)
+    attention_mask: Tensor,  # (B, L)
+    position_ids: Tensor | None = None,  # (B, L)
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Final hidden states and the LM head: ``(hidden (B, L, d), weight (V, d), bias or None)``.
+
+    ``model(...).logits == hidden @ weight.T + bias`` for the supported models. With tied
+    embeddings `weight` is the input-embedding parameter itself, so its gradient collects both
+    uses exactly once each, as in the plain forward. Models whose logits are post-processed
+    (Gemma-2 soft-capping, a logit scale) are refused with a ValueError.
+    """
+    config = getattr(model, "config", None)
+    for name in ("final_logit_softcapping", "logit_scale"):
+        if getattr(config, name, None) not in (None, 1.0):
+            raise ValueError(
+                f"model config has {name}={getattr(config, name)!r}: its logits are not "
+                "hidden @ W.T + b; use the plain path (fused=False)"
+            )
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(
+            f"model.get_output_embeddings() must be an nn.Linear; got {type(head).__name__}"
+        )
+    base = model.base_model
+    if base is model:
+        raise ValueError(f"{type(model).__name__} has no separate base model to call")
+    out = base(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+    )
+    return out.last_hidden_state, head.weight, head.bias
+
+
+def _position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions counted over real tokens (left padding gets 0), as HF generate does: (B, L)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _check_sequence_args(input_ids, attention_mask, prompt_length, response_mask, temperature):
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            "input_ids and attention_mask must both be (B, P + T); got "
+            f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
+        )
+    b, length = input_ids.shape
+    if not 1 <= prompt_length < length:
+        raise ValueError(
+            f"prompt_length must be in [1, {length - 1}] for sequences of length {length}; "
+            f"got {prompt_length}"
+        )
+    t = length - prompt_length
+    if response_mask is not None and response_mask.shape != (b, t):
+        raise ValueError(
+            f"response_mask must be (B, T) = ({b}, {t}); got {tuple(response_mask.shape)}"
+        )
+    if isinstance(temperature, Tensor) and temperature.dim() > 0 and temperature.shape != (b, t):
+        raise ValueError(
+            f"temperature must be a float or (B, T) = ({b}, {t}); got {tuple(temperature.shape)}"
+        )
+
+
+def sequence_logprobs_and_entropy(
+    model,
+    input_ids: Tensor,  # (B, P + T) left-padded prompt | right-padded response
+    attention_mask: Tensor,  # (B, P + T) 1 = real token
+    prompt_length: int,  # P, the (padded) prompt width
+    *,
+    response_mask: Tensor | None = None,  # (B, T) bool; default attention_mask[:, P:]
+    temperature: float | Tensor | None = None,  # scalar or (B, T) per-token T_t
+    fused: bool = True,
+    chunk_size: int = 1024,
+    compute_entropy: bool = True,
+    position_ids: Tensor | None = None,  # (B, P + T); default from attention_mask
+) -> tuple[Tensor, Tensor]:
+    """Log-prob and entropy of each response token: ``(logp (B, T), entropy (B, T))``.
+
+    Response token t (``input_ids[:, P + t]``) is predicted by the logits at position
+    ``P - 1 + t``; both outputs are of ``softmax(logits / temperature)`` and are 0 where
+    `response_mask` is False. ``fused=True`` runs the base model, keeps only the valid response
+    positions' hidden states and calls `fused_logprobs_and_entropy` (no (B, T, V) logits);
+    ``fused=False`` is the plain path (full logits, then log_softmax), kept as the reference.
+    """
+    _check_sequence_args(input_ids, attention_mask, prompt_length, response_mask, temperature)
+    if position_ids is None:
+        position_ids = _position_ids(attention_mask)
+    p = prompt_length
+    targets = input_ids[:, p:]  # (B, T)
+    mask = attention_mask[:, p:].bool() if response_mask is None else response_mask.bool()
+    if fused:
+        hidden, weight, bias = model_hidden_and_head(model, input_ids, attention_mask, position_ids)
+        hidden = hidden[:, p - 1 : -1][mask]  # (N, d) valid response positions only
+        per_token = isinstance(temperature, Tensor) and temperature.dim() > 0
+        temp = temperature[mask] if per_token else temperature  # (N,) or scalar
+        logp_v, ent_v = fused_logprobs_and_entropy(
+            hidden, weight, targets[mask], temp, chunk_size,
+            bias=bias, compute_entropy=compute_entropy,
+        )  # (N,)
+        out_dtype = logp_v.dtype
+        logp = torch.zeros(mask.shape, dtype=out_dtype, device=logp_v.device)
+        entropy = torch.zeros(mask.shape, dtype=out_dtype, device=logp_v.device)
+        return logp.masked_scatter(mask, logp_v), entropy.masked_scatter(mask, ent_v)
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        use_cache=False,
+    ).logits[:, p - 1 : -1]  # (B, T, V)
+    z = logits.to(_compute_dtype(logits.dtype))
+    if temperature is not None:
+        t = temperature if isinstance(temperature, Tensor) else torch.tensor(float(temperature))
+        t = t.detach().to(device=z.device, dtype=z.dtype)
+        z = z / (t[..., None] if t.dim() else t)
+    logp_all = z.log_softmax(-1)  # (B, T, V)
+    logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)  # (B, T)
+    if compute_entropy:
+        entropy = -(logp_all.exp() * logp_all).sum(-1)  # (B, T)
+    else:
+        entropy = torch.zeros_like(logp)
+    return logp.masked_fill(~mask, 0.0), entropy.masked_fill(~mask, 0.0)

@@ -1,0 +1,179 @@
+"""PPO clipped surrogate with dual clip, and HAPO's loss-side components C and D.
+
+Metric aggregation across micro-batches (and ranks): every metric is a detached 0-dim tensor
+computed on the local micro-batch. Fractions (`clip_frac_*`, `dual_clip_frac`,
+`c_amplified_frac`, `c_damped_frac`) and means (`ratio_mean`, `ratio_dev_mean`) are over the
+local valid tokens: combine them as `sum(m * valid_tokens) / sum(valid_tokens)`. Sums and
+counts (`adv_*_token_sum`, `adv_*_token_count`, `valid_tokens`) just add. `pg_loss` is the
+returned loss: with a global `normalizer` the micro-batch losses add up to the mini-batch
+loss (sum them); with the local default they are local means (weight by valid_tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .entropy import quantile_sorted
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+LOG_RATIO_CLAMP = 20.0
+
+
+def adaptive_clip_bounds(
+    h: Tensor, eps_low: float | Tensor, eps_high: float | Tensor, alpha: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Component D: entropy-conditioned asymmetric clip bounds.
+
+    eps_low(t) = eps_low * (1 - alpha h_t) where h_t <= 0 (up to 2 eps_low at h = -1), else eps_low;
+    eps_high(t) = eps_high * (1 + alpha h_t) where h_t > 0 (up to 2 eps_high at h = 1), else eps_high.
+    h (B, T) -> (eps_low (B, T), eps_high (B, T)) in h's float dtype.
+    """
+    lo = torch.as_tensor(eps_low, dtype=h.dtype, device=h.device).expand_as(h)
+    hi = torch.as_tensor(eps_high, dtype=h.dtype, device=h.device).expand_as(h)
+    low = torch.where(h <= 0, lo * (1 - alpha * h), lo)
+    high = torch.where(h > 0, hi * (1 + alpha * h), hi)
+    return low, high
+
+
+def redistribute_advantages(
+    adv: Tensor, h: Tensor, ratio: Tensor, eps_low: float | Tensor, eps_high: float | Tensor,
+    beta: float = 1.0,
+) -> Tensor:
+    """Component C: A' = A (1 + beta h) for high-entropy tokens (h > 0) whose ratio is outside
+    the neutral zone (1 - eps_low/2, 1 + eps_high/2), and for low-entropy tokens (h <= 0)
+    whose ratio is inside it; every other token keeps A.
+
+    The zone uses each token's own bounds (pass D's bounds when D is on). ratio is detached:
+    C picks the advantage, it is not differentiated through. All (B, T); eps float or (B, T).
+    """
+    r = ratio.detach()
+    inside = (r > 1 - eps_low / 2) & (r < 1 + eps_high / 2)  # (B, T)
+    scaled = adv * (1 + beta * h)  # (B, T)
+    return torch.where(h > 0, torch.where(inside, adv, scaled), torch.where(inside, scaled, adv))
+
+
+def forking_token_mask(entropy: Tensor, mask: Tensor, quantile: float = 0.2) -> Tensor:
+    """Mask of the "forking" tokens: the top-`quantile` entropy fraction of the valid tokens
+    of the batch (entropy >= the (1 - quantile) linear-interpolation quantile).
+
+    For the DAPO-with-forking-tokens baseline: multiply the loss mask by this. (B, T) -> (B, T)
+    bool; all False when no token is valid.
+    """
+    if entropy.shape != mask.shape:
+        raise ValueError(f"forking_token_mask: entropy {tuple(entropy.shape)} != mask {tuple(mask.shape)}")
+    if not 0.0 < quantile <= 1.0:
+        raise ValueError(f"forking_token_mask: quantile={quantile} must be in (0, 1]")
+    mask = mask.bool()
+    valid = entropy.detach()[mask].double()
+    if valid.numel() == 0:
+        return torch.zeros_like(mask)
+    threshold = quantile_sorted(valid.sort().values, 1.0 - quantile, "paper")
+    return mask & (entropy.double() >= threshold)
+
+
+def tis_weights(old_logp: Tensor, behaviour_logp: Tensor, cap: float) -> Tensor:
+    """Truncated importance-sampling weights w = min(exp(old_logp - behaviour_logp), cap).
+
+    Corrects for the sampler (behaviour) and learner (old) log-probs differing. Detached.
+    """
+    if cap <= 0:
+        raise ValueError(f"tis_weights: cap={cap} must be > 0")
+    log_w = (old_logp - behaviour_logp).detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return log_w.exp().clamp(max=cap)
+
+
+def _frac(x: Tensor, mask: Tensor, n: Tensor) -> Tensor:
+    return (x & mask).sum().float() / n
+
+
+def policy_loss(
+    logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
+    eps_low: float | Tensor, eps_high: float | Tensor, clip_c: float = 10.0,
+    agg: str = "token-mean", *, normalizer: float | Tensor | None = None,
+    h: Tensor | None = None, adv_before: Tensor | None = None,
+    log_ratio_clamp: float = LOG_RATIO_CLAMP,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate with dual clip, no KL, no entropy bonus.
+
+        ratio = exp(clamp(logp - old_logp, -20, 20))
+        L_t = max(-A ratio, -A clip(ratio, 1 - eps_low, 1 + eps_high))
+        L_t = min(L_t, -A c)                        where A < 0 (dual clip)
+
+    logp (B, T) with grad, old_logp (B, T), adv (B, T) (after C if on), mask (B, T) bool,
+    eps float or (B, T) (D's bounds). Aggregation `agg`:
+      token-mean:          sum_t L_t / normalizer   (default: local valid tokens)
+      seq-mean-token-mean: sum_i mean_t L_it / normalizer   (default: local non-empty rows)
+      seq-mean-token-sum:  sum_i sum_t L_it / normalizer    (default: local non-empty rows)
+    Pass `normalizer` = the global count (valid tokens, or sequences, of the whole mini-batch
+    over gradient-accumulation steps and ranks) to make the mean global.
+    `h` adds the entropy split of the clip fractions; `adv_before` (adv before C) adds
+    c_amplified_frac / c_damped_frac. Values under mask = 0 never affect loss or gradients.
+    Returns (loss 0-dim, metrics of detached 0-dim tensors; see module docstring).
+    """
+    if not (logp.shape == old_logp.shape == adv.shape == mask.shape) or logp.dim() != 2:
+        raise ValueError(
+            f"policy_loss: logp, old_logp, adv, mask must all be (B, T); got {tuple(logp.shape)}, "
+            f"{tuple(old_logp.shape)}, {tuple(adv.shape)}, {tuple(mask.shape)}"
+        )
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"policy_loss: agg={agg!r} is not one of: {', '.join(AGGREGATIONS)}")
+    if clip_c <= 1.0:
+        raise ValueError(f"policy_loss: clip_c={clip_c} must be > 1")
+    mask = mask.bool()
+    wd = torch.promote_types(logp.dtype, torch.float32)  # float32, or float64 for float64 input
+    zero = torch.zeros((), dtype=wd, device=logp.device)
+    log_ratio = torch.where(mask, logp.to(wd) - old_logp.detach().to(wd), zero)  # (B, T)
+    ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp).exp()  # (B, T)
+    a = torch.where(mask, adv.detach().to(wd), zero)  # (B, T)
+    low, high = 1 - eps_low, 1 + eps_high
+    low_t = torch.as_tensor(low, dtype=wd, device=ratio.device)
+    high_t = torch.as_tensor(high, dtype=wd, device=ratio.device)
+    clipped = torch.minimum(torch.maximum(ratio, low_t), high_t)  # (B, T)
+    per_token = torch.maximum(-a * ratio, -a * clipped)  # (B, T)
+    dual = torch.minimum(per_token, -a * clip_c)  # (B, T)
+    per_token = torch.where(a < 0, dual, per_token)
+    per_token = torch.where(mask, per_token, zero)
+
+    n_valid = mask.sum()
+    lengths = mask.sum(dim=1)  # (B,)
+    if agg == "token-mean":
+        total = per_token.sum()
+        default_norm = n_valid
+    else:
+        seq = per_token.sum(dim=1)  # (B,)
+        if agg == "seq-mean-token-mean":
+            seq = seq / lengths.clamp_min(1)
+        total = seq.sum()
+        default_norm = (lengths > 0).sum()
+    norm = default_norm.clamp_min(1).to(wd) if normalizer is None else normalizer
+    loss = total / norm
+
+    with torch.no_grad():
+        n = n_valid.clamp_min(1).float()
+        clip_low = (a < 0) & (ratio < low)
+        clip_high = (a > 0) & (ratio > high)
+        metrics = {
+            "pg_loss": loss.detach(),
+            "clip_frac_low": _frac(clip_low, mask, n),
+            "clip_frac_high": _frac(clip_high, mask, n),
+            "dual_clip_frac": _frac((a < 0) & (ratio > clip_c), mask, n),
+            "ratio_dev_mean": torch.where(mask, (ratio - 1).abs(), zero).sum() / n,
+            "ratio_mean": torch.where(mask, ratio, zero).sum() / n,
+            "adv_pos_token_sum": torch.where(mask & (a > 0), a, zero).sum(),
+            "adv_neg_token_sum": torch.where(mask & (a < 0), a, zero).sum(),
+            "adv_pos_token_count": (mask & (a > 0)).sum().float(),
+            "adv_neg_token_count": (mask & (a < 0)).sum().float(),
+            "valid_tokens": n_valid.float(),
+        }
+        if h is not None:
+            hi_ent = h > 0
+            metrics["clip_frac_low_hi_ent"] = _frac(clip_low & hi_ent, mask, n)
+            metrics["clip_frac_low_lo_ent"] = _frac(clip_low & ~hi_ent, mask, n)
+            metrics["clip_frac_high_hi_ent"] = _frac(clip_high & hi_ent, mask, n)
+            metrics["clip_frac_high_lo_ent"] = _frac(clip_high & ~hi_ent, mask, n)
+        if adv_before is not None:
+            before = adv_before.detach().to(wd).abs()
+            metrics["c_amplified_frac"] = _frac(a.abs() > before, mask, n)
+            metrics["c_damped_frac"] = _frac(a.abs() < before, mask, n)
+    return loss, metrics

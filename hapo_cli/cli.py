@@ -1,0 +1,337 @@
+"""`hapo`: train, evaluate, ablate and analyze token-aware RL runs (HAPO, DAPO, GRPO, forking).
+
+Thin layer: parse, load the recipe, call the library, print with rich. User errors print one red
+line on stderr and exit 2 (`--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from .recipe import RecipeError, list_recipes, load_recipe, resolve_recipe_path
+
+app = typer.Typer(
+    name="hapo",
+    help="Token-aware RL for LLMs with verifiable rewards: HAPO and its baselines.\n\n"
+    "Example: hapo train --recipe tiny/hapo --components ABCD --max-steps 50",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+recipes_app = typer.Typer(help="List and print recipes.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+
+console = Console()
+err_console = Console(stderr=True)
+_STATE = {"debug": False}
+
+# Errors that are the user's: one line, exit 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (RecipeError, FileNotFoundError, typer.BadParameter)
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    extra: list[type[BaseException]] = []
+    try:
+        from .errors import HapoError
+
+        extra.append(HapoError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from .data import DataError  # type: ignore[attr-defined]
+
+        extra.append(DataError)
+    except (ImportError, AttributeError):
+        pass
+    return USER_ERRORS + tuple(extra)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _guard(fn, *args, **kwargs):
+    """Run `fn`, turning user errors into one red line and exit code 2."""
+    try:
+        return fn(*args, **kwargs)
+    except typer.Exit:
+        raise
+    except _user_error_types() as exc:
+        if _STATE["debug"]:
+            raise
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise fail(msg) from None
+
+
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override a recipe field: --set train.lr=1e-4 (repeatable)."),
+]
+ComponentsOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--components", "-c", help="HAPO components to switch on: any of ABCD, or 'none' (baseline)."
+    ),
+]
+RecipeOpt = Annotated[
+    str, typer.Option("--recipe", "-r", help="Recipe name (see `hapo recipes list`) or YAML path.")
+]
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+) -> None:
+    _STATE["debug"] = debug
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes
+# ---------------------------------------------------------------------------------------------
+
+
+@recipes_app.command("list")
+def recipes_list() -> None:
+    """List the recipes shipped under recipes/.
+
+    Example: hapo recipes list
+    """
+    from rich.table import Table
+
+    table = Table("recipe", "components", "baseline", "model", "task / data")
+    for name in list_recipes():
+        try:
+            r = load_recipe(name)
+        except RecipeError as exc:
+            table.add_row(name, "[red]invalid[/red]", str(exc), "", "")
+            continue
+        model = r.model.path if r.model.init == "pretrained" else "tiny (warm-up)"
+        data = r.data.task if r.data.source == "synthetic" else ", ".join(r.data.train_files)
+        table.add_row(name, r.components, r.algo.baseline, str(model), data)
+    console.print(table)
+
+
+@recipes_app.command("show")
+def recipes_show(
+    name: Annotated[str, typer.Argument(help="Recipe name or YAML path.")],
+    set_: SetOpt = None,
+    components: ComponentsOpt = None,
+) -> None:
+    """Print the fully resolved recipe as YAML.
+
+    Example: hapo recipes show tiny/hapo --components AB --set train.lr=1e-4
+    """
+    recipe = _guard(load_recipe, name, set_ or [], components)
+    typer.echo(recipe.to_yaml(), nl=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+def train(
+    recipe: RecipeOpt = "tiny/hapo",
+    set_: SetOpt = None,
+    components: ComponentsOpt = None,
+    seed: Annotated[Optional[int], typer.Option(help="RL seed (overrides recipe.seed).")] = None,
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="Run directory (default results/<name>).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --output from its checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a different run already in --output.")] = False,
+    max_steps: Annotated[Optional[int], typer.Option(help="Override train.max_steps.")] = None,
+) -> None:
+    """Train a policy with HAPO or a baseline and log a run directory.
+
+    Example: hapo train --recipe tiny/hapo --seed 2 --output results/hapo-s2
+    """
+    overrides = list(set_ or [])
+    if max_steps is not None:
+        overrides.append(f"train.max_steps={max_steps}")
+    rec = _guard(load_recipe, recipe, overrides, components, seed)
+    from .learner import train as run_train
+
+    summary = _guard(run_train, rec, output_dir=output, resume=resume, overwrite=overwrite)
+    if summary is not None:
+        console.print(summary.line())
+        if summary.status != "done":
+            raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate
+# ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+def evaluate(
+    target: Annotated[str, typer.Argument(help="A run directory or a local HF model directory.")],
+    benchmarks: Annotated[
+        Optional[list[str]],
+        typer.Option("--bench", "-b", help="Benchmark: synthetic task name or parquet/jsonl path."),
+    ] = None,
+    checkpoints: Annotated[
+        str, typer.Option(help="Run dirs: 'latest', 'all' or steps '10,20'.")
+    ] = "latest",
+    n: Annotated[int, typer.Option(help="Samples per prompt (k of avg@k).")] = 8,
+    temperature: Annotated[
+        str, typer.Option(help="Comma list of temperatures; may include 'adaptive'.")
+    ] = "0.5",
+    tau: Annotated[float, typer.Option(help="Adaptive temperature scale.")] = 0.05,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling.")] = 0.7,
+    top_k: Annotated[int, typer.Option(help="Top-k (0 = off).")] = 0,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Response length limit.")] = None,
+    greedy: Annotated[bool, typer.Option(help="Also evaluate greedy decoding.")] = False,
+    engine: Annotated[str, typer.Option(help="hf or vllm.")] = "hf",
+    batch_size: Annotated[int, typer.Option(help="Sequences per generation batch.")] = 256,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    limit: Annotated[Optional[int], typer.Option(help="Prompts per benchmark at most.")] = None,
+    critical_entropy: Annotated[
+        Optional[float],
+        typer.Option(help="Entropy threshold for critical tokens (default: p80 at T=1)."),
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output dir (bare model).")] = None,
+    name: Annotated[str, typer.Option(help="Name of the eval output files.")] = "eval",
+) -> None:
+    """Evaluate avg@k / pass@k / maj@k and critical tokens over temperatures.
+
+    Example: hapo evaluate results/demo --bench arith --n 8 --temperature 0.5,0.8,1.0,adaptive
+    """
+    try:
+        from .evaluate import run_evaluate
+    except ImportError:
+        raise fail("`hapo evaluate` is not available yet in this build") from None
+    rows = _guard(
+        run_evaluate,
+        target=target,
+        benchmarks=benchmarks or [],
+        checkpoints=checkpoints,
+        n=n,
+        temperatures=temperature,
+        tau=tau,
+        top_p=top_p,
+        top_k=top_k,
+        max_new_tokens=max_new_tokens,
+        greedy=greedy,
+        engine=engine,
+        batch_size=batch_size,
+        seed=seed,
+        limit=limit,
+        critical_entropy=critical_entropy,
+        out=out,
+        name=name,
+        console=console,
+    )
+    if rows is None:
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# ablate
+# ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+def ablate(
+    recipe: RecipeOpt = "tiny/hapo",
+    components: Annotated[str, typer.Option(help="Letters to ablate.")] = "ABCD",
+    grid: Annotated[
+        str, typer.Option(help="paper | single | leave-one-out | all.")
+    ] = "paper",
+    variants: Annotated[
+        Optional[str], typer.Option(help="Explicit variants: none,B,AB,ABCD (overrides --grid).")
+    ] = None,
+    seeds: Annotated[str, typer.Option(help="Comma list of seeds.")] = "1",
+    set_: SetOpt = None,
+    compare_released: Annotated[
+        bool, typer.Option(help="Add the full method with the released-code normalisation.")
+    ] = False,
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="Ablation directory.")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Variants run in parallel.")] = 1,
+    retry_failed: Annotated[bool, typer.Option(help="Rerun failed runs.")] = False,
+    max_steps: Annotated[Optional[int], typer.Option(help="Override train.max_steps.")] = None,
+    summary: Annotated[
+        Optional[Path], typer.Option(help="Only print the summary of an ablation directory.")
+    ] = None,
+) -> None:
+    """Run HAPO's component ablation grid, resumable, with a summary table.
+
+    Example: hapo ablate --recipe tiny/hapo --grid paper --seeds 1,2,3 --workers 2
+    """
+    try:
+        from .ablate import run_ablation, show_summary
+    except ImportError:
+        raise fail("`hapo ablate` is not available yet in this build") from None
+    if summary is not None:
+        _guard(show_summary, summary, console=console)
+        return
+    ok = _guard(
+        run_ablation,
+        recipe=recipe,
+        components=components,
+        grid=grid,
+        variants=variants,
+        seeds=seeds,
+        overrides=list(set_ or []),
+        compare_released=compare_released,
+        output=output,
+        workers=workers,
+        retry_failed=retry_failed,
+        max_steps=max_steps,
+        console=console,
+    )
+    if not ok:
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# analyze
+# ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+def analyze(
+    paths: Annotated[list[Path], typer.Argument(help="Run or ablation directories.")],
+    out: Annotated[Optional[Path], typer.Option(help="Output dir (default: <first>/analysis).")] = None,
+    format: Annotated[str, typer.Option("--format", help="Figure formats: png,pdf.")] = "png,pdf",
+) -> None:
+    """Draw the paper's figures and a report from logged runs (no torch needed).
+
+    Example: hapo analyze results/demo --format png
+    """
+    for p in paths:
+        if not p.is_dir():
+            raise fail(f"{p}: not a directory (expected a run or ablation directory)")
+    formats = [f.strip() for f in format.split(",") if f.strip()]
+    bad = [f for f in formats if f not in ("png", "pdf", "svg")]
+    if bad:
+        raise fail(f"--format {format!r}: unknown format {bad[0]!r}; use png, pdf or svg")
+    try:
+        from analysis.report import analyze as run_analyze
+    except ImportError:
+        raise fail("`hapo analyze` is not available yet in this build") from None
+    result = _guard(run_analyze, list(paths), out, formats)
+    for line in getattr(result, "skipped_lines", lambda: [])():
+        console.print(f"[yellow]skipped[/yellow] {line}", highlight=False)
+    console.print(f"report: {getattr(result, 'report_md', out)}")
+
+
+def main() -> None:  # console-script entry point
+    try:
+        app()
+    except KeyboardInterrupt:  # pragma: no cover
+        err_console.print("[red]interrupted[/red]")
+        sys.exit(130)
+
+
+__all__ = ["app", "main", "resolve_recipe_path"]

@@ -1,0 +1,175 @@
+"""The prompt record, and local parquet/jsonl files in the DAPO-Math-17k / verl layout.
+
+A verl row looks like
+
+    {"data_source": "math_dapo", "prompt": [{"role": "user", "content": "..."}],
+     "reward_model": {"style": "rule-lean", "ground_truth": "34"}, ...}
+
+`prompt` may also be a plain string; the answer is found by a dotted path
+(`DataConfig.answer_key`, default `reward_model.ground_truth`) or a flat column of that name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import HapoError
+
+logger = logging.getLogger("hapo.data")
+
+SUPPORTED_SUFFIXES = (".parquet", ".jsonl")
+
+
+class DataError(HapoError):
+    """A malformed data file or record: one line naming the file and row."""
+
+
+@dataclass(frozen=True)
+class Example:
+    uid: str  # stable id of the prompt (groups of responses share it)
+    prompt: str  # text fed to the model, after any chat template
+    prompt_ids: tuple[int, ...]  # tokenized `prompt` (no special tokens added)
+    answer: str  # ground truth given to the verifier
+    verifier: Literal["exact", "math"]
+    target: str | None  # reference response for the supervised warm-up (synthetic only)
+    task: str  # synthetic task name or file stem
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return getattr(tokenizer, "chat_template", None) is not None
+
+
+def encode_prompt(
+    tokenizer: Any, prompt: str | list[dict[str, str]], apply_chat_template: bool
+) -> tuple[str, tuple[int, ...]]:
+    """(text, ids) of a prompt: the chat template with a generation prompt when asked for and
+    the tokenizer has one; otherwise the string itself, or the messages' contents joined by
+    newlines."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if apply_chat_template and has_chat_template(tokenizer):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    elif isinstance(prompt, str):
+        text = prompt
+    else:
+        text = "\n".join(m["content"] for m in messages)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text, tuple(int(i) for i in ids)
+
+
+def _lookup(record: dict, key: str) -> Any:
+    """record[key] if present, else the dotted path a.b.c; KeyError when missing."""
+    if key in record:
+        return record[key]
+    node: Any = record
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(key)
+        node = node[part]
+    return node
+
+
+def _read_records(path: Path) -> list[tuple[str, dict]]:
+    """[(where, record)] with `where` like "line 3" (jsonl) or "row 3" (parquet), 1-based."""
+    if path.suffix == ".jsonl":
+        out = []
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path} line {lineno}: not valid JSON ({err.msg})") from None
+                if not isinstance(record, dict):
+                    raise DataError(
+                        f"{path} line {lineno}: expected a JSON object, got {type(record).__name__}"
+                    )
+                out.append((f"line {lineno}", record))
+        return out
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises several types for corrupt files
+        raise DataError(f"{path}: not a readable parquet file ({type(err).__name__})") from None
+    return [(f"row {i}", r) for i, r in enumerate(rows, start=1)]
+
+
+def _parse_prompt(value: Any, where: str) -> str | list[dict[str, str]]:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and value:
+        messages = []
+        for m in value:
+            if not (isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m):
+                raise DataError(f"{where}: prompt messages need 'role' and string 'content'")
+            messages.append({"role": str(m["role"]), "content": m["content"]})
+        return messages
+    raise DataError(
+        f"{where}: prompt must be a string or a non-empty list of chat messages, "
+        f"got {type(value).__name__}"
+    )
+
+
+def _parse_answer(value: Any, where: str, key: str) -> str:
+    if isinstance(value, bool) or value is None or isinstance(value, (dict, list, tuple)):
+        raise DataError(f"{where}: '{key}' must be a string or number, got {value!r:.60}")
+    return str(value).strip()
+
+
+def load_examples(path: str | Path, data_cfg: Any, tokenizer: Any) -> list[Example]:
+    """Read a .parquet or .jsonl file into Examples (verifier "math").
+
+    `data_cfg` is a `DataConfig`: prompt_key, answer_key, apply_chat_template and
+    max_prompt_length are read. Prompts longer than max_prompt_length tokens are dropped and
+    the count logged on the "hapo.data" logger. Errors name the file and the 1-based row.
+    """
+    path = Path(path)
+    if path.suffix not in SUPPORTED_SUFFIXES:
+        raise DataError(
+            f"{path}: unsupported data file type '{path.suffix}' "
+            f"(expected one of: {', '.join(SUPPORTED_SUFFIXES)})"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    records = _read_records(path)
+    if not records:
+        raise DataError(f"{path}: no records")
+    examples, too_long = [], 0
+    for where, record in records:
+        where = f"{path} {where}"
+        try:
+            raw_prompt, raw_answer = (
+                _lookup(record, data_cfg.prompt_key),
+                _lookup(record, data_cfg.answer_key),
+            )
+        except KeyError as err:
+            raise DataError(
+                f"{where}: missing key '{err.args[0]}' (has: {', '.join(map(str, record))})"
+            ) from None
+        prompt = _parse_prompt(raw_prompt, where)
+        answer = _parse_answer(raw_answer, where, data_cfg.answer_key)
+        text, ids = encode_prompt(tokenizer, prompt, data_cfg.apply_chat_template)
+        if len(ids) > data_cfg.max_prompt_length:
+            too_long += 1
+            continue
+        row = where.rsplit(" ", 1)[-1]
+        examples.append(Example(f"{path.stem}:{row}", text, ids, answer, "math", None, path.stem))
+    if too_long:
+        logger.warning(
+            "%s: dropped %d of %d prompts longer than data.max_prompt_length=%d tokens",
+            path,
+            too_long,
+            len(records),
+            data_cfg.max_prompt_length,
+        )
+    if not examples:
+        raise DataError(
+            f"{path}: every prompt is longer than data.max_prompt_length="
+            f"{data_cfg.max_prompt_length} tokens"
+        )
+    return examples

@@ -1,0 +1,356 @@
+"""Evaluation: avg@k, unbiased pass@k, maj@k, response length, truncation and critical tokens,
+over fixed temperatures and adaptive temperature. `hapo train` reuses it for validation."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from analysis import schema
+
+from .errors import HapoError
+
+# ---------------------------------------------------------------------------------------------
+# metrics (pure)
+# ---------------------------------------------------------------------------------------------
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), for n samples with c correct."""
+    if k < 1 or n < k:
+        raise ValueError(f"pass@k needs 1 <= k <= n, got n={n}, k={k}")
+    if not 0 <= c <= n:
+        raise ValueError(f"correct count c={c} must be in [0, n={n}]")
+    if n - c < k:
+        return 1.0
+    # product form avoids huge binomials: prod_{i=n-c+1}^{n} (1 - k/i)
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def avg_at_k(correct: list[bool]) -> float:
+    """Mean accuracy over the k samples of one prompt."""
+    if not correct:
+        raise ValueError("avg@k of zero samples")
+    return sum(bool(c) for c in correct) / len(correct)
+
+
+def maj_at_k(answers: list[str | None], correct: list[bool]) -> float:
+    """1.0 when the most frequent extracted answer (first seen wins ties; None never votes) is
+    correct, else 0.0."""
+    if len(answers) != len(correct):
+        raise ValueError(f"{len(answers)} answers vs {len(correct)} correctness flags")
+    votes = Counter(a for a in answers if a)
+    if not votes:
+        return 0.0
+    best = max(votes.values())
+    winner = next(a for a in answers if a and votes[a] == best)
+    return float(any(c for a, c in zip(answers, correct) if a == winner))
+
+
+def pass_ks(n: int) -> list[int]:
+    """k values reported for n samples: 1, 2, 4, ... up to n (and n itself)."""
+    ks, k = [], 1
+    while k <= n:
+        ks.append(k)
+        k *= 2
+    if ks[-1] != n:
+        ks.append(n)
+    return ks
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling a benchmark
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setting:
+    label: str
+    temperature: float | None  # None = greedy
+    adaptive: bool = False
+
+    @staticmethod
+    def parse(spec: str, greedy: bool) -> list[Setting]:
+        out: list[Setting] = []
+        for raw in spec.split(","):
+            s = raw.strip().lower()
+            if not s:
+                continue
+            if s == "adaptive":
+                out.append(Setting("adaptive", None, adaptive=True))
+                continue
+            try:
+                t = float(s)
+            except ValueError:
+                raise HapoError(
+                    f"--temperature {spec!r}: {raw!r} is not a number or 'adaptive'"
+                ) from None
+            if t <= 0:
+                raise HapoError(f"--temperature {spec!r}: temperatures must be > 0 (use --greedy)")
+            out.append(Setting(f"T={t:g}", t))
+        if greedy:
+            out.append(Setting("greedy", None))
+        if not out:
+            raise HapoError("--temperature: no setting given")
+        return out
+
+
+def _answer_of(example, text: str) -> str | None:
+    from . import rewards
+
+    fn = getattr(rewards, "extract_answer", None)
+    if fn is not None:
+        try:
+            return fn(example.verifier, text)
+        except Exception:  # noqa: BLE001 - a malformed answer is just no vote
+            return None
+    return text.strip() or None
+
+
+def sample_benchmark(
+    engine, tokenizer, examples, *, n, temperature, top_p, top_k, max_new_tokens, greedy,
+    adaptive, tau, stats, seed, batch_size, progress=None, task=None,
+) -> list[dict[str, Any]]:
+    """Generate n samples per prompt and score them: one record per prompt."""
+    from .rewards import verify
+    from .rollout import SamplingSpec
+
+    spec = SamplingSpec(
+        n=1 if greedy else n, temperature=temperature or 1.0, top_p=1.0 if greedy else top_p,
+        top_k=0 if greedy else top_k, max_new_tokens=max_new_tokens, greedy=greedy,
+        adaptive=adaptive, tau=tau,
+    )
+    per_call = max(1, batch_size // spec.n)
+    records: list[dict[str, Any]] = []
+    for c0 in range(0, len(examples), per_call):
+        chunk = examples[c0 : c0 + per_call]
+        out = engine.generate([list(e.prompt_ids) for e in chunk], spec,
+                              stats if adaptive else None, seed=seed + c0)
+        mask = out.response_mask.bool()
+        texts = tokenizer.batch_decode(
+            [ids[m].tolist() for ids, m in zip(out.response_ids, mask)], skip_special_tokens=True
+        )
+        by_prompt: dict[int, list[int]] = {}
+        for row, p in enumerate(out.prompt_index.tolist()):
+            by_prompt.setdefault(p, []).append(row)
+        for p, rows in sorted(by_prompt.items()):
+            ex = chunk[p]
+            correct = [bool(verify(ex.verifier, texts[i], ex.answer)) for i in rows]
+            ents = [out.entropy[i][mask[i]].float() for i in rows]
+            records.append({
+                "uid": ex.uid, "prompt": ex.prompt, "answer": ex.answer,
+                "responses": [texts[i] for i in rows], "correct": correct,
+                "answers": [_answer_of(ex, texts[i]) for i in rows],
+                "lengths": [int(mask[i].sum()) for i in rows],
+                "truncated": [out.finish_reason[i] == "length" for i in rows],
+                "entropies": ents,
+                "temperature_mean": [float(out.temperature[i][mask[i]].mean())
+                                     if mask[i].any() else None for i in rows],
+            })
+        if progress is not None and task is not None:
+            progress.update(task, advance=len(chunk))
+    return records
+
+
+def summarize(records, n: int, critical_threshold: float | None) -> dict[str, Any]:
+    """Benchmark metrics from per-prompt records."""
+    if not records:
+        raise HapoError("benchmark has no prompts")
+    k = len(records[0]["correct"])
+    out: dict[str, Any] = {"n": k, f"avg@{k}": sum(avg_at_k(r["correct"]) for r in records)
+                           / len(records)}
+    for kk in pass_ks(k):
+        out[f"pass@{kk}"] = sum(pass_at_k(k, sum(r["correct"]), kk) for r in records) / len(records)
+    out[f"maj@{k}"] = sum(maj_at_k(r["answers"], r["correct"]) for r in records) / len(records)
+    lengths = [x for r in records for x in r["lengths"]]
+    out["response_len_mean"] = sum(lengths) / len(lengths)
+    trunc = [x for r in records for x in r["truncated"]]
+    out["truncation_rate"] = sum(trunc) / len(trunc)
+    if critical_threshold is not None:
+        counts = [int((e >= critical_threshold).sum()) for r in records for e in r["entropies"]]
+        out["critical_tokens_mean"] = sum(counts) / len(counts)
+        out["critical_entropy_threshold"] = critical_threshold
+    temps = [t for r in records for t in r["temperature_mean"] if t is not None]
+    out["temperature_mean"] = sum(temps) / len(temps) if temps else None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# validation inside `hapo train`
+# ---------------------------------------------------------------------------------------------
+
+
+def validation_metrics(engine, tokenizer, val_sets, recipe, step: int) -> dict[str, float]:
+    """val/<bench>/avg@k (eval.temperature, eval.top_p) and val/<bench>/greedy."""
+    ev = recipe.eval
+    max_new = ev.max_new_tokens or recipe.rollout.max_new_tokens
+    out: dict[str, float] = {}
+    for bench, examples in val_sets.items():
+        examples = examples[: ev.limit] if ev.limit else examples
+        common = dict(top_p=ev.top_p, top_k=0, max_new_tokens=max_new, adaptive=False,
+                      tau=0.0, stats=None, batch_size=recipe.rollout.batch_size)
+        recs = sample_benchmark(engine, tokenizer, examples, n=ev.n, temperature=ev.temperature,
+                                greedy=False, seed=1_000_000 + step, **common)
+        s = summarize(recs, ev.n, None)
+        out[schema.val_metric(bench, ev.n)] = s[f"avg@{ev.n}"]
+        if ev.greedy:
+            recs = sample_benchmark(engine, tokenizer, examples, n=1, temperature=None,
+                                    greedy=True, seed=0, **common)
+            out[schema.val_greedy_metric(bench)] = summarize(recs, 1, None)["avg@1"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# `hapo evaluate`
+# ---------------------------------------------------------------------------------------------
+
+
+def _targets(target: str, checkpoints: str) -> tuple[Path | None, list[tuple[int | None, Path]]]:
+    """(run_dir or None, [(checkpoint step or None, model dir)])."""
+    from .learner.checkpoint import list_checkpoints
+
+    p = Path(target)
+    if not p.exists():
+        raise HapoError(f"{target}: no such run directory or model directory")
+    if (p / schema.MANIFEST).exists() or (p / schema.CHECKPOINTS_DIR).is_dir():
+        ckpts = list_checkpoints(p)
+        if not ckpts:
+            raise HapoError(f"{target}: run directory has no checkpoint yet")
+        by_step = {int(c.name.split("-")[1]): c for c in ckpts}
+        if checkpoints == "latest":
+            step = max(by_step)
+            return p, [(step, by_step[step])]
+        if checkpoints == "all":
+            return p, sorted(by_step.items())
+        try:
+            steps = [int(s) for s in checkpoints.split(",") if s.strip()]
+        except ValueError:
+            raise HapoError(
+                f"--checkpoints {checkpoints!r}: expected 'latest', 'all' or steps like 10,20"
+            ) from None
+        missing = [s for s in steps if s not in by_step]
+        if missing:
+            have = ", ".join(str(s) for s in sorted(by_step))
+            raise HapoError(f"--checkpoints: step {missing[0]} not in {target} (have: {have})")
+        return p, [(s, by_step[s]) for s in steps]
+    if (p / "config.json").exists():
+        return None, [(None, p)]
+    raise HapoError(f"{target}: neither a run directory (manifest.json) nor a HF model (config.json)")
+
+
+def run_evaluate(
+    *, target, benchmarks, checkpoints, n, temperatures, tau, top_p, top_k, max_new_tokens,
+    greedy, engine, batch_size, seed, limit, critical_entropy, out, name, console,
+) -> list[dict[str, Any]]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.table import Table
+
+    from .algo import EntropyStats, entropy_stats
+    from .data import load_benchmark
+    from .learner.checkpoint import STATE_FILE
+    from .models import load_policy
+    from .recipe import DataConfig, RolloutConfig, load_recipe
+    from .rollout import build_engine
+
+    settings = Setting.parse(temperatures, greedy)
+    if n < 1:
+        raise HapoError(f"--n {n}: must be >= 1")
+    if engine not in ("hf", "vllm"):
+        raise HapoError(f"--engine {engine!r}: use hf or vllm")
+    run_dir, models = _targets(target, checkpoints)
+    data_cfg = DataConfig()
+    max_new = max_new_tokens
+    if run_dir is not None and (run_dir / schema.RECIPE).exists():
+        rec = load_recipe(run_dir / schema.RECIPE)
+        data_cfg = rec.data
+        max_new = max_new or rec.rollout.max_new_tokens
+        if not benchmarks:
+            benchmarks = [rec.data.task] if rec.data.source == "synthetic" else list(
+                rec.data.val_files)
+    max_new = max_new or 64
+    if not benchmarks:
+        raise HapoError("no benchmark given: pass --bench NAME_OR_FILE")
+    out_dir = Path(out) if out else (run_dir / schema.EVAL_DIR if run_dir else None)
+    if out_dir is None:
+        raise HapoError("--out DIR is required when evaluating a bare model directory")
+
+    rows: list[dict[str, Any]] = []
+    samples: list[dict[str, Any]] = []
+    for step, model_dir in models:
+        model, tok = load_policy(model_dir, "float32")
+        eng = build_engine(RolloutConfig(engine=engine, batch_size=batch_size), model, tok,
+                           model_dir, None)
+        run_stats = None
+        state_file = model_dir / STATE_FILE
+        if state_file.exists():
+            st = json.loads(state_file.read_text()).get("entropy_stats")
+            run_stats = EntropyStats.from_dict(st) if st else None
+        for bench in benchmarks:
+            bench_name, examples = load_benchmark(bench, data_cfg, tok, limit=limit)
+            common = dict(top_p=top_p, top_k=top_k, max_new_tokens=max_new, tau=tau,
+                          batch_size=batch_size)
+            # calibration pass at T = 1: the critical-entropy threshold and, if needed, the stats
+            cal = sample_benchmark(eng, tok, examples, n=1, temperature=1.0, greedy=False,
+                                   adaptive=False, stats=None, seed=seed + 7, **{**common,
+                                   "top_p": 1.0, "top_k": 0})
+            ents = torch.cat([e for r in cal for e in r["entropies"]])
+            threshold = critical_entropy
+            if threshold is None:
+                threshold = float(torch.quantile(ents, 0.8)) if ents.numel() else 0.0
+            stats = run_stats
+            if stats is None and any(s.adaptive for s in settings):
+                stats = entropy_stats(ents[None, :], torch.ones(1, ents.numel(), dtype=torch.bool))
+            with Progress(TextColumn(f"[bold]{bench_name}[/bold] {{task.description}}"),
+                          BarColumn(), MofNCompleteColumn(), console=console,
+                          disable=console is None) as progress:
+                for s in settings:
+                    task = progress.add_task(s.label, total=len(examples))
+                    recs = sample_benchmark(
+                        eng, tok, examples, n=n, temperature=s.temperature or 1.0,
+                        greedy=s.label == "greedy", adaptive=s.adaptive, stats=stats,
+                        seed=seed, progress=progress, task=task, **common,
+                    )
+                    summ = summarize(recs, n, threshold)
+                    rows.append({
+                        "benchmark": bench_name, "setting": s.label,
+                        "temperature": s.temperature, "adaptive": s.adaptive, "tau": tau
+                        if s.adaptive else None, "checkpoint_step": step, "model": str(model_dir),
+                        "top_p": top_p, "seed": seed, **summ,
+                    })
+                    for r in recs:
+                        ent = [float(e.mean()) if e.numel() else None for e in r["entropies"]]
+                        samples.append({
+                            "benchmark": bench_name, "setting": s.label, "checkpoint_step": step,
+                            "uid": r["uid"], "prompt": r["prompt"], "answer": r["answer"],
+                            "responses": r["responses"], "correct": r["correct"],
+                            "lengths": r["lengths"], "entropy_mean": ent,
+                            "critical_tokens": [int((e >= threshold).sum())
+                                                for e in r["entropies"]],
+                        })
+    from .runlog import atomic_write_text
+
+    atomic_write_text(out_dir / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(out_dir / f"{name}-samples.jsonl",
+                      "".join(json.dumps(r) + "\n" for r in samples))
+    if console is not None:
+        table = Table("benchmark", "ckpt", "setting", f"avg@{n}", "pass@1", f"pass@{n}",
+                      f"maj@{n}", "len", "trunc", "critical")
+        for r in rows:
+            k = r["n"]
+            table.add_row(r["benchmark"], str(r["checkpoint_step"]), r["setting"],
+                          f"{r[f'avg@{k}']:.3f}", f"{r['pass@1']:.3f}",
+                          f"{r[f'pass@{k}']:.3f}", f"{r[f'maj@{k}']:.3f}",
+                          f"{r['response_len_mean']:.1f}", f"{r['truncation_rate']:.2f}",
+                          f"{r.get('critical_tokens_mean', math.nan):.2f}")
+        console.print(table)
+        console.print(f"wrote {out_dir / (name + '.jsonl')}")
+    return rows

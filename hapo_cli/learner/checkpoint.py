@@ -1,0 +1,83 @@
+"""Checkpoints: HF save_pretrained + optimizer/scheduler/RNG/data-stream/entropy-stats state,
+written to a temporary folder and renamed, so a killed run never leaves a half checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from analysis import schema
+
+from .. import algo
+
+STATE_FILE = "trainer_state.json"
+OPTIM_FILE = "optimizer.pt"
+SCHED_FILE = "scheduler.pt"
+RNG_FILE = "rng.pt"
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / schema.CHECKPOINTS_DIR / f"step-{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / schema.CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    out = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
+           and (p / STATE_FILE).exists()]
+    return sorted(out, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, stream, state, keep=2):
+    final = checkpoint_dir(run_dir, step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    torch.save(optimizer.state_dict(), tmp / OPTIM_FILE)
+    torch.save(scheduler.state_dict(), tmp / SCHED_FILE)
+    torch.save({"torch": torch.get_rng_state()}, tmp / RNG_FILE)
+    meta = {
+        "step": step,
+        "stream": stream.state_dict(),
+        "entropy_stats": state.entropy_stats.to_dict() if state.entropy_stats else None,
+        "critical_threshold": state.critical_threshold,
+        "last_val": state.last_val,
+    }
+    (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_trainer_state(ckpt: Path, optimizer, scheduler, stream):
+    from .trainer import LoopState
+
+    meta = json.loads((ckpt / STATE_FILE).read_text())
+    optimizer.load_state_dict(torch.load(ckpt / OPTIM_FILE, weights_only=True))
+    scheduler.load_state_dict(torch.load(ckpt / SCHED_FILE, weights_only=True))
+    rng = torch.load(ckpt / RNG_FILE, weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    stream.load_state_dict(meta["stream"])
+    stats = meta.get("entropy_stats")
+    return LoopState(
+        step=int(meta["step"]),
+        entropy_stats=algo.EntropyStats.from_dict(stats) if stats else None,
+        critical_threshold=meta.get("critical_threshold"),
+        last_val=meta.get("last_val") or {},
+    )

@@ -1,0 +1,100 @@
+"""Learner forward pass: response-token log-probs and entropy without full fp32 logits.
+
+The model is called through its (possibly DDP/FSDP-wrapped) forward so gradient hooks fire, with
+`logits_to_keep=1` so the LM head runs on one position only; the decoder's final hidden states are
+captured by a forward hook and fed to the chunked fused LM-head function.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from torch import Tensor
+
+from ..algo import fused_logprobs_and_entropy, logprobs_and_entropy
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """(B, L) left-padded mask -> (B, L) positions (0 at the first real token, 0 on padding)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0)
+
+
+def unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+@contextmanager
+def _capture_decoder_output(decoder):
+    box: dict[str, Tensor] = {}
+
+    def hook(_module, _inputs, output):
+        box["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    handle = decoder.register_forward_hook(hook)
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+def response_logprobs(
+    model,
+    input_ids: Tensor,  # (B, P+T) left-padded prompt | right-padded response
+    attention_mask: Tensor,  # (B, P+T)
+    response_len: int,  # T
+    temperature: float | Tensor | None,  # scalar or (B, T) divisor of the logits
+    *,
+    fused: bool = True,
+    chunk_size: int = 1024,
+    entropy: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """log pi(y_t | prompt, y_<t) for the T response tokens, and the entropy of the same
+    (tempered) distribution: (B, T) each, float32."""
+    B, L = input_ids.shape
+    T = response_len
+    P = L - T
+    targets = input_ids[:, P:]  # (B, T)
+    position_ids = position_ids_from_mask(attention_mask)
+    temp = temperature
+    if isinstance(temp, Tensor):
+        temp = temp.reshape(-1).float()  # (B*T,)
+    elif temp is not None and float(temp) == 1.0:
+        temp = None
+    if fused:
+        base = unwrap(model)
+        decoder = base.get_decoder()
+        head = base.get_output_embeddings()
+        with _capture_decoder_output(decoder) as box:
+            model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+                logits_to_keep=1,
+            )
+        hidden = box["hidden"][:, P - 1 : L - 1, :]  # (B, T, d): position P-1+t predicts token t
+        logp, ent = fused_logprobs_and_entropy(
+            hidden.reshape(B * T, -1),
+            head.weight,
+            targets.reshape(-1),
+            temperature=temp,
+            chunk_size=chunk_size,
+            bias=getattr(head, "bias", None),
+            compute_entropy=entropy,
+        )
+        return logp.view(B, T), (ent.view(B, T) if entropy else None)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+    )
+    logits = out.logits[:, P - 1 : L - 1, :]  # (B, T, V)
+    t = temperature
+    if isinstance(t, Tensor):
+        t = t.float()
+    logp, ent = logprobs_and_entropy(logits, targets, temperature=t, chunk_size=chunk_size)
+    return logp, (ent if entropy else None)

@@ -1,0 +1,647 @@
+"""The training loop: rollouts -> rewards -> dynamic sampling -> old log-probs, entropy stats ->
+advantages (B) -> PPO epochs with C and D -> optimizer step -> metrics, token rows, checkpoints.
+
+Runs on `accelerate.Accelerator` (one process on a laptop CPU, DDP/FSDP/DeepSpeed across GPUs).
+The math lives in `hapo_cli.algo`; this module only moves tensors between the pieces.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from analysis import schema
+
+from .. import algo
+from ..recipe import Recipe
+from ..runlog import RunLog
+from .batch import TrainBatch, build_train_batch, concat_batches, mixed_groups
+from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from .forward import response_logprobs, unwrap
+
+
+@dataclass
+class TrainSummary:
+    run_dir: Path
+    status: str
+    steps: int
+    final: dict[str, float] = field(default_factory=dict)
+    message: str = ""
+
+    def line(self) -> str:
+        parts = [f"run {self.status}: {self.run_dir}", f"steps {self.steps}"]
+        for k in ("val_greedy", "val_avg", "reward/acc", "actor/entropy_mean"):
+            if k in self.final and self.final[k] is not None:
+                parts.append(f"{k} {self.final[k]:.3f}")
+        if self.message:
+            parts.append(self.message)
+        return " | ".join(parts)
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def run_dir_of(recipe: Recipe, output_dir: Path | None) -> Path:
+    if output_dir is not None:
+        return Path(output_dir)
+    return Path(recipe.log.output_dir) / (recipe.log.run_name or recipe.name)
+
+
+def _rollout_seed(seed: int, step: int, gen_batch: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 10_007 + gen_batch * 101 + rank) % (2**31 - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# setup
+# ---------------------------------------------------------------------------------------------
+
+
+def train(
+    recipe: Recipe,
+    output_dir: Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> TrainSummary:
+    """Train per `recipe`, writing the run directory. Returns a summary (status done/failed)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    run_dir = run_dir_of(recipe, output_dir)
+    recipe_yaml = recipe.to_yaml()
+    mode = RunLog.prepare(run_dir, recipe_yaml, resume=resume, overwrite=overwrite)
+
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    accelerator = Accelerator(
+        mixed_precision=recipe.train.mixed_precision,
+        log_with=list(recipe.log.trackers) or None,
+        project_dir=str(run_dir),
+    )
+    set_seed(recipe.seed)
+
+    from ..models import load_policy, resolve_policy_path
+
+    # Validate inputs before anything is written.
+    policy_path = resolve_policy_path(recipe.model, recipe.data, progress=progress)
+    from ..data import build_train_stream, build_val_sets
+
+    ckpt = latest_checkpoint(run_dir) if mode == "resume" else None
+    model, tokenizer = load_policy(ckpt or policy_path, recipe.model.dtype)
+    stream = build_train_stream(recipe.data, tokenizer, recipe.seed)
+    val_sets = build_val_sets(recipe.data, tokenizer)
+
+    runlog = RunLog(run_dir, enabled=accelerator.is_main_process)
+    runlog.start(
+        recipe_yaml,
+        {
+            "run_name": run_dir.name,
+            "seed": recipe.seed,
+            "components": recipe.components,
+            "algo": recipe.algo.baseline,
+            "policy_path": str(policy_path),
+            "world_size": accelerator.num_processes,
+        },
+        mode=mode,
+    )
+    if accelerator.is_main_process and recipe.log.trackers:
+        accelerator.init_trackers(run_dir.name, config=recipe.model_dump(mode="json"))
+    if recipe.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+
+    t = recipe.train
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay
+    )
+    warm = max(t.warmup_steps, 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    from ..rollout import build_engine
+
+    engine = build_engine(recipe.rollout, unwrap(model), tokenizer, policy_path, accelerator)
+
+    state = LoopState()
+    if ckpt is not None:
+        state = load_trainer_state(ckpt, optimizer, scheduler, stream)
+        runlog.truncate_metrics(state.step)
+    elif mode == "resume":
+        runlog.truncate_metrics(0)
+
+    loop = Loop(recipe, accelerator, model, optimizer, scheduler, engine, tokenizer, stream,
+                val_sets, runlog, run_dir, state)
+    try:
+        return loop.run(progress=progress)
+    finally:
+        if recipe.log.trackers:
+            accelerator.end_training()
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    entropy_stats: algo.EntropyStats | None = None
+    critical_threshold: float | None = None
+    last_val: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------
+
+
+class Loop:
+    def __init__(self, recipe, accelerator, model, optimizer, scheduler, engine, tokenizer, stream,
+                 val_sets, runlog, run_dir, state):
+        self.r = recipe
+        self.acc = accelerator
+        self.model = model
+        self.opt = optimizer
+        self.sched = scheduler
+        self.engine = engine
+        self.tok = tokenizer
+        self.stream = stream
+        self.val_sets = val_sets
+        self.log = runlog
+        self.run_dir = run_dir
+        self.state = state
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.device = accelerator.device
+        self.world = accelerator.num_processes
+        self.rank = accelerator.process_index
+
+    # ---- distributed helpers ----
+    def _sum(self, x: Tensor) -> Tensor:
+        if self.world == 1:
+            return x
+        return self.acc.reduce(x.to(self.device), reduction="sum").cpu()
+
+    def _min(self, x: Tensor) -> Tensor:
+        if self.world == 1:
+            return x
+        g = self.acc.gather(x.to(self.device).reshape(1))
+        return g.min().cpu()
+
+    # ---- main ----
+    def run(self, progress: bool = True) -> TrainSummary:
+        r = self.r
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        show = progress and self.acc.is_main_process
+        bar = Progress(
+            TextColumn("[bold]train[/bold]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            disable=not show,
+        )
+        status, message = "done", ""
+        last_row: dict[str, Any] = {}
+        with bar:
+            task = bar.add_task("train", total=r.train.max_steps, completed=self.state.step, info="")
+            if self.state.step == 0 and r.eval.at_start and self.val_sets:
+                val = self.validate(0)
+                self.log.log_metrics({"step": 0, **val})
+                self.state.last_val = val
+            while self.state.step < r.train.max_steps:
+                step = self.state.step + 1
+                try:
+                    row = self.train_step(step)
+                except NonFiniteError as exc:
+                    status, message = "failed", str(exc)
+                    self.log.log_metrics({"step": step, "error": message})
+                    break
+                self.state.step = step
+                last_eval = step == r.train.max_steps
+                if (r.eval.every and step % r.eval.every == 0) or last_eval:
+                    val = self.validate(step)
+                    row.update(val)
+                    self.state.last_val = val
+                self.log.log_metrics(row)
+                if self.acc.is_main_process and r.log.trackers:
+                    self.acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))},
+                                 step=step)
+                if (r.log.checkpoint_every and step % r.log.checkpoint_every == 0) or last_eval:
+                    self.checkpoint(step)
+                last_row = row
+                bar.update(task, completed=step, info=self._bar_info(row))
+        final = {
+            "reward/acc": last_row.get("reward/acc"),
+            "actor/entropy_mean": last_row.get("actor/entropy_mean"),
+        }
+        for k, v in self.state.last_val.items():
+            if k.endswith("/greedy"):
+                final["val_greedy"] = v
+            elif "/avg@" in k:
+                final["val_avg"] = v
+        self.log.finish(status, message=message or None, final_step=self.state.step)
+        return TrainSummary(self.run_dir, status, self.state.step, final, message)
+
+    def _bar_info(self, row: dict[str, Any]) -> str:
+        parts = []
+        for key, label in (("reward/mean", "reward"), ("reward/acc", "acc"),
+                           ("actor/entropy_mean", "entropy")):
+            if key in row:
+                parts.append(f"{label} {row[key]:.3f}")
+        for k, v in self.state.last_val.items():
+            if k.endswith("/greedy"):
+                parts.append(f"val {v:.3f}")
+                break
+        return "  ".join(parts)
+
+    # ---- rollouts with dynamic sampling ----
+    def collect(self, step: int) -> tuple[TrainBatch | None, dict[str, float]]:
+        from ..rewards import score_responses
+        from ..rollout import SamplingSpec
+
+        r = self.r
+        ds = r.train.dynamic_sampling
+        per_rank = r.train.prompts_per_step // self.world
+        spec = SamplingSpec(
+            n=r.rollout.n,
+            temperature=r.rollout.temperature,
+            top_p=r.rollout.top_p,
+            top_k=r.rollout.top_k,
+            max_new_tokens=r.rollout.max_new_tokens,
+            adaptive=r.algo.adaptive_temperature,
+            tau=r.algo.tau,
+        )
+        stats = self.state.entropy_stats if r.algo.adaptive_temperature else None
+        kept: list[TrainBatch] = []
+        n_kept = 0
+        gen_batches = 0
+        all_groups = 0
+        all_mixed = 0
+        all_acc: list[Tensor] = []
+        all_scores: list[Tensor] = []
+        while True:
+            gen_batches += 1
+            full = self.stream.next_batch(r.train.prompts_per_step)
+            examples = full[self.rank * per_rank : (self.rank + 1) * per_rank]
+            out = self.engine.generate(
+                [list(e.prompt_ids) for e in examples],
+                spec,
+                stats,
+                seed=_rollout_seed(r.seed, step, gen_batches, self.rank),
+            )
+            texts = self.tok.batch_decode(
+                [ids[m].tolist() for ids, m in zip(out.response_ids, out.response_mask.bool())],
+                skip_special_tokens=True,
+            )
+            per_resp = [examples[i] for i in out.prompt_index.tolist()]
+            scores, acc = score_responses(
+                per_resp, texts, out.response_len, r.rollout.max_new_tokens, r.train.overlong
+            )
+            batch = build_train_batch(examples, out, scores, acc, texts, self.pad_id)
+            all_acc.append(batch.acc)
+            all_scores.append(batch.scores)
+            metric = batch.acc if ds.metric == "acc" else batch.scores
+            mixed = mixed_groups(metric, batch.group_ids)
+            all_groups += len(mixed)
+            all_mixed += int(mixed.sum())
+            if ds.enabled:
+                keep = torch.nonzero(mixed).flatten().tolist()
+                if keep:
+                    kept.append(batch.select_groups(keep))
+                    n_kept += len(keep)
+            else:
+                kept.append(batch)
+                n_kept += batch.num_groups
+            need_more = torch.tensor(float(n_kept < per_rank))
+            if not ds.enabled or float(self._sum(need_more)) == 0:
+                break
+            if ds.max_num_gen_batches and gen_batches >= ds.max_num_gen_batches:
+                break
+        n_use = int(self._min(torch.tensor(float(min(n_kept, per_rank)))))
+        info = {
+            "rollout/gen_batches": float(gen_batches),
+            "rollout/fill_rate": n_use / per_rank,
+            "rollout/mixed_group_frac": all_mixed / max(all_groups, 1),
+            "reward/all_acc": float(torch.cat(all_acc).mean()),
+            "reward/all_mean": float(torch.cat(all_scores).mean()),
+        }
+        if n_use == 0:
+            return None, info
+        batch = concat_batches(kept, self.pad_id)
+        batch = batch.select_groups(list(range(n_use)))
+        return batch, info
+
+    # ---- one step ----
+    def train_step(self, step: int) -> dict[str, Any]:
+        r, a = self.r, self.r.algo
+        t0 = time.perf_counter()
+        unwrap(self.model).eval()
+        batch, info = self.collect(step)
+        self.engine_gen_s = time.perf_counter() - t0
+        row: dict[str, Any] = {"step": step, **info, "time/gen_s": self.engine_gen_s}
+        if batch is None:
+            row.update({"time/step_s": time.perf_counter() - t0, "skipped": 1})
+            return row
+
+        # ---- old log-probs and entropy (no grad) ----
+        t1 = time.perf_counter()
+        old_logp, entropy = self.score(batch, grad=False)
+        mask = batch.mask
+        row["time/old_logp_s"] = time.perf_counter() - t1
+
+        # ---- entropy stats (batch scope; reused by A at the next step) ----
+        stats, stats_info = algo.distributed_entropy_stats(
+            entropy, mask, pivot=a.entropy_pivot, mode=a.entropy_norm
+        )
+        h = algo.normalized_entropy(entropy, stats)  # (B, T)
+        h = h.masked_fill(~mask, 0.0)
+
+        # ---- advantages ----
+        seq_adv = algo.grpo_advantages(batch.scores, batch.group_ids, eps=a.adv_eps)  # (B,)
+        seq_tok = seq_adv[:, None].expand_as(mask).masked_fill(~mask, 0.0)  # (B, T)
+        fallback = torch.zeros(0)
+        if a.token_level_advantage:
+            adv, fallback = algo.token_level_group_advantages(
+                batch.scores, mask, batch.group_ids, eps=a.adv_eps,
+                fallback_threshold=a.fallback_threshold, return_fallback=True,
+            )
+        else:
+            adv = seq_tok
+        loss_mask = mask
+        if a.baseline == "forking":
+            loss_mask = mask & algo.forking_token_mask(entropy, mask, quantile=a.forking_quantile)
+        if a.adaptive_clip:
+            eps_low, eps_high = algo.adaptive_clip_bounds(h, a.eps_low, a.eps_high, alpha=a.alpha)
+        else:
+            eps_low = torch.full_like(h, a.eps_low)
+            eps_high = torch.full_like(h, a.eps_high)
+        tis = None
+        if a.tis_cap is not None:
+            tis = algo.tis_weights(old_logp, batch.behaviour_logp, a.tis_cap)
+
+        # ---- PPO epochs ----
+        t2 = time.perf_counter()
+        upd = self.update(batch, old_logp, adv, loss_mask, h, eps_low, eps_high, tis, entropy)
+        row["time/train_s"] = time.perf_counter() - t2
+
+        # ---- metrics ----
+        self.state.entropy_stats = stats
+        if self.state.critical_threshold is None:
+            valid_ent = entropy[mask]
+            self.state.critical_threshold = (
+                float(torch.quantile(valid_ent.float(), a.critical_quantile))
+                if valid_ent.numel() else 0.0
+            )
+        row.update(upd["metrics"])
+        row.update(self.batch_metrics(batch, entropy, old_logp, adv, seq_tok, stats, stats_info,
+                                      fallback))
+        row["time/step_s"] = time.perf_counter() - t0
+        every = r.log.token_sample_every
+        if every and (step % every == 0 or step == 1):
+            self.log.write_tokens(step, self.token_rows(step, batch, entropy, h, adv, upd,
+                                                        eps_low, eps_high))
+        self.engine.sync_weights(unwrap(self.model))
+        return row
+
+    # ---- forward passes ----
+    def _policy_temperature(self, batch: TrainBatch, rows: slice | Tensor):
+        if self.r.algo.policy_temperature == "rollout":
+            return batch.temperature[rows].to(self.device)
+        return self.r.rollout.temperature
+
+    def score(self, batch: TrainBatch, grad: bool) -> tuple[Tensor, Tensor]:
+        """Old-policy log-probs (at the policy temperature) and untempered entropy, (B, T)."""
+        mb = self.r.train.micro_batch_size
+        logps, ents = [], []
+        T = batch.response_ids.shape[1]
+        base_t = self.r.rollout.temperature
+        with torch.no_grad():
+            for s in range(0, len(batch.scores), mb):
+                rows = slice(s, s + mb)
+                ids = batch.input_ids[rows].to(self.device)
+                am = batch.attention_mask[rows].to(self.device)
+                temp = self._policy_temperature(batch, rows)
+                logp, ent = response_logprobs(
+                    self.model, ids, am, T, temp, fused=self.r.train.fused_logprobs,
+                    chunk_size=self.r.train.logprob_chunk_size,
+                )
+                untempered = isinstance(temp, float) and temp == 1.0
+                if not untempered or (isinstance(temp, float) and base_t != 1.0):
+                    _, ent = response_logprobs(
+                        self.model, ids, am, T, None, fused=self.r.train.fused_logprobs,
+                        chunk_size=self.r.train.logprob_chunk_size,
+                    )
+                logps.append(logp.float().cpu())
+                ents.append(ent.float().cpu())
+        return torch.cat(logps), torch.cat(ents)
+
+    def update(self, batch, old_logp, adv, loss_mask, h, eps_low, eps_high, tis, entropy):
+        r, a = self.r, self.r.algo
+        unwrap(self.model).train()
+        B, T = batch.response_ids.shape
+        G = r.rollout.n
+        mini = r.train.mini_batch_prompts * G
+        micro = min(r.train.micro_batch_size, mini)
+        sums: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        ratio_all = torch.ones(B, T)
+        adv_c_all = adv.clone()
+        grad_norms: list[float] = []
+        n_opt = 0
+        for _epoch in range(r.train.ppo_epochs):
+            for m0 in range(0, B, mini):
+                m_rows = slice(m0, min(m0 + mini, B))
+                m_mask = loss_mask[m_rows]
+                if a.loss_agg == "token-mean":
+                    local = m_mask.sum()
+                else:
+                    local = (m_mask.sum(-1) > 0).sum()
+                normalizer = float(self._sum(local.float()))
+                if normalizer == 0:
+                    continue
+                micro_starts = list(range(m_rows.start, m_rows.stop, micro))
+                for i, s in enumerate(micro_starts):
+                    rows = slice(s, min(s + micro, m_rows.stop))
+                    sync = i == len(micro_starts) - 1
+                    ctx = nullcontext() if sync or self.world == 1 else self.acc.no_sync(self.model)
+                    with ctx:
+                        ids = batch.input_ids[rows].to(self.device)
+                        am = batch.attention_mask[rows].to(self.device)
+                        logp, _ = response_logprobs(
+                            self.model, ids, am, T, self._policy_temperature(batch, rows),
+                            fused=r.train.fused_logprobs, chunk_size=r.train.logprob_chunk_size,
+                            entropy=False,
+                        )
+                        o = old_logp[rows].to(self.device)
+                        mk = loss_mask[rows].to(self.device)
+                        hh = h[rows].to(self.device)
+                        el, eh = eps_low[rows].to(self.device), eps_high[rows].to(self.device)
+                        adv_mb = adv[rows].to(self.device)
+                        ratio = torch.exp((logp.detach() - o).clamp(-20, 20))
+                        if a.redistribute:
+                            adv_c = algo.redistribute_advantages(adv_mb, hh, ratio, el, eh,
+                                                                 beta=a.beta)
+                        else:
+                            adv_c = adv_mb
+                        if tis is not None:
+                            adv_c = adv_c * tis[rows].to(self.device)
+                        loss, m = algo.policy_loss(
+                            logp, o, adv_c, mk, el, eh, clip_c=a.clip_c, agg=a.loss_agg,
+                            normalizer=normalizer, h=hh, adv_before=adv_mb,
+                        )
+                        if not torch.isfinite(loss):
+                            raise NonFiniteError(
+                                f"non-finite loss at micro-batch rows {rows.start}-{rows.stop}: "
+                                f"logp finite={bool(torch.isfinite(logp[mk]).all())}, "
+                                f"adv finite={bool(torch.isfinite(adv_c[mk]).all())}; "
+                                "last good checkpoint kept"
+                            )
+                        self.acc.backward(loss * self.world)
+                    ratio_all[rows] = ratio.cpu()
+                    adv_c_all[rows] = adv_c.detach().cpu()
+                    n_valid = float(m.get("valid_tokens", mk.sum()))
+                    for k, v in m.items():
+                        v = float(v)
+                        if k == "pg_loss":
+                            sums[k] = sums.get(k, 0.0) + v
+                        elif k.endswith(("_sum", "_count")) or k == "valid_tokens":
+                            sums[k] = sums.get(k, 0.0) + v
+                        else:
+                            sums[k] = sums.get(k, 0.0) + v * n_valid
+                            weights[k] = weights.get(k, 0.0) + n_valid
+                gn = self.acc.clip_grad_norm_(self.model.parameters(), r.train.grad_clip)
+                gn = float(gn)
+                if not math.isfinite(gn):
+                    self.opt.zero_grad(set_to_none=True)
+                    raise NonFiniteError(
+                        f"non-finite gradient norm ({gn}) at optimizer step {n_opt + 1}; "
+                        "last good checkpoint kept"
+                    )
+                self.opt.step()
+                self.sched.step()
+                self.opt.zero_grad(set_to_none=True)
+                grad_norms.append(gn)
+                n_opt += 1
+        metrics: dict[str, float] = {}
+        for k, v in sums.items():
+            if k in weights:
+                metrics[f"actor/{k}"] = v / max(weights[k], 1e-12)
+            elif k == "pg_loss":
+                metrics["actor/pg_loss"] = v / max(n_opt, 1)
+            else:
+                metrics[f"actor/{k}"] = v
+        metrics["actor/grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
+        metrics["actor/lr"] = float(self.sched.get_last_lr()[0])
+        metrics["actor/optimizer_steps"] = float(n_opt)
+        unwrap(self.model).eval()
+        return {"metrics": metrics, "ratio": ratio_all, "adv_c": adv_c_all}
+
+    # ---- logging ----
+    def batch_metrics(self, batch, entropy, old_logp, adv, seq_tok, stats, stats_info, fallback):
+        mask = batch.mask
+        ent = entropy[mask].float()
+        q = torch.quantile(ent, torch.tensor([0.2, 0.8])) if ent.numel() else torch.zeros(2)
+        temps = batch.temperature[mask]
+        lens = batch.response_len.float()
+        correct = batch.acc > 0.5
+        crit = (entropy >= (self.state.critical_threshold or 0.0)) & mask
+        gap = (old_logp - batch.behaviour_logp)[mask]
+        out = {
+            "actor/entropy_mean": float(ent.mean()) if ent.numel() else 0.0,
+            "actor/entropy_p20": float(q[0]),
+            "actor/entropy_p80": float(q[1]),
+            "actor/behaviour_logp_gap": float(gap.abs().mean()) if gap.numel() else 0.0,
+            "adv/pos_token_sum": float(adv[(adv > 0) & mask].sum()),
+            "adv/neg_token_sum": float(adv[(adv < 0) & mask].sum()),
+            "adv/pos_token_count": float(((adv > 0) & mask).sum()),
+            "adv/neg_token_count": float(((adv < 0) & mask).sum()),
+            "adv/seq_pos_token_sum": float(seq_tok[(seq_tok > 0) & mask].sum()),
+            "adv/seq_neg_token_sum": float(seq_tok[(seq_tok < 0) & mask].sum()),
+            "adv/fallback_groups": float(fallback.sum()) if fallback.numel() else 0.0,
+            "rollout/response_len_mean": float(lens.mean()),
+            "rollout/response_len_correct_mean": float(lens[correct].mean()) if correct.any()
+            else None,
+            "rollout/response_len_incorrect_mean": float(lens[~correct].mean()) if (~correct).any()
+            else None,
+            "rollout/critical_tokens": float(crit.sum(-1).float().mean()),
+            "rollout/critical_threshold": self.state.critical_threshold,
+            "rollout/temperature_mean": float(temps.mean()) if temps.numel() else None,
+            "rollout/temperature_std": float(temps.std()) if temps.numel() > 1 else 0.0,
+            "rollout/truncated_frac": float(batch.truncated.float().mean()),
+            "rollout/responses": float(len(batch.scores)),
+            "reward/mean": float(batch.scores.mean()),
+            "reward/acc": float(batch.acc.mean()),
+            "entropy_stats/rho": stats.rho,
+            "entropy_stats/std": stats.std,
+            "entropy_stats/scale_pos": stats.scale_pos,
+            "entropy_stats/scale_neg": stats.scale_neg,
+            "entropy_stats/exact": float(bool(stats_info.get("exact", True))),
+            "entropy_stats/quantile_bin_error": float(stats_info.get("quantile_bin_error", 0.0)),
+        }
+        return out
+
+    def token_rows(self, step, batch, entropy, h, adv, upd, eps_low, eps_high):
+        import pandas as pd
+
+        n = min(self.r.log.token_sample_responses, len(batch.scores))
+        g = torch.Generator().manual_seed(self.r.seed * 7919 + step)
+        pick = torch.randperm(len(batch.scores), generator=g)[:n].sort().values
+        ratio, adv_c = upd["ratio"], upd["adv_c"]
+        rows = []
+        for i in pick.tolist():
+            valid = torch.nonzero(batch.mask[i]).flatten().tolist()
+            ids = batch.response_ids[i].tolist()
+            for p in valid:
+                rt, av = float(ratio[i, p]), float(adv[i, p])
+                el, eh = float(eps_low[i, p]), float(eps_high[i, p])
+                side = "none"
+                if av < 0 and rt < 1 - el:
+                    side = "low"
+                elif av > 0 and rt > 1 + eh:
+                    side = "high"
+                rows.append({
+                    "step": step, "sample": i, "position": p, "token_id": ids[p],
+                    "token_text": self.tok.decode([ids[p]]),
+                    "entropy": float(entropy[i, p]), "h": float(h[i, p]),
+                    "temperature": float(batch.temperature[i, p]), "ratio": rt,
+                    "adv": av, "adv_c": float(adv_c[i, p]), "eps_low": el, "eps_high": eh,
+                    "clip_side": side, "reward": float(batch.scores[i]),
+                    "acc": float(batch.acc[i]),
+                })
+        return pd.DataFrame(rows, columns=schema.TOKEN_COLUMNS if hasattr(schema, "TOKEN_COLUMNS")
+                            else None)
+
+    # ---- validation and checkpoints ----
+    def validate(self, step: int) -> dict[str, float]:
+        from ..evaluate import validation_metrics
+
+        unwrap(self.model).eval()
+        out = validation_metrics(self.engine, self.tok, self.val_sets, self.r, step)
+        return out if self.acc.is_main_process else {}
+
+    def checkpoint(self, step: int) -> None:
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            save_checkpoint(
+                self.run_dir, step, self.acc.unwrap_model(self.model), self.tok, self.opt,
+                self.sched, self.stream, self.state, keep=self.r.log.keep_checkpoints,
+            )
+        self.acc.wait_for_everyone()
+
+
+__all__ = ["train", "TrainSummary", "LoopState", "run_dir_of"]

@@ -1,0 +1,337 @@
+"""Policies: the embedded tiny Qwen2 model with a character tokenizer, its cached supervised
+warm-up, and loading any local HF causal LM.
+
+The tiny policy is a real `Qwen2ForCausalLM` and a real `PreTrainedTokenizerFast` saved with
+`save_pretrained`, so the learner and the rollout engines treat it exactly like a 7B model.
+Nothing here ever contacts a model hub (`local_files_only=True`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import Example, SyntheticStream, heldout_examples
+from .errors import HapoError
+from .rewards.verify import verify
+
+# Bump when the warm-up procedure, the tokenizer or a synthetic task changes: it is part of the
+# cache key, so old cached policies are not reused by mistake.
+WARMUP_VERSION = "1"
+
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
+ALPHABET = "0123456789+-*/=;#()., abcdefghijklmnopqrstuvwxyz"
+WARMUP_EVAL_SIZE = 200  # held-out prompts scored greedily into warmup.json
+
+Progress = Callable[[int, int], None]  # progress(done_steps, total_steps)
+
+
+class ModelError(HapoError):
+    """A bad model path or model directory: one line naming the path."""
+
+
+def quiet_transformers() -> None:
+    """Silence HF progress bars ("Loading weights", "Writing model shards") and info logs."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer and model
+# ---------------------------------------------------------------------------------------------
+
+
+def build_tokenizer():
+    """Character-level tokenizer: one token per character of ALPHABET, <pad>=0, <eos>=1, <unk>=2;
+    left padding (for generation). No chat template, no BOS, nothing added on encode."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *ALPHABET))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    core.add_special_tokens(list(SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+        model_max_length=4096,
+    )
+
+
+def build_tiny_model(tiny_cfg: Any, tokenizer: Any):
+    """A randomly initialised Qwen2ForCausalLM (tied embeddings) sized by `TinyModelConfig`."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if tiny_cfg.hidden_size % tiny_cfg.num_heads:
+        raise ValueError(
+            f"model.tiny.hidden_size={tiny_cfg.hidden_size} must be a multiple of "
+            f"model.tiny.num_heads={tiny_cfg.num_heads}"
+        )
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=tiny_cfg.hidden_size,
+        num_hidden_layers=tiny_cfg.num_layers,
+        num_attention_heads=tiny_cfg.num_heads,
+        num_key_value_heads=tiny_cfg.num_heads,
+        intermediate_size=tiny_cfg.intermediate_size,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = None
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# supervised warm-up
+# ---------------------------------------------------------------------------------------------
+
+
+def warmup_key(model_cfg: Any, data_cfg: Any) -> str:
+    """Content hash of everything the warm-up result depends on."""
+    blob = json.dumps(
+        {
+            "tiny": model_cfg.tiny.model_dump(mode="json"),
+            "warmup": model_cfg.warmup.model_dump(mode="json"),
+            "task": data_cfg.task,
+            "difficulty": data_cfg.difficulty,
+            "version": WARMUP_VERSION,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _supervised_batch(examples: list[Example], tokenizer: Any) -> dict[str, torch.Tensor]:
+    """prompt + target + <eos>, right-padded; labels -100 on the prompt and the padding."""
+    targets = tokenizer([ex.target for ex in examples], add_special_tokens=False)["input_ids"]
+    seqs = [list(ex.prompt_ids) + t + [tokenizer.eos_token_id] for ex, t in zip(examples, targets)]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), tokenizer.pad_token_id)  # (B, L)
+    labels = torch.full((len(seqs), width), -100)  # (B, L)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, L)
+    for i, (ex, s) in enumerate(zip(examples, seqs)):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        labels[i, len(ex.prompt_ids) : len(s)] = torch.tensor(s[len(ex.prompt_ids) :])
+        attention_mask[i, : len(s)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _lr_factor(step: int, total: int) -> float:
+    """Linear warm-up over the first 5 % of steps, then cosine decay to 10 % of the peak."""
+    warm = max(1, total // 20)
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_warmup(model: Any, tokenizer: Any, model_cfg: Any, data_cfg: Any,
+                 progress: Progress | None = None) -> list[float]:
+    """Supervised training on `target` responses of the "warmup" split (loss on response
+    tokens only, AdamW, grad-norm clip 1.0); returns the loss per step."""
+    w = model_cfg.warmup
+    stream = SyntheticStream(data_cfg.task, data_cfg.difficulty, w.seed, tokenizer, "warmup",
+                             apply_chat_template=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=w.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, w.steps))
+    model.train()
+    losses = []
+    for step in range(w.steps):
+        batch = _supervised_batch(stream.next_batch(w.batch_size), tokenizer)
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if progress is not None:
+            progress(step + 1, w.steps)
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def _sample_correct(
+    model: Any,
+    tokenizer: Any,
+    examples: list[Example],
+    *,
+    max_new_tokens: int,
+    n: int = 1,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    batch_size: int = 256,
+) -> list[list[bool]]:
+    """Correctness of n responses per example ([len(examples)][n]), generated with HF generate
+    (greedy, or pure sampling at `temperature`: top_k=0, top_p=1). Private: a calibration and
+    warmup.json helper, not the rollout engine."""
+    model.eval()
+    per_call = max(1, batch_size // n)
+    out: list[list[bool]] = []
+    for start in range(0, len(examples), per_call):
+        chunk = examples[start : start + per_call]
+        width = max(len(ex.prompt_ids) for ex in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id)  # (b, P) left-padded
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, ex in enumerate(chunk):
+            ids[i, width - len(ex.prompt_ids) :] = torch.tensor(ex.prompt_ids)
+            mask[i, width - len(ex.prompt_ids) :] = 1
+        kwargs = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=n,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **(kwargs if do_sample else {"do_sample": False}),
+        )  # (b * n, P + R), a prompt's samples adjacent
+        texts = tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+        for i, ex in enumerate(chunk):
+            out.append([verify(ex.verifier, t, ex.answer) for t in texts[i * n : (i + 1) * n]])
+    return out
+
+
+def _greedy_accuracy(model: Any, tokenizer: Any, examples: list[Example],
+                     max_new_tokens: int | None = None) -> float:
+    """Fraction of examples answered correctly by greedy decoding."""
+    if max_new_tokens is None:
+        longest = max(len(tokenizer(ex.target, add_special_tokens=False)["input_ids"])
+                      for ex in examples)
+        max_new_tokens = longest + 4
+    rows = _sample_correct(model, tokenizer, examples, max_new_tokens=max_new_tokens)
+    return sum(r[0] for r in rows) / len(rows)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive fcntl lock on `path` (created if needed), released on exit."""
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def warmup_policy(model_cfg: Any, data_cfg: Any, progress: Progress | None = None) -> Path:
+    """Build (or reuse) the warmed-up tiny policy; returns its HF directory.
+
+    Cached at `<model.cache_dir>/warmup-<hash>/` keyed by (model.tiny, model.warmup, data.task,
+    data.difficulty, WARMUP_VERSION). Built in a temporary directory and renamed into place
+    under an fcntl lock, so parallel workers build it once and never see a partial directory.
+    Deterministic for a given thread count (torch.manual_seed(model.warmup.seed)).
+    """
+    if data_cfg.source != "synthetic":
+        raise HapoError(
+            "model.init='warmup' needs data.source='synthetic' (the warm-up trains on the "
+            "synthetic task's reference responses); use model.init='pretrained' for files"
+        )
+    cache = Path(model_cfg.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    final = cache / f"warmup-{warmup_key(model_cfg, data_cfg)}"
+    if (final / "warmup.json").is_file():
+        return final
+    with _file_lock(cache / f"{final.name}.lock"):
+        if (final / "warmup.json").is_file():
+            return final
+        quiet_transformers()
+        t0 = time.perf_counter()
+        torch.manual_seed(model_cfg.warmup.seed)
+        tokenizer = build_tokenizer()
+        model = build_tiny_model(model_cfg.tiny, tokenizer)
+        losses = train_warmup(model, tokenizer, model_cfg, data_cfg, progress)
+        train_s = time.perf_counter() - t0
+        heldout = heldout_examples(data_cfg.task, data_cfg.difficulty, WARMUP_EVAL_SIZE,
+                                   tokenizer, apply_chat_template=False)
+        acc = _greedy_accuracy(model, tokenizer, heldout)
+        tmp = cache / f".{final.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        info = {
+            "key": final.name.removeprefix("warmup-"),
+            "version": WARMUP_VERSION,
+            "task": data_cfg.task,
+            "difficulty": data_cfg.difficulty,
+            "tiny": model_cfg.tiny.model_dump(mode="json"),
+            "warmup": model_cfg.warmup.model_dump(mode="json"),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "final_loss": losses[-1] if losses else None,
+            "heldout_greedy_acc": acc,
+            "heldout_size": len(heldout),
+            "train_seconds": round(train_s, 2),
+            "torch_threads": torch.get_num_threads(),
+        }
+        (tmp / "warmup.json").write_text(json.dumps(info, indent=2) + "\n")
+        os.replace(tmp, final) if not final.exists() else shutil.rmtree(tmp)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# resolving and loading
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_policy_path(model_cfg: Any, data_cfg: Any, progress: Progress | None = None) -> Path:
+    """init=warmup: the cached warm-up directory (built if needed). init=pretrained: the local
+    directory `model.path`, which must hold a config.json (never fetched from a hub)."""
+    if model_cfg.init == "warmup":
+        return warmup_policy(model_cfg, data_cfg, progress)
+    if not model_cfg.path:
+        raise ModelError("model.path is required when model.init='pretrained'")
+    path = Path(model_cfg.path).expanduser()
+    if not path.is_dir():
+        raise ModelError(f"model.path={model_cfg.path}: not a local directory (hubs are not used)")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model.path={model_cfg.path}: no config.json (not an HF model directory)")
+    return path
+
+
+def load_policy(path: str | Path, dtype: str | torch.dtype = "float32",
+                trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """(model, tokenizer) from a local HF directory, quietly. The tokenizer pads on the left
+    (what generation needs) and falls back to <eos> as the pad token when it has none."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: no config.json (not an HF model directory)")
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code
+    )
+    tokenizer = AutoTokenizer.from_pretrained(
+        path, local_files_only=True, trust_remote_code=trust_remote_code
+    )
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -1,0 +1,224 @@
+"""The run directory (DESIGN.md): writer side. Analysis reads the same layout via analysis.schema.
+
+results/<run>/recipe.yaml, manifest.json, metrics.jsonl, tokens/step-NNNNNN.parquet, eval/*.jsonl,
+checkpoints/step-NNNNNN/. Every whole-file write goes to a temporary file and is renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from analysis import schema
+
+from .errors import RunDirError
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("hapo", "torch", "transformers", "accelerate", "vllm"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _json_default(x: Any) -> Any:
+    if hasattr(x, "item"):
+        return x.item()
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+class RunLog:
+    """Writer for one run directory. Only the main process writes."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.dir = Path(run_dir)
+        self.enabled = enabled
+        self.manifest: dict[str, Any] = {}
+
+    # ---- lifecycle ----
+    @staticmethod
+    def holds_run(run_dir: Path) -> bool:
+        return (run_dir / schema.MANIFEST).exists() or (run_dir / schema.METRICS).exists()
+
+    @staticmethod
+    def prepare(run_dir: Path, recipe_yaml: str, resume: bool, overwrite: bool) -> str:
+        """Check what the directory holds; returns 'new', 'resume' or 'overwrite'.
+
+        Raises RunDirError (nothing touched) when the directory holds a run and neither flag allows
+        it, or when --resume meets a different recipe.
+        """
+        if not run_dir.exists() or not RunLog.holds_run(run_dir):
+            if run_dir.exists() and any(run_dir.iterdir()) and not overwrite and not resume:
+                raise RunDirError(
+                    f"{run_dir}: directory is not empty and holds no hapo run; "
+                    "choose another --output or pass --overwrite"
+                )
+            return "new"
+        if resume:
+            stored = run_dir / schema.RECIPE
+            if stored.exists():
+                diff = _recipe_diff(stored.read_text(), recipe_yaml)
+                if diff:
+                    raise RunDirError(
+                        f"{run_dir}: --resume with a different recipe ({diff}); "
+                        "use the same recipe or a new --output"
+                    )
+            return "resume"
+        if overwrite:
+            return "overwrite"
+        raise RunDirError(
+            f"{run_dir}: already holds a run; pass --resume to continue it or --overwrite to replace it"
+        )
+
+    def start(self, recipe_yaml: str, info: dict[str, Any], mode: str) -> None:
+        if not self.enabled:
+            return
+        if mode == "overwrite":
+            for child in list(self.dir.iterdir()):
+                if child.is_dir():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.dir / schema.RECIPE, recipe_yaml)
+        prev = self._read_manifest() if mode == "resume" else {}
+        self.manifest = {
+            **prev,
+            **info,
+            "status": "running",
+            "git_rev": git_revision(),
+            "versions": _versions(),
+            "start_time": prev.get("start_time", time.time()),
+            "resumed_at": [*prev.get("resumed_at", []), time.time()] if mode == "resume" else [],
+            "end_time": None,
+        }
+        self._write_manifest()
+
+    def _read_manifest(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.dir / schema.MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def _write_manifest(self) -> None:
+        atomic_write_text(
+            self.dir / schema.MANIFEST, json.dumps(self.manifest, indent=2, default=_json_default)
+        )
+
+    def finish(self, status: str, **extra: Any) -> None:
+        if not self.enabled:
+            return
+        self.manifest.update(status=status, end_time=time.time(), **extra)
+        self._write_manifest()
+
+    def update_manifest(self, **extra: Any) -> None:
+        if not self.enabled:
+            return
+        self.manifest.update(**extra)
+        self._write_manifest()
+
+    # ---- metrics ----
+    def truncate_metrics(self, last_step: int) -> None:
+        """On resume: keep only complete rows with step <= last_step (atomic rewrite)."""
+        if not self.enabled:
+            return
+        path = self.dir / schema.METRICS
+        if not path.exists():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("step", 0) <= last_step:
+                keep.append(line)
+        atomic_write_text(path, "".join(x + "\n" for x in keep))
+        tokens = self.dir / schema.TOKENS_DIR
+        if tokens.is_dir():
+            for f in tokens.glob("step-*.parquet"):
+                if int(f.stem.split("-")[1]) > last_step:
+                    f.unlink()
+
+    def log_metrics(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps(row, default=_json_default, allow_nan=True)
+        with open(self.dir / schema.METRICS, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write_tokens(self, step: int, frame) -> None:
+        """frame: a pandas DataFrame with the token columns of analysis.schema."""
+        if not self.enabled or frame is None or len(frame) == 0:
+            return
+        out = self.dir / schema.tokens_file(step)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".parquet.tmp")
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, out)
+
+    def append_eval(self, name: str, rows: list[dict[str, Any]]) -> None:
+        if not self.enabled or not rows:
+            return
+        path = self.dir / schema.EVAL_DIR / f"{name}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row, default=_json_default) + "\n")
+
+
+def _recipe_diff(old_yaml: str, new_yaml: str) -> str:
+    """Fields that differ between two resolved recipes, ignoring train.max_steps (runs may extend)."""
+    import yaml
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(d, dict):
+            out: dict[str, Any] = {}
+            for k, v in d.items():
+                out.update(flat(v, f"{prefix}{k}."))
+            return out
+        return {prefix[:-1]: d}
+
+    a, b = flat(yaml.safe_load(old_yaml) or {}), flat(yaml.safe_load(new_yaml) or {})
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k != "train.max_steps")
+    return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:3])
