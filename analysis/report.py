@@ -20,7 +20,7 @@ from analysis import figures as F
 from analysis import schema
 from analysis.figures import MissingData, color_map
 from analysis.io import Collection, load_paths, stack_evals, stack_metrics, stack_tokens
-from analysis.summary import summarize_runs, summary_markdown, write_summary
+from analysis.summary import summarize_runs, summary_display, summary_markdown, write_summary
 from analysis.tables import dual_entropy_table, eval_table, to_html_table, to_markdown
 
 FORMATS = ("png", "pdf", "svg")
@@ -249,13 +249,13 @@ def _blocks(coll, specs, written, skipped, dual, evals, summaries, notes, out) -
     final = summarize_runs(coll.runs, baseline=None)
     if len(final.columns):
         b.append(("h", 2, "Final values per label (mean ± std over seeds)"))
-        b.append(("table", final, summary_markdown(final)))
+        b.append(("table", summary_display(final), summary_markdown(final)))
     for name, df in summaries.items():
         b.append(("h", 2, f"Ablation summary: {name}"))
         base = df.attrs.get("baseline")
         b.append(("p", f"Δ vs baseline `{base}` ± standard error of the difference."
                   if base else "No baseline variant `none`: Δ not computed."))
-        b.append(("table", df, summary_markdown(df)))
+        b.append(("table", summary_display(df), summary_markdown(df)))
     b.append(("h", 2, "Figures"))
     for spec in specs:
         if spec.name in written:
@@ -323,9 +323,7 @@ def _render_html(blocks: list[tuple], pngs: dict[str, bytes]) -> str:
         elif kind == "p":
             parts.append(f"<p>{_inline(blk[1])}</p>")
         elif kind == "table":
-            df = blk[1]
-            shown = df.reset_index() if df.index.name else df
-            parts.append(to_html_table(shown))
+            parts.append(to_html_table(blk[1]))
         elif kind == "list":
             parts.append("<ul>" + "".join(f"<li>{_inline(x)}</li>" for x in blk[1]) + "</ul>")
         elif kind == "fig":

@@ -129,8 +129,8 @@ def _pm(mean: float, std: float, fmt: str, signed: bool = False) -> str:
     return s if std is None or np.isnan(std) else f"{s} ± {format(std, fmt)}"
 
 
-def summary_markdown(df: pd.DataFrame) -> str:
-    """The summary as a readable markdown table: "mean ± std" cells, signed deltas."""
+def summary_display(df: pd.DataFrame) -> pd.DataFrame:
+    """The summary as strings for reading: "mean ± std" cells, signed deltas."""
     table = pd.DataFrame(index=df.index)
     table["seeds"] = df["n_seeds"]
     table["status"] = df["status"]
@@ -147,7 +147,12 @@ def summary_markdown(df: pd.DataFrame) -> str:
             table[name.replace("_", " ")] = [
                 _pm(m, s, fmt) for m, s in zip(df[f"{name}_mean"], df[f"{name}_std"],
                                                strict=True)]
-    return to_markdown(table, index=True)
+    return table.reset_index()
+
+
+def summary_markdown(df: pd.DataFrame) -> str:
+    """``summary_display`` as a markdown table."""
+    return to_markdown(summary_display(df))
 
 
 def write_summary(df: pd.DataFrame, out_dir: Path) -> tuple[Path, Path]:

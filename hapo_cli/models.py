@@ -150,13 +150,15 @@ def _lr_factor(step: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train_warmup(model: Any, tokenizer: Any, model_cfg: Any, data_cfg: Any,
-                 progress: Progress | None = None) -> list[float]:
+def train_warmup(
+    model: Any, tokenizer: Any, model_cfg: Any, data_cfg: Any, progress: Progress | None = None
+) -> list[float]:
     """Supervised training on `target` responses of the "warmup" split (loss on response
     tokens only, AdamW, grad-norm clip 1.0); returns the loss per step."""
     w = model_cfg.warmup
-    stream = SyntheticStream(data_cfg.task, data_cfg.difficulty, w.seed, tokenizer, "warmup",
-                             apply_chat_template=False)
+    stream = SyntheticStream(
+        data_cfg.task, data_cfg.difficulty, w.seed, tokenizer, "warmup", apply_chat_template=False
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=w.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, w.steps))
     model.train()
@@ -218,12 +220,14 @@ def _sample_correct(
     return out
 
 
-def _greedy_accuracy(model: Any, tokenizer: Any, examples: list[Example],
-                     max_new_tokens: int | None = None) -> float:
+def _greedy_accuracy(
+    model: Any, tokenizer: Any, examples: list[Example], max_new_tokens: int | None = None
+) -> float:
     """Fraction of examples answered correctly by greedy decoding."""
     if max_new_tokens is None:
-        longest = max(len(tokenizer(ex.target, add_special_tokens=False)["input_ids"])
-                      for ex in examples)
+        longest = max(
+            len(tokenizer(ex.target, add_special_tokens=False)["input_ids"]) for ex in examples
+        )
         max_new_tokens = longest + 4
     rows = _sample_correct(model, tokenizer, examples, max_new_tokens=max_new_tokens)
     return sum(r[0] for r in rows) / len(rows)
@@ -268,8 +272,13 @@ def warmup_policy(model_cfg: Any, data_cfg: Any, progress: Progress | None = Non
         model = build_tiny_model(model_cfg.tiny, tokenizer)
         losses = train_warmup(model, tokenizer, model_cfg, data_cfg, progress)
         train_s = time.perf_counter() - t0
-        heldout = heldout_examples(data_cfg.task, data_cfg.difficulty, WARMUP_EVAL_SIZE,
-                                   tokenizer, apply_chat_template=False)
+        heldout = heldout_examples(
+            data_cfg.task,
+            data_cfg.difficulty,
+            WARMUP_EVAL_SIZE,
+            tokenizer,
+            apply_chat_template=False,
+        )
         acc = _greedy_accuracy(model, tokenizer, heldout)
         tmp = cache / f".{final.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -314,8 +323,9 @@ def resolve_policy_path(model_cfg: Any, data_cfg: Any, progress: Progress | None
     return path
 
 
-def load_policy(path: str | Path, dtype: str | torch.dtype = "float32",
-                trust_remote_code: bool = False) -> tuple[Any, Any]:
+def load_policy(
+    path: str | Path, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False
+) -> tuple[Any, Any]:
     """(model, tokenizer) from a local HF directory, quietly. The tokenizer pads on the left
     (what generation needs) and falls back to <eos> as the pad token when it has none."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

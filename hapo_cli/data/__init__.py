@@ -57,8 +57,9 @@ def heldout_examples(
 ) -> list[Example]:
     """The first `n` held-out prompts of a task (reserved seed; never in a training stream)."""
     return [
-        synthetic_example(task, difficulty, HELDOUT_SPLIT, HELDOUT_SEED, i, tokenizer,
-                          apply_chat_template)
+        synthetic_example(
+            task, difficulty, HELDOUT_SPLIT, HELDOUT_SEED, i, tokenizer, apply_chat_template
+        )
         for i in range(n)
     ]
 
@@ -110,8 +111,15 @@ class SyntheticStream(PromptStream):
         self.tokenizer, self.apply_chat_template = tokenizer, apply_chat_template
 
     def _take(self) -> Example:
-        ex = synthetic_example(self.task, self.difficulty, self.split, self.seed, self.index,
-                               self.tokenizer, self.apply_chat_template)
+        ex = synthetic_example(
+            self.task,
+            self.difficulty,
+            self.split,
+            self.seed,
+            self.index,
+            self.tokenizer,
+            self.apply_chat_template,
+        )
         self.index += 1
         return ex
 
@@ -145,8 +153,14 @@ class FileStream(PromptStream):
 def build_train_stream(data_cfg: Any, tokenizer: Any, seed: int) -> PromptStream:
     """The training prompt stream of a `DataConfig` for the RL seed `seed`."""
     if data_cfg.source == "synthetic":
-        return SyntheticStream(data_cfg.task, data_cfg.difficulty, seed, tokenizer, "train",
-                               data_cfg.apply_chat_template)
+        return SyntheticStream(
+            data_cfg.task,
+            data_cfg.difficulty,
+            seed,
+            tokenizer,
+            "train",
+            data_cfg.apply_chat_template,
+        )
     if not data_cfg.train_files:
         raise DataError("data.train_files is empty (data.source='files')")
     examples = [ex for f in data_cfg.train_files for ex in load_examples(f, data_cfg, tokenizer)]
@@ -157,9 +171,13 @@ def build_val_sets(data_cfg: Any, tokenizer: Any) -> dict[str, list[Example]]:
     """Synthetic: {task: val_size held-out prompts}. Files: {file stem: rows of each val file}."""
     if data_cfg.source == "synthetic":
         return {
-            data_cfg.task: heldout_examples(data_cfg.task, data_cfg.difficulty,
-                                            data_cfg.val_size, tokenizer,
-                                            data_cfg.apply_chat_template)
+            data_cfg.task: heldout_examples(
+                data_cfg.task,
+                data_cfg.difficulty,
+                data_cfg.val_size,
+                tokenizer,
+                data_cfg.apply_chat_template,
+            )
         }
     out: dict[str, list[Example]] = {}
     for f in data_cfg.val_files:

@@ -249,6 +249,25 @@ def recompute_adaptive_temperature(
     return base * (1.0 + tau * h.clamp(-1.0, 1.0))
 
 
+# Segments that wrappers insert into parameter names: DDP/DataParallel ("module."), torch.compile
+# ("_orig_mod."), FSDP1 ("_fsdp_wrapped_module."), activation checkpointing
+# ("_checkpoint_wrapped_module."). The underlying HF model's names are what remains.
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod", "module")
+
+
+def clean_param_name(name: str) -> str:
+    """The HF parameter name under wrappers: 'module._orig_mod.model.x' -> 'model.x'.
+
+    Only whole dotted segments equal to a wrapper name are dropped ('model.mlp.module_x' and a
+    submodule that is really called 'module' deeper than the leading wrappers are kept).
+    """
+    parts = name.split(".")
+    while parts and parts[0] in WRAPPER_SEGMENTS:
+        parts = parts[1:]
+    parts = [p for p in parts if p not in WRAPPER_SEGMENTS[:3]]
+    return ".".join(parts)
+
+
 def check_prompts(prompt_ids: Sequence[Sequence[int]]) -> None:
     """ValueError naming the first bad prompt (engines call it at their entry point)."""
     if len(prompt_ids) == 0:

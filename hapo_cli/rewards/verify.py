@@ -1,0 +1,168 @@
+"""Answer verifiers: "exact" for the synthetic tasks, "math" through math-verify.
+
+Timeouts. sympy can hang on adversarial strings, and math-verify's own timeouts use
+`signal.alarm` (whole seconds, main thread only). We call math-verify with its timeouts off and
+bound the whole parse + compare ourselves:
+
+- main thread: a `signal.setitimer` alarm (fractional seconds) raising a BaseException, so no
+  `except Exception` inside sympy/math-verify can swallow it; any alarm already armed by the
+  caller (e.g. pytest-timeout) is restored with its remaining time afterwards;
+- any other thread (signals cannot be used there): the check runs in a separate worker process
+  (spawned once, reused), which applies the same alarm in its own main thread; if that worker
+  does not answer in time it is killed and replaced. Slower (a process round trip) but never
+  hangs the caller and never leaves a runaway thread behind.
+
+A timeout counts as incorrect.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Literal
+
+logger = logging.getLogger("hapo.rewards")
+
+Verifier = Literal["exact", "math"]
+_WORKER_GRACE_S = 60.0  # worker start-up (imports sympy) on top of the timeout
+
+
+class _VerifyTimeout(BaseException):
+    """Raised by our alarm; a BaseException so library `except Exception` blocks let it pass."""
+
+
+def final_answer(response: str) -> str | None:
+    """The text after the last '#', stripped; None when there is no '#'."""
+    if "#" not in response:
+        return None
+    return response.rsplit("#", 1)[1].strip()
+
+
+def verify_exact(response: str, answer: str) -> bool:
+    """Synthetic tasks: the final answer (after the last '#') equals `answer` exactly."""
+    got = final_answer(response)
+    return got is not None and got != "" and got == answer.strip()
+
+
+class _DropTimeoutDisabledWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Timeout is disabled" not in record.getMessage()
+
+
+_math_verify_ready = False
+
+
+def _math_verify_module():
+    global _math_verify_ready
+    import math_verify
+
+    if not _math_verify_ready:
+        # We pass timeout=None on purpose (see module docstring); drop its one-time warning.
+        for name in ("math_verify.parser", "math_verify.grader"):
+            logging.getLogger(name).addFilter(_DropTimeoutDisabledWarning())
+        _math_verify_ready = True
+    return math_verify
+
+
+def _math_equal(response: str, answer: str) -> bool:
+    """math-verify: gold parsed as `\\boxed{answer}`, prediction from `\\boxed{}` first, then
+    any LaTeX or plain expression; equivalence by string, numeric or sympy comparison."""
+    mv = _math_verify_module()
+    latex, expr = mv.LatexExtractionConfig, mv.ExprExtractionConfig
+    gold = mv.parse("\\boxed{" + answer + "}", [latex()], parsing_timeout=None)
+    if not gold:
+        gold = mv.parse(answer, [latex(), expr()], parsing_timeout=None)
+    if not gold:
+        return False
+    pred = mv.parse(response, [latex(boxed_match_priority=0), expr()], parsing_timeout=None)
+    if not pred:
+        return False
+    return bool(mv.verify(gold, pred, timeout_seconds=None))
+
+
+def _with_alarm(timeout: float, fn, *args) -> bool:
+    """fn(*args) under a SIGALRM interval timer (main thread only); False on timeout."""
+
+    def on_alarm(signum, frame):
+        raise _VerifyTimeout
+
+    start = time.monotonic()
+    old_handler = signal.signal(signal.SIGALRM, on_alarm)
+    old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        return fn(*args)
+    except _VerifyTimeout:
+        logger.debug("verification timed out after %.1fs", timeout)
+        return False
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler)
+        if old_delay > 0:  # re-arm the caller's alarm with what was left of it
+            left = max(old_delay - (time.monotonic() - start), 1e-3)
+            signal.setitimer(signal.ITIMER_REAL, left, old_interval)
+
+
+def _math_equal_in_worker(response: str, answer: str, timeout: float) -> bool:
+    return _with_alarm(timeout, _math_equal, response, answer)
+
+
+_pool: ProcessPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _worker_pool() -> ProcessPoolExecutor:
+    global _pool
+    if _pool is None:
+        import multiprocessing
+
+        _pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    return _pool
+
+
+def _kill_worker_pool() -> None:
+    global _pool
+    if _pool is not None:
+        for proc in list(getattr(_pool, "_processes", {}).values()):
+            proc.kill()
+        _pool.shutdown(wait=False, cancel_futures=True)
+        _pool = None
+
+
+def _call_in_worker(fn, args: tuple, wait_s: float, default: bool = False) -> bool:
+    """bool(fn(*args)) in the worker process; `default` if it fails or takes over `wait_s`
+    (the worker is then killed and a fresh one spawned on the next call)."""
+    with _pool_lock:  # one request at a time: the worker is single and may be replaced
+        future = _worker_pool().submit(fn, *args)
+        try:
+            return bool(future.result(timeout=wait_s))
+        except FutureTimeout:
+            logger.warning("verification worker did not answer in %.1fs; restarting it", wait_s)
+            _kill_worker_pool()
+            return default
+        except Exception:  # a crashed worker (BrokenProcessPool) counts as incorrect
+            logger.warning("verification worker failed; restarting it", exc_info=True)
+            _kill_worker_pool()
+            return default
+
+
+def verify_math(response: str, answer: str, timeout: float = 5.0) -> bool:
+    """math-verify equivalence of the response's final answer with `answer`, time-bounded."""
+    if threading.current_thread() is threading.main_thread():
+        return _with_alarm(timeout, _math_equal, response, answer)
+    args = (response, answer, timeout)
+    return _call_in_worker(_math_equal_in_worker, args, timeout + _WORKER_GRACE_S)
+
+
+def verify(verifier: Verifier, response: str, answer: str, timeout: float = 5.0) -> bool:
+    """Whether `response` answers `answer` correctly under `verifier` ("exact" or "math")."""
+    if timeout <= 0:
+        raise ValueError(f"verify: timeout={timeout} must be > 0 seconds")
+    if verifier == "exact":
+        return verify_exact(response, answer)
+    if verifier == "math":
+        return verify_math(response, answer, timeout)
+    raise ValueError(f"verify: unknown verifier '{verifier}' (expected 'exact' or 'math')")

@@ -1,0 +1,266 @@
+"""Rollouts with the learner's own transformers model: a hand-written KV-cache decode loop.
+
+Why not `model.generate`: per step we keep only the sampled token's log-prob, its temperature
+T_t and the untempered entropy (three (N,) vectors), never the [T, N, V] scores, and sampling
+draws from one seeded `torch.Generator`, so the same seed gives the same batch (and a resumed run
+samples exactly what the original would have).
+
+One step (N rows of a chunk):
+    logits (N, V) untempered, float32
+    scaled = logits / T_t                      AdaptiveTemperatureLogitsProcessor (first in list)
+    warped = top_k(top_p(scaled))              transformers warpers, -inf outside the support
+    y ~ softmax(warped)                        (greedy: argmax logits)
+    logp = log_softmax(scaled)[y]              BEFORE truncation: what the learner recomputes
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import LogitsProcessorList
+
+from hapo_cli.algo import EntropyStats
+
+from .base import RolloutBatch, SamplingSpec, check_prompts, clean_param_name
+from .processors import sampling_processors
+
+
+def _as_id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def resolve_special_ids(
+    model: nn.Module, tokenizer: Any, eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+) -> tuple[list[int], int]:
+    """(eos ids, pad id): explicit values, else the model's generation config, else the tokenizer.
+    The pad id falls back to the first eos id."""
+    eos = _as_id_list(eos_token_id)
+    gen_cfg = getattr(model, "generation_config", None)
+    if not eos and gen_cfg is not None:
+        eos = _as_id_list(gen_cfg.eos_token_id)
+    if not eos and tokenizer is not None:
+        eos = _as_id_list(getattr(tokenizer, "eos_token_id", None))
+    if not eos:
+        eos = _as_id_list(getattr(getattr(model, "config", None), "eos_token_id", None))
+    if not eos:
+        raise ValueError("HFEngine: no eos token id (model generation_config, tokenizer, config)")
+    pad = pad_token_id
+    if pad is None and tokenizer is not None:
+        pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None and gen_cfg is not None:
+        pad = gen_cfg.pad_token_id
+    if pad is None:
+        pad = eos[0]
+    return eos, int(pad)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device):
+    """(input_ids, attention_mask, position_ids), each (N, P), prompts right-aligned.
+
+    position_ids count real tokens only (0 at each prompt's first token), so absolute-position
+    models see the same positions as an unpadded prompt; pads get position 0.
+    """
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    return ids.to(device), mask.to(device), pos.to(device)
+
+
+def _unwrap(model: nn.Module, accelerator: Any = None) -> nn.Module:
+    if accelerator is not None:
+        return accelerator.unwrap_model(model)
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module  # DDP / DataParallel
+    return model
+
+
+class HFEngine:
+    """`RolloutEngine` over a transformers causal LM (the learner's model object, unwrapped).
+
+    Sequences are processed in chunks of `batch_size` (a prompt's n copies are adjacent, so a
+    chunk boundary may split a group; it changes nothing but memory). The model is put in eval
+    mode under `torch.inference_mode` and its train/eval mode restored afterwards.
+    Under FSDP/ZeRO-3 the learner must hand over a model whose full parameters are available
+    (e.g. inside `summon_full_params`); DDP and single-process models work as they are.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any = None,
+        batch_size: int = 256,
+        accelerator: Any = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"HFEngine: batch_size={batch_size} must be >= 1")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = int(batch_size)
+        self.accelerator = accelerator
+        self.eos_ids, self.pad_id = resolve_special_ids(
+            _unwrap(model, accelerator), tokenizer, eos_token_id, pad_token_id
+        )
+
+    # ---- RolloutEngine ----------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        spec: SamplingSpec,
+        stats: EntropyStats | None = None,
+        seed: int = 0,
+    ) -> RolloutBatch:
+        check_prompts(prompt_ids)
+        model = _unwrap(self.model, self.accelerator)
+        device = next(model.parameters()).device
+        seqs = [list(p) for p in prompt_ids for _ in range(spec.n)]  # (B,) prompt i's n adjacent
+        gen = torch.Generator(device=device).manual_seed(int(seed))
+        was_training = model.training
+        model.eval()
+        parts = []
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(seqs), self.batch_size):
+                    chunk = seqs[start : start + self.batch_size]
+                    parts.append(self._decode_chunk(model, chunk, spec, stats, gen, device))
+        finally:
+            model.train(was_training)
+        return self._assemble(parts, len(prompt_ids), spec)
+
+    def sync_weights(self, weights: nn.Module | Iterable[tuple[str, Tensor]]) -> None:
+        """No-op when `weights` is (a wrapper of) the engine's own model; otherwise copies a
+        module's state dict, or (name, tensor) pairs, into the engine's model."""
+        target = _unwrap(self.model, self.accelerator)
+        if isinstance(weights, nn.Module):
+            source = _unwrap(weights, self.accelerator)
+            if source is target:
+                return
+            target.load_state_dict(source.state_dict())
+            return
+        params = dict(target.named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights:
+                key = clean_param_name(name)
+                if key not in params:
+                    raise KeyError(f"HFEngine.sync_weights: unknown parameter {name!r}")
+                params[key].copy_(tensor)
+
+    def sleep(self) -> None:
+        """Nothing to free: the engine owns no memory beyond the learner's model."""
+
+    def wake_up(self) -> None:
+        """Nothing to restore (see `sleep`)."""
+
+    # ---- decoding ---------------------------------------------------------------------------
+
+    def _decode_chunk(
+        self,
+        model: nn.Module,
+        prompts: list[list[int]],
+        spec: SamplingSpec,
+        stats: EntropyStats | None,
+        gen: torch.Generator,
+        device: torch.device,
+    ) -> dict[str, Tensor]:
+        n, t_max = len(prompts), spec.max_new_tokens
+        ids, attn, pos = left_pad(prompts, self.pad_id, device)  # (N, P) each
+        if spec.greedy:
+            temp_proc, chain = sampling_processors(1.0, 0.0, None, 0, 1.0)
+        else:
+            tau = spec.tau if spec.adaptive else 0.0
+            temp_proc, chain = sampling_processors(
+                spec.temperature, tau, stats if spec.adaptive else None, spec.top_k, spec.top_p
+            )
+        processors = LogitsProcessorList(chain)
+        eos = torch.tensor(self.eos_ids, dtype=torch.long, device=device)
+
+        tokens = torch.full((n, t_max), self.pad_id, dtype=torch.long, device=device)
+        logp = torch.zeros((n, t_max), dtype=torch.float32, device=device)
+        temps = torch.zeros_like(logp)
+        ents = torch.zeros_like(logp)
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        hit_eos = torch.zeros_like(done)
+        length = torch.zeros(n, dtype=torch.long, device=device)
+        history = ids  # (N, P + t) what the processors see as input_ids
+
+        out = model(
+            input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1
+        )
+        cache = out.past_key_values
+        next_pos = pos[:, -1] + 1  # (N,)
+        logits = out.logits[:, -1, :].float()  # (N, V)
+        for t in range(t_max):
+            warped = processors(history, logits)  # (N, V): / T_t, then top-k/top-p
+            step_temps = temp_proc.last_temperature  # (N,)
+            scaled = logits / step_temps.unsqueeze(-1)  # same op as apply_adaptive_temperature
+            if spec.greedy:
+                nxt = logits.argmax(dim=-1)
+            else:
+                probs = torch.softmax(warped, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=gen).squeeze(1)  # (N,)
+            active = ~done
+            nxt = torch.where(active, nxt, torch.full_like(nxt, self.pad_id))
+            step_logp = torch.log_softmax(scaled, dim=-1).gather(1, nxt.unsqueeze(1)).squeeze(1)
+            zero = torch.zeros_like(step_logp)
+            tokens[:, t] = nxt
+            logp[:, t] = torch.where(active, step_logp, zero)
+            temps[:, t] = torch.where(active, step_temps, zero)
+            ents[:, t] = torch.where(active, temp_proc.last_entropy, zero)
+            length += active.long()
+            is_eos = active & torch.isin(nxt, eos)
+            hit_eos |= is_eos
+            done |= is_eos
+            if t == t_max - 1 or bool(done.all()):
+                break
+            history = torch.cat([history, nxt.unsqueeze(1)], dim=1)
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+            out = model(
+                input_ids=nxt.unsqueeze(1),
+                attention_mask=attn,
+                position_ids=next_pos.unsqueeze(1),
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache = out.past_key_values
+            next_pos = next_pos + 1
+            logits = out.logits[:, -1, :].float()
+        return {
+            "tokens": tokens, "logp": logp, "temps": temps, "ents": ents,
+            "length": length, "hit_eos": hit_eos,
+        }
+
+    def _assemble(self, parts: list[dict[str, Tensor]], num_prompts: int, spec: SamplingSpec):
+        width = max(int(p["length"].max()) for p in parts)
+        width = max(width, 1)
+        cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        length = cat["length"].cpu()
+        mask = torch.arange(width).unsqueeze(0) < length.unsqueeze(1)  # (B, T)
+        hit_eos = cat["hit_eos"].cpu()
+        return RolloutBatch(
+            prompt_index=torch.arange(num_prompts).repeat_interleave(spec.n),
+            response_ids=cat["tokens"][:, :width].cpu(),
+            response_mask=mask,
+            behaviour_logp=cat["logp"][:, :width].cpu(),
+            temperature=cat["temps"][:, :width].cpu(),
+            entropy=cat["ents"][:, :width].cpu(),
+            finish_reason=["eos" if e else "length" for e in hit_eos.tolist()],
+            response_len=length,
+            pad_token_id=self.pad_id,
+            truncation=spec.truncation,
+            logp_includes_truncation=False,
+            decode_stats=True,
+        )

@@ -1,0 +1,128 @@
+"""Typed recipes: loading, overrides, validation errors that name the field, components."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from hapo_cli.components import apply_components, letters_of, parse_components
+from hapo_cli.recipe import (
+    AlgoConfig,
+    RecipeError,
+    TrainConfig,
+    list_recipes,
+    load_recipe,
+    parse_value,
+)
+
+
+def write(tmp_path, text: str):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_recipes_load_and_differ_only_in_algorithm():
+    names = list_recipes()
+    assert {"tiny/hapo", "tiny/dapo", "tiny/grpo", "tiny/forking"} <= set(names)
+    hapo, dapo = load_recipe("tiny/hapo"), load_recipe("tiny/dapo")
+    assert hapo.components == "ABCD" and dapo.components == "none"
+    # same task, model and budget
+    for section in ("model", "data", "rollout", "train", "eval"):
+        assert getattr(hapo, section) == getattr(dapo, section), section
+
+
+def test_defaults_are_the_authors_recipe():
+    a, t = AlgoConfig(), TrainConfig()
+    assert (a.tau, a.beta, a.alpha, a.eps_low, a.eps_high, a.clip_c) == (0.05, 1, 1, 0.2, 0.2, 10)
+    assert a.entropy_pivot == 0.8 and a.entropy_norm == "paper" and a.fallback_threshold == 5.0
+    assert a.loss_agg == "token-mean" and t.weight_decay == 0.1 and t.grad_clip == 1.0
+    assert t.lr == 1e-6 and t.warmup_steps == 10
+
+
+def test_overrides_are_typed():
+    r = load_recipe("tiny/hapo", ["train.lr=3e-4", "algo.adaptive_clip=false", "rollout.n=4",
+                                  "train.mini_batch_prompts=4", "train.micro_batch_size=16"])
+    assert r.train.lr == pytest.approx(3e-4) and isinstance(r.train.lr, float)
+    assert r.algo.adaptive_clip is False and r.components == "ABC"
+    assert r.rollout.n == 4
+    assert parse_value("1e-4") == pytest.approx(1e-4)
+    assert parse_value("[1, 2]") == [1, 2]
+    assert parse_value("null") is None
+
+
+def test_recipe_is_frozen():
+    r = load_recipe("tiny/hapo")
+    with pytest.raises(ValidationError):
+        r.train.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("train:\n  lrr: 1\n", "train.lrr"),
+        ("train:\n  lr: fast\n", "train.lr"),
+        ("algo:\n  eps_low: 1.5\n", "algo.eps_low"),
+        ("algo:\n  entropy_pivot: 1.2\n", "algo.entropy_pivot"),
+        ("algo:\n  tau: -0.1\n", "algo.tau"),
+        ("algo:\n  loss_agg: ppo-clip\n", "algo.loss_agg"),
+        ("model:\n  init: pretrained\n", "model.path"),
+    ],
+)
+def test_bad_recipe_names_the_field(tmp_path, text, field):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write(tmp_path, text))
+    msg = str(err.value)
+    assert field in msg and "\n" not in msg
+
+
+def test_cross_field_divisibility(tmp_path):
+    text = "train:\n  prompts_per_step: 10\n  mini_batch_prompts: 4\n"
+    with pytest.raises(RecipeError, match="prompts_per_step=10 must be a multiple"):
+        load_recipe(write(tmp_path, text))
+
+
+def test_unknown_override_and_bad_syntax():
+    with pytest.raises(RecipeError, match="unknown key 'algo.gamma'"):
+        load_recipe("tiny/hapo", ["algo.gamma=1"])
+    with pytest.raises(RecipeError, match="expected KEY=VALUE"):
+        load_recipe("tiny/hapo", ["algo.tau"])
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe("tiny/nope")
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    with pytest.raises(RecipeError, match="line"):
+        load_recipe(write(tmp_path, "train:\n  lr: [1,\n"))
+
+
+@pytest.mark.parametrize(
+    ("spec", "canon"), [("ABCD", "ABCD"), ("dba", "ABD"), ("none", "none"), ("", "none"),
+                        ("A,C", "AC")]
+)
+def test_components_parse(spec, canon):
+    assert parse_components(spec) == canon
+
+
+def test_components_apply_and_roundtrip():
+    for spec in ("none", "A", "BD", "ABCD"):
+        r = load_recipe("tiny/hapo", components=spec)
+        assert r.components == spec
+        assert letters_of(r.algo) == spec
+    d = apply_components({}, "AD")
+    assert d["algo"] == {"adaptive_temperature": True, "token_level_advantage": False,
+                         "redistribute": False, "adaptive_clip": True}
+    with pytest.raises(RecipeError, match="unknown letter"):
+        parse_components("ABE")
+
+
+def test_components_then_set_override_wins():
+    r = load_recipe("tiny/dapo", ["algo.redistribute=true"], components="A")
+    assert r.components == "AC"
+
+
+def test_content_hash_is_stable_and_sectioned():
+    a = load_recipe("tiny/hapo")
+    b = load_recipe("tiny/dapo")
+    assert a.content_hash("model", "data") == b.content_hash("model", "data")
+    assert a.content_hash() != b.content_hash()
