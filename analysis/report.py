@@ -246,7 +246,8 @@ def _blocks(coll, specs, written, skipped, dual, evals, summaries, notes, out) -
     if partial:
         b.append(("p", "Not finished (read up to the last complete record): "
                   + ", ".join(partial) + "."))
-    final = summarize_runs(coll.runs, baseline=None)
+    plain = [r for r in coll.runs if r.ablation is None]
+    final = summarize_runs(plain, baseline=None) if plain else pd.DataFrame()
     if len(final.columns):
         b.append(("h", 2, "Final values per label (mean ± std over seeds)"))
         b.append(("table", summary_display(final), summary_markdown(final)))

@@ -54,7 +54,7 @@ def test_histogram_path_error_is_bounded_by_bin_width(mode):
 
 
 def test_quantile_from_histogram_hand_values():
-    # values 0, 1, 2, 3 in 4 bins over [0, 4]... use [0, 3] with 3 bins of width 1:
+    # values 0, 1, 2, 3 in 3 bins of width 1 over [0, 3] (3 goes in the last bin):
     # bins [0,1): {0}, [1,2): {1}, [2,3]: {2, 3}
     x = torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=torch.float64)
     hist = shard_histogram(x, 0.0, 3.0, 3)
