@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -127,6 +128,8 @@ def load_metrics(path: Path) -> tuple[pd.DataFrame, list[str]]:
             if converted.notna().sum() == df[col].notna().sum():
                 df[col] = converted
     df = df.groupby(schema.STEP, sort=True).last().reset_index()
+    num = df.select_dtypes("number").columns.drop(schema.STEP)
+    df[num] = df[num].replace([np.inf, -np.inf], np.nan)  # a diverged step: no point, no crash
     return df, notes
 
 

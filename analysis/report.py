@@ -47,6 +47,10 @@ class AnalyzeResult:
     def reports(self) -> list[Path]:
         return [self.report_md, self.report_html]
 
+    def skipped_lines(self) -> list[str]:
+        """One line per skipped figure: ``"<name>: <reason>"``."""
+        return [f"{name}: {why}" for name, why in self.skipped.items()]
+
 
 @dataclass
 class _FigureSpec:
@@ -195,7 +199,8 @@ def analyze(paths: list[Path], out: Path | None = None,
         csv_path, md_path = write_summary(df, where)
         tables[f"summary {abl.name} csv"], tables[f"summary {abl.name} md"] = csv_path, md_path
 
-    specs, skipped = _figure_specs(coll, colors, metrics, tokens, evals, dual, summaries)
+    specs, not_applicable = _figure_specs(coll, colors, metrics, tokens, evals, dual, summaries)
+    skipped: dict[str, str] = {}
     written: dict[str, list[Path]] = {}
     pngs: dict[str, bytes] = {}
     notes = list(coll.warnings)
@@ -221,6 +226,7 @@ def analyze(paths: list[Path], out: Path | None = None,
             fig.savefig(buf, format="png", dpi=DPI)
             pngs[spec.name] = buf.getvalue()
         written[spec.name] = files
+    skipped.update(not_applicable)
 
     blocks = _blocks(coll, specs, written, skipped, dual, evals, summaries, notes, out)
     md_path, html_path = out / REPORT_MD, out / REPORT_HTML
@@ -250,7 +256,8 @@ def _blocks(coll, specs, written, skipped, dual, evals, summaries, notes, out) -
     final = summarize_runs(plain, baseline=None) if plain else pd.DataFrame()
     if len(final.columns):
         b.append(("h", 2, "Final values per label (mean ± std over seeds)"))
-        b.append(("table", summary_display(final), summary_markdown(final)))
+        shown = summary_display(final).rename(columns={"variant": "label"})
+        b.append(("table", shown, to_markdown(shown)))
     for name, df in summaries.items():
         b.append(("h", 2, f"Ablation summary: {name}"))
         base = df.attrs.get("baseline")
@@ -261,6 +268,8 @@ def _blocks(coll, specs, written, skipped, dual, evals, summaries, notes, out) -
     for spec in specs:
         if spec.name in written:
             b.append(("fig", spec, [p.relative_to(out) for p in written[spec.name]]))
+    if not written:
+        b.append(("p", "No figure had data to show (see Skipped figures)."))
     if len(dual):
         shown = dual.assign(token=dual["token"].map(_visible))
         b.append(("h", 3, "Dual-entropy tokens (table)"))
@@ -286,11 +295,11 @@ def _render_md(blocks: list[tuple]) -> str:
         if kind == "h":
             parts.append("#" * blk[1] + " " + blk[2] + "\n")
         elif kind == "p":
-            parts.append(blk[1] + "\n")
+            parts.append(_md_text(blk[1]) + "\n")
         elif kind == "table":
             parts.append(blk[2])
         elif kind == "list":
-            parts.append("\n".join(f"- {x}" for x in blk[1]) + "\n")
+            parts.append("\n".join(f"- {_md_text(x)}" for x in blk[1]) + "\n")
         elif kind == "fig":
             spec, files = blk[1], blk[2]
             parts.append(f"### {spec.title}\n")
@@ -300,6 +309,11 @@ def _render_md(blocks: list[tuple]) -> str:
             parts.append(spec.caption + " Files: "
                          + ", ".join(f"[{f.suffix[1:]}]({f.as_posix()})" for f in files) + "\n")
     return "\n".join(parts)
+
+
+def _md_text(text: str) -> str:
+    """Keep '<bench>'-like text visible in markdown (it would be read as an HTML tag)."""
+    return text.replace("<", "&lt;").replace(">", "&gt;")
 
 
 _CSS = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}

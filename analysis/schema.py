@@ -66,6 +66,8 @@ C_DAMPED_FRAC = "actor/c_damped_frac"  # component C: |A'| < |A|
 PG_LOSS = "actor/pg_loss"
 GRAD_NORM = "actor/grad_norm"
 LR = "actor/lr"
+BEHAVIOUR_LOGP_GAP = "actor/behaviour_logp_gap"  # mean |rollout logp - learner old logp|
+OPTIMIZER_STEPS = "actor/optimizer_steps"  # optimizer steps taken in this training step
 
 # adv: advantage mass of the batch. The token-level sums are those actually used; the seq_*
 # sums are the same mass under sequence-level GRPO normalisation, computed every step for
@@ -84,6 +86,9 @@ RESPONSE_LEN_CORRECT_MEAN = "rollout/response_len_correct_mean"
 RESPONSE_LEN_INCORRECT_MEAN = "rollout/response_len_incorrect_mean"
 CRITICAL_TOKENS = "rollout/critical_tokens"  # mean per response
 TEMPERATURE_MEAN = "rollout/temperature_mean"
+TEMPERATURE_STD = "rollout/temperature_std"
+CRITICAL_THRESHOLD = "rollout/critical_threshold"  # entropy above which a token is critical
+RESPONSES = "rollout/responses"  # responses kept for training this step
 TRUNCATED_FRAC = "rollout/truncated_frac"
 FILL_RATE = "rollout/fill_rate"  # dynamic sampling: kept groups / wanted groups
 GEN_BATCHES = "rollout/gen_batches"
@@ -92,6 +97,8 @@ MIXED_GROUP_FRAC = "rollout/mixed_group_frac"  # groups whose rewards are not al
 # reward
 REWARD_MEAN = "reward/mean"
 REWARD_ACC = "reward/acc"
+REWARD_ALL_MEAN = "reward/all_mean"  # before dynamic-sampling filtering
+REWARD_ALL_ACC = "reward/all_acc"
 
 # time (seconds)
 TIME_GEN = "time/gen_s"
@@ -104,6 +111,8 @@ ENTROPY_STATS_RHO = "entropy_stats/rho"
 ENTROPY_STATS_STD = "entropy_stats/std"
 ENTROPY_STATS_SCALE_POS = "entropy_stats/scale_pos"
 ENTROPY_STATS_SCALE_NEG = "entropy_stats/scale_neg"
+ENTROPY_STATS_EXACT = "entropy_stats/exact"  # 1 if the pivot quantile was exact
+ENTROPY_STATS_BIN_ERROR = "entropy_stats/quantile_bin_error"  # histogram pivot error bound
 
 METRICS_NAMES: tuple[str, ...] = (
     ENTROPY_MEAN, ENTROPY_P20, ENTROPY_P80, CLIP_FRAC_LOW, CLIP_FRAC_HIGH,
@@ -115,6 +124,8 @@ METRICS_NAMES: tuple[str, ...] = (
     TEMPERATURE_MEAN, TRUNCATED_FRAC, FILL_RATE, GEN_BATCHES, MIXED_GROUP_FRAC,
     REWARD_MEAN, REWARD_ACC, TIME_GEN, TIME_OLD_LOGP, TIME_TRAIN, TIME_STEP,
     ENTROPY_STATS_RHO, ENTROPY_STATS_STD, ENTROPY_STATS_SCALE_POS, ENTROPY_STATS_SCALE_NEG,
+    BEHAVIOUR_LOGP_GAP, OPTIMIZER_STEPS, TEMPERATURE_STD, CRITICAL_THRESHOLD, RESPONSES,
+    REWARD_ALL_MEAN, REWARD_ALL_ACC, ENTROPY_STATS_EXACT, ENTROPY_STATS_BIN_ERROR,
 )  # fmt: skip
 """Every fixed metric name (the per-benchmark ``val/...`` names are built by the helpers)."""
 
@@ -124,8 +135,8 @@ _VAL_RE = re.compile(r"^val/(?P<bench>.+)/(?P<kind>avg@(?P<k>\d+)|greedy)$")
 
 def val_metric(bench: str, k: int) -> str:
     """Validation accuracy averaged over k samples: ``val/<bench>/avg@<k>``."""
-    if not bench or "/" in bench:
-        raise ValueError(f"benchmark name must be non-empty without '/', got {bench!r}")
+    if not bench:
+        raise ValueError(f"benchmark name must be non-empty, got {bench!r}")
     if int(k) < 1:
         raise ValueError(f"avg@k needs k >= 1, got k={k!r}")
     return f"{VAL_PREFIX}{bench}/avg@{int(k)}"
@@ -133,13 +144,16 @@ def val_metric(bench: str, k: int) -> str:
 
 def val_greedy_metric(bench: str) -> str:
     """Held-out greedy accuracy: ``val/<bench>/greedy``."""
-    if not bench or "/" in bench:
-        raise ValueError(f"benchmark name must be non-empty without '/', got {bench!r}")
+    if not bench:
+        raise ValueError(f"benchmark name must be non-empty, got {bench!r}")
     return f"{VAL_PREFIX}{bench}/greedy"
 
 
 def parse_val_metric(name: str) -> tuple[str, str] | None:
-    """``"val/aime24/avg@8"`` -> ``("aime24", "avg@8")``; ``None`` for any other name."""
+    """``"val/aime24/avg@8"`` -> ``("aime24", "avg@8")``; ``None`` for any other name.
+
+    A benchmark name may itself contain '/' (``val/math/500/avg@4`` -> ``("math/500", ...)``).
+    """
     m = _VAL_RE.match(name)
     return (m["bench"], m["kind"]) if m else None
 

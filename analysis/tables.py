@@ -104,7 +104,7 @@ def _fmt(v: Any) -> str:
 
 def md_escape(s: str) -> str:
     """Make a cell safe in a markdown table: pipes, backticks, newlines escaped."""
-    return (s.replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`")
+    return (s.replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`").replace("$", "\\$")
             .replace("\n", "\\n").replace("\r", "\\r"))
 
 

@@ -145,3 +145,13 @@ def test_oracle_vectorised_vs_loops(seed, dtype, shape):
     tol = {} if dtype == torch.float64 else {"rtol": 1.3e-6, "atol": 1e-5}
     assert_close(got_grpo.double(), _grpo_loop(scores, ids, eps), **tol)
     assert_close(got_tok.double(), _token_loop(scores, mask, ids, eps, 2.0), **tol)
+
+
+def test_zero_std_group_is_exactly_zero_in_float32():
+    # 0.1 is inexact in binary: a float32 mean of three 0.1's can miss 0.1 by an ulp, which
+    # (r - mean) / (0 + eps) would blow up to ~1e-2; the float64 group moments keep it at 0.
+    scores = torch.full((3,), 0.1)
+    ids = torch.zeros(3, dtype=torch.long)
+    assert (grpo_advantages(scores, ids) == 0).all()
+    lengths_mask = _mask([7, 3, 11], 11)
+    assert (token_level_group_advantages(scores, lengths_mask, ids) == 0).all()

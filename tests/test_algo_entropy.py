@@ -15,7 +15,7 @@ from hapo_cli.algo import (
     normalized_entropy,
     token_entropy,
 )
-from hapo_cli.algo.entropy import quantile_sorted
+from hapo_cli.algo.entropy import quantile_1d
 
 NEG_INF = float("-inf")
 
@@ -81,13 +81,13 @@ def test_entropy_stats_ignores_masked_tokens():
 def test_quantile_rule_linear_vs_nearest_rank():
     x = torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=torch.float64)
     # pivot 0.5: position 0.5 * 3 = 1.5 -> linear: 1 + 0.5 * (2 - 1) = 1.5
-    assert quantile_sorted(x, 0.5, "paper") == pytest.approx(1.5)
-    assert quantile_sorted(x, 0.5, "paper") == pytest.approx(float(torch.quantile(x, 0.5)))
+    assert quantile_1d(x, 0.5, "paper") == pytest.approx(1.5)
+    assert quantile_1d(x, 0.5, "paper") == pytest.approx(float(torch.quantile(x, 0.5)))
     # nearest rank: round(1.5) = 2 (Python rounds half to even) -> x[2] = 2
-    assert quantile_sorted(x, 0.5, "released") == 2.0
+    assert quantile_1d(x, 0.5, "released") == 2.0
     # position 0.8 * 3 = 2.4 -> linear 2.4 ; round(2.4) = 2 -> 2
-    assert quantile_sorted(x, 0.8, "paper") == pytest.approx(2.4)
-    assert quantile_sorted(x, 0.8, "released") == 2.0
+    assert quantile_1d(x, 0.8, "paper") == pytest.approx(2.4)
+    assert quantile_1d(x, 0.8, "released") == 2.0
 
 
 def test_pivot_quantile_modes_give_different_rho():
@@ -216,3 +216,10 @@ def test_apply_adaptive_temperature_divides_rows():
     assert bf.dtype == torch.bfloat16 and torch.isneginf(bf[0, 4:]).all()
     # bf16 logits: entropies of these rows are exact in bf16 (equal finite logits)
     assert_close(tb, temps)
+
+
+@pytest.mark.parametrize("q", [0.0, 0.13, 0.5, 0.8, 1.0])
+def test_quantile_1d_matches_torch_quantile_on_unsorted_input(q):
+    x = torch.randn(101, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert quantile_1d(x, q, "paper") == pytest.approx(float(torch.quantile(x, q)))
+    assert quantile_1d(x, q, "released") == float(x.sort().values[round(q * 100)])

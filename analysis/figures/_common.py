@@ -39,9 +39,15 @@ def color_map(labels: Iterable[str]) -> Colors:
     return {lab: palette[i % len(palette)] for i, lab in enumerate(labels)}
 
 
-def colors_for(long: pd.DataFrame, colors: Colors | None) -> Colors:
-    """``colors`` if given (extended for labels it lacks), else a map over ``long.label``."""
-    labels = list(dict.fromkeys(long["label"])) if "label" in long.columns else []
+def colors_for(long: pd.DataFrame | None, colors: Colors | None,
+               *more: pd.DataFrame | None) -> Colors:
+    """``colors`` if given (extended for labels it lacks), else a map over the labels of
+    ``long`` and ``more`` (tables with a ``label`` column; ``None`` or empty are ignored)."""
+    labels: list[str] = []
+    for df in (long, *more):
+        if df is not None and "label" in df.columns:
+            labels += list(dict.fromkeys(df["label"]))
+    labels = list(dict.fromkeys(labels))
     if colors is None:
         return color_map(labels)
     missing = [lab for lab in labels if lab not in colors]

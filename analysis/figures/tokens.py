@@ -67,8 +67,7 @@ def clipping_patterns(
     hist_sides = [s for s in ("low", "high") if (tok["clip_side"] == s).any()] if len(tok) else []
     if not curve_sides and not hist_sides:
         raise MissingData("no clip fractions (actor/clip_frac_*) and no clipped token samples")
-    colors = colors_for(pd.concat([metrics[["label"]] if "label" in metrics else pd.DataFrame(),
-                                   tok[["label"]] if len(tok) else pd.DataFrame()]), colors)
+    colors = colors_for(metrics, colors, tok)
     fig, axes = panels(len(curve_sides) + len(hist_sides), ncols=2, title="Clipping patterns")
     it = iter(axes)
     bound = {"low": "1 - eps_low (A < 0)", "high": "1 + eps_high (A > 0)"}
@@ -172,7 +171,7 @@ def adaptive_temperature(
         t = d["temperature"].iloc[0] if len(d) else float("nan")
         raise MissingData(f"per-token temperature is constant (T={t:g}): component A is off "
                           "in every run")
-    colors = colors_for(tokens, colors)
+    colors = colors_for(tokens, colors, metrics)
     curve = metrics is not None and has_values(metrics, schema.TEMPERATURE_MEAN)
     fig, axes = panels(2 + int(curve), title="Adaptive temperature")
     edges = _edges(d["temperature"].to_numpy(float))

@@ -22,6 +22,7 @@ from .entropy import (
     normalized_entropy,
     token_entropy,
 )
+from .fused import fused_logprobs_and_entropy
 from .logprobs import logprobs_and_entropy
 from .loss import (
     adaptive_clip_bounds,
@@ -30,11 +31,6 @@ from .loss import (
     redistribute_advantages,
     tis_weights,
 )
-
-try:  # TODO(dev only): remove the guard once hapo_cli/algo/fused.py lands
-    from .fused import fused_logprobs_and_entropy
-except ImportError:  # pragma: no cover
-    fused_logprobs_and_entropy = None  # type: ignore[assignment]
 
 __all__ = [
     "EntropyStats",

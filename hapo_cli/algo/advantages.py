@@ -20,7 +20,7 @@ def _group_index(group_ids: Tensor, b: int) -> tuple[Tensor, int]:
     return inverse, num_groups
 
 
-def _work_dtype(x: Tensor) -> torch.dtype:
+def _out_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
@@ -40,7 +40,9 @@ def grpo_advantages(scores: Tensor, group_ids: Tensor, eps: float = 1e-6) -> Ten
         raise ValueError(f"grpo_advantages: scores must be (B,), got {tuple(scores.shape)}")
     b = scores.shape[0]
     inverse, num_groups = _group_index(group_ids, b)
-    r = scores.to(_work_dtype(scores))  # (B,)
+    # float64 on (B,)-sized vectors: in float32 a zero-std group's mean can miss its scores by
+    # one ulp (~1e-8), which eps = 1e-6 would turn into advantages of ~1e-2 instead of 0.
+    r = scores.double()  # (B,)
     ones = torch.ones_like(r)
     count = _segment_sum(ones, inverse, num_groups)  # (G,)
     mean = _segment_sum(r, inverse, num_groups) / count  # (G,)
@@ -49,7 +51,7 @@ def grpo_advantages(scores: Tensor, group_ids: Tensor, eps: float = 1e-6) -> Ten
     single = count == 1
     mean = torch.where(single, torch.zeros_like(mean), mean)
     std = torch.where(single, torch.ones_like(std), std)
-    return (r - mean[inverse]) / (std[inverse] + eps)
+    return ((r - mean[inverse]) / (std[inverse] + eps)).to(_out_dtype(scores))
 
 
 def token_level_group_advantages(
@@ -82,7 +84,7 @@ def token_level_group_advantages(
     b = scores.shape[0]
     inverse, num_groups = _group_index(group_ids, b)
     mask = mask.bool()
-    r = scores.to(_work_dtype(scores))  # (B,)
+    r = scores.double()  # (B,) float64 for the group moments, see grpo_advantages
     lengths = mask.sum(dim=1).to(r.dtype)  # (B,) L_i
     tokens = _segment_sum(lengths, inverse, num_groups)  # (G,)
     denom = tokens.clamp_min(1)
@@ -91,9 +93,10 @@ def token_level_group_advantages(
     seq_adv = (r - mu[inverse]) / (var.sqrt()[inverse] + eps)  # (B,) token adv of response i
     too_big = (seq_adv.abs() >= fallback_threshold) & (lengths > 0)  # (B,)
     fallback = _segment_sum(too_big.to(r.dtype), inverse, num_groups) > 0  # (G,)
-    grpo = grpo_advantages(scores, group_ids, eps)  # (B,)
-    per_response = torch.where(fallback[inverse], grpo, seq_adv)  # (B,)
-    adv = torch.where(mask, per_response.unsqueeze(1), torch.zeros((), dtype=r.dtype, device=r.device))
+    grpo = grpo_advantages(scores.double(), group_ids, eps)  # (B,)
+    per_response = torch.where(fallback[inverse], grpo, seq_adv).to(_out_dtype(scores))  # (B,)
+    zero = torch.zeros((), dtype=per_response.dtype, device=r.device)
+    adv = torch.where(mask, per_response.unsqueeze(1), zero)  # (B, T)
     if return_fallback:
         return adv, fallback
     return adv

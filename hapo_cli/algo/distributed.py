@@ -26,7 +26,7 @@ from .entropy import (
     NormMode,
     _check_mode_pivot,
     entropy_stats,
-    quantile_sorted,
+    quantile_1d,
     stats_from_reduced,
     valid_log_entropy,
 )
@@ -60,7 +60,7 @@ def _order_stat_from_histogram(cum: Tensor, hist: Tensor, k: int, lo: float, wid
 
 def quantile_from_histogram(hist: Tensor, lo: float, hi: float, q: float, mode: NormMode) -> tuple[float, float]:
     """(quantile estimate, error bound = bin width) from a histogram over [lo, hi]; the same
-    quantile rule as `quantile_sorted` (linear in paper mode, nearest rank in released mode)."""
+    quantile rule as `quantile_1d` (linear in paper mode, nearest rank in released mode)."""
     n = int(hist.sum())
     if n == 0:
         return 0.0, 0.0
@@ -95,7 +95,7 @@ def stats_from_shards(
     if count == 0:
         return stats_from_reduced(0, 0.0, 0.0, 0.0, 0.0, mode, eps), _info(True, 0.0, 0)
     if count <= exact_max_tokens:
-        rho, err = quantile_sorted(torch.cat(xs).sort().values, pivot, mode), 0.0
+        rho, err = quantile_1d(torch.cat(xs), pivot, mode), 0.0
     else:
         hist = sum(shard_histogram(x, x_min, x_max, num_bins) for x in xs)
         rho, err = quantile_from_histogram(hist, x_min, x_max, pivot, mode)
@@ -145,7 +145,7 @@ def distributed_entropy_stats(
     if count == 0:
         return stats_from_reduced(0, 0.0, 0.0, 0.0, 0.0, mode, eps), _info(True, 0.0, 0)
     if count <= exact_max_tokens:
-        rho, err = quantile_sorted(_all_gather_varlen(x, group).sort().values, pivot, mode), 0.0
+        rho, err = quantile_1d(_all_gather_varlen(x, group), pivot, mode), 0.0
     else:
         hist = shard_histogram(x, x_min, x_max, num_bins)
         dist.all_reduce(hist, op=dist.ReduceOp.SUM, group=group)

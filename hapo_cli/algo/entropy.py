@@ -122,18 +122,26 @@ def valid_log_entropy(entropy: Tensor, mask: Tensor, eps: float = 1e-8) -> Tenso
     return valid.clamp_min(eps).log()
 
 
-def quantile_sorted(sorted_x: Tensor, q: float, mode: NormMode) -> float:
-    """Quantile of an ascending 1-D tensor: linear interpolation (torch.quantile) in paper
-    mode, nearest rank `x[round(q (n-1))]` (Python rounding, as the released code) otherwise."""
-    n = sorted_x.numel()
+def quantile_1d(x: Tensor, q: float, mode: NormMode) -> float:
+    """Quantile of a 1-D tensor (any order): linear interpolation between order statistics
+    (torch.quantile semantics) in paper mode, nearest rank `x_(round(q (n-1)))` (Python
+    rounding, as the released code) in released mode. O(n) via kthvalue, no full sort, and no
+    torch.quantile input-size limit. Empty -> 0.0."""
+    n = x.numel()
     if n == 0:
         return 0.0
     pos = float(q) * (n - 1)
+
+    def order_stat(k: int) -> float:  # k-th smallest, 0-based
+        return float(x.kthvalue(k + 1).values)
+
     if mode == "released":
-        return float(sorted_x[round(pos)])
+        return order_stat(round(pos))
     lo = math.floor(pos)
-    hi = min(lo + 1, n - 1)
-    a, b = float(sorted_x[lo]), float(sorted_x[hi])
+    a = order_stat(lo)
+    if pos == lo:
+        return a
+    b = order_stat(min(lo + 1, n - 1))
     return a + (b - a) * (pos - lo)
 
 
@@ -184,13 +192,13 @@ def entropy_stats(
     to eps, scale_neg = min(z) < 0. See `stats_from_reduced` for degenerate batches.
     """
     _check_mode_pivot(mode, pivot)
-    x = valid_log_entropy(entropy, mask, eps).sort().values  # (n,)
+    x = valid_log_entropy(entropy, mask, eps)  # (n,)
     n = x.numel()
     if n == 0:
         return stats_from_reduced(0, 0.0, 0.0, 0.0, 0.0, mode, eps)
-    rho = quantile_sorted(x, pivot, mode)
+    rho = quantile_1d(x, pivot, mode)
     sq_dev_sum = float(((x - rho) ** 2).sum())
-    return stats_from_reduced(n, rho, sq_dev_sum, float(x[0]), float(x[-1]), mode, eps)
+    return stats_from_reduced(n, rho, sq_dev_sum, float(x.min()), float(x.max()), mode, eps)
 
 
 def _h_from_z(z: Tensor, stats: EntropyStats) -> Tensor:

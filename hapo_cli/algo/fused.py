@@ -66,12 +66,6 @@ def _chunk_logits(
     return z
 
 
-def _log_softmax_(z: Tensor, lse: Tensor) -> Tensor:
-    """In place: z <- z - lse, with -inf clamped to the dtype's min so 0 * log p stays 0."""
-    z.sub_(lse[:, None])
-    return z.clamp_(min=torch.finfo(z.dtype).min)
-
-
 def _row_dot(a: Tensor, b: Tensor) -> Tensor:
     """sum_j a[i, j] b[i, j] without a (C, V) temporary: (C,)."""
     return (a[:, None, :] @ b[:, :, None]).reshape(-1)
@@ -81,15 +75,20 @@ def _forward_chunk(
     h: Tensor, weight: Tensor, bias: Tensor | None, inv_t: Tensor | None,
     safe_targets: Tensor, compute_entropy: bool,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(logp, lse, entropy or None) of one chunk, each (C,)."""
+    """(logp, lse, entropy or None) of one chunk, each (C,).
+
+    Two (C, V) buffers and ~6 passes over them: with m = max z, s = sum exp(z - m),
+    lse = m + log s, logp = (z_y - m) - log s, H = log s - sum exp(z - m) (z - m) / s.
+    """
     z = _chunk_logits(h, weight, bias, inv_t)  # (C, V)
-    lse = torch.logsumexp(z, dim=-1)  # (C,)
-    logp = z.gather(1, safe_targets[:, None]).reshape(-1) - lse  # (C,)
-    if not compute_entropy:
-        return logp, lse, None
-    logp_all = _log_softmax_(z, lse)  # (C, V), reuses z's storage
-    entropy = -_row_dot(torch.exp(logp_all), logp_all)  # (C,)
-    return logp, lse, entropy
+    m = z.amax(dim=-1)  # (C,)
+    z.sub_(m[:, None])  # (C, V) shifted logits, <= 0
+    e = torch.exp(z)  # (C, V) unnormalised probabilities
+    s = e.sum(dim=-1)  # (C,)
+    log_s = s.log()
+    logp = z.gather(1, safe_targets[:, None]).reshape(-1) - log_s  # (C,)
+    entropy = log_s - _row_dot(e, z) / s if compute_entropy else None  # (C,)
+    return logp, m + log_s, entropy
 
 
 def _forward_loop(
@@ -117,6 +116,39 @@ def _forward_loop(
     logp = logp.masked_fill(ignored, 0.0)
     entropy = entropy.masked_fill(ignored, 0.0)
     return logp, entropy, lse
+
+
+def _logits_grad_chunk(
+    z: Tensor,  # (C, V) tempered logits, overwritten with the result
+    lse: Tensor, entropy: Tensor, g: Tensor, e: Tensor | None,  # (C,) each
+    inv_t: Tensor | None,  # (C,)
+    safe_targets: Tensor,  # (C,)
+) -> Tensor:
+    """dL/draw for L with dL/dlogp = g, dL/dH = e; raw = z * T: (C, V), in z's storage.
+
+    dL/dz_j = g 1[j = y] - p_j (g + e (log p_j + H)), with log p_j = z_j - lse; dividing by T
+    and writing it as p_j (alpha z_j + beta) with per-row alpha, beta costs ~4 passes.
+    """
+    p = torch.sub(z, lse[:, None])  # (C, V) log p
+    p.exp_()  # (C, V) p
+    scale = g if inv_t is None else g * inv_t  # (C,)
+    if e is None:
+        gz = p.mul_(-scale[:, None])  # -p g / T
+    else:
+        alpha = -e if inv_t is None else -e * inv_t  # (C,)
+        beta = -scale - alpha * (lse - entropy)  # (C,) so that alpha z + beta = -(g + e(z-lse+H))/T
+        gz = torch.addcmul(beta[:, None], z, alpha[:, None], out=z).mul_(p)
+        del p
+    return gz.scatter_add_(1, safe_targets[:, None], scale[:, None])
+
+
+def _accumulate_weight_grad(grad_w: Tensor, gz: Tensor, h: Tensor, block: int = 16384) -> None:
+    """grad_w (V, d, float32) += gz.T @ h; bf16 by row blocks of V (small temporaries)."""
+    if gz.dtype == grad_w.dtype:
+        grad_w.addmm_(gz.T, h)  # (V, d) accumulate in place
+        return
+    for v0 in range(0, grad_w.shape[0], block):
+        grad_w[v0 : v0 + block] += gz[:, v0 : v0 + block].T @ h  # bf16 matmul, fp32 sum
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -159,31 +191,19 @@ class _FusedLogprobEntropy(torch.autograd.Function):
             t = min(s + ctx.chunk_size, n)
             h = hidden[s:t]  # (C, d)
             it = None if inv_t is None else inv_t[s:t]
-            z = _chunk_logits(h, weight, bias, it)  # (C, V)
-            logp_all = _log_softmax_(z, lse[s:t])  # (C, V) log p
-            p = torch.exp(logp_all)  # (C, V)
-            # dL/dz = g 1[j=y] - p (g + e (log p + H)), built in logp_all's storage
-            gz = logp_all
-            if e is not None:
-                gz.add_(entropy[s:t, None]).mul_(e[s:t, None]).add_(g[s:t, None])
-            else:
-                gz.copy_(g[s:t, None].expand_as(gz))
-            gz.mul_(p).neg_()
-            del p
-            gz.scatter_add_(1, safe_targets[s:t, None], g[s:t, None])
-            if it is not None:
-                gz.mul_(it[:, None])  # dL/dlogits = dL/dz / T
+            z = _chunk_logits(h, weight, bias, it)  # (C, V) recomputed
+            gz = _logits_grad_chunk(
+                z, lse[s:t], entropy[s:t], g[s:t], None if e is None else e[s:t], it,
+                safe_targets[s:t],
+            )  # (C, V) dL/d(hidden @ W.T + b), in z's storage
             if need_b:
                 grad_b += gz.sum(0)
             gz_in = gz.to(weight.dtype)  # (C, V) input dtype for the matmuls
             if need_h:
-                grad_h[s:t] = gz_in @ weight  # (C, d)
+                torch.mm(gz_in, weight, out=grad_h[s:t])  # (C, d)
             if need_w:
-                if gz_in.dtype == cdtype:
-                    grad_w.addmm_(gz_in.T, h)  # (V, d) accumulate in place
-                else:
-                    grad_w += gz_in.T @ h  # bf16 matmul, float32 accumulation
-            del gz, gz_in
+                _accumulate_weight_grad(grad_w, gz_in, h)
+            del z, gz, gz_in
         if need_w:
             grad_w = grad_w.to(weight.dtype)
         if need_b:

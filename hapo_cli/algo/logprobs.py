@@ -31,7 +31,7 @@ def _entropy_from_z(z: Tensor, lse: Tensor | None = None) -> Tensor:
 
 def _chunk(logits: Tensor, targets: Tensor, temp: Tensor | None, untempered: bool) -> tuple[Tensor, ...]:
     """One chunk: logits (C, V), targets (C,), temp (C,) or None -> logp, entropy[, entropy0]."""
-    z0 = logits.float()  # (C, V)
+    z0 = logits.double() if logits.dtype == torch.float64 else logits.float()  # (C, V)
     z = z0 if temp is None else z0 / temp.unsqueeze(-1)
     lse = torch.logsumexp(z, dim=-1)  # (C,)
     logp = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse  # (C,)
@@ -49,7 +49,7 @@ def logprobs_and_entropy(
 
     logits (B, T, V) (or (N, V)) any float dtype, targets (B, T) int, temperature None (1),
     a float, or (B, T) per-token (e.g. the stored rollout temperatures). Returns
-    (logp (B, T), entropy (B, T)) in float32, both differentiable w.r.t. logits; with
+    (logp (B, T), entropy (B, T)) in float32 (float64 for float64 logits), both differentiable w.r.t. logits; with
     `untempered_entropy=True` also the entropy of softmax(logits) (what the entropy stats
     use) as a third tensor.
     """
@@ -87,6 +87,7 @@ def logprobs_and_entropy(
             pieces.append(_chunk(*args))
     n_out = 3 if untempered_entropy else 2
     if not pieces:
-        empty = torch.zeros(lead, dtype=torch.float32, device=flat.device)
+        out_dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
+        empty = torch.zeros(lead, dtype=out_dtype, device=flat.device)
         return tuple(empty.clone() for _ in range(n_out))
     return tuple(torch.cat([p[i] for p in pieces]).reshape(lead) for i in range(n_out))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .entropy import quantile_sorted
+from .entropy import quantile_1d
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 LOG_RATIO_CLAMP = 20.0
@@ -68,7 +68,7 @@ def forking_token_mask(entropy: Tensor, mask: Tensor, quantile: float = 0.2) -> 
     valid = entropy.detach()[mask].double()
     if valid.numel() == 0:
         return torch.zeros_like(mask)
-    threshold = quantile_sorted(valid.sort().values, 1.0 - quantile, "paper")
+    threshold = quantile_1d(valid, 1.0 - quantile, "paper")
     return mask & (entropy.double() >= threshold)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,7 +91,8 @@ def train(
     from ..models import load_policy, resolve_policy_path
 
     # Validate inputs before anything is written.
-    policy_path = resolve_policy_path(recipe.model, recipe.data, progress=progress)
+    with _warmup_bar(progress and accelerator.is_main_process) as on_step:
+        policy_path = resolve_policy_path(recipe.model, recipe.data, progress=on_step)
     from ..data import build_train_stream, build_val_sets
 
     ckpt = latest_checkpoint(run_dir) if mode == "resume" else None
@@ -146,6 +147,28 @@ def train(
     finally:
         if recipe.log.trackers:
             accelerator.end_training()
+
+
+@contextmanager
+def _warmup_bar(show: bool):
+    """A callback (step, total) driving a rich bar for the supervised warm-up, if one runs."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("[bold]warm-up[/bold]"), BarColumn(), MofNCompleteColumn(),
+                   TimeRemainingColumn(), disable=not show)
+    task = None
+
+    def on_step(step: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task("warm-up", total=total)
+        bar.update(task, completed=step)
+
+    try:
+        yield on_step
+    finally:
+        bar.stop()
 
 
 @dataclass

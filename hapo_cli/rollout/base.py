@@ -152,7 +152,9 @@ class RolloutBatch:
             )
         bad = sorted(set(self.finish_reason) - set(FINISH_REASONS))
         if bad:
-            raise ValueError(f"RolloutBatch.finish_reason has {bad}, expected one of {FINISH_REASONS}")
+            raise ValueError(
+                f"RolloutBatch.finish_reason has {bad}, expected one of {FINISH_REASONS}"
+            )
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
@@ -336,7 +338,9 @@ def build_engine(
 
         if model is None:
             raise ValueError("build_engine: rollout.engine='hf' needs the learner's model")
-        return HFEngine(model, tokenizer, batch_size=rollout_cfg.batch_size, accelerator=accelerator)
+        return HFEngine(
+            model, tokenizer, batch_size=rollout_cfg.batch_size, accelerator=accelerator
+        )
     if rollout_cfg.engine == "vllm":
         from .vllm import VLLMEngine
 

@@ -15,6 +15,7 @@ One step (N rows of a chunk):
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -37,7 +38,9 @@ def _as_id_list(value: Any) -> list[int]:
 
 
 def resolve_special_ids(
-    model: nn.Module, tokenizer: Any, eos_token_id: int | Sequence[int] | None = None,
+    model: nn.Module,
+    tokenizer: Any,
+    eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
 ) -> tuple[list[int], int]:
     """(eos ids, pad id): explicit values, else the model's generation config, else the tokenizer.
@@ -72,10 +75,22 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p) :] = 1
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     return ids.to(device), mask.to(device), pos.to(device)
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """transformers >= 5.2x names the KV cache argument `cache`; older versions
+    `past_key_values` (still accepted, with a deprecation warning per call)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_of(output: Any) -> Any:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 def _unwrap(model: nn.Module, accelerator: Any = None) -> nn.Module:
@@ -195,16 +210,18 @@ class HFEngine:
         done = torch.zeros(n, dtype=torch.bool, device=device)
         hit_eos = torch.zeros_like(done)
         length = torch.zeros(n, dtype=torch.long, device=device)
-        history = ids  # (N, P + t) what the processors see as input_ids
+        cache_kw = _cache_kwarg(model)
 
         out = model(
             input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1
         )
-        cache = out.past_key_values
+        cache = _cache_of(out)
         next_pos = pos[:, -1] + 1  # (N,)
         logits = out.logits[:, -1, :].float()  # (N, V)
         for t in range(t_max):
-            warped = processors(history, logits)  # (N, V): / T_t, then top-k/top-p
+            # input_ids: the prompts only (no processor in the chain reads them; growing the
+            # history every step would cost a copy per token)
+            warped = processors(ids, logits)  # (N, V): / T_t, then top-k/top-p
             step_temps = temp_proc.last_temperature  # (N,)
             scaled = logits / step_temps.unsqueeze(-1)  # same op as apply_adaptive_temperature
             if spec.greedy:
@@ -226,21 +243,24 @@ class HFEngine:
             done |= is_eos
             if t == t_max - 1 or bool(done.all()):
                 break
-            history = torch.cat([history, nxt.unsqueeze(1)], dim=1)
             attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
             out = model(
                 input_ids=nxt.unsqueeze(1),
                 attention_mask=attn,
                 position_ids=next_pos.unsqueeze(1),
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_kw: cache},
             )
-            cache = out.past_key_values
+            cache = _cache_of(out)
             next_pos = next_pos + 1
             logits = out.logits[:, -1, :].float()
         return {
-            "tokens": tokens, "logp": logp, "temps": temps, "ents": ents,
-            "length": length, "hit_eos": hit_eos,
+            "tokens": tokens,
+            "logp": logp,
+            "temps": temps,
+            "ents": ents,
+            "length": length,
+            "hit_eos": hit_eos,
         }
 
     def _assemble(self, parts: list[dict[str, Tensor]], num_prompts: int, spec: SamplingSpec):

@@ -28,7 +28,9 @@ class AdaptiveTemperatureLogitsProcessor(LogitsProcessor):
         self, temperature: float, tau: float = 0.0, stats: EntropyStats | None = None
     ) -> None:
         if not temperature > 0:
-            raise ValueError(f"AdaptiveTemperatureLogitsProcessor: temperature={temperature} must be > 0")
+            raise ValueError(
+                f"AdaptiveTemperatureLogitsProcessor: temperature={temperature} must be > 0"
+            )
         if tau < 0:
             raise ValueError(f"AdaptiveTemperatureLogitsProcessor: tau={tau} must be >= 0")
         self.temperature = float(temperature)

@@ -1,0 +1,21 @@
+"""`make bench`: every benchmark table in one run (no timed assertions anywhere in tests)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import bench_algo, bench_fused, bench_train  # noqa: E402
+
+
+def main() -> None:
+    for name, mod in (("algo", bench_algo), ("fused log-probs", bench_fused),
+                      ("training step", bench_train)):
+        print(f"\n=== {name} ===", flush=True)
+        mod.main()
+
+
+if __name__ == "__main__":
+    main()

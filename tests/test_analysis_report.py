@@ -1,0 +1,189 @@
+"""analysis.report.analyze and analysis.summary on synthetic run directories."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from analysis import ablation_summary, schema, write_summary  # noqa: E402
+from analysis.report import analyze, default_out, parse_formats  # noqa: E402
+from analysis.synthetic import write_ablation, write_run  # noqa: E402
+
+FIG_NAMES = ["validation_accuracy", "token_entropy", "response_length", "reward_and_fill_rate",
+             "clipping_patterns", "top_clipped_tokens", "advantage_balance",
+             "ratio_vs_advantage", "adaptive_temperature", "temperature_sweep",
+             "dual_entropy_tokens"]
+
+EVALS = [
+    {"benchmark": "toy", "setting": f"T={t}", "temperature": t, "adaptive": False,
+     "checkpoint_step": 6, "n": 16, "avg@4": 0.5 - abs(t - 0.7),
+     "pass@k": {"1": 0.4, "4": 0.6}, "critical_tokens_mean": 3 + t}
+    for t in (0.3, 0.7, 1.0)
+] + [{"benchmark": "toy", "setting": "adaptive", "temperature": 0.7, "adaptive": True,
+      "checkpoint_step": 6, "n": 16, "avg@4": 0.55, "critical_tokens_mean": 4.0}]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """A run killed mid-line (still 'running', with evals) and a finished run without
+    token samples; analysed once (png only: the pdf path is tested on a smaller run)."""
+    root = tmp_path_factory.mktemp("runs")
+    write_run(root / "hapo-s1", seed=1, status="running", truncate_last=True, evals=EVALS)
+    write_run(root / "dapo-s1", seed=1, token_steps=(), components="none", adaptive=False)
+    res = analyze([root / "hapo-s1", root / "dapo-s1"], root / "out", ["png"])
+    return root, res
+
+
+def test_every_figure_written(two_runs):
+    root, res = two_runs
+    assert res.out_dir == root / "out"
+    assert list(res.figures) == FIG_NAMES
+    for name, files in res.figures.items():
+        assert [f.name for f in files] == [f"{name}.png"]
+        assert files[0].read_bytes()[:4] == b"\x89PNG"
+    assert res.skipped == {"ablation_deltas": "no ablation directory among the inputs",
+                           "ablation_curves": "no ablation directory among the inputs"}
+    assert res.runs == ["hapo-s1", "dapo-s1"] and res.warnings == []
+
+
+def test_report_md_links_every_figure_and_lists_partial_runs(two_runs):
+    root, res = two_runs
+    md = res.report_md.read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert images == [f"figures/{n}.png" for n in FIG_NAMES]
+    assert all((res.out_dir / p).is_file() for p in images)
+    assert "Not finished (read up to the last complete record): hapo-s1." in md
+    assert "- ablation_deltas: no ablation directory among the inputs" in md
+    # the runs table: the truncated run has 6 complete steps, the other no token rows
+    assert "| hapo-s1 | hapo | 1 | running | 6 | 6 | 128 | 4 | ABCD |" in md
+    assert "| dapo-s1 | dapo | 1 | done | 6 | 6 | 0 | 0 | none |" in md
+    # final values: val/toy/avg@4 at step 6, seed 1 = 0.1 + 0.06 + 0.02 = 0.18
+    assert "| hapo | 1 | 1 running | 0.180 | 0.180 |" in md
+    assert "## Evaluation (latest checkpoint, mean over seeds)" in md
+
+
+def test_report_html_is_self_contained(two_runs):
+    _, res = two_runs
+    page = res.report_html.read_text()
+    assert page.startswith("<!DOCTYPE html>")
+    assert page.count("src='data:image/png;base64,") == len(FIG_NAMES)
+    assert not re.search(r"(src|href)=['\"]?(https?:)?//", page)  # no CDN, no remote asset
+    assert "<table>" in page and "hapo-s1" in page
+
+
+def test_ablation_directory(tmp_path):
+    write_ablation(tmp_path / "abl", {"none": 0.0, "AB": 0.05, "ABCD": 0.1},
+                   missing=("AB-s2",), token_steps=())  # token figures: see two_runs
+    res = analyze([tmp_path / "abl"], None, ["png"])
+    assert res.out_dir == tmp_path / "abl" / "analysis"
+    assert "ablation_deltas" in res.figures and "ablation_curves" in res.figures
+    assert res.skipped["temperature_sweep"] == "no eval rows (eval/*.jsonl from `hapo evaluate`)"
+    assert not any(v.startswith("error") for v in res.skipped.values())
+    assert (res.out_dir / "summary.csv").is_file() and (res.out_dir / "summary.md").is_file()
+    md = res.report_md.read_text()
+    assert "## Ablation summary: abl" in md and "Final values per label" not in md
+    assert any("AB-s2" in w for w in res.warnings)
+
+
+def test_ablation_summary_values(tmp_path):
+    write_ablation(tmp_path / "abl", {"none": 0.0, "AB": 0.05, "ABCD": 0.1},
+                   missing=("AB-s2",), token_steps=())
+    df = ablation_summary(tmp_path / "abl")
+    assert df.index.tolist() == ["none", "AB", "ABCD"] and df.index.name == "variant"
+    assert df["n_seeds"].tolist() == [2, 1, 2]
+    # final val/toy/avg@4 at step 6 = 0.1 + 0.06 + 0.02 s + offset:
+    #   none: 0.18, 0.20 -> mean 0.19, sample std sqrt(2 * 0.01^2 / 1) = 0.014142
+    #   AB (seed 1 only): 0.23;  ABCD: 0.28, 0.30 -> 0.29
+    col = "toy/avg@4"
+    assert df[f"{col}/final_mean"].tolist() == pytest.approx([0.19, 0.23, 0.29])
+    assert df.at["none", f"{col}/final_std"] == pytest.approx(0.0141421356)
+    assert math.isnan(df.at["AB", f"{col}/final_std"])
+    # best = final here: the synthetic accuracy grows every step
+    assert df[f"{col}/best_mean"].tolist() == pytest.approx([0.19, 0.23, 0.29])
+    assert df[f"{col}/delta_final"].tolist() == pytest.approx([0.0, 0.04, 0.10])
+    # error of the difference: sqrt(se_v^2 + se_b^2), se = std / sqrt(n)
+    #   se_none = 0.0141421 / sqrt(2) = 0.01; AB has one seed -> only se_none = 0.01
+    #   ABCD: sqrt(0.01^2 + 0.01^2) = 0.0141421
+    assert df[f"{col}/delta_final_err"].tolist() == pytest.approx([0.0141421356, 0.01,
+                                                                  0.0141421356])
+    # final entropy = 1 + 0.1 s - 0.06: none -> 1.04, 1.14 -> mean 1.09
+    assert df.at["none", "entropy_final_mean"] == pytest.approx(1.09)
+    assert df["response_len_final_mean"].tolist() == pytest.approx([106.0] * 3)
+    assert df.attrs["baseline"] == "none" and df.attrs["ablation"] == "abl"
+
+    csv_path, md_path = write_summary(df, tmp_path / "sum")
+    back = pd.read_csv(csv_path, index_col="variant")
+    assert back[f"{col}/final_mean"].tolist() == pytest.approx([0.19, 0.23, 0.29])
+    md = md_path.read_text()
+    assert "| AB | 1 | 1 done | 0.230 | 0.230 | +0.040 ± 0.010 |" in md
+    assert "| none | 2 | 2 done | 0.190 ± 0.014 |" in md
+
+
+def test_ablation_without_baseline_has_no_deltas(tmp_path):
+    write_ablation(tmp_path / "abl", {"AB": 0.0}, seeds=(1,), token_steps=())
+    df = ablation_summary(tmp_path / "abl")
+    assert df.attrs["baseline"] is None
+    assert df["toy/avg@4/delta_final"].isna().all()
+    _, md_path = write_summary(df, tmp_path)
+    assert "No baseline variant" in md_path.read_text()
+
+
+def test_write_summary_rejects_non_dataframe(tmp_path):
+    with pytest.raises(ValueError, match="got dict"):
+        write_summary({}, tmp_path)
+
+
+@pytest.mark.parametrize("given, expected", [
+    (None, ["png", "pdf"]), (["png,pdf"], ["png", "pdf"]), ("pdf", ["pdf"]),
+    ([" PNG ", "png"], ["png"]),
+])
+def test_parse_formats(given, expected):
+    assert parse_formats(given) == expected
+
+
+def test_bad_format_and_bad_input_are_value_errors(tmp_path):
+    with pytest.raises(ValueError, match="jpg"):
+        parse_formats(["png,jpg"])
+    with pytest.raises(ValueError, match="neither a run directory"):
+        analyze([tmp_path], tmp_path / "out", ["png"])
+
+
+def test_default_out(tmp_path):
+    assert default_out([tmp_path / "a"]) == tmp_path / "a" / "analysis"
+    a, b = tmp_path / "x" / "a", tmp_path / "x" / "b"
+    a.mkdir(parents=True), b.mkdir()
+    assert default_out([a, b]) == (tmp_path / "x").resolve() / "analysis"
+
+
+def test_run_with_metrics_only_skips_token_figures_with_reasons(tmp_path):
+    write_run(tmp_path / "r", steps=3, token_steps=())
+    res = analyze([tmp_path / "r"], tmp_path / "out", ["png,pdf"])
+    for name, files in res.figures.items():
+        assert [f.name for f in files] == [f"{name}.png", f"{name}.pdf"]
+        assert files[0].read_bytes()[:4] == b"\x89PNG"
+        assert files[1].read_bytes()[:5] == b"%PDF-"
+    md = res.report_md.read_text()  # markdown shows the png and links both files
+    assert "[png](figures/token_entropy.png), [pdf](figures/token_entropy.pdf)" in md
+    assert res.skipped["top_clipped_tokens"].startswith("no token samples")
+    assert res.skipped["ratio_vs_advantage"].startswith("no token samples")
+    assert "dual_entropy_tokens" in res.skipped
+    assert "clipping_patterns" in res.figures  # the curves need no token samples
+    assert not any(v.startswith("error") for v in res.skipped.values())
+
+
+def test_pdf_only_report_still_embeds_png_in_html(tmp_path):
+    write_run(tmp_path / "r", steps=2, token_steps=())
+    (tmp_path / "r" / schema.METRICS).write_text(  # only entropy logged: one figure
+        '{"step": 1, "actor/entropy_mean": 1.0}\n{"step": 2, "actor/entropy_mean": 0.9}\n')
+    res = analyze([tmp_path / "r"], tmp_path / "out", ["pdf"])
+    assert list(res.figures) == ["token_entropy"]
+    assert not (tmp_path / "out" / "figures" / "token_entropy.png").exists()
+    assert res.report_html.read_text().count("data:image/png;base64,") == 1
+    assert "![" not in res.report_md.read_text()  # no inline image without a png
