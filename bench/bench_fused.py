@@ -79,7 +79,7 @@ def _run_child(impl: str, dtype_name: str, n: int, d: int, v: int, chunk_size: i
 
     # inputs, drawn directly in their dtype (no float32 temporary to raise the peak early)
     hidden = torch.randn(n, d, dtype=dtype, generator=g).requires_grad_()
-    weight = (torch.randn(v, d, dtype=dtype, generator=g) * 0.02).requires_grad_()
+    weight = torch.randn(v, d, dtype=dtype, generator=g).mul_(0.02).requires_grad_()
     targets = torch.randint(0, v, (n,), generator=g)
     a, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
     baseline_kb = _current_rss_kb()

@@ -335,3 +335,7 @@ def main() -> None:  # console-script entry point
 
 
 __all__ = ["app", "main", "resolve_recipe_path"]
+
+
+if __name__ == "__main__":
+    main()

@@ -116,3 +116,17 @@ def test_no_grad_path_does_not_keep_graph():
     with torch.no_grad():
         logp, _ = logprobs_and_entropy(lg, targets)
     assert not logp.requires_grad
+
+
+@pytest.mark.parametrize("temperature", [None, 0.8, "per-token"])
+def test_gradcheck_float64_all_outputs(temperature):
+    # analytic backward (custom autograd Function) vs finite differences, in float64
+    logits, targets, temp = _inputs(8, b=2, t=3, v=6, dtype=torch.float64)
+    t = temp.double() if temperature == "per-token" else temperature
+    lg = logits.clone().requires_grad_()
+
+    def fn(x):
+        return logprobs_and_entropy(x, targets, t, chunk_size=4, untempered_entropy=True)
+
+    assert all(o.dtype == torch.float64 for o in fn(lg))
+    assert torch.autograd.gradcheck(fn, (lg,))

@@ -174,6 +174,16 @@ def test_only_weight_requires_grad():
     torch.testing.assert_close(got, want)
 
 
+def test_zero_rows():
+    # N = 0 (e.g. a micro-batch whose responses are all masked): empty outputs, zero grads
+    weight = torch.randn(V, D, requires_grad=True)
+    hidden = torch.zeros(0, D, requires_grad=True)
+    logp, entropy = fused_logprobs_and_entropy(hidden, weight, torch.zeros(0, dtype=torch.long))
+    assert logp.shape == (0,) and entropy.shape == (0,)
+    (grad_w,) = torch.autograd.grad((logp.sum() + entropy.sum()), [weight])
+    assert torch.count_nonzero(grad_w) == 0
+
+
 def test_gradcheck_float64():
     g = torch.Generator().manual_seed(7)
     hidden = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
@@ -255,10 +265,13 @@ def tiny_qwen2(tied: bool, seed: int = 0) -> Qwen2ForCausalLM:
 
 
 def padded_batch(seed: int = 0):
-    """input_ids = [left-padded prompt (P = 5) | right-padded response (T = 6)], pad id 0."""
+    """input_ids = [left-padded prompt (P = 5) | right-padded response (T = 6)], pad id 0.
+
+    Row 3 has an empty response (fully masked row).
+    """
     g = torch.Generator().manual_seed(seed)
-    prompt_lens, response_lens = [5, 3, 1], [6, 2, 4]
-    b, p, t = 3, 5, 6
+    prompt_lens, response_lens = [5, 3, 1, 2], [6, 2, 4, 0]
+    b, p, t = 4, 5, 6
     input_ids = torch.zeros(b, p + t, dtype=torch.long)
     attention_mask = torch.zeros(b, p + t, dtype=torch.long)
     for i, (pl, rl) in enumerate(zip(prompt_lens, response_lens, strict=True)):
@@ -272,7 +285,7 @@ def test_model_hidden_and_head_reproduce_logits(tied):
     model = tiny_qwen2(tied)
     input_ids, attention_mask, _ = padded_batch()
     hidden, weight, bias = model_hidden_and_head(model, input_ids, attention_mask)
-    assert hidden.shape == (3, 11, 32) and weight.shape == (40, 32) and bias is None
+    assert hidden.shape == (4, 11, 32) and weight.shape == (40, 32) and bias is None
     assert (weight is model.get_input_embeddings().weight) == tied
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, L, V)
     torch.testing.assert_close(hidden @ weight.T, logits)
@@ -332,5 +345,5 @@ def test_sequence_bad_prompt_length():
         sequence_logprobs_and_entropy(model, input_ids, attention_mask, 0)
     with pytest.raises(ValueError, match="temperature"):
         sequence_logprobs_and_entropy(
-            model, input_ids, attention_mask, 5, temperature=torch.ones(3, 5)
+            model, input_ids, attention_mask, 5, temperature=torch.ones(4, 5)
         )

@@ -11,10 +11,12 @@ logits of every token::
 
 With V = 151,936 (Qwen) and N = 8192 tokens that is 5 GB per float32 [N, V] tensor, and
 autograd keeps several of them. `fused_logprobs_and_entropy` computes the same two vectors
-chunk by chunk over the token dimension: at most one chunk of logits (plus one or two
-temporaries of the same size) is alive at a time. Backward saves only O(N) vectors (the
-per-token log-sum-exp and entropy) and recomputes each chunk's logits, so memory is
-O(chunk_size * V + V * d) instead of O(N * V); the price is one extra matmul (4 instead of 3).
+chunk by chunk over the token dimension: at most one chunk of logits and one temporary of
+the same size are alive at a time (plus, for bf16, a bf16 copy of the chunk's gradient).
+Backward saves only O(N) vectors (the per-token log-sum-exp and entropy) and recomputes each
+chunk's logits, so memory is
+O(chunk_size * V + V * d) instead of O(N * V); the price is one extra matmul (4 instead of 3),
+partly paid back by far fewer passes over (N, V) memory.
 
 Gradients (per row, z = tempered logits, p = softmax(z), lse = logsumexp(z)):
 
@@ -26,12 +28,17 @@ so with upstream gradients g (for logp) and e (for H):
 ``dL/dz_j = g 1[j = y] - p_j (g + e (log p_j + H))``, and ``dL/dlogits = dL/dz / T``.
 
 Conventions:
-- The entropy is of the same tempered distribution as the log-prob (``softmax(z / T)``); pass
+- The entropy is of the same tempered distribution as the log-prob (``softmax(logits / T)``); pass
   ``temperature=None`` for the untempered entropy that the entropy stats use.
 - Rows whose target equals ``ignore_index`` (-100) give logp = 0 and entropy = 0 and get zero
   gradient (their logits are still computed; select valid rows first to save the work, as
   `sequence_logprobs_and_entropy` does).
 - The temperature is a constant (no gradient flows to it).
+- Logits must be finite (true for a linear head with finite weights); a -inf bias entry would
+  make the entropy NaN (0 * -inf), as it does in the naive formula.
+- ``chunk_size``: memory ~ 2 * chunk_size * V * 4 bytes (+ V * d * 4 for grad_W). On CPU the
+  matmul speed is flat from 512 to 2048 rows, so 512-1024 is a good default; on GPU larger
+  chunks (2048-4096) amortise kernel launches.
 - Compute dtype: float32 for float32/bfloat16/float16 inputs (the matmul runs in the input
   dtype, each chunk of logits is upcast to float32, grad_W is accumulated in float32 and cast
   back), float64 for float64 inputs. Outputs have the compute dtype.

@@ -6,39 +6,103 @@ Naive formula this optimises (TRL's `selective_log_softmax` style):
     logp = log_softmax(z).gather(-1, targets[..., None])  # (B, T)
     entropy = -(softmax(z) * log_softmax(z)).sum(-1)      # (B, T)
 
-Here the tokens are processed `chunk_size` at a time; with autograd on, each chunk runs under
-activation checkpointing, so backward recomputes the chunk's fp32 softmax instead of keeping
-every chunk's (the logits themselves, in their own dtype, are already held by the caller).
+Here tokens are processed `chunk_size` at a time by a custom autograd Function: forward keeps
+only O(N) vectors (log-sum-exp, entropy); backward writes the logits' gradient chunk by chunk
+into one buffer of the logits' dtype (a chunked slice + autograd would instead allocate a
+full-size zero gradient per chunk). Per row, with z = logits / T, p = softmax(z),
+lse = logsumexp(z), H = lse - sum_k p_k z_k:
+
+    d logp / d z_j = 1[j = y] - p_j        d H / d z_j = -p_j (log p_j + H)
+
+so with upstream gradients g (logp) and e (H): dL/dz_j = g 1[j = y] - p_j (g + e (log p_j + H))
+and dL/dlogits = dL/dz / T (plus the untempered entropy's term when requested). The
+temperature gets no gradient; double backward is not supported.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
-DEFAULT_CHUNK_SIZE = 512  # tokens; with V = 151,936 one fp32 chunk is ~0.3 GB
-
-
-def _entropy_from_z(z: Tensor, lse: Tensor | None = None) -> Tensor:
-    """H = logsumexp(z) - sum_v p_v z_v, with -inf logits contributing 0 (no NaN in grads)."""
-    if lse is None:
-        lse = torch.logsumexp(z, dim=-1)  # (C,)
-    p = torch.exp(z - lse.unsqueeze(-1))  # (C, V)
-    z_finite = z.masked_fill(~torch.isfinite(z), 0.0)
-    return lse - (p * z_finite).sum(dim=-1)
+DEFAULT_CHUNK_SIZE = 512  # tokens; with V = 151,936 one fp32 chunk is ~0.3 GB (2-3 alive at once)
 
 
-def _chunk(logits: Tensor, targets: Tensor, temp: Tensor | None, untempered: bool) -> tuple[Tensor, ...]:
-    """One chunk: logits (C, V), targets (C,), temp (C,) or None -> logp, entropy[, entropy0]."""
-    z0 = logits.double() if logits.dtype == torch.float64 else logits.float()  # (C, V)
-    z = z0 if temp is None else z0 / temp.unsqueeze(-1)
-    lse = torch.logsumexp(z, dim=-1)  # (C,)
-    logp = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse  # (C,)
-    out = (logp, _entropy_from_z(z, lse))
-    if untempered:
-        out = out + (_entropy_from_z(z0),)
-    return out
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _logp_(z: Tensor) -> Tensor:
+    """In place: z (C, V) -> log softmax(z). Returns z."""
+    return z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))
+
+
+def _entropy_of_logp(logp: Tensor) -> Tensor:
+    """H = -sum_v p_v log p_v from log-probs (C, V); p = 0 (from -inf logits) contributes 0."""
+    p = logp.exp()  # (C, V) one temporary
+    return -p.mul_(logp.masked_fill(p == 0, 0.0) if bool((p == 0).any()) else logp).sum(-1)
+
+
+def _grad_z_(logp: Tensor, ent: Tensor, g: Tensor, e: Tensor) -> Tensor:
+    """In place on logp (C, V): dL/dz = g 1[j = y] - p_j (g + e (log p_j + H)) without the
+    1[j = y] term (added by the caller). p_j = 0 rows give 0, not NaN."""
+    p = logp.exp()  # (C, V)
+    inner = logp.add_(ent.unsqueeze(-1)).masked_fill_(p == 0, 0.0)  # log p + H
+    inner.mul_(e.unsqueeze(-1)).add_(g.unsqueeze(-1))
+    return inner.mul_(p).neg_()
+
+
+def _tempered(logits: Tensor, inv_temp: Tensor | None, cdt: torch.dtype) -> Tensor:
+    z = logits.to(cdt, copy=True)  # (C, V) the chunk's full-vocabulary copy
+    return z if inv_temp is None else z.mul_(inv_temp.unsqueeze(-1))
+
+
+class _ChunkedLogprobsEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, inv_temp, chunk_size, untempered):  # noqa: D102
+        # logits (N, V), targets (N,), inv_temp (N,) or None
+        n = logits.shape[0]
+        cdt = _compute_dtype(logits.dtype)
+        logp = torch.empty(n, dtype=cdt, device=logits.device)
+        ent = torch.empty_like(logp)
+        ent0 = torch.empty_like(logp) if untempered else None
+        for s in range(0, n, chunk_size):
+            sl = slice(s, s + chunk_size)
+            lp_all = _logp_(_tempered(logits[sl], None if inv_temp is None else inv_temp[sl], cdt))
+            logp[sl] = lp_all.gather(-1, targets[sl].unsqueeze(-1)).squeeze(-1)
+            ent[sl] = _entropy_of_logp(lp_all)
+            del lp_all
+            if untempered:
+                ent0[sl] = ent[sl] if inv_temp is None else _entropy_of_logp(_logp_(_tempered(logits[sl], None, cdt)))
+        ctx.save_for_backward(logits, targets, inv_temp, ent, ent0)
+        ctx.chunk_size = chunk_size
+        outs = (logp, ent) + ((ent0,) if untempered else ())
+        return outs
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent, *g_rest):  # noqa: D102
+        logits, targets, inv_temp, ent, ent0 = ctx.saved_tensors
+        g_ent0 = g_rest[0] if g_rest else None
+        cdt = _compute_dtype(logits.dtype)
+        grad = torch.empty_like(logits)  # (N, V) in the logits' dtype: the only full-size buffer
+        n, cs = logits.shape[0], ctx.chunk_size
+        zeros = torch.zeros(n, dtype=cdt, device=logits.device)
+        g_logp = zeros if g_logp is None else g_logp.to(cdt)
+        g_ent = zeros if g_ent is None else g_ent.to(cdt)
+        for s in range(0, n, cs):
+            sl = slice(s, s + cs)
+            it = None if inv_temp is None else inv_temp[sl]
+            g = g_logp[sl]
+            gz = _grad_z_(_logp_(_tempered(logits[sl], it, cdt)), ent[sl], g, g_ent[sl])  # (C, V)
+            gz.scatter_add_(-1, targets[sl].unsqueeze(-1), g.unsqueeze(-1))
+            if it is not None:
+                gz.mul_(it.unsqueeze(-1))  # dz/dlogits = 1 / T
+            if g_ent0 is not None:
+                lp0 = _logp_(_tempered(logits[sl], None, cdt))
+                gz.add_(_grad_z_(lp0, ent0[sl], torch.zeros_like(g), g_ent0[sl].to(cdt)))
+                del lp0
+            grad[sl] = gz
+            del gz
+        return grad, None, None, None, None
 
 
 def logprobs_and_entropy(
@@ -49,9 +113,9 @@ def logprobs_and_entropy(
 
     logits (B, T, V) (or (N, V)) any float dtype, targets (B, T) int, temperature None (1),
     a float, or (B, T) per-token (e.g. the stored rollout temperatures). Returns
-    (logp (B, T), entropy (B, T)) in float32 (float64 for float64 logits), both differentiable w.r.t. logits; with
-    `untempered_entropy=True` also the entropy of softmax(logits) (what the entropy stats
-    use) as a third tensor.
+    (logp (B, T), entropy (B, T)) in float32 (float64 for float64 logits), both
+    differentiable w.r.t. logits; with `untempered_entropy=True` also the entropy of
+    softmax(logits) (what the entropy stats use) as a third tensor.
     """
     if logits.dim() < 2 or targets.shape != logits.shape[:-1]:
         raise ValueError(
@@ -63,31 +127,22 @@ def logprobs_and_entropy(
     lead = targets.shape
     v = logits.shape[-1]
     flat = logits.reshape(-1, v)  # (N, V) view for contiguous logits
-    flat_targets = targets.reshape(-1).long()  # (N,)
+    flat_targets = targets.reshape(-1).long().to(flat.device)  # (N,)
     n = flat.shape[0]
-    temp: Tensor | None
+    cdt = _compute_dtype(flat.dtype)
+    inv_temp: Tensor | None
     if temperature is None:
-        temp = None
+        inv_temp = None
     elif isinstance(temperature, Tensor):
         if temperature.shape != lead:
             raise ValueError(f"logprobs_and_entropy: temperature must be {tuple(lead)}, got {tuple(temperature.shape)}")
-        temp = temperature.reshape(-1).float().to(flat.device)
+        inv_temp = 1.0 / temperature.reshape(-1).to(device=flat.device, dtype=cdt)
     else:
         if temperature <= 0:
             raise ValueError(f"logprobs_and_entropy: temperature={temperature} must be > 0")
-        temp = torch.full((n,), float(temperature), device=flat.device)
-    use_ckpt = torch.is_grad_enabled() and flat.requires_grad
-    pieces: list[tuple[Tensor, ...]] = []
-    for start in range(0, n, chunk_size):
-        sl = slice(start, start + chunk_size)
-        args = (flat[sl], flat_targets[sl], None if temp is None else temp[sl], untempered_entropy)
-        if use_ckpt:
-            pieces.append(checkpoint(_chunk, *args, use_reentrant=False))
-        else:
-            pieces.append(_chunk(*args))
-    n_out = 3 if untempered_entropy else 2
-    if not pieces:
-        out_dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
-        empty = torch.zeros(lead, dtype=out_dtype, device=flat.device)
-        return tuple(empty.clone() for _ in range(n_out))
-    return tuple(torch.cat([p[i] for p in pieces]).reshape(lead) for i in range(n_out))
+        inv_temp = torch.full((n,), 1.0 / float(temperature), dtype=cdt, device=flat.device)
+    if n == 0:
+        empty = torch.zeros(lead, dtype=cdt, device=flat.device)
+        return tuple(empty.clone() for _ in range(3 if untempered_entropy else 2))
+    outs = _ChunkedLogprobsEntropy.apply(flat, flat_targets, inv_temp, chunk_size, untempered_entropy)
+    return tuple(o.reshape(lead) for o in outs)

@@ -90,7 +90,8 @@ def train(
 
     from ..models import load_policy, resolve_policy_path
 
-    # Validate inputs before anything is written.
+    # Validate inputs before any model is loaded or anything is written.
+    _check_data_files(recipe)
     with _warmup_bar(progress and accelerator.is_main_process) as on_step:
         policy_path = resolve_policy_path(recipe.model, recipe.data, progress=on_step)
     from ..data import build_train_stream, build_val_sets
@@ -147,6 +148,17 @@ def train(
     finally:
         if recipe.log.trackers:
             accelerator.end_training()
+
+
+def _check_data_files(recipe: Recipe) -> None:
+    from ..errors import HapoError
+
+    if recipe.data.source != "files":
+        return
+    for field_name in ("train_files", "val_files"):
+        for f in getattr(recipe.data, field_name):
+            if not Path(f).is_file():
+                raise HapoError(f"data.{field_name}: {f}: no such file (expected parquet or jsonl)")
 
 
 @contextmanager

@@ -1,0 +1,5 @@
+"""`python -m hapo_cli` = the `hapo` command."""
+
+from .cli import main
+
+main()
