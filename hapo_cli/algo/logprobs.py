@@ -36,10 +36,10 @@ def _logp_(z: Tensor) -> Tensor:
     return z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))
 
 
-def _entropy_of_logp(logp: Tensor) -> Tensor:
-    """H = -sum_v p_v log p_v from log-probs (C, V); p = 0 (from -inf logits) contributes 0."""
+def _entropy_of_logp_(logp: Tensor) -> Tensor:
+    """H = -sum_v p_v log p_v from log-probs (C, V), overwriting logp; p = 0 contributes 0."""
     p = logp.exp()  # (C, V) one temporary
-    return -p.mul_(logp.masked_fill(p == 0, 0.0) if bool((p == 0).any()) else logp).sum(-1)
+    return -p.mul_(logp.masked_fill_(p == 0, 0.0)).sum(-1)
 
 
 def _grad_z_(logp: Tensor, ent: Tensor, g: Tensor, e: Tensor) -> Tensor:
@@ -69,10 +69,10 @@ class _ChunkedLogprobsEntropy(torch.autograd.Function):
             sl = slice(s, s + chunk_size)
             lp_all = _logp_(_tempered(logits[sl], None if inv_temp is None else inv_temp[sl], cdt))
             logp[sl] = lp_all.gather(-1, targets[sl].unsqueeze(-1)).squeeze(-1)
-            ent[sl] = _entropy_of_logp(lp_all)
+            ent[sl] = _entropy_of_logp_(lp_all)
             del lp_all
             if untempered:
-                ent0[sl] = ent[sl] if inv_temp is None else _entropy_of_logp(_logp_(_tempered(logits[sl], None, cdt)))
+                ent0[sl] = ent[sl] if inv_temp is None else _entropy_of_logp_(_logp_(_tempered(logits[sl], None, cdt)))
         ctx.save_for_backward(logits, targets, inv_temp, ent, ent0)
         ctx.chunk_size = chunk_size
         outs = (logp, ent) + ((ent0,) if untempered else ())

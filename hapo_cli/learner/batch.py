@@ -132,7 +132,7 @@ def build_train_batch(examples, rollout, scores: Tensor, acc: Tensor, texts, pad
         response_ids=resp,
         mask=mask,
         behaviour_logp=rollout.behaviour_logp.float(),
-        temperature=rollout.temperature.float(),
+        temperature=rollout.temperature.float().masked_fill(~mask, 1.0),  # never 0 on padding
         rollout_entropy=rollout.entropy.float(),
         scores=scores.float(),
         acc=acc.float(),

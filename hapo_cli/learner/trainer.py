@@ -164,7 +164,13 @@ def _check_data_files(recipe: Recipe) -> None:
 @contextmanager
 def _warmup_bar(show: bool):
     """A callback (step, total) driving a rich bar for the supervised warm-up, if one runs."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     bar = Progress(TextColumn("[bold]warm-up[/bold]"), BarColumn(), MofNCompleteColumn(),
                    TimeRemainingColumn(), disable=not show)
