@@ -876,8 +876,10 @@ def _schedule(
             while a.handle.poll() is None and time.time() < deadline:
                 time.sleep(0.1)
             st = spec.state(a.entry.run_dir)
-            st.status, st.ended = INTERRUPTED, time.time()
-            st.step = a.tail.step
+            st.ended, st.step = time.time(), a.tail.step
+        for e in todo:  # including a run whose start was interrupted
+            if spec.state(e.run_dir).status == RUNNING:
+                spec.state(e.run_dir).status = INTERRUPTED
         write_ablation(ablation_dir, spec)
         raise
 
