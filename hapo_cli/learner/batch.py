@@ -26,6 +26,7 @@ class TrainBatch:
     truncated: Tensor  # (B,) bool: finish_reason == 'length'
     texts: list[str] = field(default_factory=list)
     uids: list[str] = field(default_factory=list)
+    decode_stats: bool = True  # False: temperature/rollout_entropy still to be filled (vLLM)
 
     @property
     def num_groups(self) -> int:
@@ -57,6 +58,7 @@ class TrainBatch:
             truncated=self.truncated[idx],
             texts=[self.texts[i] for i in il] if self.texts else [],
             uids=[self.uids[i] for i in il] if self.uids else [],
+            decode_stats=self.decode_stats,
         )
 
 
@@ -110,6 +112,7 @@ def concat_batches(batches: list[TrainBatch], pad_id: int) -> TrainBatch:
         truncated=torch.cat([b.truncated for b in batches]),
         texts=[t for b in batches for t in b.texts],
         uids=[u for b in batches for u in b.uids],
+        decode_stats=all(b.decode_stats for b in batches),
     )
 
 
@@ -141,6 +144,7 @@ def build_train_batch(examples, rollout, scores: Tensor, acc: Tensor, texts, pad
         truncated=truncated,
         texts=list(texts),
         uids=[examples[i].uid for i in pidx.tolist()],
+        decode_stats=bool(getattr(rollout, "decode_stats", True)),
     )
 
 

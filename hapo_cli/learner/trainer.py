@@ -21,6 +21,7 @@ from analysis import schema
 
 from .. import algo
 from ..recipe import Recipe
+from ..rollout.base import recompute_adaptive_temperature
 from ..runlog import RunLog
 from .batch import TrainBatch, build_train_batch, concat_batches, mixed_groups
 from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
@@ -344,7 +345,7 @@ class Loop:
                 spec,
                 stats,
                 seed=_rollout_seed(r.seed, step, gen_batches, self.rank),
-            )
+            ).to("cpu")
             texts = self.tok.batch_decode(
                 [ids[m].tolist() for ids, m in zip(out.response_ids, out.response_mask.bool())],
                 skip_special_tokens=True,
@@ -401,7 +402,8 @@ class Loop:
 
         # ---- old log-probs and entropy (no grad) ----
         t1 = time.perf_counter()
-        old_logp, entropy = self.score(batch, grad=False)
+        stats_used = self.state.entropy_stats if a.adaptive_temperature else None
+        old_logp, entropy = self.score(batch, stats_used)
         mask = batch.mask
         row["time/old_logp_s"] = time.perf_counter() - t1
 
@@ -465,31 +467,44 @@ class Loop:
             return batch.temperature[rows].to(self.device)
         return self.r.rollout.temperature
 
-    def score(self, batch: TrainBatch, grad: bool) -> tuple[Tensor, Tensor]:
-        """Old-policy log-probs (at the policy temperature) and untempered entropy, (B, T)."""
-        mb = self.r.train.micro_batch_size
-        logps, ents = [], []
+    def score(self, batch: TrainBatch, stats_used) -> tuple[Tensor, Tensor]:
+        """Old-policy log-probs (at the policy temperature) and untempered entropy, (B, T).
+
+        One untempered pass gives the entropy (and the log-probs when the policy temperature is
+        1). Engines that cannot record T_t at decode time (vLLM) get it here, from the learner's
+        entropy and the stats the rollout used; then a tempered pass gives the log-probs."""
+        mb, r = self.r.train.micro_batch_size, self.r
         T = batch.response_ids.shape[1]
-        base_t = self.r.rollout.temperature
-        with torch.no_grad():
-            for s in range(0, len(batch.scores), mb):
-                rows = slice(s, s + mb)
-                ids = batch.input_ids[rows].to(self.device)
-                am = batch.attention_mask[rows].to(self.device)
-                temp = self._policy_temperature(batch, rows)
-                logp, ent = response_logprobs(
-                    self.model, ids, am, T, temp, fused=self.r.train.fused_logprobs,
-                    chunk_size=self.r.train.logprob_chunk_size,
-                )
-                untempered = isinstance(temp, float) and temp == 1.0
-                if not untempered or (isinstance(temp, float) and base_t != 1.0):
-                    _, ent = response_logprobs(
-                        self.model, ids, am, T, None, fused=self.r.train.fused_logprobs,
-                        chunk_size=self.r.train.logprob_chunk_size,
+        fused, chunk = r.train.fused_logprobs, r.train.logprob_chunk_size
+
+        def run(temp_of) -> tuple[Tensor, Tensor]:
+            lps, ens = [], []
+            with torch.no_grad():
+                for s in range(0, len(batch.scores), mb):
+                    rows = slice(s, s + mb)
+                    lp, en = response_logprobs(
+                        self.model, batch.input_ids[rows].to(self.device),
+                        batch.attention_mask[rows].to(self.device), T, temp_of(rows),
+                        fused=fused, chunk_size=chunk,
                     )
-                logps.append(logp.float().cpu())
-                ents.append(ent.float().cpu())
-        return torch.cat(logps), torch.cat(ents)
+                    lps.append(lp.float().cpu())
+                    ens.append(en.float().cpu())
+            return torch.cat(lps), torch.cat(ens)
+
+        logp1, entropy = run(lambda rows: None)
+        entropy = entropy.masked_fill(~batch.mask, 0.0)
+        if not batch.decode_stats:
+            temps = recompute_adaptive_temperature(
+                entropy, r.rollout.temperature,
+                r.algo.tau if r.algo.adaptive_temperature else 0.0, stats_used,
+            )
+            batch.temperature = temps.masked_fill(~batch.mask, 1.0)
+            batch.rollout_entropy = entropy.clone()
+            batch.decode_stats = True
+        if r.algo.policy_temperature == "base" and r.rollout.temperature == 1.0:
+            return logp1, entropy
+        logp, _ = run(lambda rows: self._policy_temperature(batch, rows))
+        return logp, entropy
 
     def update(self, batch, old_logp, adv, loss_mask, h, eps_low, eps_high, tis, entropy):
         r, a = self.r, self.r.algo
