@@ -96,7 +96,7 @@ class _FakeEngine:
         self.pattern = pattern
         self.calls = 0
 
-    def generate(self, prompt_ids, spec, stats, seed):
+    def generate(self, prompt_ids, spec, stats, seed, prompt_offset=0):
         self.calls += 1
         return _fake_rollout(prompt_ids, spec, lambda p, n: self.pattern(self.calls, p, n))
 

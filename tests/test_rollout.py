@@ -19,6 +19,7 @@ from hapo_cli.rollout import (
     AdaptiveTemperatureLogitsProcessor,
     HFEngine,
     RolloutBatch,
+    RolloutEngine,
     SamplingSpec,
     build_engine,
     clean_param_name,
@@ -344,5 +345,6 @@ def test_clean_param_name():
 def test_build_engine_hf_and_vllm_errors(model):
     engine = build_engine(RolloutConfig(engine="hf", batch_size=16), model, None, None)
     assert isinstance(engine, HFEngine) and engine.batch_size == 16
+    assert isinstance(engine, RolloutEngine)
     with pytest.raises(ValueError, match="saved model directory"):
         build_engine(RolloutConfig(engine="vllm"), model, None, None)

@@ -214,5 +214,5 @@ def load_benchmark(
         return name_or_path, examples
     raise DataError(
         f"unknown benchmark '{name_or_path}': not a .parquet/.jsonl file and not a synthetic "
-        f"task (known: {', '.join(TASKS)}, optionally with ':<difficulty>')"
+        f"task (known: {', '.join(sorted(TASKS))}, optionally with ':<difficulty>')"
     )

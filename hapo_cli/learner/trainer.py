@@ -56,8 +56,8 @@ def run_dir_of(recipe: Recipe, output_dir: Path | None) -> Path:
     return Path(recipe.log.output_dir) / (recipe.log.run_name or recipe.name)
 
 
-def _rollout_seed(seed: int, step: int, gen_batch: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 10_007 + gen_batch * 101 + rank) % (2**31 - 1)
+def _rollout_seed(seed: int, step: int, gen_batch: int) -> int:
+    return (seed * 1_000_003 + step * 10_007 + gen_batch * 101) % (2**31 - 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +133,9 @@ def train(
 
     from ..rollout import build_engine
 
-    engine = build_engine(recipe.rollout, unwrap(model), tokenizer, policy_path, accelerator)
+    engine = build_engine(recipe.rollout, unwrap(model), tokenizer, str(policy_path), accelerator,
+                          max_prompt_length=recipe.data.max_prompt_length,
+                          dtype=recipe.model.dtype, seed=recipe.seed)
 
     state = LoopState()
     if ckpt is not None:
@@ -344,7 +346,8 @@ class Loop:
                 [list(e.prompt_ids) for e in examples],
                 spec,
                 stats,
-                seed=_rollout_seed(r.seed, step, gen_batches, self.rank),
+                seed=_rollout_seed(r.seed, step, gen_batches),
+                prompt_offset=self.rank * per_rank,  # same samples however prompts are sharded
             ).to("cpu")
             texts = self.tok.batch_decode(
                 [ids[m].tolist() for ids, m in zip(out.response_ids, out.response_mask.bool())],

@@ -101,6 +101,43 @@ def _unwrap(model: nn.Module, accelerator: Any = None) -> nn.Module:
     return model
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _fmix32(h: Tensor) -> Tensor:
+    """murmur3's 32-bit finaliser on int64 tensors holding values in [0, 2^32). Products may
+    wrap past 2^63; masking keeps the exact low 32 bits, so the hash is platform independent."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _M32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def sample_keys(seed: int, prompt_offset: int, num_prompts: int, n: int) -> Tensor:
+    """(num_prompts * n,) int64 key of each sample: a hash of (seed, global prompt index, j)."""
+    prompt = torch.arange(num_prompts, dtype=torch.long) + int(prompt_offset)
+    j = torch.arange(n, dtype=torch.long)
+    s = _fmix32(torch.tensor(int(seed) & _M32, dtype=torch.long))
+    k = _fmix32(s ^ _fmix32(prompt & _M32))[:, None]  # (P, 1)
+    k = _fmix32((k + (j[None, :] + 1) * 0x9E3779B9) & _M32)  # (P, n)
+    return k.reshape(-1)
+
+
+def gumbel_sample(warped: Tensor, keys: Tensor, step: int) -> Tensor:
+    """Sample one token per row from softmax(warped) by the Gumbel-max trick, with noise that
+    is a pure function of (row key, step, token id): argmax(warped + G), G ~ Gumbel(0, 1).
+    Equivalent in distribution to `torch.multinomial(softmax(warped), 1)`; -inf logits (top-k /
+    top-p filtered) are never chosen. warped (N, V), keys (N,) -> (N,)."""
+    V = warped.shape[-1]
+    step_key = _fmix32((keys ^ ((step + 1) * 0x27D4EB2F & _M32)) & _M32)  # (N,)
+    vocab = torch.arange(V, device=warped.device, dtype=torch.long) * 0x165667B1  # (V,)
+    bits = _fmix32((step_key[:, None] + vocab[None, :]) & _M32)  # (N, V) uniform 32-bit ints
+    u = (bits.double() + 0.5) / 4294967296.0  # (N, V) in (0, 1)
+    gumbel = -torch.log(-torch.log(u))
+    return (warped.double() + gumbel).argmax(dim=-1)
+
+
 class HFEngine:
     """`RolloutEngine` over a transformers causal LM (the learner's model object, unwrapped).
 
@@ -138,12 +175,16 @@ class HFEngine:
         spec: SamplingSpec,
         stats: EntropyStats | None = None,
         seed: int = 0,
+        prompt_offset: int = 0,
     ) -> RolloutBatch:
+        """Sample `spec.n` responses per prompt. The randomness of sample j of prompt i is a
+        function of (seed, prompt_offset + i, j) only, so the result does not depend on how the
+        prompts are chunked or sharded across ranks (rank r passes its first prompt's index)."""
         check_prompts(prompt_ids)
         model = _unwrap(self.model, self.accelerator)
         device = next(model.parameters()).device
         seqs = [list(p) for p in prompt_ids for _ in range(spec.n)]  # (B,) prompt i's n adjacent
-        gen = torch.Generator(device=device).manual_seed(int(seed))
+        row_keys = sample_keys(seed, prompt_offset, len(prompt_ids), spec.n).to(device)  # (B,)
         was_training = model.training
         model.eval()
         parts = []
@@ -151,7 +192,8 @@ class HFEngine:
             with torch.inference_mode():
                 for start in range(0, len(seqs), self.batch_size):
                     chunk = seqs[start : start + self.batch_size]
-                    parts.append(self._decode_chunk(model, chunk, spec, stats, gen, device))
+                    keys = row_keys[start : start + self.batch_size]
+                    parts.append(self._decode_chunk(model, chunk, spec, stats, keys, device))
         finally:
             model.train(was_training)
         return self._assemble(parts, len(prompt_ids), spec)
@@ -188,7 +230,7 @@ class HFEngine:
         prompts: list[list[int]],
         spec: SamplingSpec,
         stats: EntropyStats | None,
-        gen: torch.Generator,
+        keys: Tensor,  # (N,) int64 per-sequence keys from `sample_keys`
         device: torch.device,
     ) -> dict[str, Tensor]:
         n, t_max = len(prompts), spec.max_new_tokens
@@ -227,8 +269,7 @@ class HFEngine:
             if spec.greedy:
                 nxt = logits.argmax(dim=-1)
             else:
-                probs = torch.softmax(warped, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=gen).squeeze(1)  # (N,)
+                nxt = gumbel_sample(warped, keys, t)  # (N,)
             active = ~done
             nxt = torch.where(active, nxt, torch.full_like(nxt, self.pad_id))
             step_logp = torch.log_softmax(scaled, dim=-1).gather(1, nxt.unsqueeze(1)).squeeze(1)

@@ -123,6 +123,7 @@ def build_requests(
     stats: EntropyStats | None,
     seed: int,
     stop_token_ids: Sequence[int] = (),
+    prompt_offset: int = 0,
 ) -> tuple[list[dict[str, list[int]]], list[dict[str, Any]]]:
     """(prompts as TokensPrompt dicts, SamplingParams kwargs), one pair per request.
 
@@ -131,7 +132,9 @@ def build_requests(
     params: list[dict[str, Any]] = []
     repeats = spec.n if spec.greedy else 1
     for i, ids in enumerate(prompt_ids):
-        kwargs = sampling_kwargs(spec, stats, request_seed(seed, i, spec.n), stop_token_ids)
+        kwargs = sampling_kwargs(
+            spec, stats, request_seed(seed, prompt_offset + i, spec.n), stop_token_ids
+        )
         for _ in range(repeats):
             prompts.append({"prompt_token_ids": [int(t) for t in ids]})
             params.append(dict(kwargs))
@@ -318,10 +321,13 @@ class VLLMEngine:
         spec: SamplingSpec,
         stats: EntropyStats | None = None,
         seed: int = 0,
+        prompt_offset: int = 0,
     ) -> RolloutBatch:
         check_prompts(prompt_ids)
         self._ensure_awake()
-        prompts, kwargs = build_requests(prompt_ids, spec, stats, seed, self.eos_ids)
+        prompts, kwargs = build_requests(
+            prompt_ids, spec, stats, seed, self.eos_ids, prompt_offset=prompt_offset
+        )
         params = [self._vllm.SamplingParams(**kw) for kw in kwargs]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return parse_outputs(outputs, len(prompt_ids), spec, self.pad_id)
