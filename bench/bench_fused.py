@@ -15,10 +15,15 @@ extra (N, V) copy for the division): ``z = (h @ W.T).float(); logp_all = z.log_s
 logp = gather; entropy = -(logp_all.exp() * logp_all).sum(-1)``.
 
 Default size: N = 4096 tokens, d = 1536, V = 151,936 (Qwen2.5-1.5B's head). The issue's
-N = 8192 (``--n-tokens 8192``) needs ~20+ GB for the naive float32 case and ~5 minutes for
-the four cases on 2 CPU cores, so the default halves N: memory and time both scale linearly
-in N (the naive peak ~ N * V; fused peak ~ chunk * V + V * d), which makes the fused/naive
-memory ratio at N = 8192 roughly half of the one measured at 4096.
+N = 8192 (``--n-tokens 8192``) needs ~24 GB for the naive float32 case (11.9 GB measured at
+N = 4096, linear in N), more than a 24 GiB machine has free, so the default halves N. Memory
+and time both scale linearly in N for naive (peak ~ N * V); the fused peak ~ chunk * V + V * d
+hardly depends on N, so the fused/naive memory ratio at N = 8192 is about half the one at 4096.
+Measured at the default (2 cores, shared with other jobs, load average ~9, so absolute times
+are inflated; ratios are what to read): fp32 naive 11880 MB / 231 s, fused 2105 MB / 211 s
+(ratios 0.18, 0.91); bf16 naive 11871 MB / 94 s, fused 2129 MB / 81 s (0.18, 0.86). Matmul
+alone predicts ~45 s + ~60 s + ~20 s + ~25 s on an idle 2-core machine (fp32 ~120 GFLOP/s,
+bf16 ~330 GFLOP/s with AVX512-BF16).
 
     python bench/bench_fused.py [--n-tokens 4096] [--chunk-size 1024] [--dtypes fp32 bf16]
 """

@@ -993,7 +993,6 @@ def show_summary(ablation_dir: Path, console: Any = None):
     """Print the per-variant summary table of an ablation directory and write it as
     ``summary.csv`` and ``summary.md`` there. Returns the summary DataFrame."""
     from rich.console import Console
-    from rich.table import Table
 
     from analysis.summary import ablation_summary, summary_display, write_summary
 
@@ -1014,18 +1013,43 @@ def show_summary(ablation_dir: Path, console: Any = None):
     csv_path, md_path = write_summary(df, ablation_dir)
     shown = summary_display(df)
     base = df.attrs.get("baseline")
-    table = Table(
-        title=f"ablation {df.attrs.get('ablation') or ablation_dir.name}",
-        caption=(f"Δ vs baseline '{base}' (± standard error); cells mean ± std over seeds"
-                 if base else "no baseline variant: Δ not computed"),
-    )
-    for col in shown.columns:
-        table.add_column(str(col), justify="left" if col in ("variant", "status") else "right")
-    for row in shown.itertuples(index=False):
-        table.add_row(*("" if v is None else str(v) for v in row))
-    console.print(table)
+    title = f"ablation {df.attrs.get('ablation') or ablation_dir.name}"
+    caption = (f"Δ vs baseline '{base}' (± standard error); cells mean ± std over seeds"
+               if base else "no baseline variant: Δ not computed")
+    for table in _summary_tables(shown, title, caption, console.width):
+        console.print(table)
     console.print(f"written: {csv_path}, {md_path}", highlight=False)
     return df
+
+
+def _summary_tables(shown, title: str, caption: str, width: int) -> list:
+    """One rich table when it fits `width`; else one per benchmark metric (variant, seeds,
+    final, best, Δ) and one for the rest (status, entropy, length), so nothing is cut."""
+    from rich.table import Table
+
+    def make(cols: list[str], name: str, cap: str | None, strip: str = ""):
+        t = Table(title=name, caption=cap)
+        for c in cols:
+            t.add_column(str(c).removeprefix(strip),
+                         justify="left" if c in ("variant", "status") else "right")
+        for row in shown[cols].itertuples(index=False):
+            t.add_row(*("" if v is None else str(v) for v in row))
+        return t
+
+    cols = list(shown.columns)
+    need = sum(max(len(str(c)), *(len(str(v)) for v in shown[c])) + 3 for c in cols) + 1
+    if need <= width:
+        return [make(cols, title, caption)]
+    metric_cols = [c for c in cols if c.endswith((" final", " best", " Δ final"))
+                   and c not in ("entropy final", "response len final")]
+    keys = list(dict.fromkeys(c.rsplit(" ", 2)[0] if c.endswith(" Δ final") else
+                              c.rsplit(" ", 1)[0] for c in metric_cols))
+    rest = [c for c in cols if c not in metric_cols]
+    tables = [make(rest, title, None)]
+    for i, key in enumerate(keys):
+        group = ["variant", "seeds"] + [c for c in metric_cols if c.startswith(key + " ")]
+        tables.append(make(group, key, caption if i == len(keys) - 1 else None, key + " "))
+    return tables
 
 
 __all__ = [

@@ -118,9 +118,10 @@ def _answer_of(example, text: str) -> str | None:
 
 def sample_benchmark(
     engine, tokenizer, examples, *, n, temperature, top_p, top_k, max_new_tokens, greedy,
-    adaptive, tau, stats, seed, batch_size, progress=None, task=None,
+    adaptive, tau, stats, seed, batch_size, progress=None, task=None, offset=0,
 ) -> list[dict[str, Any]]:
-    """Generate n samples per prompt and score them: one record per prompt."""
+    """Generate n samples per prompt and score them: one record per prompt. Sample j of
+    prompt i depends on (seed, offset + i, j) only, not on batching."""
     from .rewards import verify
     from .rollout import SamplingSpec
 
@@ -134,7 +135,7 @@ def sample_benchmark(
     for c0 in range(0, len(examples), per_call):
         chunk = examples[c0 : c0 + per_call]
         out = engine.generate([list(e.prompt_ids) for e in chunk], spec,
-                              stats if adaptive else None, seed=seed + c0)
+                              stats if adaptive else None, seed=seed, prompt_offset=offset + c0)
         mask = out.response_mask.bool()
         texts = tokenizer.batch_decode(
             [ids[m].tolist() for ids, m in zip(out.response_ids, mask)], skip_special_tokens=True
@@ -189,23 +190,40 @@ def summarize(records, n: int, critical_threshold: float | None) -> dict[str, An
 # ---------------------------------------------------------------------------------------------
 
 
-def validation_metrics(engine, tokenizer, val_sets, recipe, step: int) -> dict[str, float]:
-    """val/<bench>/avg@k (eval.temperature, eval.top_p) and val/<bench>/greedy."""
+def _gather_records(records: list[dict[str, Any]], world: int) -> list[dict[str, Any]]:
+    if world == 1:
+        return records
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, records)
+    return [r for part in parts for r in part]
+
+
+def validation_metrics(engine, tokenizer, val_sets, recipe, step: int, rank: int = 0,
+                       world: int = 1) -> dict[str, float]:
+    """val/<bench>/avg@k (eval.temperature, eval.top_p) and val/<bench>/greedy. Each rank
+    samples a contiguous shard of the prompts (with their global indices, so the samples are
+    the same for any number of ranks); the records are gathered before scoring."""
     ev = recipe.eval
     max_new = ev.max_new_tokens or recipe.rollout.max_new_tokens
     out: dict[str, float] = {}
     for bench, examples in val_sets.items():
         examples = examples[: ev.limit] if ev.limit else examples
+        per = -(-len(examples) // world)
+        lo, hi = min(rank * per, len(examples)), min((rank + 1) * per, len(examples))
         common = dict(top_p=ev.top_p, top_k=0, max_new_tokens=max_new, adaptive=False,
-                      tau=0.0, stats=None, batch_size=recipe.rollout.batch_size)
-        recs = sample_benchmark(engine, tokenizer, examples, n=ev.n, temperature=ev.temperature,
+                      tau=0.0, stats=None, batch_size=recipe.rollout.batch_size, offset=lo)
+        mine = examples[lo:hi]
+        recs = sample_benchmark(engine, tokenizer, mine, n=ev.n, temperature=ev.temperature,
                                 greedy=False, seed=1_000_000 + step, **common)
-        s = summarize(recs, ev.n, None)
+        s = summarize(_gather_records(recs, world), ev.n, None)
         out[schema.val_metric(bench, ev.n)] = s[f"avg@{ev.n}"]
         if ev.greedy:
-            recs = sample_benchmark(engine, tokenizer, examples, n=1, temperature=None,
+            recs = sample_benchmark(engine, tokenizer, mine, n=1, temperature=None,
                                     greedy=True, seed=0, **common)
-            out[schema.val_greedy_metric(bench)] = summarize(recs, 1, None)["avg@1"]
+            out[schema.val_greedy_metric(bench)] = summarize(_gather_records(recs, world), 1,
+                                                             None)["avg@1"]
     return out
 
 

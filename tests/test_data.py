@@ -226,7 +226,9 @@ def test_jsonl_chat_prompts_with_and_without_template(tok, chat_tok):
     templ = load_examples(DATA / "prompts_chat.jsonl", DataConfig(), chat_tok)
     assert [e.prompt for e in templ] == ["solve x+1=3=", "be brief|what is 2*3?="]
     assert chat_tok.decode(list(templ[0].prompt_ids)) == "solve x+1=3="
-    off = load_examples(DATA / "prompts_chat.jsonl", DataConfig(apply_chat_template=False), chat_tok)
+    off = load_examples(
+        DATA / "prompts_chat.jsonl", DataConfig(apply_chat_template=False), chat_tok
+    )
     assert off[0].prompt == "solve x+1=3"
 
 

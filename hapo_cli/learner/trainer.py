@@ -56,6 +56,22 @@ def run_dir_of(recipe: Recipe, output_dir: Path | None) -> Path:
     return Path(recipe.log.output_dir) / (recipe.log.run_name or recipe.name)
 
 
+def shard_indices(prompts: int, mini_batch: int, world: int, rank: int) -> list[int]:
+    """Global prompt indices of `rank`: from every mini-batch of `mini_batch` prompts, its
+    contiguous 1/world slice. Rank-local mini-batch m of all ranks together is then exactly
+    global mini-batch m, so DDP over `world` ranks takes the same optimizer steps as one
+    process. Needs mini_batch % world == 0."""
+    if mini_batch % world:
+        from ..errors import HapoError
+
+        raise HapoError(
+            f"train.mini_batch_prompts={mini_batch} must be a multiple of the number of "
+            f"processes ({world})"
+        )
+    local = mini_batch // world
+    return [m + rank * local + i for m in range(0, prompts, mini_batch) for i in range(local)]
+
+
 def _rollout_seed(seed: int, step: int, gen_batch: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + gen_batch * 101) % (2**31 - 1)
 
@@ -231,6 +247,23 @@ class Loop:
             return x
         return self.acc.reduce(x.to(self.device), reduction="sum").cpu()
 
+    def _cat(self, x: Tensor) -> Tensor:
+        """Concatenate a 1-D CPU tensor over ranks (rank order)."""
+        if self.world == 1:
+            return x
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, x.cpu())
+        return torch.cat(parts)
+
+    def _sum_dict(self, d: dict[str, float]) -> dict[str, float]:
+        if self.world == 1 or not d:
+            return d
+        keys = sorted(d)
+        v = self._sum(torch.tensor([d[k] for k in keys], dtype=torch.float64))
+        return dict(zip(keys, v.tolist()))
+
     def _min(self, x: Tensor) -> Tensor:
         if self.world == 1:
             return x
@@ -338,16 +371,18 @@ class Loop:
         all_mixed = 0
         all_acc: list[Tensor] = []
         all_scores: list[Tensor] = []
+        mine = shard_indices(r.train.prompts_per_step, r.train.mini_batch_prompts, self.world,
+                             self.rank)
         while True:
             gen_batches += 1
             full = self.stream.next_batch(r.train.prompts_per_step)
-            examples = full[self.rank * per_rank : (self.rank + 1) * per_rank]
+            examples = [full[i] for i in mine]
             out = self.engine.generate(
                 [list(e.prompt_ids) for e in examples],
                 spec,
                 stats,
                 seed=_rollout_seed(r.seed, step, gen_batches),
-                prompt_offset=self.rank * per_rank,  # same samples however prompts are sharded
+                prompt_offset=mine,  # global indices: the same samples however prompts are sharded
             ).to("cpu")
             texts = self.tok.batch_decode(
                 [ids[m].tolist() for ids, m in zip(out.response_ids, out.response_mask.bool())],
@@ -381,9 +416,10 @@ class Loop:
         info = {
             "rollout/gen_batches": float(gen_batches),
             "rollout/fill_rate": n_use / per_rank,
-            "rollout/mixed_group_frac": all_mixed / max(all_groups, 1),
-            "reward/all_acc": float(torch.cat(all_acc).mean()),
-            "reward/all_mean": float(torch.cat(all_scores).mean()),
+            "rollout/mixed_group_frac": float(self._sum(torch.tensor(float(all_mixed)))) / max(
+                float(self._sum(torch.tensor(float(all_groups)))), 1.0),
+            "reward/all_acc": float(self._cat(torch.cat(all_acc)).mean()),
+            "reward/all_mean": float(self._cat(torch.cat(all_scores)).mean()),
         }
         if n_use == 0:
             return None, info
@@ -448,7 +484,7 @@ class Loop:
         # ---- metrics ----
         self.state.entropy_stats = stats
         if self.state.critical_threshold is None:
-            valid_ent = entropy[mask]
+            valid_ent = self._cat(entropy[mask])
             self.state.critical_threshold = (
                 float(torch.quantile(valid_ent.float(), a.critical_quantile))
                 if valid_ent.numel() else 0.0
@@ -514,7 +550,7 @@ class Loop:
         unwrap(self.model).train()
         B, T = batch.response_ids.shape
         G = r.rollout.n
-        mini = r.train.mini_batch_prompts * G
+        mini = (r.train.mini_batch_prompts // self.world) * G  # this rank's share
         micro = min(r.train.micro_batch_size, mini)
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
@@ -596,6 +632,7 @@ class Loop:
                 self.opt.zero_grad(set_to_none=True)
                 grad_norms.append(gn)
                 n_opt += 1
+        sums, weights = self._sum_dict(sums), self._sum_dict(weights)
         metrics: dict[str, float] = {}
         for k, v in sums.items():
             if k in weights:
@@ -612,39 +649,47 @@ class Loop:
 
     # ---- logging ----
     def batch_metrics(self, batch, entropy, old_logp, adv, seq_tok, stats, stats_info, fallback):
+        """Step metrics over the whole global batch (all ranks)."""
         mask = batch.mask
-        ent = entropy[mask].float()
+        cat = self._cat
+        ent = cat(entropy[mask].float())
         q = torch.quantile(ent, torch.tensor([0.2, 0.8])) if ent.numel() else torch.zeros(2)
-        temps = batch.temperature[mask]
-        lens = batch.response_len.float()
-        correct = batch.acc > 0.5
-        crit = (entropy >= (self.state.critical_threshold or 0.0)) & mask
-        gap = (old_logp - batch.behaviour_logp)[mask]
-        out = {
+        temps = cat(batch.temperature[mask].float())
+        lens = cat(batch.response_len.float())
+        acc = cat(batch.acc.float())
+        scores = cat(batch.scores.float())
+        correct = acc > 0.5
+        crit = cat(((entropy >= (self.state.critical_threshold or 0.0)) & mask).sum(-1).float())
+        gap = cat((old_logp - batch.behaviour_logp)[mask])
+        a = cat(adv[mask].float())
+        sq = cat(seq_tok[mask].float())
+        n_fallback = float(self._sum(torch.tensor(float(fallback.sum()) if fallback.numel()
+                                                  else 0.0)))
+        return {
             "actor/entropy_mean": float(ent.mean()) if ent.numel() else 0.0,
             "actor/entropy_p20": float(q[0]),
             "actor/entropy_p80": float(q[1]),
             "actor/behaviour_logp_gap": float(gap.abs().mean()) if gap.numel() else 0.0,
-            "adv/pos_token_sum": float(adv[(adv > 0) & mask].sum()),
-            "adv/neg_token_sum": float(adv[(adv < 0) & mask].sum()),
-            "adv/pos_token_count": float(((adv > 0) & mask).sum()),
-            "adv/neg_token_count": float(((adv < 0) & mask).sum()),
-            "adv/seq_pos_token_sum": float(seq_tok[(seq_tok > 0) & mask].sum()),
-            "adv/seq_neg_token_sum": float(seq_tok[(seq_tok < 0) & mask].sum()),
-            "adv/fallback_groups": float(fallback.sum()) if fallback.numel() else 0.0,
+            "adv/pos_token_sum": float(a[a > 0].sum()),
+            "adv/neg_token_sum": float(a[a < 0].sum()),
+            "adv/pos_token_count": float((a > 0).sum()),
+            "adv/neg_token_count": float((a < 0).sum()),
+            "adv/seq_pos_token_sum": float(sq[sq > 0].sum()),
+            "adv/seq_neg_token_sum": float(sq[sq < 0].sum()),
+            "adv/fallback_groups": n_fallback,
             "rollout/response_len_mean": float(lens.mean()),
             "rollout/response_len_correct_mean": float(lens[correct].mean()) if correct.any()
             else None,
             "rollout/response_len_incorrect_mean": float(lens[~correct].mean()) if (~correct).any()
             else None,
-            "rollout/critical_tokens": float(crit.sum(-1).float().mean()),
+            "rollout/critical_tokens": float(crit.mean()),
             "rollout/critical_threshold": self.state.critical_threshold,
             "rollout/temperature_mean": float(temps.mean()) if temps.numel() else None,
             "rollout/temperature_std": float(temps.std()) if temps.numel() > 1 else 0.0,
-            "rollout/truncated_frac": float(batch.truncated.float().mean()),
-            "rollout/responses": float(len(batch.scores)),
-            "reward/mean": float(batch.scores.mean()),
-            "reward/acc": float(batch.acc.mean()),
+            "rollout/truncated_frac": float(cat(batch.truncated.float()).mean()),
+            "rollout/responses": float(len(lens)),
+            "reward/mean": float(scores.mean()),
+            "reward/acc": float(acc.mean()),
             "entropy_stats/rho": stats.rho,
             "entropy_stats/std": stats.std,
             "entropy_stats/scale_pos": stats.scale_pos,
@@ -652,7 +697,6 @@ class Loop:
             "entropy_stats/exact": float(bool(stats_info.get("exact", True))),
             "entropy_stats/quantile_bin_error": float(stats_info.get("quantile_bin_error", 0.0)),
         }
-        return out
 
     def token_rows(self, step, batch, entropy, h, adv, upd, eps_low, eps_high):
         import pandas as pd
@@ -690,8 +734,8 @@ class Loop:
         from ..evaluate import validation_metrics
 
         unwrap(self.model).eval()
-        out = validation_metrics(self.engine, self.tok, self.val_sets, self.r, step)
-        return out if self.acc.is_main_process else {}
+        return validation_metrics(self.engine, self.tok, self.val_sets, self.r, step,
+                                  rank=self.rank, world=self.world)
 
     def checkpoint(self, step: int) -> None:
         self.acc.wait_for_everyone()

@@ -299,8 +299,11 @@ class RolloutEngine(Protocol):
         spec: SamplingSpec,
         stats: EntropyStats | None,
         seed: int,
+        prompt_offset: int | Sequence[int] = 0,
     ) -> RolloutBatch:
-        """B = len(prompt_ids) * spec.n responses; the same seed gives the same batch."""
+        """B = len(prompt_ids) * spec.n responses; the same seed gives the same batch. Sample j of
+        prompt i depends only on (seed, global prompt index, j): `prompt_offset` is the global
+        index of the first prompt or one index per prompt, so sharding changes nothing."""
         ...
 
     def sync_weights(self, weights: torch.nn.Module | Iterable[tuple[str, Tensor]]) -> None:

@@ -114,9 +114,19 @@ def _fmix32(h: Tensor) -> Tensor:
     return h ^ (h >> 16)
 
 
-def sample_keys(seed: int, prompt_offset: int, num_prompts: int, n: int) -> Tensor:
+def global_prompt_index(prompt_offset: int | Sequence[int], num_prompts: int) -> Tensor:
+    """(num_prompts,) global index of each prompt: offset + i, or the given indices."""
+    if isinstance(prompt_offset, int):
+        return torch.arange(num_prompts, dtype=torch.long) + int(prompt_offset)
+    idx = torch.as_tensor(list(prompt_offset), dtype=torch.long)
+    if idx.shape != (num_prompts,):
+        raise ValueError(f"prompt_offset: {idx.numel()} indices for {num_prompts} prompts")
+    return idx
+
+
+def sample_keys(seed: int, prompt_offset: int | Sequence[int], num_prompts: int, n: int) -> Tensor:
     """(num_prompts * n,) int64 key of each sample: a hash of (seed, global prompt index, j)."""
-    prompt = torch.arange(num_prompts, dtype=torch.long) + int(prompt_offset)
+    prompt = global_prompt_index(prompt_offset, num_prompts)
     j = torch.arange(n, dtype=torch.long)
     s = _fmix32(torch.tensor(int(seed) & _M32, dtype=torch.long))
     k = _fmix32(s ^ _fmix32(prompt & _M32))[:, None]  # (P, 1)
@@ -175,11 +185,12 @@ class HFEngine:
         spec: SamplingSpec,
         stats: EntropyStats | None = None,
         seed: int = 0,
-        prompt_offset: int = 0,
+        prompt_offset: int | Sequence[int] = 0,
     ) -> RolloutBatch:
         """Sample `spec.n` responses per prompt. The randomness of sample j of prompt i is a
-        function of (seed, prompt_offset + i, j) only, so the result does not depend on how the
-        prompts are chunked or sharded across ranks (rank r passes its first prompt's index)."""
+        function of (seed, global index of prompt i, j) only, so the result does not depend on
+        how the prompts are chunked or sharded across ranks. `prompt_offset`: the global index
+        of the first prompt (contiguous shards) or one global index per prompt."""
         check_prompts(prompt_ids)
         model = _unwrap(self.model, self.accelerator)
         device = next(model.parameters()).device

@@ -123,7 +123,7 @@ def build_requests(
     stats: EntropyStats | None,
     seed: int,
     stop_token_ids: Sequence[int] = (),
-    prompt_offset: int = 0,
+    prompt_offset: int | Sequence[int] = 0,
 ) -> tuple[list[dict[str, list[int]]], list[dict[str, Any]]]:
     """(prompts as TokensPrompt dicts, SamplingParams kwargs), one pair per request.
 
@@ -131,9 +131,15 @@ def build_requests(
     prompts: list[dict[str, list[int]]] = []
     params: list[dict[str, Any]] = []
     repeats = spec.n if spec.greedy else 1
+    if isinstance(prompt_offset, int):
+        global_index = [prompt_offset + i for i in range(len(prompt_ids))]
+    else:
+        global_index = [int(x) for x in prompt_offset]
+        if len(global_index) != len(prompt_ids):
+            raise ValueError(f"prompt_offset: {len(global_index)} indices for {len(prompt_ids)} prompts")
     for i, ids in enumerate(prompt_ids):
         kwargs = sampling_kwargs(
-            spec, stats, request_seed(seed, prompt_offset + i, spec.n), stop_token_ids
+            spec, stats, request_seed(seed, global_index[i], spec.n), stop_token_ids
         )
         for _ in range(repeats):
             prompts.append({"prompt_token_ids": [int(t) for t in ids]})
@@ -321,7 +327,7 @@ class VLLMEngine:
         spec: SamplingSpec,
         stats: EntropyStats | None = None,
         seed: int = 0,
-        prompt_offset: int = 0,
+        prompt_offset: int | Sequence[int] = 0,
     ) -> RolloutBatch:
         check_prompts(prompt_ids)
         self._ensure_awake()
