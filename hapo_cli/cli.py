@@ -161,7 +161,8 @@ def train(
 
     summary = _guard(run_train, rec, output_dir=output, resume=resume, overwrite=overwrite)
     if summary is not None:
-        console.print(summary.line())
+        if summary.is_main:
+            console.print(summary.line())
         if summary.status != "done":
             raise typer.Exit(1)
 

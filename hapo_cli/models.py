@@ -299,7 +299,9 @@ def warmup_policy(model_cfg: Any, data_cfg: Any, progress: Progress | None = Non
             "torch_threads": torch.get_num_threads(),
         }
         (tmp / "warmup.json").write_text(json.dumps(info, indent=2) + "\n")
-        os.replace(tmp, final) if not final.exists() else shutil.rmtree(tmp)
+        if final.exists():  # a leftover without warmup.json (never a finished build): replace
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # atomic: readers see no directory or a complete one
     return final
 
 

@@ -493,6 +493,17 @@ def test_interrupt_marks_active_runs_interrupted(tmp_path, fake_recipe):
     assert runner.calls == [("A-s1", 0), ("B-s1", 0)]
 
 
+def test_live_table_on_a_terminal(tmp_path, fake_recipe):
+    from rich.console import Console
+
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=120)
+    assert _ablate(fake_recipe, tmp_path / "abl", FakeRunner(), variants="none,A", console=console)
+    text = buf.getvalue()
+    assert "ablation abl: 2/2 finished" in text  # the live table's last frame
+    assert "val avg@k" in text and "4/4" in text
+
+
 def test_default_output_dir_from_recipe_name(tmp_path, fake_recipe, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run_ablation(recipe=str(fake_recipe), variants="none", console=_console(),

@@ -35,6 +35,7 @@ class TrainSummary:
     steps: int
     final: dict[str, float] = field(default_factory=dict)
     message: str = ""
+    is_main: bool = True
 
     def line(self) -> str:
         parts = [f"run {self.status}: {self.run_dir}", f"steps {self.steps}"]
@@ -99,6 +100,8 @@ def train(
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     accelerator = Accelerator(
+        # without CUDA, `accelerate launch --multi_gpu -n 2` needs cpu=True to form a gloo group
+        cpu=not torch.cuda.is_available(),
         mixed_precision=recipe.train.mixed_precision,
         log_with=list(recipe.log.trackers) or None,
         project_dir=str(run_dir),
@@ -145,7 +148,9 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
     )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler stays unprepared: accelerate would step it once per process per call,
+    # which makes the warm-up depend on the number of processes. We step it per optimizer step.
+    model, optimizer = accelerator.prepare(model, optimizer)
 
     from ..rollout import build_engine
 
@@ -332,7 +337,8 @@ class Loop:
             elif "/avg@" in k:
                 final["val_avg"] = v
         self.log.finish(status, message=message or None, final_step=self.state.step)
-        return TrainSummary(self.run_dir, status, self.state.step, final, message)
+        return TrainSummary(self.run_dir, status, self.state.step, final, message,
+                            is_main=self.acc.is_main_process)
 
     def _bar_info(self, row: dict[str, Any]) -> str:
         parts = []
