@@ -86,3 +86,19 @@ def test_analyze_rejects_missing_dir(tmp_path):
     res = runner.invoke(app, ["analyze", str(tmp_path / "nope")])
     assert res.exit_code == 2
     assert "not a directory" in res.output
+
+
+def test_analyze_writes_report_from_a_run_dir(tmp_path):
+    from analysis.synthetic import write_run
+
+    run = tmp_path / "run"
+    write_run(run, seed=1)
+    res = runner.invoke(app, ["analyze", str(run), "--format", "png"])
+    assert res.exit_code == 0, res.output
+    assert "report:" in res.output
+    report = run / "analysis" / "report.md"
+    assert report.exists() and (run / "analysis" / "report.html").exists()
+    pngs = list((run / "analysis").rglob("*.png"))
+    assert len(pngs) >= 5
+    res = runner.invoke(app, ["analyze", str(run), "--format", "gif"])
+    assert res.exit_code == 2 and "gif" in res.output
