@@ -105,7 +105,7 @@ class _Stream:
     def __init__(self):
         self.i = 0
 
-    def next_batch(self, n):
+    def next_batch(self, n, refill=False):
         out = [SimpleNamespace(uid=f"u{self.i + k}", prompt_ids=(5, 6), answer="x",
                                verifier="exact", prompt="p") for k in range(n)]
         self.i += n
@@ -255,3 +255,27 @@ def test_checkpoint_round_trip(tmp_path):
     m2, _ = load_policy(ckpt)
     for (n1, p1), (_, p2) in zip(model.state_dict().items(), m2.state_dict().items()):
         assert_close(p1, p2, msg=n1)
+
+
+def test_refill_batches_do_not_shift_the_primary_prompts():
+    """Dynamic sampling draws extra batches from the refill stream, so two variants whose
+    filters keep different groups still see the same prompts at the start of every step."""
+    from hapo_cli.learner.streams import build_streams
+    from hapo_cli.models import build_tokenizer
+
+    data = load_recipe("tiny/hapo").data
+    tok = build_tokenizer()
+    a, b = build_streams(data, tok, seed=1), build_streams(data, tok, seed=1)
+    firsts_a, firsts_b = [], []
+    for step in range(3):
+        firsts_a.append([e.uid for e in a.next_batch(4)])
+        for _ in range(step):  # variant a needs `step` refills, variant b none
+            a.next_batch(4, refill=True)
+        firsts_b.append([e.uid for e in b.next_batch(4)])
+    assert firsts_a == firsts_b
+    refill = [e.uid for e in a.next_batch(4, refill=True)]
+    assert not set(refill) & {u for batch in firsts_a for u in batch}
+    state = a.state_dict()
+    c = build_streams(data, tok, seed=1)
+    c.load_state_dict(state)
+    assert [e.uid for e in c.next_batch(4)] == [e.uid for e in a.next_batch(4)]

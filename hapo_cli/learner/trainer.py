@@ -114,11 +114,12 @@ def train(
     _check_data_files(recipe)
     with _warmup_bar(progress and accelerator.is_main_process) as on_step:
         policy_path = resolve_policy_path(recipe.model, recipe.data, progress=on_step)
-    from ..data import build_train_stream, build_val_sets
+    from ..data import build_val_sets
+    from .streams import build_streams
 
     ckpt = latest_checkpoint(run_dir) if mode == "resume" else None
     model, tokenizer = load_policy(ckpt or policy_path, recipe.model.dtype)
-    stream = build_train_stream(recipe.data, tokenizer, recipe.seed)
+    stream = build_streams(recipe.data, tokenizer, recipe.seed)
     val_sets = build_val_sets(recipe.data, tokenizer)
 
     runlog = RunLog(run_dir, enabled=accelerator.is_main_process)
@@ -381,7 +382,7 @@ class Loop:
                              self.rank)
         while True:
             gen_batches += 1
-            full = self.stream.next_batch(r.train.prompts_per_step)
+            full = self.stream.next_batch(r.train.prompts_per_step, refill=gen_batches > 1)
             examples = [full[i] for i in mine]
             out = self.engine.generate(
                 [list(e.prompt_ids) for e in examples],
