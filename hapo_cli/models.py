@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .data import Example, SyntheticStream, heldout_examples
+from .data.synthetic import HELDOUT_SEED
 from .errors import HapoError
 from .rewards.verify import verify
 
@@ -33,6 +34,15 @@ WARMUP_VERSION = "1"
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
 ALPHABET = "0123456789+-*/=;#()., abcdefghijklmnopqrstuvwxyz"
 WARMUP_EVAL_SIZE = 200  # held-out prompts scored greedily into warmup.json
+# The warm-up stops once greedy accuracy on WARMUP_STOP_SIZE held-out prompts (another seed
+# than the validation set's) reaches the target, probed every WARMUP_CHECK_EVERY steps (every 5
+# once a third of the way there). A tiny model learns these tasks abruptly (arith: 2 % -> 62 %
+# between steps 200 and 400, and the step moves by hundreds with the warm-up seed), so a fixed
+# step count lands anywhere on that cliff; `model.warmup.steps` is then only a cap.
+# `model.warmup.target_acc` overrides the target when the recipe has that field.
+WARMUP_TARGET_ACC = 0.3
+WARMUP_CHECK_EVERY = 25
+WARMUP_STOP_SIZE = 128
 
 Progress = Callable[[int, int], None]  # progress(done_steps, total_steps)
 
@@ -112,13 +122,14 @@ def build_tiny_model(tiny_cfg: Any, tokenizer: Any):
 
 
 def warmup_key(model_cfg: Any, data_cfg: Any) -> str:
-    """Content hash of everything the warm-up result depends on."""
+    """Content hash of everything the warm-up result depends on (not the thread count)."""
     blob = json.dumps(
         {
             "tiny": model_cfg.tiny.model_dump(mode="json"),
             "warmup": model_cfg.warmup.model_dump(mode="json"),
             "task": data_cfg.task,
             "difficulty": data_cfg.difficulty,
+            "target_acc": target_accuracy(model_cfg.warmup),
             "version": WARMUP_VERSION,
         },
         sort_keys=True,
@@ -151,10 +162,16 @@ def _lr_factor(step: int, total: int) -> float:
 
 
 def train_warmup(
-    model: Any, tokenizer: Any, model_cfg: Any, data_cfg: Any, progress: Progress | None = None
+    model: Any,
+    tokenizer: Any,
+    model_cfg: Any,
+    data_cfg: Any,
+    progress: Progress | None = None,
+    stop: Callable[[int], bool] | None = None,
 ) -> list[float]:
     """Supervised training on `target` responses of the "warmup" split (loss on response
-    tokens only, AdamW, grad-norm clip 1.0); returns the loss per step."""
+    tokens only, AdamW, grad-norm clip 1.0, cosine schedule over model.warmup.steps); returns
+    the loss per step. `stop(step)`, called after every step, may end it early."""
     w = model_cfg.warmup
     stream = SyntheticStream(
         data_cfg.task, data_cfg.difficulty, w.seed, tokenizer, "warmup", apply_chat_template=False
@@ -163,7 +180,7 @@ def train_warmup(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, w.steps))
     model.train()
     losses = []
-    for step in range(w.steps):
+    for step in range(1, w.steps + 1):
         batch = _supervised_batch(stream.next_batch(w.batch_size), tokenizer)
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
@@ -172,10 +189,19 @@ def train_warmup(
         opt.step()
         sched.step()
         losses.append(loss.item())
+        done = stop is not None and stop(step)
         if progress is not None:
-            progress(step + 1, w.steps)
+            progress(w.steps if done else step, w.steps)
+        if done:
+            break
+        model.train()
     model.eval()
     return losses
+
+
+def target_accuracy(warmup_cfg: Any) -> float | None:
+    """The held-out greedy accuracy at which the warm-up stops (None: run all steps)."""
+    return getattr(warmup_cfg, "target_acc", WARMUP_TARGET_ACC)
 
 
 @torch.no_grad()
@@ -248,9 +274,11 @@ def warmup_policy(model_cfg: Any, data_cfg: Any, progress: Progress | None = Non
     """Build (or reuse) the warmed-up tiny policy; returns its HF directory.
 
     Cached at `<model.cache_dir>/warmup-<hash>/` keyed by (model.tiny, model.warmup, data.task,
-    data.difficulty, WARMUP_VERSION). Built in a temporary directory and renamed into place
-    under an fcntl lock, so parallel workers build it once and never see a partial directory.
-    Deterministic for a given thread count (torch.manual_seed(model.warmup.seed)).
+    data.difficulty, the target accuracy, WARMUP_VERSION). Built in a temporary directory and
+    renamed into place under an fcntl lock, so parallel workers build it once and never see a
+    partial directory. Deterministic: torch.manual_seed(model.warmup.seed) inside a forked RNG
+    (the caller's RNG state is unchanged, built or cached); float reduction order may still
+    differ across hardware (1 and 2 CPU threads gave identical policies here).
     """
     if data_cfg.source != "synthetic":
         raise HapoError(
@@ -266,43 +294,77 @@ def warmup_policy(model_cfg: Any, data_cfg: Any, progress: Progress | None = Non
         if (final / "warmup.json").is_file():
             return final
         quiet_transformers()
-        t0 = time.perf_counter()
-        torch.manual_seed(model_cfg.warmup.seed)
-        tokenizer = build_tokenizer()
-        model = build_tiny_model(model_cfg.tiny, tokenizer)
-        losses = train_warmup(model, tokenizer, model_cfg, data_cfg, progress)
-        train_s = time.perf_counter() - t0
-        heldout = heldout_examples(
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left untouched
+            _build_warmup(model_cfg, data_cfg, final, progress)
+    return final
+
+
+def _build_warmup(model_cfg: Any, data_cfg: Any, final: Path, progress: Progress | None) -> None:
+    """Train, evaluate and save the warm-up policy into `final` (see `warmup_policy`)."""
+    cache = final.parent
+    t0 = time.perf_counter()
+    torch.manual_seed(model_cfg.warmup.seed)
+    tokenizer = build_tokenizer()
+    model = build_tiny_model(model_cfg.tiny, tokenizer)
+    target = target_accuracy(model_cfg.warmup)
+    stop, stop_at = None, []
+    if target is not None:
+        probe = heldout_examples(
             data_cfg.task,
             data_cfg.difficulty,
-            WARMUP_EVAL_SIZE,
+            WARMUP_STOP_SIZE,
             tokenizer,
             apply_chat_template=False,
+            seed=HELDOUT_SEED + 1,
         )
-        acc = _greedy_accuracy(model, tokenizer, heldout)
-        tmp = cache / f".{final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+
+        def stop(step: int) -> bool:
+            # probe every WARMUP_CHECK_EVERY steps, every 5 once a third of the way there
+            near = bool(stop_at) and stop_at[-1][1] >= target / 3
+            every = 5 if near else WARMUP_CHECK_EVERY
+            if step - (stop_at[-1][0] if stop_at else 0) < every:
+                return False
+            stop_at.append((step, _greedy_accuracy(model, tokenizer, probe)))
+            return stop_at[-1][1] >= target
+
+    losses = train_warmup(model, tokenizer, model_cfg, data_cfg, progress, stop)
+    train_s = time.perf_counter() - t0
+    heldout = heldout_examples(
+        data_cfg.task,
+        data_cfg.difficulty,
+        WARMUP_EVAL_SIZE,
+        tokenizer,
+        apply_chat_template=False,
+    )
+    acc = _greedy_accuracy(model, tokenizer, heldout)
+    info = {
+        "key": final.name.removeprefix("warmup-"),
+        "version": WARMUP_VERSION,
+        "task": data_cfg.task,
+        "difficulty": data_cfg.difficulty,
+        "tiny": model_cfg.tiny.model_dump(mode="json"),
+        "warmup": model_cfg.warmup.model_dump(mode="json"),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "steps_run": len(losses),
+        "target_acc": target,
+        "probe_acc": stop_at[-1][1] if stop_at else None,
+        "final_loss": losses[-1] if losses else None,
+        "heldout_greedy_acc": acc,
+        "heldout_size": len(heldout),
+        "train_seconds": round(train_s, 2),
+        "torch_threads": torch.get_num_threads(),
+    }
+    tmp = cache / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        info = {
-            "key": final.name.removeprefix("warmup-"),
-            "version": WARMUP_VERSION,
-            "task": data_cfg.task,
-            "difficulty": data_cfg.difficulty,
-            "tiny": model_cfg.tiny.model_dump(mode="json"),
-            "warmup": model_cfg.warmup.model_dump(mode="json"),
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "final_loss": losses[-1] if losses else None,
-            "heldout_greedy_acc": acc,
-            "heldout_size": len(heldout),
-            "train_seconds": round(train_s, 2),
-            "torch_threads": torch.get_num_threads(),
-        }
-        (tmp / "warmup.json").write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / "warmup.json").write_text(json.dumps(info, indent=2) + "\n")  # written last
         if final.exists():  # a leftover without warmup.json (never a finished build): replace
             shutil.rmtree(final)
         os.replace(tmp, final)  # atomic: readers see no directory or a complete one
-    return final
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,10 +39,16 @@ class TinyModelConfig(_Section):
 
 
 class WarmupConfig(_Section):
-    steps: int = Field(600, ge=0, description="Supervised warm-up optimizer steps on the task.")
+    steps: int = Field(1500, ge=0, description="Supervised warm-up optimizer steps at most.")
     batch_size: int = Field(128, gt=0, description="Warm-up batch size (examples).")
     lr: float = Field(2e-3, gt=0, description="Warm-up AdamW learning rate.")
     seed: int = Field(0, description="Warm-up seed; part of the cache key, not the RL seed.")
+    target_acc: float | None = Field(
+        0.3, ge=0, le=1,
+        description="Stop the warm-up once held-out greedy accuracy (a probe set) reaches this; "
+        "None runs all steps. The tiny model learns abruptly, so a fixed step count lands "
+        "anywhere from 3 % to 45 %; the target lands every warm-up seed near it.",
+    )
 
 
 class ModelConfig(_Section):

@@ -24,12 +24,12 @@ from hapo_cli.recipe import DataConfig, ModelConfig, TinyModelConfig, WarmupConf
 TINY = TinyModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
 
 
-def _cfg(tmp_path, steps: int = 3, seed: int = 0) -> ModelConfig:
+def _cfg(tmp_path, steps: int = 3, seed: int = 0, target: float | None = 0.3) -> ModelConfig:
     return ModelConfig(
         init="warmup",
         cache_dir=str(tmp_path / "cache"),
         tiny=TINY,
-        warmup=WarmupConfig(steps=steps, batch_size=8, seed=seed),
+        warmup=WarmupConfig(steps=steps, batch_size=8, seed=seed, target_acc=target),
     )
 
 
@@ -88,6 +88,14 @@ def test_warmup_builds_once_then_hits_cache(tmp_path, monkeypatch):
         warmup_policy(cfg, DataConfig(difficulty=3))
 
 
+def test_warmup_leaves_the_callers_rng_alone(tmp_path):
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    warmup_policy(_cfg(tmp_path), DataConfig())  # builds (seeds torch inside)
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
 def test_concurrent_builders_train_once(tmp_path, monkeypatch):
     calls = []
     real = models.train_warmup
@@ -125,6 +133,21 @@ def test_warmup_is_deterministic_and_loads(tmp_path):
     assert 0.0 <= models._greedy_accuracy(ma, tok, ex) <= 1.0
     rows = models._sample_correct(ma, tok, ex, max_new_tokens=4, n=3, do_sample=True)
     assert len(rows) == 8 and all(len(r) == 3 for r in rows)
+
+
+def test_warmup_stops_at_the_target_accuracy(tmp_path):
+    # target 0: the first probe (step 25) already reaches it; progress jumps to the end
+    seen = []
+    path = warmup_policy(
+        _cfg(tmp_path, steps=40, target=0.0), DataConfig(), progress=lambda d, t: seen.append(d)
+    )
+    info = json.loads((path / "warmup.json").read_text())
+    assert info["steps_run"] == 25 and info["target_acc"] == 0.0 and info["probe_acc"] >= 0.0
+    assert seen == [*range(1, 25), 40]
+    # no target (None): all steps run
+    path = warmup_policy(_cfg(tmp_path, steps=30, target=None), DataConfig())
+    info = json.loads((path / "warmup.json").read_text())
+    assert info["steps_run"] == 30 and info["target_acc"] is None and info["probe_acc"] is None
 
 
 def test_warmup_seed_changes_the_key(tmp_path):

@@ -53,13 +53,16 @@ def synthetic_example(
 
 
 def heldout_examples(
-    task: str, difficulty: int, n: int, tokenizer: Any, apply_chat_template: bool = True
+    task: str,
+    difficulty: int,
+    n: int,
+    tokenizer: Any,
+    apply_chat_template: bool = True,
+    seed: int = HELDOUT_SEED,
 ) -> list[Example]:
     """The first `n` held-out prompts of a task (reserved seed; never in a training stream)."""
     return [
-        synthetic_example(
-            task, difficulty, HELDOUT_SPLIT, HELDOUT_SEED, i, tokenizer, apply_chat_template
-        )
+        synthetic_example(task, difficulty, HELDOUT_SPLIT, seed, i, tokenizer, apply_chat_template)
         for i in range(n)
     ]
 

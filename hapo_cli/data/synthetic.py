@@ -154,7 +154,9 @@ TASKS: dict[str, Task] = {
 def check_task(task: str, difficulty: int) -> Task:
     """The registered task, or a ValueError naming the known tasks / the difficulty range."""
     if task not in TASKS:
-        raise ValueError(f"unknown synthetic task '{task}': known tasks are {', '.join(sorted(TASKS))}")
+        raise ValueError(
+            f"unknown synthetic task '{task}': known tasks are {', '.join(sorted(TASKS))}"
+        )
     if difficulty not in TASKS[task].levels:
         raise ValueError(f"synthetic task '{task}': difficulty={difficulty} must be in 1-5")
     return TASKS[task]
