@@ -20,7 +20,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/hapo train --recipe tiny/hapo --output results/demo --overwrite
-	$(BIN)/hapo analyze results/demo
+	$(BIN)/hapo evaluate results/demo --bench arith --n 8 --limit 200 \
+		--temperature 0.5,0.8,1.0,1.1,adaptive --name temperature-sweep
+	$(BIN)/hapo analyze results/demo --format png,pdf
 
 test: $(STAMP)
 	$(BIN)/ruff check hapo_cli analysis tests bench
