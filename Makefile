@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(BIN)/hapo analyze results/demo --format png,pdf
 
 test: $(STAMP)
-	$(BIN)/ruff check hapo_cli analysis tests bench
+	$(BIN)/ruff check hapo_cli analysis tests bench scripts
 	$(BIN)/python -m pytest -q
 
 test-quick: $(STAMP)
@@ -35,7 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check hapo_cli analysis tests bench
+	$(BIN)/ruff check hapo_cli analysis tests bench scripts
 
 clean:
 	rm -rf $(VENV)

@@ -279,3 +279,17 @@ def test_refill_batches_do_not_shift_the_primary_prompts():
     c = build_streams(data, tok, seed=1)
     c.load_state_dict(state)
     assert [e.uid for e in c.next_batch(4)] == [e.uid for e in a.next_batch(4)]
+
+
+def test_weights_for_an_unsharded_model_are_the_parameters():
+    from hapo_cli.errors import HapoError
+    from hapo_cli.learner.weights import check_engine_sharding, full_named_parameters, sharding_of
+
+    model = tiny_model()
+    pairs = dict(full_named_parameters(model, None))
+    assert pairs.keys() == dict(model.named_parameters()).keys()
+    acc = SimpleNamespace(distributed_type="DistributedType.FSDP", state=None)
+    assert sharding_of(acc) == "fsdp"
+    with pytest.raises(HapoError, match="rollout.engine=vllm"):
+        check_engine_sharding("hf", acc)
+    check_engine_sharding("vllm", acc)

@@ -126,3 +126,16 @@ def test_content_hash_is_stable_and_sectioned():
     b = load_recipe("tiny/dapo")
     assert a.content_hash("model", "data") == b.content_hash("model", "data")
     assert a.content_hash() != b.content_hash()
+
+
+def test_paper_recipes_validate_with_the_authors_values():
+    names = [n for n in list_recipes() if n.startswith("paper/")]
+    assert len(names) == 8
+    for name in names:
+        r = load_recipe(name)
+        assert r.rollout.n == 16 and r.train.prompts_per_step == 512
+        assert r.train.mini_batch_prompts == 32 and r.train.lr == 1e-6
+        assert r.train.overlong.buffer_len == 4096 and r.eval.n == 8
+        assert (r.eval.temperature, r.eval.top_p) == (0.5, 0.7)
+        assert r.components == ("ABCD" if name.endswith("-hapo") else "none")
+        assert r.rollout.engine == "vllm" and r.model.init == "pretrained"

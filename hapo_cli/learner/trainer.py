@@ -26,6 +26,7 @@ from ..runlog import RunLog
 from .batch import TrainBatch, build_train_batch, concat_batches, mixed_groups
 from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from .forward import response_logprobs, unwrap
+from .weights import check_engine_sharding, full_named_parameters
 
 
 @dataclass
@@ -154,6 +155,8 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)
 
     from ..rollout import build_engine
+
+    check_engine_sharding(recipe.rollout.engine, accelerator)
 
     engine = build_engine(recipe.rollout, unwrap(model), tokenizer, str(policy_path), accelerator,
                           max_prompt_length=recipe.data.max_prompt_length,
@@ -440,6 +443,7 @@ class Loop:
         t0 = time.perf_counter()
         unwrap(self.model).eval()
         batch, info = self.collect(step)
+        self.engine.sleep()  # vLLM: free KV cache / weights while the learner trains
         self.engine_gen_s = time.perf_counter() - t0
         row: dict[str, Any] = {"step": step, **info, "time/gen_s": self.engine_gen_s}
         if batch is None:
@@ -504,7 +508,10 @@ class Loop:
         if every and (step % every == 0 or step == 1):
             self.log.write_tokens(step, self.token_rows(step, batch, entropy, h, adv, upd,
                                                         eps_low, eps_high))
-        self.engine.sync_weights(unwrap(self.model))
+        if self.r.rollout.engine == "hf":
+            self.engine.sync_weights(unwrap(self.model))  # the same module: a no-op
+        else:
+            self.engine.sync_weights(full_named_parameters(self.model, self.acc))
         return row
 
     # ---- forward passes ----
@@ -741,8 +748,10 @@ class Loop:
         from ..evaluate import validation_metrics
 
         unwrap(self.model).eval()
-        return validation_metrics(self.engine, self.tok, self.val_sets, self.r, step,
-                                  rank=self.rank, world=self.world)
+        out = validation_metrics(self.engine, self.tok, self.val_sets, self.r, step,
+                                 rank=self.rank, world=self.world)
+        self.engine.sleep()
+        return out
 
     def checkpoint(self, step: int) -> None:
         self.acc.wait_for_everyone()
