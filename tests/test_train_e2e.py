@@ -184,3 +184,34 @@ def test_missing_data_file_exit_2(tmp_path):
     assert res.exit_code == 2, res.output
     assert "missing.parquet" in res.output
     assert not (out / schema.METRICS).exists()
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_with_diagnosis_and_keeps_checkpoint(tmp_path, cache_dir,
+                                                                   monkeypatch):
+    import torch
+
+    import hapo_cli.algo as algo_mod
+
+    real = algo_mod.policy_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, metrics = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 4:  # steps 1-2 take 2 optimizer steps each; step 3 blows up
+            loss = loss * torch.tensor(float("nan"))
+        return loss, metrics
+
+    monkeypatch.setattr(algo_mod, "policy_loss", poisoned)
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["train", "--recipe", "tiny/dapo", "--max-steps", "5", "--output",
+                              str(out), *sets(cache_dir, "log.checkpoint_every=1")])
+    assert res.exit_code == 1, res.output
+    assert "run failed" in res.output and "non-finite loss" in res.output
+    manifest = json.loads((out / schema.MANIFEST).read_text())
+    assert manifest["status"] == "failed" and "non-finite" in manifest["message"]
+    ckpts = sorted(p.name for p in (out / schema.CHECKPOINTS_DIR).iterdir())
+    assert ckpts[-1] == "step-000002"
+    rows = read_metrics(out)
+    assert rows[-1]["step"] == 3 and "error" in rows[-1]
