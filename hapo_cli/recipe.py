@@ -169,7 +169,7 @@ class AlgoConfig(_Section):
     entropy_stats_scope: Literal["batch", "microbatch"] = Field(
         "batch",
         description="'batch': stats once per training batch (micro-batch invariant). 'microbatch': "
-        "per micro-batch, as the released code.",
+        "per micro-batch for C and D, as the released code (A always uses the batch stats).",
     )
     fallback_threshold: float = Field(
         5.0, gt=0, description="B: a group with any |A| >= this falls back to GRPO advantages."

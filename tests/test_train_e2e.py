@@ -215,3 +215,23 @@ def test_non_finite_loss_stops_with_diagnosis_and_keeps_checkpoint(tmp_path, cac
     assert ckpts[-1] == "step-000002"
     rows = read_metrics(out)
     assert rows[-1]["step"] == 3 and "error" in rows[-1]
+
+
+@pytest.mark.slow
+def test_released_normalisation_microbatch_stats_and_rollout_temperature(tmp_path, cache_dir):
+    """The authors' variants run end to end: released sign convention, per-micro-batch stats,
+    scoring at the stored per-token temperature, truncated importance sampling."""
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["train", "--recipe", "tiny/hapo", "--max-steps", "3", "--output",
+                              str(out), *sets(cache_dir, "algo.entropy_norm=released",
+                                              "algo.entropy_stats_scope=microbatch",
+                                              "algo.policy_temperature=rollout",
+                                              "algo.tis_cap=2.0", "log.token_sample_every=1")])
+    assert res.exit_code == 0, res.output
+    rows = [r for r in read_metrics(out) if r["step"] > 0]
+    assert all(r["entropy_stats/scale_neg"] < 0 for r in rows)  # released: min(z) < 0
+    # scored at T_t exactly: the learner's old log-probs equal the behaviour log-probs
+    assert max(r["actor/behaviour_logp_gap"] for r in rows) < 1e-4
+    df = pd.read_parquet(out / schema.tokens_file(3))
+    assert df["h"].between(-1, 1).all()
+    assert (df["h"] >= 0).mean() > 0.5  # released convention: low entropy gets h > 0 too

@@ -461,7 +461,14 @@ class Loop:
         stats, stats_info = algo.distributed_entropy_stats(
             entropy, mask, pivot=a.entropy_pivot, mode=a.entropy_norm
         )
-        h = algo.normalized_entropy(entropy, stats)  # (B, T)
+        if a.entropy_stats_scope == "microbatch":  # the released code's behaviour
+            h = torch.zeros_like(entropy)
+            for rows in self._micro_slices(len(batch.scores)):
+                mb_stats = algo.entropy_stats(entropy[rows], mask[rows], pivot=a.entropy_pivot,
+                                              mode=a.entropy_norm)
+                h[rows] = algo.normalized_entropy(entropy[rows], mb_stats)
+        else:
+            h = algo.normalized_entropy(entropy, stats)  # (B, T)
         h = h.masked_fill(~mask, 0.0)
 
         # ---- advantages ----
@@ -513,6 +520,13 @@ class Loop:
         else:
             self.engine.sync_weights(full_named_parameters(self.model, self.acc))
         return row
+
+    def _micro_slices(self, B: int) -> list[slice]:
+        """The micro-batches `update` uses: contiguous slices within each mini-batch."""
+        mini = (self.r.train.mini_batch_prompts // self.world) * self.r.rollout.n
+        micro = min(self.r.train.micro_batch_size, mini)
+        return [slice(s, min(s + micro, m0 + mini, B))
+                for m0 in range(0, B, mini) for s in range(m0, min(m0 + mini, B), micro)]
 
     # ---- forward passes ----
     def _policy_temperature(self, batch: TrainBatch, rows: slice | Tensor):
