@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from .errors import HapoError
 from .recipe import RecipeError, list_recipes, load_recipe, resolve_recipe_path
 
 app = typer.Typer(
@@ -30,25 +31,11 @@ console = Console()
 err_console = Console(stderr=True)
 _STATE = {"debug": False}
 
-# Errors that are the user's: one line, exit 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (RecipeError, FileNotFoundError, typer.BadParameter)
-
-
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    extra: list[type[BaseException]] = []
-    try:
-        from .errors import HapoError
-
-        extra.append(HapoError)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from .data import DataError  # type: ignore[attr-defined]
-
-        extra.append(DataError)
-    except (ImportError, AttributeError):
-        pass
-    return USER_ERRORS + tuple(extra)
+# Errors that are the user's: one line, exit 2. Data, model and run-directory errors are
+# HapoError subclasses.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    RecipeError, HapoError, FileNotFoundError, typer.BadParameter,
+)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -62,7 +49,7 @@ def _guard(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except typer.Exit:
         raise
-    except _user_error_types() as exc:
+    except USER_ERRORS as exc:
         if _STATE["debug"]:
             raise
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -321,7 +308,12 @@ def analyze(
         from analysis.report import analyze as run_analyze
     except ImportError:
         raise fail("`hapo analyze` is not available yet in this build") from None
-    result = _guard(run_analyze, list(paths), out, formats)
+    try:
+        result = _guard(run_analyze, list(paths), out, formats)
+    except ValueError as exc:  # analysis reports unreadable inputs as ValueError (no torch deps)
+        if _STATE["debug"]:
+            raise
+        raise fail(str(exc).splitlines()[0]) from None
     for line in getattr(result, "skipped_lines", lambda: [])():
         console.print(f"[yellow]skipped[/yellow] {line}", highlight=False)
     console.print(f"report: {getattr(result, 'report_md', out)}")

@@ -102,3 +102,9 @@ def test_analyze_writes_report_from_a_run_dir(tmp_path):
     assert len(pngs) >= 5
     res = runner.invoke(app, ["analyze", str(run), "--format", "gif"])
     assert res.exit_code == 2 and "gif" in res.output
+
+
+def test_analyze_of_a_folder_without_runs_exits_2(tmp_path):
+    res = runner.invoke(app, ["analyze", str(tmp_path)])
+    assert res.exit_code == 2
+    assert "neither a run directory" in res.output and "Traceback" not in res.output
