@@ -76,16 +76,22 @@ def response_logprobs(
                 logits_to_keep=1,
             )
         hidden = box["hidden"][:, P - 1 : L - 1, :]  # (B, T, d): position P-1+t predicts token t
-        logp, ent = fused_logprobs_and_entropy(
-            hidden.reshape(B * T, -1),
+        # only real response tokens go through the LM head (padding can be most of a batch of
+        # long, ragged responses); results are scattered back to (B, T), 0 on padding
+        valid = attention_mask[:, P:].reshape(-1).bool()  # (B*T,)
+        idx = valid.nonzero().squeeze(1)
+        lp, en = fused_logprobs_and_entropy(
+            hidden.reshape(B * T, -1)[idx],
             head.weight,
-            targets.reshape(-1),
-            temperature=temp,
+            targets.reshape(-1)[idx],
+            temperature=temp[idx] if isinstance(temp, Tensor) else temp,
             chunk_size=chunk_size,
             bias=getattr(head, "bias", None),
             compute_entropy=entropy,
         )
-        return logp.view(B, T), (ent.view(B, T) if entropy else None)
+        logp = lp.new_zeros(B * T).index_copy(0, idx, lp).view(B, T)
+        ent = en.new_zeros(B * T).index_copy(0, idx, en).view(B, T) if entropy else None
+        return logp, ent
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
