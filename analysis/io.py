@@ -369,7 +369,10 @@ def load_paths(paths: list[Path], *, tokens: bool = True) -> Collection:
 
 # ---------------------------------------------------------------- long tables
 def _tag(df: pd.DataFrame, run: Run) -> pd.DataFrame:
-    df = df.copy()
+    """Prefix the run's identity columns; a file's own column of the same name (e.g. an eval
+    row's sampling `seed`) is kept as `<name>_file`."""
+    clash = {c: f"{c}_file" for c in ("run", "label", "seed") if c in df.columns}
+    df = df.rename(columns=clash) if clash else df.copy()
     df.insert(0, "seed", run.seed)
     df.insert(0, "label", run.label)
     df.insert(0, "run", run.name)

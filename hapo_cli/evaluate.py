@@ -342,7 +342,7 @@ def run_evaluate(
                         "benchmark": bench_name, "setting": s.label,
                         "temperature": s.temperature, "adaptive": s.adaptive, "tau": tau
                         if s.adaptive else None, "checkpoint_step": step, "model": str(model_dir),
-                        "top_p": top_p, "seed": seed, **summ,
+                        "top_p": top_p, "sampling_seed": seed, **summ,
                     })
                     for r in recs:
                         ent = [float(e.mean()) if e.numel() else None for e in r["entropies"]]
@@ -360,8 +360,8 @@ def run_evaluate(
     atomic_write_text(out_dir / f"{name}-samples.jsonl",
                       "".join(json.dumps(r) + "\n" for r in samples))
     if console is not None:
-        table = Table("benchmark", "ckpt", "setting", f"avg@{n}", "pass@1", f"pass@{n}",
-                      f"maj@{n}", "len", "trunc", "critical")
+        table = Table("bench", "ckpt", "setting", f"avg@{n}", "pass@1", f"pass@{n}",
+                      f"maj@{n}", "len", "trunc", "crit")
         for r in rows:
             k = r["n"]
             table.add_row(r["benchmark"], str(r["checkpoint_step"]), r["setting"],

@@ -254,3 +254,23 @@ def test_schema_import_is_standard_library_only():
                          text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+def test_eval_rows_with_their_own_seed_column_load(tmp_path):
+    """`hapo evaluate` rows carry run-like keys (a sampling seed); tagging must not clash."""
+    import json
+
+    from analysis.io import load_paths, stack_evals
+    from analysis.synthetic import write_run
+
+    run = tmp_path / "run"
+    write_run(run, seed=1)
+    row = {"benchmark": "arith", "setting": "T=0.5", "temperature": 0.5, "adaptive": False,
+           "checkpoint_step": 6, "n": 4, "avg@4": 0.5, "seed": 7, "label": "x",
+           "critical_tokens_mean": 3.0, "critical_entropy_threshold": 1.0}
+    (run / "eval").mkdir(exist_ok=True)
+    (run / "eval" / "extra.jsonl").write_text(json.dumps(row) + "\n")
+    df = stack_evals(load_paths([run]).runs)
+    got = df[df["setting"] == "T=0.5"]
+    assert (got["seed"] == 1).all() and (got["seed_file"] == 7).any()
+    assert (got["label_file"] == "x").any()
