@@ -272,7 +272,7 @@ def run_evaluate(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
     from rich.table import Table
 
-    from .algo import EntropyStats, entropy_stats
+    from .algo import EntropyStats, entropy_stats, quantile_1d
     from .data import load_benchmark
     from .learner.checkpoint import STATE_FILE
     from .models import load_policy
@@ -323,7 +323,7 @@ def run_evaluate(
             ents = torch.cat([e for r in cal for e in r["entropies"]])
             threshold = critical_entropy
             if threshold is None:
-                threshold = float(torch.quantile(ents, 0.8)) if ents.numel() else 0.0
+                threshold = quantile_1d(ents, 0.8, "paper")
             stats = run_stats
             if stats is None and any(s.adaptive for s in settings):
                 stats = entropy_stats(ents[None, :], torch.ones(1, ents.numel(), dtype=torch.bool))

@@ -293,3 +293,28 @@ def test_weights_for_an_unsharded_model_are_the_parameters():
     with pytest.raises(HapoError, match="rollout.engine=vllm"):
         check_engine_sharding("hf", acc)
     check_engine_sharding("vllm", acc)
+
+
+def test_shard_indices_split_every_mini_batch():
+    from hapo_cli.errors import HapoError
+    from hapo_cli.learner.trainer import shard_indices
+
+    # 8 prompts, mini-batch 4, 2 ranks: each rank takes half of each mini-batch, so rank 0's
+    # local mini-batch 0 (prompts 0,1) and rank 1's (2,3) together form global mini-batch 0
+    assert shard_indices(8, 4, 2, 0) == [0, 1, 4, 5]
+    assert shard_indices(8, 4, 2, 1) == [2, 3, 6, 7]
+    assert shard_indices(8, 4, 1, 0) == list(range(8))
+    with pytest.raises(HapoError, match="multiple of the number of processes"):
+        shard_indices(8, 3, 2, 0)
+
+
+def test_mini_batches_partition_rows(monkeypatch):
+    r = load_recipe("tiny/dapo", ["train.prompts_per_step=4", "train.mini_batch_prompts=2",
+                                  "train.micro_batch_size=2", "rollout.n=2"])
+    loop = _loop(r, _FakeEngine(lambda c, p, n: [False] * n), monkeypatch)
+    got = [(m.start, m.stop, [(s.start, s.stop) for s in micros])
+           for m, micros in loop._mini_batches(8)]
+    # mini-batch = 2 prompts x 2 = 4 responses; micro-batches of 2 inside each; a short last
+    # mini-batch (6 responses: dynamic sampling kept 3 prompts) keeps its rows
+    assert got == [(0, 4, [(0, 2), (2, 4)]), (4, 8, [(4, 6), (6, 8)])]
+    assert [(m.start, m.stop) for m, _ in loop._mini_batches(6)] == [(0, 4), (4, 6)]

@@ -20,6 +20,7 @@ from .entropy import (
     apply_adaptive_temperature,
     entropy_stats,
     normalized_entropy,
+    quantile_1d,
     token_entropy,
 )
 from .fused import fused_logprobs_and_entropy
@@ -45,6 +46,7 @@ __all__ = [
     "logprobs_and_entropy",
     "normalized_entropy",
     "policy_loss",
+    "quantile_1d",
     "redistribute_advantages",
     "stats_from_shards",
     "tis_weights",

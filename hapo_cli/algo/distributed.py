@@ -107,7 +107,9 @@ def _info(exact: bool, err: float, count: int) -> dict[str, Any]:
     return {"exact": exact, "quantile_bin_error": float(err), "num_tokens": int(count)}
 
 
-def _all_gather_varlen(x: Tensor, group: Any) -> Tensor:
+def all_gather_varlen(x: Tensor, group: Any = None) -> Tensor:
+    """Concatenate 1-D tensors of different lengths over ranks (rank order), with two tensor
+    all-gathers (lengths, then padded values): no pickling."""
     world = dist.get_world_size(group)
     n = torch.tensor([x.numel()], dtype=torch.long, device=x.device)
     counts = [torch.zeros_like(n) for _ in range(world)]
@@ -145,7 +147,7 @@ def distributed_entropy_stats(
     if count == 0:
         return stats_from_reduced(0, 0.0, 0.0, 0.0, 0.0, mode, eps), _info(True, 0.0, 0)
     if count <= exact_max_tokens:
-        rho, err = quantile_1d(_all_gather_varlen(x, group), pivot, mode), 0.0
+        rho, err = quantile_1d(all_gather_varlen(x, group), pivot, mode), 0.0
     else:
         hist = shard_histogram(x, x_min, x_max, num_bins)
         dist.all_reduce(hist, op=dist.ReduceOp.SUM, group=group)

@@ -257,14 +257,12 @@ class Loop:
         return self.acc.reduce(x.to(self.device), reduction="sum").cpu()
 
     def _cat(self, x: Tensor) -> Tensor:
-        """Concatenate a 1-D CPU tensor over ranks (rank order)."""
+        """Concatenate a 1-D tensor over ranks (rank order), returned on the CPU."""
         if self.world == 1:
             return x
-        import torch.distributed as dist
+        from ..algo.distributed import all_gather_varlen
 
-        parts: list[Any] = [None] * self.world
-        dist.all_gather_object(parts, x.cpu())
-        return torch.cat(parts)
+        return all_gather_varlen(x.to(self.device)).cpu()
 
     def _sum_dict(self, d: dict[str, float]) -> dict[str, float]:
         if self.world == 1 or not d:
@@ -463,7 +461,9 @@ class Loop:
         )
         if a.entropy_stats_scope == "microbatch":  # the released code's behaviour
             h = torch.zeros_like(entropy)
-            for rows in self._micro_slices(len(batch.scores)):
+            micro_rows = [rows for _, micros in self._mini_batches(len(batch.scores))
+                          for rows in micros]
+            for rows in micro_rows:
                 mb_stats = algo.entropy_stats(entropy[rows], mask[rows], pivot=a.entropy_pivot,
                                               mode=a.entropy_norm)
                 h[rows] = algo.normalized_entropy(entropy[rows], mb_stats)
@@ -496,17 +496,15 @@ class Loop:
 
         # ---- PPO epochs ----
         t2 = time.perf_counter()
-        upd = self.update(batch, old_logp, adv, loss_mask, h, eps_low, eps_high, tis, entropy)
+        upd = self.update(batch, old_logp, adv, loss_mask, h, eps_low, eps_high, tis)
         row["time/train_s"] = time.perf_counter() - t2
 
         # ---- metrics ----
         self.state.entropy_stats = stats
         if self.state.critical_threshold is None:
             valid_ent = self._cat(entropy[mask])
-            self.state.critical_threshold = (
-                float(torch.quantile(valid_ent.float(), a.critical_quantile))
-                if valid_ent.numel() else 0.0
-            )
+            self.state.critical_threshold = algo.quantile_1d(valid_ent.float(),
+                                                             a.critical_quantile, "paper")
         row.update(upd["metrics"])
         row.update(self.batch_metrics(batch, entropy, old_logp, adv, seq_tok, stats, stats_info,
                                       fallback))
@@ -521,12 +519,16 @@ class Loop:
             self.engine.sync_weights(full_named_parameters(self.model, self.acc))
         return row
 
-    def _micro_slices(self, B: int) -> list[slice]:
-        """The micro-batches `update` uses: contiguous slices within each mini-batch."""
+    def _mini_batches(self, B: int) -> list[tuple[slice, list[slice]]]:
+        """(mini-batch rows, its micro-batch row slices) over this rank's B responses: one
+        optimizer step per mini-batch, one forward/backward per micro-batch."""
         mini = (self.r.train.mini_batch_prompts // self.world) * self.r.rollout.n
         micro = min(self.r.train.micro_batch_size, mini)
-        return [slice(s, min(s + micro, m0 + mini, B))
-                for m0 in range(0, B, mini) for s in range(m0, min(m0 + mini, B), micro)]
+        out = []
+        for m0 in range(0, B, mini):
+            m1 = min(m0 + mini, B)
+            out.append((slice(m0, m1), [slice(s, min(s + micro, m1)) for s in range(m0, m1, micro)]))
+        return out
 
     # ---- forward passes ----
     def _policy_temperature(self, batch: TrainBatch, rows: slice | Tensor):
@@ -573,13 +575,10 @@ class Loop:
         logp, _ = run(lambda rows: self._policy_temperature(batch, rows))
         return logp, entropy
 
-    def update(self, batch, old_logp, adv, loss_mask, h, eps_low, eps_high, tis, entropy):
+    def update(self, batch, old_logp, adv, loss_mask, h, eps_low, eps_high, tis):
         r, a = self.r, self.r.algo
         unwrap(self.model).train()
         B, T = batch.response_ids.shape
-        G = r.rollout.n
-        mini = (r.train.mini_batch_prompts // self.world) * G  # this rank's share
-        micro = min(r.train.micro_batch_size, mini)
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
         ratio_all = torch.ones(B, T)
@@ -587,8 +586,7 @@ class Loop:
         grad_norms: list[float] = []
         n_opt = 0
         for _epoch in range(r.train.ppo_epochs):
-            for m0 in range(0, B, mini):
-                m_rows = slice(m0, min(m0 + mini, B))
+            for m_rows, micros in self._mini_batches(B):
                 m_mask = loss_mask[m_rows]
                 if a.loss_agg == "token-mean":
                     local = m_mask.sum()
@@ -597,10 +595,8 @@ class Loop:
                 normalizer = float(self._sum(local.float()))
                 if normalizer == 0:
                     continue
-                micro_starts = list(range(m_rows.start, m_rows.stop, micro))
-                for i, s in enumerate(micro_starts):
-                    rows = slice(s, min(s + micro, m_rows.stop))
-                    sync = i == len(micro_starts) - 1
+                for i, rows in enumerate(micros):
+                    sync = i == len(micros) - 1
                     ctx = nullcontext() if sync or self.world == 1 else self.acc.no_sync(self.model)
                     with ctx:
                         ids = batch.input_ids[rows].to(self.device)
@@ -677,34 +673,45 @@ class Loop:
 
     # ---- logging ----
     def batch_metrics(self, batch, entropy, old_logp, adv, seq_tok, stats, stats_info, fallback):
-        """Step metrics over the whole global batch (all ranks)."""
+        """Step metrics over the whole global batch (all ranks): token entropies and
+        per-response values are gathered (for quantiles and per-response means), every other
+        token-level quantity is a local sum reduced across ranks."""
         mask = batch.mask
         cat = self._cat
         ent = cat(entropy[mask].float())
-        q = torch.quantile(ent, torch.tensor([0.2, 0.8])) if ent.numel() else torch.zeros(2)
-        temps = cat(batch.temperature[mask].float())
+        p20, p80 = (algo.quantile_1d(ent, q, "paper") for q in (0.2, 0.8))
         lens = cat(batch.response_len.float())
         acc = cat(batch.acc.float())
         scores = cat(batch.scores.float())
         correct = acc > 0.5
         crit = cat(((entropy >= (self.state.critical_threshold or 0.0)) & mask).sum(-1).float())
-        gap = cat((old_logp - batch.behaviour_logp)[mask])
-        a = cat(adv[mask].float())
-        sq = cat(seq_tok[mask].float())
-        n_fallback = float(self._sum(torch.tensor(float(fallback.sum()) if fallback.numel()
-                                                  else 0.0)))
+        temps = batch.temperature[mask].double()
+        gap = (old_logp - batch.behaviour_logp)[mask].abs().double()
+        a, sq = adv[mask].double(), seq_tok[mask].double()
+        n_fallback = float(fallback.sum()) if fallback.numel() else 0.0
+        t = self._sum_dict({
+            "n": float(mask.sum()), "t_sum": float(temps.sum()), "t_sq": float((temps**2).sum()),
+            "gap": float(gap.sum()),
+            "pos_sum": float(a[a > 0].sum()), "neg_sum": float(a[a < 0].sum()),
+            "pos_n": float((a > 0).sum()), "neg_n": float((a < 0).sum()),
+            "seq_pos": float(sq[sq > 0].sum()), "seq_neg": float(sq[sq < 0].sum()),
+            "fallback": n_fallback, "trunc": float(batch.truncated.float().sum()),
+        })
+        n = max(t["n"], 1.0)
+        t_mean = t["t_sum"] / n
+        t_var = max(t["t_sq"] / n - t_mean**2, 0.0) * (n / max(n - 1, 1.0))  # unbiased
         return {
             "actor/entropy_mean": float(ent.mean()) if ent.numel() else 0.0,
-            "actor/entropy_p20": float(q[0]),
-            "actor/entropy_p80": float(q[1]),
-            "actor/behaviour_logp_gap": float(gap.abs().mean()) if gap.numel() else 0.0,
-            "adv/pos_token_sum": float(a[a > 0].sum()),
-            "adv/neg_token_sum": float(a[a < 0].sum()),
-            "adv/pos_token_count": float((a > 0).sum()),
-            "adv/neg_token_count": float((a < 0).sum()),
-            "adv/seq_pos_token_sum": float(sq[sq > 0].sum()),
-            "adv/seq_neg_token_sum": float(sq[sq < 0].sum()),
-            "adv/fallback_groups": n_fallback,
+            "actor/entropy_p20": p20,
+            "actor/entropy_p80": p80,
+            "actor/behaviour_logp_gap": t["gap"] / n,
+            "adv/pos_token_sum": t["pos_sum"],
+            "adv/neg_token_sum": t["neg_sum"],
+            "adv/pos_token_count": t["pos_n"],
+            "adv/neg_token_count": t["neg_n"],
+            "adv/seq_pos_token_sum": t["seq_pos"],
+            "adv/seq_neg_token_sum": t["seq_neg"],
+            "adv/fallback_groups": t["fallback"],
             "rollout/response_len_mean": float(lens.mean()),
             "rollout/response_len_correct_mean": float(lens[correct].mean()) if correct.any()
             else None,
@@ -712,9 +719,9 @@ class Loop:
             else None,
             "rollout/critical_tokens": float(crit.mean()),
             "rollout/critical_threshold": self.state.critical_threshold,
-            "rollout/temperature_mean": float(temps.mean()) if temps.numel() else None,
-            "rollout/temperature_std": float(temps.std()) if temps.numel() > 1 else 0.0,
-            "rollout/truncated_frac": float(cat(batch.truncated.float()).mean()),
+            "rollout/temperature_mean": t_mean if t["n"] else None,
+            "rollout/temperature_std": math.sqrt(t_var),
+            "rollout/truncated_frac": t["trunc"] / max(len(lens), 1),
             "rollout/responses": float(len(lens)),
             "reward/mean": float(scores.mean()),
             "reward/acc": float(acc.mean()),
