@@ -104,25 +104,13 @@ class Setting:
         return out
 
 
-def _answer_of(example, text: str) -> str | None:
-    from . import rewards
-
-    fn = getattr(rewards, "extract_answer", None)
-    if fn is not None:
-        try:
-            return fn(example.verifier, text)
-        except Exception:  # noqa: BLE001 - a malformed answer is just no vote
-            return None
-    return text.strip() or None
-
-
 def sample_benchmark(
     engine, tokenizer, examples, *, n, temperature, top_p, top_k, max_new_tokens, greedy,
     adaptive, tau, stats, seed, batch_size, progress=None, task=None, offset=0,
 ) -> list[dict[str, Any]]:
     """Generate n samples per prompt and score them: one record per prompt. Sample j of
     prompt i depends on (seed, offset + i, j) only, not on batching."""
-    from .rewards import verify
+    from .rewards import extract_answer, verify
     from .rollout import SamplingSpec
 
     spec = SamplingSpec(
@@ -150,7 +138,7 @@ def sample_benchmark(
             records.append({
                 "uid": ex.uid, "prompt": ex.prompt, "answer": ex.answer,
                 "responses": [texts[i] for i in rows], "correct": correct,
-                "answers": [_answer_of(ex, texts[i]) for i in rows],
+                "answers": [extract_answer(ex.verifier, texts[i]) for i in rows],
                 "lengths": [int(mask[i].sum()) for i in rows],
                 "truncated": [out.finish_reason[i] == "length" for i in rows],
                 "entropies": ents,

@@ -130,3 +130,17 @@ def test_score_responses():
     torch.testing.assert_close(scores_off, acc)
     with pytest.raises(ValueError, match="must all have B entries"):
         score_responses(examples[:2], texts, lengths, 32, cfg)
+
+
+def test_extract_answer_for_majority_voting():
+    from hapo_cli.rewards import extract_answer
+
+    # synthetic: the text after the last '#'; different step texts, same answer -> same vote
+    assert extract_answer("exact", "47+38=85;85-19=66;#66") == "66"
+    assert extract_answer("exact", "40+45=85;85-19=66;#66") == "66"
+    assert extract_answer("exact", "47+38=85;85-19=66") is None
+    assert extract_answer("exact", "1+1=2;#") is None  # empty answer: no vote
+    # math: the last \boxed{}, braces balanced
+    assert extract_answer("math", r"so \boxed{1} or rather \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"
+    assert extract_answer("math", r"\boxed{x") is None
+    assert extract_answer("math", "no box") is None

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .verify import final_answer, verify, verify_exact, verify_math
+from .verify import extract_answer, final_answer, verify, verify_exact, verify_math
 
 if TYPE_CHECKING:
     from .shaping import overlong_penalty, score_responses
 
 __all__ = [
+    "extract_answer",
     "final_answer",
     "overlong_penalty",
     "score_responses",

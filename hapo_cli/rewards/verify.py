@@ -42,6 +42,26 @@ def final_answer(response: str) -> str | None:
     return response.rsplit("#", 1)[1].strip()
 
 
+def last_boxed(response: str) -> str | None:
+    """Content of the last `\\boxed{...}` (braces balanced), stripped; None when absent."""
+    start = response.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i, depth = start + len("\\boxed{"), 1
+    for j in range(i, len(response)):
+        depth += {"{": 1, "}": -1}.get(response[j], 0)
+        if depth == 0:
+            return response[i:j].strip()
+    return None
+
+
+def extract_answer(verifier: Verifier, response: str) -> str | None:
+    """The answer a response commits to, for majority voting (maj@k): the text after the last
+    '#' for synthetic tasks, the last `\\boxed{}` for math. None = no vote."""
+    got = final_answer(response) if verifier == "exact" else last_boxed(response)
+    return got or None
+
+
 def verify_exact(response: str, answer: str) -> bool:
     """Synthetic tasks: the final answer (after the last '#') equals `answer` exactly."""
     got = final_answer(response)
