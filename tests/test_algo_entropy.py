@@ -223,3 +223,44 @@ def test_quantile_1d_matches_torch_quantile_on_unsorted_input(q):
     x = torch.randn(101, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert quantile_1d(x, q, "paper") == pytest.approx(float(torch.quantile(x, q)))
     assert quantile_1d(x, q, "released") == float(x.sort().values[round(q * 100)])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_extreme_tokens_get_exact_h_and_sign_counts_survive_padding_noise(seed):
+    """Regression (CI failed on one machine only): two equal runs padded to different widths
+    give entropies that differ by float noise (up to 8e-7 measured). With z in float32 the
+    batch's lowest-entropy token got h = -0.99999988 in one run and -1.0 in the other, so C's
+    `A (1 + beta h)` was 8e-8 vs 0 and `adv_pos_token_count` differed by one. Now h is exactly
+    -1 / +1 at the extremes in both runs, A' is exactly 0 there, and counts agree."""
+    from hapo_cli.algo import advantage_signs, redistribute_advantages
+
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(16, 24, generator=g) > 0.2
+    # distinct entropies (gaps 5e-3 >> noise), skewed low: the noise must not change which
+    # token is the lowest, only its last bits
+    entropy = ((torch.randperm(16 * 24, generator=g) + 1.0) * 5e-3).pow(2).reshape(16, 24) / 2
+    noise = (torch.rand(16, 24, generator=g) - 0.5) * 1.6e-6  # |noise| <= 8e-7
+    adv = torch.where(torch.rand(16, 24, generator=g) > 0.5, 1.0, -1.0)
+    counts = []
+    for ent in (entropy, (entropy + noise).clamp_min(1e-6)):
+        stats = entropy_stats(ent, mask)
+        h = normalized_entropy(ent, stats)
+        assert h.dtype == torch.float32
+        low = ent.masked_fill(~mask, float("inf")).argmin()
+        high = ent.masked_fill(~mask, -float("inf")).argmax()
+        assert h.flatten()[low].item() == -1.0 and h.flatten()[high].item() == 1.0
+        adv_c = redistribute_advantages(adv, h, torch.ones_like(h), 0.2, 0.2, beta=1.0)
+        assert adv_c.flatten()[low].item() == 0.0
+        pos, neg = advantage_signs(adv_c, mask)
+        counts.append((int(pos.sum()), int(neg.sum())))
+    assert counts[0] == counts[1]
+
+
+def test_advantage_signs_ignore_noise_below_tolerance():
+    from hapo_cli.algo import ADV_SIGN_TOL, advantage_signs
+
+    adv = torch.tensor([[1.0, -1.0, 8.3e-8, -8.3e-8, 0.0, 2 * ADV_SIGN_TOL]])
+    mask = torch.tensor([[True, True, True, True, True, False]])
+    pos, neg = advantage_signs(adv, mask)
+    assert pos.tolist() == [[True, False, False, False, False, False]]
+    assert neg.tolist() == [[False, True, False, False, False, False]]

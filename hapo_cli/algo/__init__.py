@@ -26,7 +26,9 @@ from .entropy import (
 from .fused import fused_logprobs_and_entropy
 from .logprobs import logprobs_and_entropy
 from .loss import (
+    ADV_SIGN_TOL,
     adaptive_clip_bounds,
+    advantage_signs,
     forking_token_mask,
     policy_loss,
     redistribute_advantages,
@@ -34,9 +36,11 @@ from .loss import (
 )
 
 __all__ = [
+    "ADV_SIGN_TOL",
     "EntropyStats",
     "adaptive_clip_bounds",
     "adaptive_temperature",
+    "advantage_signs",
     "apply_adaptive_temperature",
     "distributed_entropy_stats",
     "entropy_stats",

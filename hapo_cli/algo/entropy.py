@@ -213,10 +213,15 @@ def normalized_entropy(entropy: Tensor, stats: EntropyStats) -> Tensor:
     On the batch the stats came from, h is already in [-1, 1] (paper) / [0, 1] (released);
     the clamp matters for new entropies (decode time, later micro-batches). Padding positions
     get a finite h that callers must mask. float32 (float64 for float64 input).
+
+    z is computed in float64, as the stats are (`valid_log_entropy`): the batch's extreme
+    tokens then get exactly h = -1 / +1 (z / scale is x / x), whatever the input's float noise.
+    In float32 the lowest-entropy token got -0.99999988 or -1.0 depending on padding width,
+    so C's `1 + beta h` was 1e-7 or 0 and sign-based counts differed between equal runs.
     """
-    work = entropy.double() if entropy.dtype == torch.float64 else entropy.float()
-    z = (work.clamp_min(stats.eps).log() - stats.rho) / stats.std
-    return _h_from_z(z, stats)
+    out_dtype = torch.float64 if entropy.dtype == torch.float64 else torch.float32
+    z = (entropy.double().clamp_min(stats.eps).log() - stats.rho) / stats.std
+    return _h_from_z(z, stats).to(out_dtype)
 
 
 def adaptive_temperature(

@@ -18,6 +18,18 @@ from .entropy import quantile_1d
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 LOG_RATIO_CLAMP = 20.0
+# Advantages are unit-scale (normalised by a group std), so an |A| below this is float noise,
+# not a sign: C's `1 + beta h` at h = -1 is 0 in exact arithmetic and 1e-7 after rounding, and
+# equal runs that differ only in padding width must not count such a token on different sides.
+ADV_SIGN_TOL = 1e-6
+
+
+def advantage_signs(adv: Tensor, mask: Tensor, tol: float = ADV_SIGN_TOL) -> tuple[Tensor, Tensor]:
+    """(positive, negative) bool masks of the valid tokens with `adv > tol` / `adv < -tol`.
+
+    Tokens with |adv| <= tol count on neither side (their sums are below tol per token).
+    """
+    return mask & (adv > tol), mask & (adv < -tol)
 
 
 def adaptive_clip_bounds(
@@ -153,6 +165,7 @@ def policy_loss(
         n = n_valid.clamp_min(1).float()
         clip_low = (a < 0) & (ratio < low)
         clip_high = (a > 0) & (ratio > high)
+        pos, neg = advantage_signs(a, mask)
         metrics = {
             "pg_loss": loss.detach(),
             "clip_frac_low": _frac(clip_low, mask, n),
@@ -160,10 +173,10 @@ def policy_loss(
             "dual_clip_frac": _frac((a < 0) & (ratio > clip_c), mask, n),
             "ratio_dev_mean": torch.where(mask, (ratio - 1).abs(), zero).sum() / n,
             "ratio_mean": torch.where(mask, ratio, zero).sum() / n,
-            "adv_pos_token_sum": torch.where(mask & (a > 0), a, zero).sum(),
-            "adv_neg_token_sum": torch.where(mask & (a < 0), a, zero).sum(),
-            "adv_pos_token_count": (mask & (a > 0)).sum().float(),
-            "adv_neg_token_count": (mask & (a < 0)).sum().float(),
+            "adv_pos_token_sum": torch.where(pos, a, zero).sum(),
+            "adv_neg_token_sum": torch.where(neg, a, zero).sum(),
+            "adv_pos_token_count": pos.sum().float(),
+            "adv_neg_token_count": neg.sum().float(),
             "valid_tokens": n_valid.float(),
         }
         if h is not None:

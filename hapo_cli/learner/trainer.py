@@ -688,12 +688,13 @@ class Loop:
         temps = batch.temperature[mask].double()
         gap = (old_logp - batch.behaviour_logp)[mask].abs().double()
         a, sq = adv[mask].double(), seq_tok[mask].double()
+        pos, neg = algo.advantage_signs(a, torch.ones_like(a, dtype=torch.bool))
         n_fallback = float(fallback.sum()) if fallback.numel() else 0.0
         t = self._sum_dict({
             "n": float(mask.sum()), "t_sum": float(temps.sum()), "t_sq": float((temps**2).sum()),
             "gap": float(gap.sum()),
-            "pos_sum": float(a[a > 0].sum()), "neg_sum": float(a[a < 0].sum()),
-            "pos_n": float((a > 0).sum()), "neg_n": float((a < 0).sum()),
+            "pos_sum": float(a[pos].sum()), "neg_sum": float(a[neg].sum()),
+            "pos_n": float(pos.sum()), "neg_n": float(neg.sum()),
             "seq_pos": float(sq[sq > 0].sum()), "seq_neg": float(sq[sq < 0].sum()),
             "fallback": n_fallback, "trunc": float(batch.truncated.float().sum()),
         })
