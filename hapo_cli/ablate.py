@@ -306,8 +306,12 @@ def read_ablation(ablation_dir: Path) -> AblationSpec | None:
     if not path.exists():
         return None
     try:
-        return AblationSpec.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+        return AblationSpec.from_json(data)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError,
+            RecursionError) as exc:
         raise HapoError(f"{path}: not a readable ablation spec ({exc})") from None
 
 

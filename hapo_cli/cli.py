@@ -53,7 +53,9 @@ def _guard(fn, *args, **kwargs):
         if _STATE["debug"]:
             raise
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise fail(msg) from None
+        raise fail(msg, getattr(exc, "exit_code", 2)) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted; run the same command again to continue", 130) from None
 
 
 SetOpt = Annotated[
@@ -148,6 +150,8 @@ def train(
 
     summary = _guard(run_train, rec, output_dir=output, resume=resume, overwrite=overwrite)
     if summary is not None:
+        if summary.status == "interrupted":
+            raise fail(summary.message if summary.is_main else "interrupted", 130)
         if summary.is_main:
             console.print(summary.line())
         if summary.status != "done":
@@ -300,6 +304,8 @@ def analyze(
     for p in paths:
         if not p.is_dir():
             raise fail(f"{p}: not a directory (expected a run or ablation directory)")
+    if out is not None and out.exists() and not out.is_dir():
+        raise fail(f"--out {out}: is a file; expected a directory for the figures and report")
     formats = [f.strip() for f in format.split(",") if f.strip()]
     bad = [f for f in formats if f not in ("png", "pdf", "svg")]
     if bad:
@@ -314,6 +320,12 @@ def analyze(
         if _STATE["debug"]:
             raise
         raise fail(str(exc).splitlines()[0]) from None
+    except OSError as exc:  # a read-only or full output folder
+        if _STATE["debug"]:
+            raise
+        from .runlog import os_error_line
+
+        raise fail(f"cannot write the analysis: {os_error_line(exc)}") from None
     for line in getattr(result, "skipped_lines", lambda: [])():
         console.print(f"[yellow]skipped[/yellow] {line}", highlight=False)
     console.print(f"report: {getattr(result, 'report_md', out)}")

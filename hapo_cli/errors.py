@@ -7,3 +7,9 @@ class HapoError(ValueError):
 
 class RunDirError(HapoError):
     """The output directory holds a different run, or nothing to resume."""
+
+
+class RunFailed(HapoError):
+    """A run that started and could not go on (disk full...): one line, exit 1, manifest failed."""
+
+    exit_code = 1

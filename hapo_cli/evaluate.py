@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,8 +95,10 @@ class Setting:
                 raise HapoError(
                     f"--temperature {spec!r}: {raw!r} is not a number or 'adaptive'"
                 ) from None
-            if t <= 0:
-                raise HapoError(f"--temperature {spec!r}: temperatures must be > 0 (use --greedy)")
+            if not math.isfinite(t) or t <= 0:
+                raise HapoError(
+                    f"--temperature {spec!r}: temperatures must be finite and > 0 (use --greedy)"
+                )
             out.append(Setting(f"T={t:g}", t))
         if greedy:
             out.append(Setting("greedy", None))
@@ -220,6 +223,33 @@ def validation_metrics(engine, tokenizer, val_sets, recipe, step: int, rank: int
 # ---------------------------------------------------------------------------------------------
 
 
+# --name becomes `<out>/<name>.jsonl`: a plain file name, never a path out of the folder
+# (`../metrics` would replace the run's own metrics.jsonl).
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_options(*, n, tau, top_p, top_k, max_new_tokens, batch_size, limit, critical_entropy,
+                  name) -> None:
+    """One HapoError (exit 2) for the first option out of range, naming it and the rule."""
+    rules = [
+        (n >= 1, f"--n {n}: must be >= 1"),
+        (math.isfinite(tau) and tau >= 0, f"--tau {tau}: must be finite and >= 0"),
+        (math.isfinite(top_p) and 0 < top_p <= 1, f"--top-p {top_p}: must be in (0, 1]"),
+        (top_k >= 0, f"--top-k {top_k}: must be >= 0 (0 = off)"),
+        (max_new_tokens is None or max_new_tokens >= 1,
+         f"--max-new-tokens {max_new_tokens}: must be >= 1"),
+        (batch_size >= 1, f"--batch-size {batch_size}: must be >= 1"),
+        (limit is None or limit >= 1, f"--limit {limit}: must be >= 1"),
+        (critical_entropy is None or (math.isfinite(critical_entropy) and critical_entropy >= 0),
+         f"--critical-entropy {critical_entropy}: must be finite and >= 0"),
+        (bool(_NAME.fullmatch(name)) and name not in (".", ".."),
+         f"--name {name!r}: must be a plain file name (letters, digits, . _ -), not a path"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise HapoError(message)
+
+
 def _targets(target: str, checkpoints: str) -> tuple[Path | None, list[tuple[int | None, Path]]]:
     """(run_dir or None, [(checkpoint step or None, model dir)])."""
     from .learner.checkpoint import list_checkpoints
@@ -268,11 +298,16 @@ def run_evaluate(
     from .rollout import build_engine
 
     settings = Setting.parse(temperatures, greedy)
-    if n < 1:
-        raise HapoError(f"--n {n}: must be >= 1")
+    check_options(n=n, tau=tau, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+                  batch_size=batch_size, limit=limit, critical_entropy=critical_entropy,
+                  name=name)
     if engine not in ("hf", "vllm"):
         raise HapoError(f"--engine {engine!r}: use hf or vllm")
     run_dir, models = _targets(target, checkpoints)
+    from .models import check_model_dir
+
+    for _, model_dir in models:  # every checkpoint, before hours of sampling
+        check_model_dir(model_dir)
     data_cfg = DataConfig()
     max_new = max_new_tokens
     if run_dir is not None and (run_dir / schema.RECIPE).exists():
@@ -288,6 +323,8 @@ def run_evaluate(
     out_dir = Path(out) if out else (run_dir / schema.EVAL_DIR if run_dir else None)
     if out_dir is None:
         raise HapoError("--out DIR is required when evaluating a bare model directory")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise HapoError(f"--out {out_dir}: is a file; expected a directory")
 
     rows: list[dict[str, Any]] = []
     samples: list[dict[str, Any]] = []

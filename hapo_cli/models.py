@@ -29,7 +29,11 @@ from .rewards.verify import verify
 
 # Bump when the warm-up procedure, the tokenizer or a synthetic task changes: it is part of the
 # cache key, so old cached policies are not reused by mistake.
-WARMUP_VERSION = "1"
+WARMUP_VERSION = "2"  # 2: built at WARMUP_THREADS threads whoever builds it
+# CPU matmuls split their reductions by thread count, so the warm-up's result depended on the
+# caller's threads (`hapo ablate` at torch's default and `hapo train` at train.threads=1 built
+# different policies under one cache key). Every warm-up runs at this many threads.
+WARMUP_THREADS = 1
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
 ALPHABET = "0123456789+-*/=;#()., abcdefghijklmnopqrstuvwxyz"
@@ -278,7 +282,7 @@ def warmup_policy(model_cfg: Any, data_cfg: Any, progress: Progress | None = Non
     renamed into place under an fcntl lock, so parallel workers build it once and never see a
     partial directory. Deterministic: torch.manual_seed(model.warmup.seed) inside a forked RNG
     (the caller's RNG state is unchanged, built or cached); float reduction order may still
-    differ across hardware (1 and 2 CPU threads gave identical policies here).
+    differ across hardware, not across the caller's thread count (WARMUP_THREADS).
     """
     if data_cfg.source != "synthetic":
         raise HapoError(
@@ -294,9 +298,20 @@ def warmup_policy(model_cfg: Any, data_cfg: Any, progress: Progress | None = Non
         if (final / "warmup.json").is_file():
             return final
         quiet_transformers()
-        with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left untouched
-            _build_warmup(model_cfg, data_cfg, final, progress)
+        with torch.random.fork_rng(devices=[]), _num_threads(WARMUP_THREADS):
+            _build_warmup(model_cfg, data_cfg, final, progress)  # caller's RNG left untouched
     return final
+
+
+@contextlib.contextmanager
+def _num_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to `n` inside, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _build_warmup(model_cfg: Any, data_cfg: Any, final: Path, progress: Progress | None) -> None:
@@ -409,3 +424,42 @@ def load_policy(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def check_model_dir(path: str | Path) -> None:
+    """ModelError (one line) unless `path` looks loadable: a JSON-object config.json with a
+    model_type, tokenizer files, and weight files whose headers read. Cheap (headers only), so
+    `hapo train` / `evaluate` fail before anything is written, not half-way with a traceback."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not path.is_dir():
+        raise ModelError(f"{path}: not a directory (expected a local HF model directory)")
+    if not cfg_file.is_file():
+        raise ModelError(f"{path}: no config.json (not an HF model directory)")
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise ModelError(f"{cfg_file}: not valid JSON") from None
+    if not isinstance(cfg, dict) or not cfg.get("model_type"):
+        raise ModelError(f"{cfg_file}: expected a JSON object with a 'model_type' key")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(f"{path}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights and not any(path.glob("pytorch_model*.bin")):
+        raise ModelError(f"{path}: no weight files (*.safetensors)")
+    from safetensors import safe_open
+
+    for w in weights:
+        try:
+            with safe_open(str(w), framework="pt") as f:
+                f.keys()
+        except Exception as exc:  # SafetensorError, OSError: corrupt or truncated file
+            raise ModelError(f"{w}: not a readable safetensors file ({first_line(exc)})") from None
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__

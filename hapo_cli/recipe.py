@@ -23,7 +23,9 @@ class RecipeError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # allow_inf_nan=False: `lr=.inf` or `eps_high=nan` is a load-time error, not a NaN run.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True,
+                              allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -37,11 +39,19 @@ class TinyModelConfig(_Section):
     num_heads: int = Field(4, gt=0, description="Attention heads (key/value heads are equal).")
     intermediate_size: int = Field(256, gt=0, description="MLP width of the embedded model.")
 
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} must be a multiple of num_heads={self.num_heads}"
+            )
+        return self
+
 
 class WarmupConfig(_Section):
     steps: int = Field(1500, ge=0, description="Supervised warm-up optimizer steps at most.")
     batch_size: int = Field(128, gt=0, description="Warm-up batch size (examples).")
-    lr: float = Field(2e-3, gt=0, description="Warm-up AdamW learning rate.")
+    lr: float = Field(2e-3, gt=0, le=1, description="Warm-up AdamW learning rate.")
     seed: int = Field(0, description="Warm-up seed; part of the cache key, not the RL seed.")
     target_acc: float | None = Field(
         0.3, ge=0, le=1,
@@ -71,6 +81,12 @@ class ModelConfig(_Section):
     )
     gradient_checkpointing: bool = Field(False, description="Enable HF gradient checkpointing.")
     trust_remote_code: bool = Field(False, description="Passed to from_pretrained.")
+
+    @model_validator(mode="after")
+    def _cache_dir_not_a_file(self) -> ModelConfig:
+        if Path(self.cache_dir).is_file():
+            raise ValueError(f"cache_dir={self.cache_dir!r} is a file; expected a directory")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,6 +120,14 @@ class DataConfig(_Section):
     val_size: int = Field(
         200, gt=0, description="Held-out synthetic prompts per validation set (fixed seed)."
     )
+
+    @model_validator(mode="after")
+    def _known_task(self) -> DataConfig:
+        if self.source == "synthetic":
+            from .data.synthetic import check_task
+
+            check_task(self.task, self.difficulty)  # ValueError names the known tasks
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +177,7 @@ class AlgoConfig(_Section):
     beta: float = Field(1.0, ge=0, description="C: redistribution strength, A' = A(1 + beta h).")
     alpha: float = Field(1.0, ge=0, description="D: clip-bound adaptation strength.")
     eps_low: float = Field(0.2, gt=0, lt=1, description="PPO clip lower epsilon.")
-    eps_high: float = Field(0.2, gt=0, description="PPO clip upper epsilon.")
+    eps_high: float = Field(0.2, gt=0, le=1, description="PPO clip upper epsilon.")
     clip_c: float = Field(10.0, gt=1, description="Dual-clip constant c for negative advantages.")
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = Field(
         "token-mean", description="Loss aggregation; token-mean divides by the global token count."
@@ -220,11 +244,17 @@ class TrainConfig(_Section):
     )
     ppo_epochs: int = Field(1, ge=1, description="Passes over each training batch.")
     max_steps: int = Field(100, ge=0, description="Training steps.")
-    lr: float = Field(1e-6, gt=0, description="AdamW learning rate.")
+    lr: float = Field(1e-6, gt=0, le=1, description="AdamW learning rate.")
     warmup_steps: int = Field(10, ge=0, description="Linear LR warm-up in optimizer steps.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> TrainConfig:
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas={list(self.betas)} must each be in [0, 1), e.g. [0.9, 0.999]")
+        return self
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="Accelerate mixed precision."
     )
@@ -354,6 +384,8 @@ def parse_value(raw: str) -> Any:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
+    except RecursionError:
+        raise RecipeError(f"--set value {raw[:40]!r}...: nested too deeply") from None
     # YAML 1.1 reads '1e-4' as a string; accept plain float syntax.
     if isinstance(value, str):
         try:
@@ -363,16 +395,43 @@ def parse_value(raw: str) -> Any:
     return value
 
 
+# A recipe is a few hundred values; YAML aliases can expand a tiny file into billions of
+# nodes ("billion laughs") once copied. Count nodes as the copy would visit them, and stop early.
+MAX_RECIPE_NODES = 100_000
+
+
+def check_recipe_size(data: Any, source: str) -> None:
+    """RecipeError if `data`, with aliases expanded, has more than MAX_RECIPE_NODES values."""
+    seen, stack = 0, [data]
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_RECIPE_NODES:
+            raise RecipeError(
+                f"recipe error ({source}): more than {MAX_RECIPE_NODES} values once YAML aliases "
+                "are expanded; a recipe is a few hundred values (alias bomb?)"
+            )
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `a.b=c` overrides to a nested dict (copied); unknown paths fail later, in validation."""
+    check_recipe_size(data, "recipe")
     out = json.loads(json.dumps(data))
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"--set '{item}': expected KEY=VALUE, e.g. --set train.lr=1e-4")
         key, raw = item.split("=", 1)
-        parts = [p for p in key.strip().split(".") if p]
-        if not parts:
+        if not key.strip():
             raise RecipeError(f"--set '{item}': empty key")
+        parts = key.strip().split(".")
+        if not all(p.strip() for p in parts):
+            raise RecipeError(
+                f"--set '{item}': empty segment in key '{key.strip()}'; use e.g. train.lr=1e-3"
+            )
         node = out
         for i, part in enumerate(parts[:-1]):
             nxt = node.get(part)
@@ -420,7 +479,19 @@ def load_recipe(
         p = resolve_recipe_path(path)
         source = str(p)
         try:
-            loaded = yaml.safe_load(p.read_text())
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise RecipeError(
+                f"recipe error ({p}): not UTF-8 text (byte {err.start}); expected a YAML file"
+            ) from None
+        except OSError as err:
+            raise RecipeError(f"recipe error ({p}): cannot read: {err.strerror}") from None
+        if "\x00" in text:
+            raise RecipeError(f"recipe error ({p}): contains a NUL byte; expected a YAML text file")
+        try:
+            loaded = yaml.safe_load(text)
+        except RecursionError:
+            raise RecipeError(f"recipe error ({p}): nested too deeply") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
@@ -429,6 +500,7 @@ def load_recipe(
             loaded = {}
         if not isinstance(loaded, dict):
             raise RecipeError(f"recipe error ({p}): expected a mapping at the top level")
+        check_recipe_size(loaded, str(p))
         data = loaded
     if components is not None:
         from .components import apply_components

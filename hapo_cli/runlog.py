@@ -6,6 +6,8 @@ checkpoints/step-NNNNNN/. Every whole-file write goes to a temporary file and is
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import platform
@@ -65,6 +67,22 @@ def _json_default(x: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
+# What a run writes into its directory: the only names `--overwrite` removes. Anything else
+# there (the user's notes, sources, tracker folders) is left alone.
+RUN_FILES = (schema.RECIPE, schema.MANIFEST, schema.METRICS)
+RUN_DIRS = (schema.TOKENS_DIR, schema.EVAL_DIR, schema.CHECKPOINTS_DIR, "analysis")
+LOCK_FILE = ".hapo.lock"
+
+
+def os_error_line(err: OSError, path: Path | str | None = None) -> str:
+    """One line for an OSError: the path and the reason ("No space left on device")."""
+    where = err.filename or path or "?"
+    reason = err.strerror or type(err).__name__
+    if err.errno == errno.ENOSPC:
+        reason = "no space left on device"
+    return f"{where}: {reason}"
+
+
 class RunLog:
     """Writer for one run directory. Only the main process writes."""
 
@@ -72,24 +90,36 @@ class RunLog:
         self.dir = Path(run_dir)
         self.enabled = enabled
         self.manifest: dict[str, Any] = {}
+        self._lock_fd: int | None = None
 
     # ---- lifecycle ----
     @staticmethod
     def holds_run(run_dir: Path) -> bool:
-        return (run_dir / schema.MANIFEST).exists() or (run_dir / schema.METRICS).exists()
+        """A directory holds a run when it has a manifest (written first by every run)."""
+        return (run_dir / schema.MANIFEST).is_file()
 
     @staticmethod
     def prepare(run_dir: Path, recipe_yaml: str, resume: bool, overwrite: bool) -> str:
         """Check what the directory holds; returns 'new', 'resume' or 'overwrite'.
 
         Raises RunDirError (nothing touched) when the directory holds a run and neither flag allows
-        it, or when --resume meets a different recipe.
+        it, when --resume meets a different recipe, or when a directory that is not a run holds
+        files a run would write (they are never replaced, whatever the flags).
         """
+        if run_dir.exists() and not run_dir.is_dir():
+            raise RunDirError(f"{run_dir}: is a file; expected a run directory for --output")
         if not run_dir.exists() or not RunLog.holds_run(run_dir):
-            if run_dir.exists() and any(run_dir.iterdir()) and not overwrite and not resume:
+            entries = [c for c in run_dir.iterdir() if c.name != LOCK_FILE] if run_dir.exists() else []
+            clash = [n for n in (*RUN_FILES, *RUN_DIRS) if (run_dir / n).exists()]
+            if clash:
+                raise RunDirError(
+                    f"{run_dir}: holds '{clash[0]}' but no {schema.MANIFEST}, so it is not a hapo "
+                    "run and nothing in it is replaced; choose another --output"
+                )
+            if entries and not overwrite and not resume:
                 raise RunDirError(
                     f"{run_dir}: directory is not empty and holds no hapo run; "
-                    "choose another --output or pass --overwrite"
+                    "choose another --output or pass --overwrite (its files are kept)"
                 )
             return "new"
         if resume:
@@ -108,17 +138,54 @@ class RunLog:
             f"{run_dir}: already holds a run; pass --resume to continue it or --overwrite to replace it"
         )
 
+    def lock(self) -> None:
+        """Take the directory's write lock (flock, released when the process ends), or raise
+        RunDirError naming the process that holds it. Two `hapo train` into one folder would
+        otherwise interleave their rows."""
+        if not self.enabled or self._lock_fd is not None:
+            return
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise RunDirError(f"cannot write the run directory: {os_error_line(err, self.dir)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunDirError(
+                f"{self.dir}: another hapo process (pid {holder}) is writing this run; "
+                "wait for it to finish or choose another --output"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
     def start(self, recipe_yaml: str, info: dict[str, Any], mode: str) -> None:
+        """Lock the directory, re-check it under the lock, clear what an overwritten run wrote,
+        and write the recipe and a `running` manifest. Call only once everything that can be
+        validated has been: before this, nothing on disk has changed."""
         if not self.enabled:
             return
-        if mode == "overwrite":
-            for child in list(self.dir.iterdir()):
-                if child.is_dir():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.dir / schema.RECIPE, recipe_yaml)
+        self.lock()
+        if mode == "new" and self.holds_run(self.dir):
+            raise RunDirError(
+                f"{self.dir}: another process started a run here meanwhile; "
+                "pass --resume or --overwrite, or choose another --output"
+            )
+        try:
+            if mode == "overwrite":
+                # the manifest goes last (replaced atomically below), so a kill half-way still
+                # leaves a directory that counts as a run and can be overwritten again
+                for name in RUN_DIRS:
+                    if (self.dir / name).is_dir():
+                        shutil.rmtree(self.dir / name)
+                for name in (schema.METRICS, schema.RECIPE):
+                    (self.dir / name).unlink(missing_ok=True)
+            atomic_write_text(self.dir / schema.RECIPE, recipe_yaml)
+        except OSError as err:
+            raise RunDirError(f"cannot write the run directory: {os_error_line(err, self.dir)}") from None
         prev = self._read_manifest() if mode == "resume" else {}
         self.manifest = {
             **prev,

@@ -76,19 +76,27 @@ def _read_records(path: Path) -> list[tuple[str, dict]]:
     """[(where, record)] with `where` like "line 3" (jsonl) or "row 3" (parquet), 1-based."""
     if path.suffix == ".jsonl":
         out = []
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path} line {lineno}: not valid JSON ({err.msg})") from None
-                if not isinstance(record, dict):
-                    raise DataError(
-                        f"{path} line {lineno}: expected a JSON object, got {type(record).__name__}"
-                    )
-                out.append((f"line {lineno}", record))
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = path.read_bytes()[: err.start].count(b"\n") + 1
+            raise DataError(f"{path} line {line}: not UTF-8 text; expected JSON lines") from None
+        for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines: \u2028 is valid JSON
+            if not line.strip():
+                continue
+            if "\x00" in line:
+                raise DataError(f"{path} line {lineno}: contains a NUL byte; expected JSON")
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path} line {lineno}: not valid JSON ({err.msg})") from None
+            except RecursionError:
+                raise DataError(f"{path} line {lineno}: JSON nested too deeply") from None
+            if not isinstance(record, dict):
+                raise DataError(
+                    f"{path} line {lineno}: expected a JSON object, got {type(record).__name__}"
+                )
+            out.append((f"line {lineno}", record))
         return out
     import pyarrow.parquet as pq
 

@@ -24,7 +24,7 @@ from ..recipe import Recipe
 from ..rollout.base import recompute_adaptive_temperature
 from ..runlog import RunLog
 from .batch import TrainBatch, build_train_batch, concat_batches, mixed_groups
-from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from .checkpoint import load_trainer_state, save_checkpoint
 from .forward import response_logprobs, unwrap
 from .weights import check_engine_sharding, full_named_parameters
 
@@ -109,35 +109,30 @@ def train(
     )
     set_seed(recipe.seed)
 
-    from ..models import load_policy, resolve_policy_path
+    from ..models import check_model_dir, load_policy, resolve_policy_path
 
-    # Validate inputs before any model is loaded or anything is written.
+    # Everything that can be validated is, before anything in the run directory changes:
+    # data files, the model folder, the checkpoint to resume from, optimizer construction.
     _check_data_files(recipe)
     with _warmup_bar(progress and accelerator.is_main_process) as on_step:
         policy_path = resolve_policy_path(recipe.model, recipe.data, progress=on_step)
     from ..data import build_val_sets
+    from .resume import usable_checkpoint
     from .streams import build_streams
 
-    ckpt = latest_checkpoint(run_dir) if mode == "resume" else None
-    model, tokenizer = load_policy(ckpt or policy_path, recipe.model.dtype)
+    ckpt, skipped = usable_checkpoint(run_dir) if mode == "resume" else (None, [])
+    for line in skipped:
+        _warn(accelerator, f"--resume: skipping unreadable checkpoint {line}")
+    if skipped and ckpt is not None:
+        _warn(accelerator, f"--resume: continuing from {ckpt.name}")
+    elif mode == "resume" and ckpt is None:
+        _warn(accelerator, "--resume: no usable checkpoint; the run restarts from step 0")
+    source = ckpt or policy_path
+    check_model_dir(source)
+    model, tokenizer = _load(load_policy, source, recipe.model.dtype)
     stream = build_streams(recipe.data, tokenizer, recipe.seed)
     val_sets = build_val_sets(recipe.data, tokenizer)
 
-    runlog = RunLog(run_dir, enabled=accelerator.is_main_process)
-    runlog.start(
-        recipe_yaml,
-        {
-            "run_name": run_dir.name,
-            "seed": recipe.seed,
-            "components": recipe.components,
-            "algo": recipe.algo.baseline,
-            "policy_path": str(policy_path),
-            "world_size": accelerator.num_processes,
-        },
-        mode=mode,
-    )
-    if accelerator.is_main_process and recipe.log.trackers:
-        accelerator.init_trackers(run_dir.name, config=recipe.model_dump(mode="json"))
     if recipe.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
@@ -164,18 +159,118 @@ def train(
 
     state = LoopState()
     if ckpt is not None:
-        state = load_trainer_state(ckpt, optimizer, scheduler, stream)
-        runlog.truncate_metrics(state.step)
-    elif mode == "resume":
-        runlog.truncate_metrics(0)
+        state = _load(load_trainer_state, ckpt, optimizer, scheduler, stream)
+
+    runlog = RunLog(run_dir, enabled=accelerator.is_main_process)
+    runlog.start(
+        recipe_yaml,
+        {
+            "run_name": run_dir.name,
+            "seed": recipe.seed,
+            "components": recipe.components,
+            "algo": recipe.algo.baseline,
+            "policy_path": str(policy_path),
+            "world_size": accelerator.num_processes,
+            **({"resumed_from": ckpt.name} if ckpt is not None else {}),
+        },
+        mode=mode,
+    )
+    # A resume keeps the rows up to its checkpoint; without one it starts again from step 0,
+    # so no row survives (the step-0 validation row would otherwise be logged twice).
+    if mode == "resume":
+        runlog.truncate_metrics(state.step if ckpt is not None else -1)
+    if accelerator.is_main_process and recipe.log.trackers:
+        accelerator.init_trackers(run_dir.name, config=recipe.model_dump(mode="json"))
 
     loop = Loop(recipe, accelerator, model, optimizer, scheduler, engine, tokenizer, stream,
                 val_sets, runlog, run_dir, state)
     try:
-        return loop.run(progress=progress)
+        with _sigterm_as_interrupt():
+            return loop.run(progress=progress)
+    except KeyboardInterrupt:
+        message = f"interrupted at step {loop.state.step}; continue with --resume"
+        _finish_quietly(runlog, "interrupted", message, loop.state.step)
+        return TrainSummary(run_dir, "interrupted", loop.state.step, message=message,
+                            is_main=accelerator.is_main_process)
+    except OSError as err:  # disk full, read-only filesystem, a folder removed under us
+        from ..errors import RunFailed
+        from ..runlog import os_error_line
+
+        message = os_error_line(err)
+        _remove_temporaries(run_dir)
+        _finish_quietly(runlog, "failed", message, loop.state.step)
+        raise RunFailed(f"run failed at step {loop.state.step + 1}: {message}") from None
+    except BaseException as exc:
+        from ..models import first_line
+
+        _finish_quietly(runlog, "failed", f"{type(exc).__name__}: {first_line(exc)}",
+                        loop.state.step)
+        raise
     finally:
         if recipe.log.trackers:
             accelerator.end_training()
+
+
+def _warn(accelerator, message: str) -> None:
+    if accelerator.is_main_process:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+
+
+def _load(fn, path, *args):
+    """Call a loader; any failure is one line naming the folder (ModelError, exit 2)."""
+    from ..errors import HapoError
+    from ..models import ModelError, first_line
+
+    try:
+        return fn(path, *args)
+    except HapoError:
+        raise
+    except Exception as exc:  # transformers raises OSError/ValueError/KeyError, torch pickle errors
+        raise ModelError(f"{path}: cannot be loaded ({type(exc).__name__}: {first_line(exc)})") from None
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler's kill, `timeout`) ends the run like Ctrl-C: manifest `interrupted`."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _finish_quietly(runlog: RunLog, status: str, message: str, step: int) -> None:
+    """Mark the manifest; if even that write fails (disk still full), the run is no worse off."""
+    try:
+        runlog.finish(status, message=message, final_step=step)
+    except OSError:
+        pass
+
+
+def _remove_temporaries(run_dir: Path) -> None:
+    """Half-written checkpoint folders and temporary files left by a failed write."""
+    import shutil
+
+    ckpts = Path(run_dir) / schema.CHECKPOINTS_DIR
+    for tmp in ckpts.glob(".step-*.tmp") if ckpts.is_dir() else []:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for tmp in Path(run_dir).rglob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+    for tmp in Path(run_dir).rglob("*.parquet.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def _check_data_files(recipe: Recipe) -> None:

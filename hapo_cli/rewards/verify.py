@@ -23,7 +23,7 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Literal
+from typing import Any, Literal
 
 logger = logging.getLogger("hapo.rewards")
 
@@ -88,15 +88,38 @@ def _math_verify_module():
     return math_verify
 
 
-def _math_equal(response: str, answer: str) -> bool:
-    """math-verify: gold parsed as `\\boxed{answer}`, prediction from `\\boxed{}` first, then
-    any LaTeX or plain expression; equivalence by string, numeric or sympy comparison."""
+# Parsed ground truths, by answer string: a prompt's G responses share one parse. An entry
+# left at _PARSING means a parse that never finished (timed out): that answer is not parsed
+# again, so one hostile row costs one timeout, not one per response. Bounded: cleared when full.
+_PARSING = object()
+_GOLD_CACHE: dict[str, Any] = {}
+_GOLD_CACHE_MAX = 4096
+
+
+def _parse_gold(answer: str) -> Any:
+    """math-verify's parse of the ground truth (`\\boxed{answer}`, then plain), cached."""
+    cached = _GOLD_CACHE.get(answer)
+    if cached is not None:
+        return cached
+    if len(_GOLD_CACHE) >= _GOLD_CACHE_MAX:
+        _GOLD_CACHE.clear()
+    _GOLD_CACHE[answer] = _PARSING
     mv = _math_verify_module()
     latex, expr = mv.LatexExtractionConfig, mv.ExprExtractionConfig
     gold = mv.parse("\\boxed{" + answer + "}", [latex()], parsing_timeout=None)
     if not gold:
         gold = mv.parse(answer, [latex(), expr()], parsing_timeout=None)
-    if not gold:
+    _GOLD_CACHE[answer] = gold
+    return gold
+
+
+def _math_equal(response: str, answer: str) -> bool:
+    """math-verify: gold parsed as `\\boxed{answer}`, prediction from `\\boxed{}` first, then
+    any LaTeX or plain expression; equivalence by string, numeric or sympy comparison."""
+    mv = _math_verify_module()
+    latex, expr = mv.LatexExtractionConfig, mv.ExprExtractionConfig
+    gold = _parse_gold(answer)
+    if gold is _PARSING or not gold:
         return False
     pred = mv.parse(response, [latex(boxed_match_priority=0), expr()], parsing_timeout=None)
     if not pred:
