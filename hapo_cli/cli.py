@@ -267,21 +267,24 @@ def ablate(
     if summary is not None:
         _guard(show_summary, summary, console=console)
         return
-    ok = _guard(
-        run_ablation,
-        recipe=recipe,
-        components=components,
-        grid=grid,
-        variants=variants,
-        seeds=seeds,
-        overrides=list(set_ or []),
-        compare_released=compare_released,
-        output=output,
-        workers=workers,
-        retry_failed=retry_failed,
-        max_steps=max_steps,
-        console=console,
-    )
+    from .interrupts import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():
+        ok = _guard(
+            run_ablation,
+            recipe=recipe,
+            components=components,
+            grid=grid,
+            variants=variants,
+            seeds=seeds,
+            overrides=list(set_ or []),
+            compare_released=compare_released,
+            output=output,
+            workers=workers,
+            retry_failed=retry_failed,
+            max_steps=max_steps,
+            console=console,
+        )
     if not ok:
         raise typer.Exit(1)
 

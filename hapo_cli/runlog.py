@@ -162,6 +162,12 @@ class RunLog:
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
 
+    def unlock(self) -> None:
+        """Release the write lock (the process ending releases it too)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
     def start(self, recipe_yaml: str, info: dict[str, Any], mode: str) -> None:
         """Lock the directory, re-check it under the lock, clear what an overwritten run wrote,
         and write the recipe and a `running` manifest. Call only once everything that can be

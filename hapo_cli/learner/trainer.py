@@ -121,12 +121,19 @@ def train(
     from .streams import build_streams
 
     ckpt, skipped = usable_checkpoint(run_dir) if mode == "resume" else (None, [])
+    if skipped and ckpt is None:  # restarting would discard the run's rows: refuse instead
+        from ..errors import RunDirError
+
+        raise RunDirError(
+            f"{run_dir}: no checkpoint loads ({'; '.join(skipped)}); nothing was changed; "
+            "pass --overwrite to start the run again"
+        )
     for line in skipped:
         _warn(accelerator, f"--resume: skipping unreadable checkpoint {line}")
-    if skipped and ckpt is not None:
+    if skipped:
         _warn(accelerator, f"--resume: continuing from {ckpt.name}")
     elif mode == "resume" and ckpt is None:
-        _warn(accelerator, "--resume: no usable checkpoint; the run restarts from step 0")
+        _warn(accelerator, "--resume: no checkpoint yet; the run restarts from step 0")
     source = ckpt or policy_path
     check_model_dir(source)
     model, tokenizer = _load(load_policy, source, recipe.model.dtype)
@@ -185,7 +192,9 @@ def train(
     loop = Loop(recipe, accelerator, model, optimizer, scheduler, engine, tokenizer, stream,
                 val_sets, runlog, run_dir, state)
     try:
-        with _sigterm_as_interrupt():
+        from ..interrupts import sigterm_as_interrupt
+
+        with sigterm_as_interrupt():
             return loop.run(progress=progress)
     except KeyboardInterrupt:
         message = f"interrupted at step {loop.state.step}; continue with --resume"
@@ -199,7 +208,7 @@ def train(
         message = os_error_line(err)
         _remove_temporaries(run_dir)
         _finish_quietly(runlog, "failed", message, loop.state.step)
-        raise RunFailed(f"run failed at step {loop.state.step + 1}: {message}") from None
+        raise RunFailed(f"run failed after step {loop.state.step}: {message}") from None
     except BaseException as exc:
         from ..models import first_line
 
@@ -209,6 +218,7 @@ def train(
     finally:
         if recipe.log.trackers:
             accelerator.end_training()
+        runlog.unlock()
 
 
 def _warn(accelerator, message: str) -> None:
@@ -229,26 +239,6 @@ def _load(fn, path, *args):
         raise
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError, torch pickle errors
         raise ModelError(f"{path}: cannot be loaded ({type(exc).__name__}: {first_line(exc)})") from None
-
-
-@contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (a scheduler's kill, `timeout`) ends the run like Ctrl-C: manifest `interrupted`."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def _finish_quietly(runlog: RunLog, status: str, message: str, step: int) -> None:
