@@ -26,11 +26,15 @@ from .errors import RunDirError
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # disk full, interrupted: never leave the temporary file behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def git_revision() -> str | None:
@@ -81,6 +85,19 @@ def os_error_line(err: OSError, path: Path | str | None = None) -> str:
     if err.errno == errno.ENOSPC:
         reason = "no space left on device"
     return f"{where}: {reason}"
+
+
+def disk_full(err: BaseException, path: Path) -> bool:
+    """ENOSPC, or an error from a writer that hides it (torch.save's zip writer raises
+    RuntimeError "unexpected pos ...") while `path`'s filesystem has no room left."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not isinstance(err, RuntimeError):
+        return False
+    try:
+        return shutil.disk_usage(path).free < 1 << 20
+    except OSError:
+        return False
 
 
 class RunLog:

@@ -201,17 +201,20 @@ def train(
         _finish_quietly(runlog, "interrupted", message, loop.state.step)
         return TrainSummary(run_dir, "interrupted", loop.state.step, message=message,
                             is_main=accelerator.is_main_process)
-    except OSError as err:  # disk full, read-only filesystem, a folder removed under us
-        from ..errors import RunFailed
-        from ..runlog import os_error_line
-
-        message = os_error_line(err)
-        _remove_temporaries(run_dir)
-        _finish_quietly(runlog, "failed", message, loop.state.step)
-        raise RunFailed(f"run failed after step {loop.state.step}: {message}") from None
     except BaseException as exc:
+        from ..errors import RunFailed
         from ..models import first_line
+        from ..runlog import disk_full, os_error_line
 
+        _remove_temporaries(run_dir)  # first: a half-written checkpoint may hold the space
+        if isinstance(exc, OSError) or disk_full(exc, run_dir):
+            # disk full, read-only filesystem, a folder removed under us: one line
+            if isinstance(exc, OSError):
+                message = os_error_line(exc)
+            else:
+                message = f"{run_dir}: no space left on device"
+            _finish_quietly(runlog, "failed", message, loop.state.step)
+            raise RunFailed(f"run failed after step {loop.state.step}: {message}") from None
         _finish_quietly(runlog, "failed", f"{type(exc).__name__}: {first_line(exc)}",
                         loop.state.step)
         raise
