@@ -39,7 +39,10 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # escape: a message naming `hapo[wandb]` or a `[0.9, 0.999]` value is text, not markup
+    err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

@@ -97,6 +97,9 @@ def train(
     run_dir = run_dir_of(recipe, output_dir)
     recipe_yaml = recipe.to_yaml()
     mode = RunLog.prepare(run_dir, recipe_yaml, resume=resume, overwrite=overwrite)
+    from ..trackers import Trackers, check_trackers
+
+    check_trackers(recipe.log.trackers)
 
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
@@ -104,7 +107,6 @@ def train(
         # without CUDA, `accelerate launch --multi_gpu -n 2` needs cpu=True to form a gloo group
         cpu=not torch.cuda.is_available(),
         mixed_precision=recipe.train.mixed_precision,
-        log_with=list(recipe.log.trackers) or None,
         project_dir=str(run_dir),
     )
     set_seed(recipe.seed)
@@ -186,17 +188,25 @@ def train(
     # so no row survives (the step-0 validation row would otherwise be logged twice).
     if mode == "resume":
         runlog.truncate_metrics(state.step if ckpt is not None else -1)
-    if accelerator.is_main_process and recipe.log.trackers:
-        accelerator.init_trackers(run_dir.name, config=recipe.model_dump(mode="json"))
+    trackers = Trackers(recipe.log.trackers, run_dir, enabled=accelerator.is_main_process)
 
     loop = Loop(recipe, accelerator, model, optimizer, scheduler, engine, tokenizer, stream,
                 val_sets, runlog, run_dir, state)
+    loop.trackers = trackers
+    final_status = "failed"
     try:
+        trackers.start(recipe.model_dump(mode="json"),
+                       runlog.manifest.get("trackers") if mode == "resume" else None)
+        if trackers.ids:
+            runlog.update_manifest(trackers=trackers.ids)
         from ..interrupts import sigterm_as_interrupt
 
         with sigterm_as_interrupt():
-            return loop.run(progress=progress)
+            summary = loop.run(progress=progress)
+        final_status = summary.status
+        return summary
     except KeyboardInterrupt:
+        final_status = "interrupted"
         message = f"interrupted at step {loop.state.step}; continue with --resume"
         _finish_quietly(runlog, "interrupted", message, loop.state.step)
         return TrainSummary(run_dir, "interrupted", loop.state.step, message=message,
@@ -219,8 +229,7 @@ def train(
                         loop.state.step)
         raise
     finally:
-        if recipe.log.trackers:
-            accelerator.end_training()
+        trackers.close(final_status)
         runlog.unlock()
 
 
@@ -337,6 +346,9 @@ class Loop:
         self.device = accelerator.device
         self.world = accelerator.num_processes
         self.rank = accelerator.process_index
+        from ..trackers import Trackers
+
+        self.trackers = Trackers([], run_dir)  # train() sets the recipe's
 
     # ---- distributed helpers ----
     def _sum(self, x: Tensor) -> Tensor:
@@ -394,6 +406,7 @@ class Loop:
             if self.state.step == 0 and r.eval.at_start and self.val_sets:
                 val = self.validate(0)
                 self.log.log_metrics({"step": 0, **val})
+                self.trackers.log({"step": 0, **val})
                 self.state.last_val = val
             while self.state.step < r.train.max_steps:
                 step = self.state.step + 1
@@ -410,9 +423,7 @@ class Loop:
                     row.update(val)
                     self.state.last_val = val
                 self.log.log_metrics(row)
-                if self.acc.is_main_process and r.log.trackers:
-                    self.acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))},
-                                 step=step)
+                self.trackers.log(row)
                 if (r.log.checkpoint_every and step % r.log.checkpoint_every == 0) or last_eval:
                     self.checkpoint(step)
                 last_row = row
