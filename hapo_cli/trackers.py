@@ -118,7 +118,7 @@ class Trackers:
             tracker.start()
             if name == "mlflow":
                 self.ids["mlflow"] = tracker.active_run.info.run_id
-            if not (name in previous_ids):  # params are logged once per tracker run
+            if name not in previous_ids:  # params are logged once per tracker run
                 tracker.store_init_configuration(flat)
             self.trackers.append(tracker)
 
