@@ -34,7 +34,10 @@ class _Section(BaseModel):
 class TinyModelConfig(_Section):
     hidden_size: int = Field(64, gt=0, description="Hidden size of the embedded Qwen2 model.")
     num_layers: int = Field(2, gt=0, description="Transformer layers of the embedded model.")
-    num_heads: int = Field(4, gt=0, description="Attention heads (key/value heads are equal).")
+    num_heads: int = Field(
+        2, gt=0, description="Attention heads (key/value heads are equal). 2 with hidden 64: "
+        "head_dim 32, which vLLM's CPU attention supports (it rejects 16)."
+    )
     intermediate_size: int = Field(256, gt=0, description="MLP width of the embedded model.")
 
 
