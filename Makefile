@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(BIN)/hapo analyze results/demo --format png,pdf
 
 test: $(STAMP)
-	$(BIN)/ruff check hapo_cli analysis tests bench scripts
+	$(BIN)/ruff check hapo_cli analysis tests tests_vllm bench scripts
 	$(BIN)/python -m pytest -q
 
 test-quick: $(STAMP)
@@ -55,7 +55,7 @@ test-vllm: $(VSTAMP)
 	$(VBIN)/python -m pytest -c tests_vllm/pytest.ini tests_vllm
 
 lint: $(STAMP)
-	$(BIN)/ruff check hapo_cli analysis tests bench scripts
+	$(BIN)/ruff check hapo_cli analysis tests tests_vllm bench scripts
 
 clean:
 	rm -rf $(VENV) $(VVENV)
