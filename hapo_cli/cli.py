@@ -195,6 +195,11 @@ def evaluate(
     ] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output dir (bare model).")] = None,
     name: Annotated[str, typer.Option(help="Name of the eval output files.")] = "eval",
+    vllm: Annotated[
+        Optional[list[str]],
+        typer.Option("--vllm", help="vLLM option KEY=VALUE (rollout.vllm.*), e.g. "
+                     "gpu_memory_utilization=0.3; default: the run's recipe."),
+    ] = None,
 ) -> None:
     """Evaluate avg@k / pass@k / maj@k and critical tokens over temperatures.
 
@@ -224,6 +229,7 @@ def evaluate(
         out=out,
         name=name,
         console=console,
+        vllm_options=vllm or [],
     )
     if rows is None:
         raise typer.Exit(1)

@@ -109,10 +109,14 @@ class Setting:
 
 def sample_benchmark(
     engine, tokenizer, examples, *, n, temperature, top_p, top_k, max_new_tokens, greedy,
-    adaptive, tau, stats, seed, batch_size, progress=None, task=None, offset=0,
+    adaptive, tau, stats, seed, batch_size, progress=None, task=None, offset=0, scorer=None,
 ) -> list[dict[str, Any]]:
     """Generate n samples per prompt and score them: one record per prompt. Sample j of
-    prompt i depends on (seed, offset + i, j) only, not on batching."""
+    prompt i depends on (seed, offset + i, j) only, not on batching.
+
+    Engines that record no decode-time entropy or T_t (vLLM) get both from `scorer`, the HF
+    model, as training does; without a scorer their records hold `entropies=None` and
+    `temperature_mean=None` (never NaN)."""
     from .rewards import extract_answer, verify
     from .rollout import SamplingSpec
 
@@ -125,8 +129,11 @@ def sample_benchmark(
     records: list[dict[str, Any]] = []
     for c0 in range(0, len(examples), per_call):
         chunk = examples[c0 : c0 + per_call]
-        out = engine.generate([list(e.prompt_ids) for e in chunk], spec,
-                              stats if adaptive else None, seed=seed, prompt_offset=offset + c0)
+        prompt_ids = [list(e.prompt_ids) for e in chunk]
+        used_stats = stats if adaptive else None
+        out = engine.generate(prompt_ids, spec, used_stats, seed=seed, prompt_offset=offset + c0)
+        if not out.decode_stats and scorer is not None:
+            out = _with_scorer_stats(out, scorer, prompt_ids, spec, used_stats)
         mask = out.response_mask.bool()
         texts = tokenizer.batch_decode(
             [ids[m].tolist() for ids, m in zip(out.response_ids, mask)], skip_special_tokens=True
@@ -137,7 +144,7 @@ def sample_benchmark(
         for p, rows in sorted(by_prompt.items()):
             ex = chunk[p]
             correct = [bool(verify(ex.verifier, texts[i], ex.answer)) for i in rows]
-            ents = [out.entropy[i][mask[i]].float() for i in rows]
+            ents = [out.entropy[i][mask[i]].float() for i in rows] if out.decode_stats else None
             records.append({
                 "uid": ex.uid, "prompt": ex.prompt, "answer": ex.answer,
                 "responses": [texts[i] for i in rows], "correct": correct,
@@ -146,11 +153,43 @@ def sample_benchmark(
                 "truncated": [out.finish_reason[i] == "length" for i in rows],
                 "entropies": ents,
                 "temperature_mean": [float(out.temperature[i][mask[i]].mean())
-                                     if mask[i].any() else None for i in rows],
+                                     if mask[i].any() and out.decode_stats else None
+                                     for i in rows],
             })
         if progress is not None and task is not None:
             progress.update(task, advance=len(chunk))
     return records
+
+
+def _with_scorer_stats(out, scorer, prompt_ids, spec, stats):
+    """A vLLM batch with the HF model's untempered entropies and the T_t they imply."""
+    from .learner.forward import rollout_entropy
+
+    ent = rollout_entropy(scorer, prompt_ids, out, out.pad_token_id)
+    return out.with_decode_stats(ent, spec.temperature, spec.tau, stats,
+                                 adaptive=spec.uses_adaptive_temperature)
+
+
+def vllm_config(base: Any, options: list[str]) -> Any:
+    """`base` (a VllmConfig) with `--vllm KEY=VALUE` options applied and validated."""
+    from pydantic import ValidationError
+
+    from .recipe import VllmConfig, apply_overrides
+
+    for item in options:
+        if "=" not in item:
+            raise HapoError(f"--vllm {item!r}: expected KEY=VALUE, e.g. --vllm max_model_len=256")
+    data = apply_overrides(base.model_dump(mode="json"), [o.strip() for o in options])
+    try:
+        return VllmConfig.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        if first["type"] == "extra_forbidden":
+            known = ", ".join(VllmConfig.model_fields)
+            raise HapoError(f"--vllm: unknown option {loc!r} (known: {known})") from None
+        msg = first["msg"].removeprefix("Value error, ")
+        raise HapoError(f"--vllm {loc}={first.get('input')!r}: {msg}") from None
 
 
 def summarize(records, n: int, critical_threshold: float | None) -> dict[str, Any]:
@@ -168,6 +207,10 @@ def summarize(records, n: int, critical_threshold: float | None) -> dict[str, An
     trunc = [x for r in records for x in r["truncated"]]
     out["truncation_rate"] = sum(trunc) / len(trunc)
     if critical_threshold is not None:
+        if any(r["entropies"] is None for r in records):
+            raise RuntimeError("critical tokens need entropies: pass sample_benchmark a scorer")
+        if not math.isfinite(critical_threshold):
+            raise RuntimeError(f"critical entropy threshold is {critical_threshold}")
         counts = [int((e >= critical_threshold).sum()) for r in records for e in r["entropies"]]
         out["critical_tokens_mean"] = sum(counts) / len(counts)
         out["critical_entropy_threshold"] = critical_threshold
@@ -286,6 +329,7 @@ def _targets(target: str, checkpoints: str) -> tuple[Path | None, list[tuple[int
 def run_evaluate(
     *, target, benchmarks, checkpoints, n, temperatures, tau, top_p, top_k, max_new_tokens,
     greedy, engine, batch_size, seed, limit, critical_entropy, out, name, console,
+    vllm_options: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
     from rich.table import Table
@@ -294,7 +338,7 @@ def run_evaluate(
     from .data import load_benchmark
     from .learner.checkpoint import STATE_FILE
     from .models import load_policy
-    from .recipe import DataConfig, RolloutConfig, load_recipe
+    from .recipe import DataConfig, RolloutConfig, VllmConfig, load_recipe
     from .rollout import build_engine
 
     settings = Setting.parse(temperatures, greedy)
@@ -309,15 +353,19 @@ def run_evaluate(
     for _, model_dir in models:  # every checkpoint, before hours of sampling
         check_model_dir(model_dir)
     data_cfg = DataConfig()
+    vllm_base = VllmConfig()
     max_new = max_new_tokens
     if run_dir is not None and (run_dir / schema.RECIPE).exists():
         rec = load_recipe(run_dir / schema.RECIPE)
         data_cfg = rec.data
+        vllm_base = rec.rollout.vllm
         max_new = max_new or rec.rollout.max_new_tokens
         if not benchmarks:
             benchmarks = [rec.data.task] if rec.data.source == "synthetic" else list(
                 rec.data.val_files)
     max_new = max_new or 64
+    rollout_cfg = RolloutConfig(engine=engine, batch_size=batch_size,
+                                vllm=vllm_config(vllm_base, list(vllm_options or [])))
     if not benchmarks:
         raise HapoError("no benchmark given: pass --bench NAME_OR_FILE")
     out_dir = Path(out) if out else (run_dir / schema.EVAL_DIR if run_dir else None)
@@ -328,10 +376,16 @@ def run_evaluate(
 
     rows: list[dict[str, Any]] = []
     samples: list[dict[str, Any]] = []
+    eng = None
     for step, model_dir in models:
         model, tok = load_policy(model_dir, "float32")
-        eng = build_engine(RolloutConfig(engine=engine, batch_size=batch_size), model, tok,
-                           model_dir, None)
+        model.eval()
+        if eng is None or engine == "hf":
+            eng = build_engine(rollout_cfg, model, tok, str(model_dir), None,
+                               max_prompt_length=data_cfg.max_prompt_length,
+                               max_new_tokens=max_new, dtype="float32", seed=seed)
+        else:  # one vLLM engine per process: later checkpoints go in by weight sync
+            eng.sync_weights(model)
         run_stats = None
         state_file = model_dir / STATE_FILE
         if state_file.exists():
@@ -340,7 +394,7 @@ def run_evaluate(
         for bench in benchmarks:
             bench_name, examples = load_benchmark(bench, data_cfg, tok, limit=limit)
             common = dict(top_p=top_p, top_k=top_k, max_new_tokens=max_new, tau=tau,
-                          batch_size=batch_size)
+                          batch_size=batch_size, scorer=model)
             # calibration pass at T = 1: the critical-entropy threshold and, if needed, the stats
             cal = sample_benchmark(eng, tok, examples, n=1, temperature=1.0, greedy=False,
                                    adaptive=False, stats=None, seed=seed + 7, **{**common,

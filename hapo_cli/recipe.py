@@ -36,7 +36,10 @@ class _Section(BaseModel):
 class TinyModelConfig(_Section):
     hidden_size: int = Field(64, gt=0, description="Hidden size of the embedded Qwen2 model.")
     num_layers: int = Field(2, gt=0, description="Transformer layers of the embedded model.")
-    num_heads: int = Field(4, gt=0, description="Attention heads (key/value heads are equal).")
+    num_heads: int = Field(
+        2, gt=0, description="Attention heads (key/value heads are equal). 2 with hidden 64: "
+        "head_dim 32, which vLLM's CPU attention supports (it rejects 16)."
+    )
     intermediate_size: int = Field(256, gt=0, description="MLP width of the embedded model.")
 
     @model_validator(mode="after")
@@ -136,11 +139,31 @@ class DataConfig(_Section):
 
 
 class VllmConfig(_Section):
-    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM KV-cache share.")
+    gpu_memory_utilization: float = Field(
+        0.5, gt=0, le=1, description="vLLM KV-cache share of GPU memory (CUDA; on CPU builds the "
+        "KV cache is `cpu_kv_cache_gib` instead)."
+    )
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism.")
-    enable_sleep_mode: bool = Field(True, description="Offload vLLM weights/KV during training.")
+    enable_sleep_mode: bool | None = Field(
+        None, description="Offload vLLM weights/KV during training. None: on with CUDA, off on "
+        "vLLM's CPU build (which rejects sleep mode)."
+    )
     max_model_len: int | None = Field(None, description="vLLM max_model_len (None: prompt+response).")
-    enforce_eager: bool = Field(False, description="Disable CUDA graphs in vLLM.")
+    enforce_eager: bool | None = Field(
+        None, description="No CUDA graphs / torch.compile in vLLM. None: off with CUDA, on for the "
+        "CPU build (compiling a small model costs more than it saves)."
+    )
+    cpu_kv_cache_gib: float = Field(
+        0.5, gt=0, description="vLLM CPU build: KV cache size in GiB (vLLM's kv_cache_memory_bytes). "
+        "Its gpu_memory_utilization would be a share of the NUMA node's RAM minus this whole "
+        "process's use (learner included), which can reach zero."
+    )
+    weight_sync: Literal["auto", "load_weights", "reload_weights"] = Field(
+        "auto", description="How learner weights reach vLLM. load_weights: the model's "
+        "load_weights in place (unquantized CUDA). reload_weights: the worker's reload_weights "
+        "(needed on CPU, where linear layers keep their weights in oneDNN handles). auto: "
+        "reload_weights on CPU, load_weights elsewhere."
+    )
 
 
 class RolloutConfig(_Section):

@@ -65,4 +65,7 @@ def test_two_processes_match_one(tmp_path):
     assert compared > 150
     for k in ("entropy_stats/rho", "entropy_stats/std", "entropy_stats/scale_pos",
               "entropy_stats/scale_neg"):
-        assert b[2][k] == pytest.approx(a[2][k], rel=1e-6)
+        # step 2's stats come from weights after one DDP update, whose all-reduce sums in
+        # another order: ~1e-7 relative per weight, measured 1.7e-6 on scale_pos with the
+        # 2-head tiny model; 1e-5 is still 10x tighter than the loop's per-metric 1e-4
+        assert b[2][k] == pytest.approx(a[2][k], rel=1e-5)

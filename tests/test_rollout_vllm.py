@@ -1,6 +1,7 @@
 """vLLM engine logic that runs without vLLM: the logits-processor plugin's arithmetic and state,
 request building, output parsing, weight-name mapping, and the engine's wiring against a fake
-`vllm` module. The GPU check against a real vLLM is scripts/vllm_smoke.py."""
+`vllm` module. The same engine against real vLLM (its CPU build) is tests_vllm/, run by
+`make test-vllm`; scripts/vllm_smoke.py checks it on CUDA."""
 
 from __future__ import annotations
 
@@ -350,10 +351,14 @@ class FakeLLM:
             )
         return outs
 
-    def collective_rpc(self, fn, args=()):
+    def collective_rpc(self, fn, args=(), kwargs=None):
         model = SimpleNamespace(load_weights=lambda ws: {self.loaded.append(n) or n for n, _ in ws})
         worker = SimpleNamespace(get_model=lambda: model)
-        self.calls.append(("rpc",))
+        if isinstance(fn, str):  # a worker method by name: reload_weights on CPU
+            assert fn == "reload_weights" and kwargs["is_checkpoint_format"] is True
+            self.calls.append(("rpc", fn))
+            return [model.load_weights(kwargs["weights_iterator"])]
+        self.calls.append(("rpc", fn.__name__))
         return [fn(worker, *args)]
 
     def reset_prefix_cache(self):
@@ -367,13 +372,33 @@ class FakeLLM:
         return tags is None or "kv_cache" in tags
 
 
+class FakeEngineArgs:
+    """vllm.EngineArgs: the engine reads `use_v2_model_runner` from the config it creates."""
+
+    use_v2 = True
+    seen: list[dict] = []
+
+    def __init__(self, **kwargs):
+        FakeEngineArgs.seen.append(kwargs)
+
+    def create_engine_config(self):
+        return SimpleNamespace(use_v2_model_runner=FakeEngineArgs.use_v2)
+
+
 @pytest.fixture
 def fake_vllm(monkeypatch):
     mod = types.ModuleType("vllm")
     mod.__version__ = "0.33.0"
     mod.LLM = FakeLLM
+    mod.EngineArgs = FakeEngineArgs
     mod.SamplingParams = lambda **kw: SimpleNamespace(**kw)
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = SimpleNamespace(is_cpu=lambda: mod.on_cpu)
+    mod.on_cpu = False
     monkeypatch.setitem(sys.modules, "vllm", mod)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
+    monkeypatch.setattr(FakeEngineArgs, "use_v2", True)
+    FakeEngineArgs.seen.clear()
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     FakeLLM.instances.clear()
@@ -393,7 +418,12 @@ def test_engine_wiring_with_fake_vllm(fake_vllm):
     assert llm.kwargs["logprobs_mode"] == "processed_logprobs"
     assert llm.kwargs["gpu_memory_utilization"] == 0.3
     assert llm.kwargs["logits_processors"] == [HapoAdaptiveTemperature]
+    assert llm.kwargs["enable_sleep_mode"] is True and llm.kwargs["enforce_eager"] is False
+    assert "kv_cache_memory_bytes" not in llm.kwargs
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    # the runner was decided from vLLM's config of the same arguments, before constructing
+    assert FakeEngineArgs.seen[-1]["model"] == "/models/tiny"
+    assert "logits_processors" not in FakeEngineArgs.seen[-1]
 
     spec = SamplingSpec(n=2, temperature=0.7, max_new_tokens=4, adaptive=True, tau=0.1)
     batch = engine.generate([[5], [6, 7]], spec, STATS, seed=3)
@@ -406,6 +436,7 @@ def test_engine_wiring_with_fake_vllm(fake_vllm):
     model = torch.nn.Linear(2, 2)
     engine.sync_weights(model)
     assert llm.loaded == ["weight", "bias"] and llm.calls[-1] == ("reset",)
+    assert llm.calls[-2] == ("rpc", "_load_weights_on_worker")  # CUDA: direct load_weights
 
     engine.sleep()
     engine.sync_weights(model)  # asleep: wake the weights only, load, keep the KV cache asleep
@@ -414,16 +445,40 @@ def test_engine_wiring_with_fake_vllm(fake_vllm):
     assert kinds == [
         ("sleep", 1),
         ("wake", ["weights"]),
-        ("rpc",),
+        ("rpc", "_load_weights_on_worker"),
         ("wake", ["kv_cache"]),
         ("generate", [{"prompt_token_ids": [5]}]),
     ]
 
 
-def test_engine_uses_v1_plugin_when_asked(fake_vllm, monkeypatch):
-    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+def test_engine_uses_the_v1_plugin_when_vllm_config_says_v1(fake_vllm, monkeypatch):
+    monkeypatch.setattr(FakeEngineArgs, "use_v2", False)  # e.g. no Triton (CPU)
     build_engine(RolloutConfig(engine="vllm"), None, None, "/m")
+    assert len(FakeLLM.instances) == 1  # built once, with the right class: no retry
     assert FakeLLM.instances[-1].kwargs["logits_processors"] == [HapoAdaptiveTemperatureV1]
+
+
+def test_engine_on_cpu_build(fake_vllm):
+    """CPU: no sleep mode, eager, explicit KV cache bytes, reload_weights + tied-head refresh."""
+    fake_vllm.on_cpu = True
+    cfg = RolloutConfig(engine="vllm", vllm=VllmConfig(cpu_kv_cache_gib=0.25))
+    engine = build_engine(cfg, None, None, "/m")
+    llm = FakeLLM.instances[-1]
+    assert llm.kwargs["enable_sleep_mode"] is False and llm.kwargs["enforce_eager"] is True
+    assert llm.kwargs["kv_cache_memory_bytes"] == 2**28
+    engine.sleep()  # no sleep mode: nothing is offloaded, nothing to wake
+    engine.sync_weights(torch.nn.Linear(2, 2))
+    assert llm.loaded == ["weight", "bias"]
+    assert llm.calls == [("rpc", "reload_weights"), ("rpc", "_refresh_tied_lm_head"), ("reset",)]
+
+
+def test_sleep_mode_on_cpu_is_a_user_error(fake_vllm):
+    from hapo_cli.errors import HapoError
+
+    fake_vllm.on_cpu = True
+    cfg = RolloutConfig(engine="vllm", vllm=VllmConfig(enable_sleep_mode=True))
+    with pytest.raises(HapoError, match="enable_sleep_mode"):
+        build_engine(cfg, None, None, "/m")
 
 
 def test_missing_vllm_gives_an_actionable_error(monkeypatch):
@@ -434,3 +489,17 @@ def test_missing_vllm_gives_an_actionable_error(monkeypatch):
 
 def test_seed_formula_stays_in_int64():
     assert 0 <= request_seed(2**40, 10**6, 64) < 2**62
+
+
+def test_sampling_spec_from_recipe_sections():
+    """for_training / for_eval read only fields that exist, with the values the recipe holds."""
+    from hapo_cli.recipe import load_recipe
+
+    rec = load_recipe("tiny/hapo", ["eval.max_new_tokens=12", "rollout.top_k=5"])
+    train = SamplingSpec.for_training(rec.rollout, rec.algo)
+    assert (train.n, train.top_k, train.adaptive, train.tau) == (8, 5, True, rec.algo.tau)
+    ev = SamplingSpec.for_eval(rec.eval, rec.rollout)
+    assert (ev.n, ev.temperature, ev.top_p, ev.top_k, ev.max_new_tokens) == (4, 0.5, 0.7, 0, 12)
+    assert not ev.adaptive and not ev.greedy
+    greedy = SamplingSpec.for_eval(rec.eval, rec.rollout, greedy=True)
+    assert greedy.n == 1 and greedy.greedy and not greedy.truncation

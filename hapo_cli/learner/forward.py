@@ -104,3 +104,37 @@ def response_logprobs(
         t = t.float()
     logp, ent = logprobs_and_entropy(logits, targets, temperature=t, chunk_size=chunk_size)
     return logp, (ent if entropy else None)
+
+
+def rollout_entropy(
+    model,
+    prompt_ids: list[list[int]],
+    batch,  # RolloutBatch: row b answers prompt_ids[batch.prompt_index[b]]
+    pad_id: int,
+    micro_batch: int = 64,
+) -> Tensor:
+    """(B, T) untempered entropy of every response token of `batch`, from `model` (0 on padding).
+
+    For engines that record no decode-time entropy (vLLM): the same forward pass the learner's
+    old-policy scoring runs, so evaluation and training see the same numbers."""
+    import torch
+
+    rows_out = []
+    T = batch.response_ids.shape[1]
+    device = next(model.parameters()).device
+    for s in range(0, len(batch), micro_batch):
+        idx = list(range(s, min(s + micro_batch, len(batch))))
+        prompts = [prompt_ids[int(batch.prompt_index[i])] for i in idx]
+        P = max(len(p) for p in prompts)
+        ids = torch.full((len(idx), P + T), pad_id, dtype=torch.long)
+        am = torch.zeros((len(idx), P + T), dtype=torch.long)
+        for j, p in enumerate(prompts):
+            ids[j, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
+            am[j, P - len(p) : P] = 1
+        mask = batch.response_mask[idx].bool()
+        ids[:, P:] = batch.response_ids[idx].long().masked_fill(~mask, pad_id)
+        am[:, P:] = mask.long()
+        with torch.no_grad():
+            _, ent = response_logprobs(model, ids.to(device), am.to(device), T, None)
+        rows_out.append(ent.float().cpu().masked_fill(~mask, 0.0))
+    return torch.cat(rows_out)

