@@ -190,7 +190,10 @@ class AlgoConfig(_Section):
     entropy_stats_scope: Literal["batch", "microbatch"] = Field(
         "batch",
         description="'batch': stats once per training batch (micro-batch invariant). 'microbatch': "
-        "per micro-batch for C and D, as the released code (A always uses the batch stats).",
+        "per fixed-row micro-batch (train.micro_batch_size) of the old-policy entropies, for C and "
+        "D (A always uses the batch stats). This approximates, not reproduces, the released code, "
+        "which takes them per token-budget micro-batch (use_dynamic_bsz) from the current policy's "
+        "entropies in each update forward (verl/workers/actor/dp_actor.py, update_policy).",
     )
     fallback_threshold: float = Field(
         5.0, gt=0, description="B: a group with any |A| >= this falls back to GRPO advantages."
@@ -230,6 +233,18 @@ class DynamicSamplingConfig(_Section):
     metric: Literal["acc", "score"] = Field("acc", description="Metric the filter looks at.")
     max_num_gen_batches: int = Field(
         4, ge=0, description="Generation batches per step at most (0 = unlimited)."
+    )
+    on_exhausted: Literal["partial", "raise"] = Field(
+        "partial",
+        description="When max_num_gen_batches run out before the batch is full: 'partial' trains "
+        "on the groups kept (logged as rollout/fill_rate, rollout/partial_batch); 'raise' stops the "
+        "run, as DAPO's trainer does (recipe/dapo/dapo_ray_trainer.py: 'Generated too many').",
+    )
+    refill: Literal["independent", "same"] = Field(
+        "independent",
+        description="Where extra generation batches come from: 'independent' is a second prompt "
+        "stream (every variant of a seed sees the same primary prompts at the same step); 'same' "
+        "takes the next prompts of the training stream, as DAPO's dataloader.",
     )
 
 

@@ -48,6 +48,10 @@ class TrainSummary:
         return " | ".join(parts)
 
 
+class DynamicSamplingExhausted(RuntimeError):
+    """train.dynamic_sampling.on_exhausted=raise and the batch could not be filled (DAPO)."""
+
+
 class NonFiniteError(RuntimeError):
     pass
 
@@ -311,7 +315,7 @@ class Loop:
                 step = self.state.step + 1
                 try:
                     row = self.train_step(step)
-                except NonFiniteError as exc:
+                except (NonFiniteError, DynamicSamplingExhausted) as exc:
                     status, message = "failed", str(exc)
                     self.log.log_metrics({"step": step, "error": message})
                     break
@@ -383,7 +387,8 @@ class Loop:
                              self.rank)
         while True:
             gen_batches += 1
-            full = self.stream.next_batch(r.train.prompts_per_step, refill=gen_batches > 1)
+            full = self.stream.next_batch(r.train.prompts_per_step,
+                                          refill=gen_batches > 1 and ds.refill == "independent")
             examples = [full[i] for i in mine]
             out = self.engine.generate(
                 [list(e.prompt_ids) for e in examples],
@@ -421,9 +426,21 @@ class Loop:
                 break
             if ds.max_num_gen_batches and gen_batches >= ds.max_num_gen_batches:
                 break
-        n_use = int(self._min(torch.tensor(float(min(n_kept, per_rank)))))
+        n_mine = min(n_kept, per_rank)
+        n_use = int(self._min(torch.tensor(float(n_mine))))
+        if ds.enabled and ds.on_exhausted == "raise" and n_use < per_rank:
+            raise DynamicSamplingExhausted(
+                f"dynamic sampling kept {n_use} of {per_rank} groups per rank after "
+                f"{gen_batches} generation batches (train.dynamic_sampling.max_num_gen_batches="
+                f"{ds.max_num_gen_batches}); the data may be too easy or too hard "
+                "(on_exhausted=partial trains on what was kept)"
+            )
         info = {
             "rollout/gen_batches": float(gen_batches),
+            "rollout/refill_batches": float(gen_batches - 1),
+            "rollout/partial_batch": float(n_use < per_rank),
+            # groups this rank kept beyond the smallest rank's count, dropped so ranks match
+            "rollout/trimmed_groups": float(self._sum(torch.tensor(float(n_mine - n_use)))),
             "rollout/fill_rate": n_use / per_rank,
             "rollout/mixed_group_frac": float(self._sum(torch.tensor(float(all_mixed)))) / max(
                 float(self._sum(torch.tensor(float(all_groups)))), 1.0),
