@@ -210,3 +210,19 @@ def test_forking_normaliser_keeps_dapo_scale():
     fork_only, _ = algo.policy_loss(logp, logp, adv, fork, 0.2, 0.2, normalizer=1.0)
     torch.testing.assert_close(all_tokens, torch.tensor(-0.5))  # -2 / 4
     torch.testing.assert_close(fork_only, torch.tensor(-2.0))  # -2 / 1: 1/q = 4x larger here
+
+
+# ---- evaluation ----------------------------------------------------------------------------
+
+
+def test_adaptive_setting_takes_a_base_temperature():
+    from hapo_cli.errors import HapoError
+    from hapo_cli.evaluate import Setting
+
+    s = Setting.parse("adaptive,adaptive@0.5", greedy=False)
+    assert [(x.label, x.temperature, x.adaptive) for x in s] == [
+        ("adaptive", None, True),  # None: the run's eval.temperature (1.0 without a run)
+        ("adaptive@0.5", 0.5, True),
+    ]
+    with pytest.raises(HapoError, match="expected adaptive@T"):
+        Setting.parse("adaptive@hot", greedy=False)
