@@ -134,6 +134,7 @@ def _with_alarm(timeout: float, fn, *args) -> bool:
 
 
 def _math_equal_in_worker(response: str, answer: str, timeout: float) -> bool:
+    _math_verify_module()  # import sympy before the alarm: on a loaded machine it takes seconds
     return _with_alarm(timeout, _math_equal, response, answer)
 
 
@@ -194,6 +195,7 @@ def _dapo_equal(response: str, answer: str) -> bool:
 
 
 def _dapo_equal_in_worker(response: str, answer: str, timeout: float) -> bool:
+    _math_verify_module()  # as _math_equal_in_worker
     return _with_alarm(timeout, _dapo_equal, response, answer)
 
 
