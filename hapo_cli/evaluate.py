@@ -86,8 +86,17 @@ class Setting:
             s = raw.strip().lower()
             if not s:
                 continue
-            if s == "adaptive":
-                out.append(Setting("adaptive", None, adaptive=True))
+            if s == "adaptive" or s.startswith("adaptive@"):
+                # base temperature T of T_t = T (1 + tau h): 'adaptive@0.5', or the caller's
+                # default (the run's eval.temperature; 1.0 without a run)
+                base = s.partition("@")[2]
+                try:
+                    t = float(base) if base else None
+                except ValueError:
+                    raise HapoError(f"--temperature {spec!r}: {raw!r}: expected adaptive@T") from None
+                if t is not None and t <= 0:
+                    raise HapoError(f"--temperature {spec!r}: temperatures must be > 0")
+                out.append(Setting(s, t, adaptive=True))
                 continue
             try:
                 t = float(s)
@@ -374,6 +383,12 @@ def run_evaluate(
     if out_dir.exists() and not out_dir.is_dir():
         raise HapoError(f"--out {out_dir}: is a file; expected a directory")
 
+    adaptive_base = rec.eval.temperature if run_dir is not None and (
+        run_dir / schema.RECIPE).exists() else 1.0
+    # One critical-entropy threshold per benchmark for the whole evaluation: the 80th percentile
+    # of token entropy of the first (reference) model listed, at T = 1, so counts compare
+    # across checkpoints (a per-checkpoint percentile would give ~0.2 x length by construction).
+    thresholds: dict[str, float] = {}
     rows: list[dict[str, Any]] = []
     samples: list[dict[str, Any]] = []
     eng = None
@@ -402,7 +417,7 @@ def run_evaluate(
             ents = torch.cat([e for r in cal for e in r["entropies"]])
             threshold = critical_entropy
             if threshold is None:
-                threshold = quantile_1d(ents, 0.8, "paper")
+                threshold = thresholds.setdefault(bench_name, quantile_1d(ents, 0.8, "paper"))
             stats = run_stats
             if stats is None and any(s.adaptive for s in settings):
                 stats = entropy_stats(ents[None, :], torch.ones(1, ents.numel(), dtype=torch.bool))
@@ -412,7 +427,8 @@ def run_evaluate(
                 for s in settings:
                     task = progress.add_task(s.label, total=len(examples))
                     recs = sample_benchmark(
-                        eng, tok, examples, n=n, temperature=s.temperature or 1.0,
+                        eng, tok, examples, n=n,
+                        temperature=s.temperature or (adaptive_base if s.adaptive else 1.0),
                         greedy=s.label == "greedy", adaptive=s.adaptive, stats=stats,
                         seed=seed, progress=progress, task=task, **common,
                     )

@@ -114,7 +114,28 @@ class DataConfig(_Section):
         "reward_model.ground_truth", description="Dotted path to the ground-truth answer."
     )
     max_prompt_length: int = Field(
-        512, gt=0, description="Prompts longer than this (tokens) are filtered out."
+        512, gt=0,
+        description="Longest prompt in tokens (after the chat template); longer ones are "
+        "handled by data.truncation. The HAPO authors' scripts use 1024 (recipe/*.sh).",
+    )
+    truncation: Literal["drop", "left", "right", "error"] = Field(
+        "drop",
+        description="Prompts over data.max_prompt_length: 'drop' skips them (logged); 'left' keeps "
+        "their last max_prompt_length tokens (verl's data.truncation='left', as the HAPO authors' "
+        "scripts); 'right' keeps the first ones; 'error' stops with the file and row.",
+    )
+    train_verifier: Literal["math", "dapo", "source"] = Field(
+        "math",
+        description="Grader of training files. 'math': math-verify over the whole response "
+        "(boxed answer first). 'dapo': the HAPO authors' math_dapo.compute_score grader (last "
+        "'Answer:' line of the last 300 characters, normalised string equality, then a "
+        "math-verify fallback; rewards/dapo.py), for DAPO-Math-17k. 'source': per row by its "
+        "data_source, as verl's default_compute_score ('math_dapo' -> dapo, else math).",
+    )
+    val_verifier: Literal["math", "dapo", "source"] = Field(
+        "math",
+        description="Grader of validation/benchmark files (same choices as data.train_verifier); "
+        "also used by `hapo evaluate` on files.",
     )
     apply_chat_template: bool = Field(
         True, description="Apply the tokenizer's chat template when it has one."
@@ -216,14 +237,25 @@ class AlgoConfig(_Section):
     entropy_stats_scope: Literal["batch", "microbatch"] = Field(
         "batch",
         description="'batch': stats once per training batch (micro-batch invariant). 'microbatch': "
-        "per micro-batch for C and D, as the released code (A always uses the batch stats).",
+        "per fixed-row micro-batch (train.micro_batch_size) of the old-policy entropies, for C and "
+        "D (A always uses the batch stats). This approximates, not reproduces, the released code, "
+        "which takes them per token-budget micro-batch (use_dynamic_bsz) from the current policy's "
+        "entropies in each update forward (verl/workers/actor/dp_actor.py, update_policy).",
     )
     fallback_threshold: float = Field(
         5.0, gt=0, description="B: a group with any |A| >= this falls back to GRPO advantages."
     )
     adv_eps: float = Field(1e-6, gt=0, description="Epsilon added to group std.")
     forking_quantile: float = Field(
-        0.2, gt=0, le=1, description="forking: fraction q of highest-entropy tokens trained."
+        0.2, gt=0, le=1,
+        description="forking: fraction q of highest-entropy tokens trained; the threshold is the "
+        "(1 - q) entropy quantile over the whole batch, all ranks together.",
+    )
+    forking_normalizer: Literal["all", "forking"] = Field(
+        "all",
+        description="forking: token-mean denominator. 'all': every valid token, as the objective "
+        "of arXiv 2506.01939 (DAPO's 1/sum|o_i| times the indicator H_t >= tau), so gradients "
+        "keep DAPO's scale. 'forking': only the forking tokens (about 1/q times larger).",
     )
     policy_temperature: Literal["base", "rollout"] = Field(
         "base",
@@ -249,6 +281,18 @@ class DynamicSamplingConfig(_Section):
     max_num_gen_batches: int = Field(
         4, ge=0, description="Generation batches per step at most (0 = unlimited)."
     )
+    on_exhausted: Literal["partial", "raise"] = Field(
+        "partial",
+        description="When max_num_gen_batches run out before the batch is full: 'partial' trains "
+        "on the groups kept (logged as rollout/fill_rate, rollout/partial_batch); 'raise' stops the "
+        "run, as DAPO's trainer does (recipe/dapo/dapo_ray_trainer.py: 'Generated too many').",
+    )
+    refill: Literal["independent", "same"] = Field(
+        "independent",
+        description="Where extra generation batches come from: 'independent' is a second prompt "
+        "stream (every variant of a seed sees the same primary prompts at the same step); 'same' "
+        "takes the next prompts of the training stream, as DAPO's dataloader.",
+    )
 
 
 class OverlongConfig(_Section):
@@ -268,7 +312,35 @@ class TrainConfig(_Section):
     ppo_epochs: int = Field(1, ge=1, description="Passes over each training batch.")
     max_steps: int = Field(100, ge=0, description="Training steps.")
     lr: float = Field(1e-6, gt=0, le=1, description="AdamW learning rate.")
-    warmup_steps: int = Field(10, ge=0, description="Linear LR warm-up in optimizer steps.")
+    warmup_steps: int = Field(
+        10, ge=0, description="Linear LR warm-up length, in train.warmup_unit steps."
+    )
+    warmup_unit: Literal["optimizer", "training"] = Field(
+        "optimizer",
+        description="What one warm-up step is. 'optimizer': one optimizer step (a PPO "
+        "mini-batch). 'training': one training step (all its mini-batches share the lr), as verl "
+        "steps the scheduler once per update_actor call (verl/workers/fsdp_workers.py), so the "
+        "HAPO authors' 10 warm-up steps span 10 x 16 optimizer steps at 512 prompts / 32.",
+    )
+    warmup_start: Literal["one_over_n", "zero"] = Field(
+        "one_over_n",
+        description="Warm-up factor at warm-up step k (0-based) of n. 'one_over_n': (k+1)/n, so "
+        "the first step trains at lr/n. 'zero': k/n, verl's get_constant_schedule_with_warmup "
+        "(verl/utils/torch_functional.py): the first step trains at lr 0.",
+    )
+    incorrect_score: float = Field(
+        0.0,
+        description="Score of an incorrect response (a correct one scores 1); the overlong "
+        "penalty is added to it. The HAPO authors' math_dapo.compute_score gives -1 "
+        "(verl/utils/reward_score/math_dapo.py), so a full overlong penalty there is half the "
+        "correct/incorrect gap; with 0 it is the whole gap.",
+    )
+    nonfinite_grad: Literal["abort", "skip"] = Field(
+        "abort",
+        description="A non-finite gradient norm: 'abort' stops the run (last good checkpoint "
+        "kept); 'skip' drops that optimizer step, counts it in actor/skipped_steps and goes on, "
+        "as verl's actor does (verl/workers/actor/dp_actor.py, _optimizer_step).",
+    )
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")

@@ -116,9 +116,9 @@ def _loop(recipe, engine, monkeypatch):
     import hapo_cli.rewards as rewards
     from hapo_cli.learner.trainer import Loop, LoopState
 
-    def fake_score(examples, texts, lengths, max_new, overlong):
+    def fake_score(examples, texts, lengths, max_new, overlong, incorrect_score=0.0):
         acc = torch.tensor([1.0 if t.startswith("3") else 0.0 for t in texts])
-        return acc.clone(), acc
+        return torch.where(acc > 0, 1.0, incorrect_score), acc
 
     monkeypatch.setattr(rewards, "score_responses", fake_score)
     acc = SimpleNamespace(num_processes=1, process_index=0, device=torch.device("cpu"),

@@ -65,9 +65,13 @@ def redistribute_advantages(
     return torch.where(h > 0, torch.where(inside, adv, scaled), torch.where(inside, scaled, adv))
 
 
-def forking_token_mask(entropy: Tensor, mask: Tensor, quantile: float = 0.2) -> Tensor:
+def forking_token_mask(
+    entropy: Tensor, mask: Tensor, quantile: float = 0.2, threshold: float | Tensor | None = None
+) -> Tensor:
     """Mask of the "forking" tokens: the top-`quantile` entropy fraction of the valid tokens
-    of the batch (entropy >= the (1 - quantile) linear-interpolation quantile).
+    of the batch (entropy >= the (1 - quantile) linear-interpolation quantile), arXiv 2506.01939
+    Eq. 5's indicator I[H_t >= tau_rho^B]. `threshold` overrides the local quantile (the learner
+    passes the quantile over all ranks' tokens: the batch B of that paper is the global one).
 
     For the DAPO-with-forking-tokens baseline: multiply the loss mask by this. (B, T) -> (B, T)
     bool; all False when no token is valid.
@@ -80,7 +84,8 @@ def forking_token_mask(entropy: Tensor, mask: Tensor, quantile: float = 0.2) -> 
     valid = entropy.detach()[mask].double()
     if valid.numel() == 0:
         return torch.zeros_like(mask)
-    threshold = quantile_1d(valid, 1.0 - quantile, "paper")
+    if threshold is None:
+        threshold = quantile_1d(valid, 1.0 - quantile, "paper")
     return mask & (entropy.double() >= threshold)
 
 

@@ -166,7 +166,11 @@ def build_train_stream(data_cfg: Any, tokenizer: Any, seed: int) -> PromptStream
         )
     if not data_cfg.train_files:
         raise DataError("data.train_files is empty (data.source='files')")
-    examples = [ex for f in data_cfg.train_files for ex in load_examples(f, data_cfg, tokenizer)]
+    examples = [
+        ex
+        for f in data_cfg.train_files
+        for ex in load_examples(f, data_cfg, tokenizer, data_cfg.train_verifier)
+    ]
     return FileStream(examples, seed, data_cfg.shuffle)
 
 
@@ -187,7 +191,7 @@ def build_val_sets(data_cfg: Any, tokenizer: Any) -> dict[str, list[Example]]:
         stem = Path(f).stem
         if stem in out:
             raise DataError(f"data.val_files: two files are named '{stem}' (names must differ)")
-        out[stem] = load_examples(f, data_cfg, tokenizer)
+        out[stem] = load_examples(f, data_cfg, tokenizer, data_cfg.val_verifier)
     return out
 
 
@@ -201,7 +205,7 @@ def load_benchmark(
         raise ValueError(f"load_benchmark: limit={limit} must be > 0")
     path = Path(name_or_path)
     if path.suffix in SUPPORTED_SUFFIXES or path.is_file():
-        examples = load_examples(path, data_cfg, tokenizer)
+        examples = load_examples(path, data_cfg, tokenizer, data_cfg.val_verifier)
         return path.stem, examples[:limit] if limit else examples
     task, _, level = name_or_path.partition(":")
     if task in TASKS:

@@ -34,7 +34,7 @@ class Example:
     prompt: str  # text fed to the model, after any chat template
     prompt_ids: tuple[int, ...]  # tokenized `prompt` (no special tokens added)
     answer: str  # ground truth given to the verifier
-    verifier: Literal["exact", "math"]
+    verifier: Literal["exact", "math", "dapo"]
     target: str | None  # reference response for the supervised warm-up (synthetic only)
     task: str  # synthetic task name or file stem
 
@@ -129,12 +129,44 @@ def _parse_answer(value: Any, where: str, key: str) -> str:
     return str(value).strip()
 
 
-def load_examples(path: str | Path, data_cfg: Any, tokenizer: Any) -> list[Example]:
-    """Read a .parquet or .jsonl file into Examples (verifier "math").
+def row_verifier(choice: str, record: dict) -> Literal["math", "dapo"]:
+    """The verifier of one row: `choice` itself, or for "source" verl's dispatch on the row's
+    `data_source` (`verl/utils/reward_score/__init__.py`, `default_compute_score`): a source
+    containing "math_dapo" is graded by `math_dapo.compute_score` ("dapo"), any other math
+    source by math-verify over the whole response ("math")."""
+    if choice != "source":
+        return choice  # type: ignore[return-value]
+    return "dapo" if "math_dapo" in str(record.get("data_source", "")) else "math"
 
-    `data_cfg` is a `DataConfig`: prompt_key, answer_key, apply_chat_template and
-    max_prompt_length are read. Prompts longer than max_prompt_length tokens are dropped and
-    the count logged on the "hapo.data" logger. Errors name the file and the 1-based row.
+
+def truncate_prompt(ids: tuple[int, ...], max_len: int, side: str) -> tuple[int, ...] | None:
+    """Prompt token ids cut to `max_len`: "left" keeps the last max_len tokens (verl's
+    `data.truncation='left'`, the end of the prompt and the generation prompt survive),
+    "right" the first max_len; "drop" returns None for a long prompt; "error" raises."""
+    if len(ids) <= max_len:
+        return ids
+    if side == "left":
+        return ids[-max_len:]
+    if side == "right":
+        return ids[:max_len]
+    if side == "drop":
+        return None
+    raise DataError(
+        f"prompt of {len(ids)} tokens is longer than data.max_prompt_length={max_len} "
+        "(data.truncation='error'; use left, right or drop)"
+    )
+
+
+def load_examples(
+    path: str | Path, data_cfg: Any, tokenizer: Any, verifier: str = "math"
+) -> list[Example]:
+    """Read a .parquet or .jsonl file into Examples graded by `verifier` ("math", "dapo", or
+    "source": per row, see `row_verifier`).
+
+    `data_cfg` is a `DataConfig`: prompt_key, answer_key, apply_chat_template,
+    max_prompt_length and truncation are read. Prompts longer than max_prompt_length tokens are
+    truncated or dropped (data.truncation) and the count logged on the "hapo.data" logger.
+    Errors name the file and the 1-based row.
     """
     path = Path(path)
     if path.suffix not in SUPPORTED_SUFFIXES:
@@ -147,6 +179,7 @@ def load_examples(path: str | Path, data_cfg: Any, tokenizer: Any) -> list[Examp
     records = _read_records(path)
     if not records:
         raise DataError(f"{path}: no records")
+    side = data_cfg.truncation
     examples, too_long = [], 0
     for where, record in records:
         where = f"{path} {where}"
@@ -162,15 +195,24 @@ def load_examples(path: str | Path, data_cfg: Any, tokenizer: Any) -> list[Examp
         prompt = _parse_prompt(raw_prompt, where)
         answer = _parse_answer(raw_answer, where, data_cfg.answer_key)
         text, ids = encode_prompt(tokenizer, prompt, data_cfg.apply_chat_template)
-        if len(ids) > data_cfg.max_prompt_length:
+        try:
+            cut = truncate_prompt(ids, data_cfg.max_prompt_length, side)
+        except DataError as err:
+            raise DataError(f"{where}: {err}") from None
+        if cut is None:
             too_long += 1
             continue
+        if len(cut) < len(ids):
+            too_long += 1
+            text, ids = tokenizer.decode(list(cut), skip_special_tokens=False), cut
         row = where.rsplit(" ", 1)[-1]
-        examples.append(Example(f"{path.stem}:{row}", text, ids, answer, "math", None, path.stem))
+        examples.append(Example(f"{path.stem}:{row}", text, ids, answer,
+                                row_verifier(verifier, record), None, path.stem))
     if too_long:
         logger.warning(
-            "%s: dropped %d of %d prompts longer than data.max_prompt_length=%d tokens",
+            "%s: %s %d of %d prompts longer than data.max_prompt_length=%d tokens",
             path,
+            "dropped" if side == "drop" else f"{side}-truncated",
             too_long,
             len(records),
             data_cfg.max_prompt_length,

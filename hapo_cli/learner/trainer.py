@@ -48,6 +48,10 @@ class TrainSummary:
         return " | ".join(parts)
 
 
+class DynamicSamplingExhausted(RuntimeError):
+    """train.dynamic_sampling.on_exhausted=raise and the batch could not be filled (DAPO)."""
+
+
 class NonFiniteError(RuntimeError):
     pass
 
@@ -150,12 +154,12 @@ def train(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay
     )
-    warm = max(t.warmup_steps, 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
-    )
+    from .schedule import build_lr_scheduler
+
+    scheduler = build_lr_scheduler(optimizer, t)
     # The scheduler stays unprepared: accelerate would step it once per process per call,
-    # which makes the warm-up depend on the number of processes. We step it per optimizer step.
+    # which makes the warm-up depend on the number of processes. We step it per optimizer step
+    # or per training step (train.warmup_unit).
     model, optimizer = accelerator.prepare(model, optimizer)
 
     from ..rollout import build_engine
@@ -415,7 +419,7 @@ class Loop:
                 step = self.state.step + 1
                 try:
                     row = self.train_step(step)
-                except NonFiniteError as exc:
+                except (NonFiniteError, DynamicSamplingExhausted) as exc:
                     status, message = "failed", str(exc)
                     self.log.log_metrics({"step": step, "error": message})
                     break
@@ -485,7 +489,8 @@ class Loop:
                              self.rank)
         while True:
             gen_batches += 1
-            full = self.stream.next_batch(r.train.prompts_per_step, refill=gen_batches > 1)
+            full = self.stream.next_batch(r.train.prompts_per_step,
+                                          refill=gen_batches > 1 and ds.refill == "independent")
             examples = [full[i] for i in mine]
             out = self.engine.generate(
                 [list(e.prompt_ids) for e in examples],
@@ -500,7 +505,8 @@ class Loop:
             )
             per_resp = [examples[i] for i in out.prompt_index.tolist()]
             scores, acc = score_responses(
-                per_resp, texts, out.response_len, r.rollout.max_new_tokens, r.train.overlong
+                per_resp, texts, out.response_len, r.rollout.max_new_tokens, r.train.overlong,
+                incorrect_score=r.train.incorrect_score,
             )
             batch = build_train_batch(examples, out, scores, acc, texts, self.pad_id)
             all_acc.append(batch.acc)
@@ -522,9 +528,21 @@ class Loop:
                 break
             if ds.max_num_gen_batches and gen_batches >= ds.max_num_gen_batches:
                 break
-        n_use = int(self._min(torch.tensor(float(min(n_kept, per_rank)))))
+        n_mine = min(n_kept, per_rank)
+        n_use = int(self._min(torch.tensor(float(n_mine))))
+        if ds.enabled and ds.on_exhausted == "raise" and n_use < per_rank:
+            raise DynamicSamplingExhausted(
+                f"dynamic sampling kept {n_use} of {per_rank} groups per rank after "
+                f"{gen_batches} generation batches (train.dynamic_sampling.max_num_gen_batches="
+                f"{ds.max_num_gen_batches}); the data may be too easy or too hard "
+                "(on_exhausted=partial trains on what was kept)"
+            )
         info = {
             "rollout/gen_batches": float(gen_batches),
+            "rollout/refill_batches": float(gen_batches - 1),
+            "rollout/partial_batch": float(n_use < per_rank),
+            # groups this rank kept beyond the smallest rank's count, dropped so ranks match
+            "rollout/trimmed_groups": float(self._sum(torch.tensor(float(n_mine - n_use)))),
             "rollout/fill_rate": n_use / per_rank,
             "rollout/mixed_group_frac": float(self._sum(torch.tensor(float(all_mixed)))) / max(
                 float(self._sum(torch.tensor(float(all_groups)))), 1.0),
@@ -584,9 +602,15 @@ class Loop:
             )
         else:
             adv = seq_tok
-        loss_mask = mask
-        if a.baseline == "forking":
-            loss_mask = mask & algo.forking_token_mask(entropy, mask, quantile=a.forking_quantile)
+        loss_mask = norm_mask = mask
+        if a.baseline == "forking":  # threshold over all ranks' tokens (arXiv 2506.01939 Eq. 5)
+            valid_ent = self._cat(entropy[mask].double())
+            thr = (algo.quantile_1d(valid_ent, 1.0 - a.forking_quantile, "paper")
+                   if valid_ent.numel() else None)
+            loss_mask = mask & algo.forking_token_mask(entropy, mask, quantile=a.forking_quantile,
+                                                       threshold=thr)
+            if a.forking_normalizer == "forking":
+                norm_mask = loss_mask
         if a.adaptive_clip:
             eps_low, eps_high = algo.adaptive_clip_bounds(h, a.eps_low, a.eps_high, alpha=a.alpha)
         else:
@@ -598,7 +622,10 @@ class Loop:
 
         # ---- PPO epochs ----
         t2 = time.perf_counter()
-        upd = self.update(batch, old_logp, adv, loss_mask, h, eps_low, eps_high, tis)
+        upd = self.update(batch, old_logp, adv, loss_mask, h, eps_low, eps_high, tis,
+                          norm_mask=norm_mask)
+        if r.train.warmup_unit == "training":  # verl: once per update_actor call
+            self.sched.step()
         row["time/train_s"] = time.perf_counter() - t2
 
         # ---- metrics ----
@@ -677,8 +704,11 @@ class Loop:
         logp, _ = run(lambda rows: self._policy_temperature(batch, rows))
         return logp, entropy
 
-    def update(self, batch, old_logp, adv, loss_mask, h, eps_low, eps_high, tis):
+    def update(self, batch, old_logp, adv, loss_mask, h, eps_low, eps_high, tis, norm_mask=None):
+        """PPO epochs; the loss counts `loss_mask` tokens and divides by the global count of
+        `norm_mask` tokens (default: loss_mask) per mini-batch."""
         r, a = self.r, self.r.algo
+        norm_mask = loss_mask if norm_mask is None else norm_mask
         unwrap(self.model).train()
         B, T = batch.response_ids.shape
         sums: dict[str, float] = {}
@@ -686,10 +716,10 @@ class Loop:
         ratio_all = torch.ones(B, T)
         adv_c_all = adv.clone()
         grad_norms: list[float] = []
-        n_opt = 0
+        n_opt = n_skipped = 0
         for _epoch in range(r.train.ppo_epochs):
             for m_rows, micros in self._mini_batches(B):
-                m_mask = loss_mask[m_rows]
+                m_mask = norm_mask[m_rows]
                 if a.loss_agg == "token-mean":
                     local = m_mask.sum()
                 else:
@@ -725,7 +755,7 @@ class Loop:
                             logp, o, adv_c, mk, el, eh, clip_c=a.clip_c, agg=a.loss_agg,
                             normalizer=normalizer, h=hh, adv_before=adv_mb,
                         )
-                        if not torch.isfinite(loss):
+                        if not torch.isfinite(loss) and r.train.nonfinite_grad == "abort":
                             raise NonFiniteError(
                                 f"non-finite loss at micro-batch rows {rows.start}-{rows.stop}: "
                                 f"logp finite={bool(torch.isfinite(logp[mk]).all())}, "
@@ -747,6 +777,10 @@ class Loop:
                             weights[k] = weights.get(k, 0.0) + n_valid
                 gn = self.acc.clip_grad_norm_(self.model.parameters(), r.train.grad_clip)
                 gn = float(gn)
+                if not math.isfinite(gn) and r.train.nonfinite_grad == "skip":
+                    self.opt.zero_grad(set_to_none=True)  # verl dp_actor: skip the update
+                    n_skipped += 1
+                    continue
                 if not math.isfinite(gn):
                     self.opt.zero_grad(set_to_none=True)
                     raise NonFiniteError(
@@ -754,7 +788,8 @@ class Loop:
                         "last good checkpoint kept"
                     )
                 self.opt.step()
-                self.sched.step()
+                if r.train.warmup_unit == "optimizer":
+                    self.sched.step()
                 self.opt.zero_grad(set_to_none=True)
                 grad_norms.append(gn)
                 n_opt += 1
@@ -770,6 +805,7 @@ class Loop:
         metrics["actor/grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
         metrics["actor/lr"] = float(self.sched.get_last_lr()[0])
         metrics["actor/optimizer_steps"] = float(n_opt)
+        metrics["actor/skipped_steps"] = float(n_skipped)
         unwrap(self.model).eval()
         return {"metrics": metrics, "ratio": ratio_all, "adv_c": adv_c_all}
 

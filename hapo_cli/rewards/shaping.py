@@ -1,9 +1,12 @@
 """Rewards of a batch of responses: correctness plus DAPO's overlong shaping.
 
-Reward choice: score = acc (1 correct / 0 incorrect) + overlong penalty. DAPO uses +1/-1; for
-group-normalised advantages (GRPO, token-level group average) the two are identical, since
-(r - mean)/std is invariant to r -> 2r - 1, except for the relative weight of the overlong
-penalty, which is then worth twice as much against a 0/1 correctness gap as against a +-1 gap.
+Reward: score = (1 if correct else `incorrect_score`) + overlong penalty. The HAPO authors'
+`math_dapo.compute_score` returns +1/-1 and their DAPO reward manager
+(`verl/workers/reward_manager/dapo.py`) adds the overlong penalty to it, so the paper recipes set
+`train.incorrect_score: -1`; the tiny recipes keep 0 (1/0 correctness). For group-normalised
+advantages (GRPO, token-level group average) the two scales give the same advantages, since
+(r - mean)/std is invariant to r -> 2r - 1, except for the overlong penalty: against a 0/1 gap a
+full penalty of 1 is worth the whole correct/incorrect gap, against a +-1 gap only half of it.
 Accuracy is always returned separately (dynamic sampling and `reward/acc` use it).
 """
 
@@ -48,13 +51,14 @@ def score_responses(
     max_new_tokens: int,
     overlong_cfg: Any,
     timeout: float = 5.0,
+    incorrect_score: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores float32 (B,), acc float32 (B,)) for B responses.
 
     examples_per_response[i] is the `Example` response i answers (with .verifier, .answer);
     response_lengths are generated tokens including the end-of-sequence token (what the loss
-    sees). acc = 1/0 correctness; scores = acc + overlong_penalty(...) when
-    overlong_cfg.enabled (an `OverlongConfig`), else acc.
+    sees). acc = 1/0 correctness; scores = (1 where correct, else `incorrect_score`) +
+    overlong_penalty(...) when overlong_cfg.enabled (an `OverlongConfig`).
     """
     n = len(responses_text)
     lengths = torch.as_tensor(response_lengths, dtype=torch.float32)  # (B,)
@@ -70,7 +74,7 @@ def score_responses(
         ],
         dtype=torch.float32,
     )  # (B,)
-    scores = acc.clone()
+    scores = torch.where(acc > 0, torch.ones_like(acc), torch.full_like(acc, incorrect_score))
     if overlong_cfg.enabled:
         scores += overlong_penalty(
             lengths, max_new_tokens, overlong_cfg.buffer_len, overlong_cfg.penalty

@@ -1,4 +1,5 @@
-"""Answer verifiers: "exact" for the synthetic tasks, "math" through math-verify.
+"""Answer verifiers: "exact" for the synthetic tasks, "math" through math-verify, "dapo" the
+HAPO authors' `Answer:` grader (`dapo.py`: normalised string equality, then math-verify).
 
 Timeouts. sympy can hang on adversarial strings, and math-verify's own timeouts use
 `signal.alarm` (whole seconds, main thread only). We call math-verify with its timeouts off and
@@ -27,7 +28,7 @@ from typing import Any, Literal
 
 logger = logging.getLogger("hapo.rewards")
 
-Verifier = Literal["exact", "math"]
+Verifier = Literal["exact", "math", "dapo"]
 _WORKER_GRACE_S = 60.0  # worker start-up (imports sympy) on top of the timeout
 
 
@@ -57,7 +58,13 @@ def last_boxed(response: str) -> str | None:
 
 def extract_answer(verifier: Verifier, response: str) -> str | None:
     """The answer a response commits to, for majority voting (maj@k): the text after the last
-    '#' for synthetic tasks, the last `\\boxed{}` for math. None = no vote."""
+    '#' for synthetic tasks, the last `\\boxed{}` for math, the normalised `Answer:` line for
+    dapo. None = no vote."""
+    if verifier == "dapo":
+        from .dapo import INVALID, dapo_prediction
+
+        got = dapo_prediction(response)
+        return None if got in ("", INVALID) else got
     got = final_answer(response) if verifier == "exact" else last_boxed(response)
     return got or None
 
@@ -150,6 +157,7 @@ def _with_alarm(timeout: float, fn, *args) -> bool:
 
 
 def _math_equal_in_worker(response: str, answer: str, timeout: float) -> bool:
+    _math_verify_module()  # import sympy before the alarm: on a loaded machine it takes seconds
     return _with_alarm(timeout, _math_equal, response, answer)
 
 
@@ -200,12 +208,40 @@ def verify_math(response: str, answer: str, timeout: float = 5.0) -> bool:
     return _call_in_worker(_math_equal_in_worker, args, timeout + _WORKER_GRACE_S)
 
 
+def _dapo_equal(response: str, answer: str) -> bool:
+    from .dapo import INVALID, dapo_string_match, math_verify_boxed
+
+    correct, pred = dapo_string_match(response, answer)
+    if correct:
+        return True
+    return pred != INVALID and math_verify_boxed(pred, answer)
+
+
+def _dapo_equal_in_worker(response: str, answer: str, timeout: float) -> bool:
+    _math_verify_module()  # as _math_equal_in_worker
+    return _with_alarm(timeout, _dapo_equal, response, answer)
+
+
+def verify_dapo(response: str, answer: str, timeout: float = 5.0) -> bool:
+    """The authors' grader (`dapo.py`): the last `Answer:` line of the last 300 characters,
+    normalised string equality, else math-verify on the boxed prediction; time-bounded."""
+    if threading.current_thread() is threading.main_thread():
+        return _with_alarm(timeout, _dapo_equal, response, answer)
+    args = (response, answer, timeout)
+    return _call_in_worker(_dapo_equal_in_worker, args, timeout + _WORKER_GRACE_S)
+
+
 def verify(verifier: Verifier, response: str, answer: str, timeout: float = 5.0) -> bool:
-    """Whether `response` answers `answer` correctly under `verifier` ("exact" or "math")."""
+    """Whether `response` answers `answer` correctly under `verifier` ("exact", "math" or
+    "dapo")."""
     if timeout <= 0:
         raise ValueError(f"verify: timeout={timeout} must be > 0 seconds")
     if verifier == "exact":
         return verify_exact(response, answer)
     if verifier == "math":
         return verify_math(response, answer, timeout)
-    raise ValueError(f"verify: unknown verifier '{verifier}' (expected 'exact' or 'math')")
+    if verifier == "dapo":
+        return verify_dapo(response, answer, timeout)
+    raise ValueError(
+        f"verify: unknown verifier '{verifier}' (expected 'exact', 'math' or 'dapo')"
+    )
