@@ -275,6 +275,29 @@ def validation_metrics(engine, tokenizer, val_sets, recipe, step: int, rank: int
 # ---------------------------------------------------------------------------------------------
 
 
+def result_table(rows: list[dict[str, Any]], n: int):
+    """The summary table, every value readable at 80 columns: no box, one space between
+    columns, numbers never cut; a long benchmark or setting name wraps instead of `dapo_…`.
+    The jsonl holds every field."""
+    from rich.table import Table
+
+    table = Table(box=None, padding=(0, 1, 0, 0), header_style="bold")
+    table.add_column("bench", overflow="fold", max_width=18)
+    table.add_column("ckpt", justify="right", no_wrap=True)
+    table.add_column("setting", overflow="fold", max_width=14)
+    for header in (f"avg@{n}", "pass@1", f"pass@{n}", f"maj@{n}", "len", "trunc", "crit"):
+        table.add_column(header, justify="right", no_wrap=True)
+    for r in rows:
+        k = r["n"]
+        crit = r.get("critical_tokens_mean")
+        table.add_row(r["benchmark"], str(r["checkpoint_step"]), r["setting"],
+                      f"{r[f'avg@{k}']:.3f}", f"{r['pass@1']:.3f}",
+                      f"{r[f'pass@{k}']:.3f}", f"{r[f'maj@{k}']:.3f}",
+                      f"{r['response_len_mean']:.1f}", f"{r['truncation_rate']:.2f}",
+                      "-" if crit is None else f"{crit:.2f}")
+    return table
+
+
 # --name becomes `<out>/<name>.jsonl`: a plain file name, never a path out of the folder
 # (`../metrics` would replace the run's own metrics.jsonl).
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -341,7 +364,6 @@ def run_evaluate(
     vllm_options: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-    from rich.table import Table
 
     from .algo import EntropyStats, entropy_stats, quantile_1d
     from .data import load_benchmark
@@ -455,15 +477,7 @@ def run_evaluate(
     atomic_write_text(out_dir / f"{name}-samples.jsonl",
                       "".join(json.dumps(r) + "\n" for r in samples))
     if console is not None:
-        table = Table("bench", "ckpt", "setting", f"avg@{n}", "pass@1", f"pass@{n}",
-                      f"maj@{n}", "len", "trunc", "crit")
-        for r in rows:
-            k = r["n"]
-            table.add_row(r["benchmark"], str(r["checkpoint_step"]), r["setting"],
-                          f"{r[f'avg@{k}']:.3f}", f"{r['pass@1']:.3f}",
-                          f"{r[f'pass@{k}']:.3f}", f"{r[f'maj@{k}']:.3f}",
-                          f"{r['response_len_mean']:.1f}", f"{r['truncation_rate']:.2f}",
-                          f"{r.get('critical_tokens_mean', math.nan):.2f}")
+        table = result_table(rows, n)
         console.print(table)
         console.print(f"wrote {out_dir / (name + '.jsonl')}")
     return rows

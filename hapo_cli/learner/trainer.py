@@ -296,29 +296,24 @@ def _check_data_files(recipe: Recipe) -> None:
 @contextmanager
 def _warmup_bar(show: bool):
     """A callback (step, total) driving a rich bar for the supervised warm-up, if one runs."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+    from ..progress import step_progress
 
-    bar = Progress(TextColumn("[bold]warm-up[/bold]"), BarColumn(), MofNCompleteColumn(),
-                   TimeRemainingColumn(), disable=not show)
+    bar = None
     task = None
 
     def on_step(step: int, total: int) -> None:
-        nonlocal task
+        nonlocal task, bar
         if task is None:
+            bar = step_progress("warm-up", total, disable=not show)
             bar.start()
-            task = bar.add_task("warm-up", total=total)
+            task = bar.add_task("warm-up", total=total, info="")
         bar.update(task, completed=step)
 
     try:
         yield on_step
     finally:
-        bar.stop()
+        if bar is not None:
+            bar.stop()
 
 
 @dataclass
@@ -387,25 +382,11 @@ class Loop:
     # ---- main ----
     def run(self, progress: bool = True) -> TrainSummary:
         r = self.r
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        from ..progress import step_progress
 
         show = progress and self.acc.is_main_process
-        bar = Progress(
-            TextColumn("[bold]train[/bold]"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            disable=not show,
-        )
+
+        bar = step_progress("train", r.train.max_steps, disable=not show)
         status, message = "done", ""
         last_row: dict[str, Any] = {}
         with bar:
