@@ -186,9 +186,17 @@ class Strategy:
         return self.precision.master
 
     # ---- setup ----
-    def prepare(self, model: nn.Module, make_optimizer, *, engine: str = "hf"):
+    def prepare(self, model: nn.Module, make_optimizer, *, engine: str = "hf",
+                micro_batch_size: int = 1, grad_clip: float = 1.0):
         """(model, optimizer) ready to train. `make_optimizer(params)` builds the torch optimizer
-        on the parameters it must own (the fp32 shards under FSDP2)."""
+        on the parameters it must own (the fp32 shards under FSDP2). DeepSpeed needs the
+        micro-batch size (no dataloader is prepared) and does the clipping itself."""
+        if self.kind == "deepspeed":
+            cfg = self.acc.state.deepspeed_plugin.deepspeed_config
+            cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
+            cfg["gradient_accumulation_steps"] = 1  # boundaries: `micro_batch` sets them
+            cfg["train_batch_size"] = micro_batch_size * self.world
+            cfg["gradient_clipping"] = grad_clip
         if self.kind == "fsdp2":
             if engine == "hf":
                 # the HF engine decodes token by token on each rank with different lengths: it

@@ -148,7 +148,7 @@ def train(
         model,
         lambda params: torch.optim.AdamW(params, lr=t.lr, betas=t.betas,
                                          weight_decay=t.weight_decay),
-        engine=recipe.rollout.engine,
+        engine=recipe.rollout.engine, micro_batch_size=t.micro_batch_size, grad_clip=t.grad_clip,
     )
     warm = max(t.warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
