@@ -50,6 +50,12 @@ def run_case(out: Path, kind: str, dtype: str, lr: float) -> None:
     AcceleratorState._reset_state(True)
     os.environ["ACCELERATE_USE_FSDP"] = "true" if kind == "fsdp2" else "false"
     os.environ["FSDP_VERSION"] = "2"
+    stage = {"zero2": "2", "zero3": "3"}.get(kind)
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true" if stage else "false"
+    if stage:  # what `accelerate launch --config_file recipes/accelerate/zero{2,3}.yaml` sets
+        os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"] = stage
+        os.environ["ACCELERATE_DEEPSPEED_ZERO3_INIT"] = "false"
+        kind = "deepspeed"
     precision = resolve_precision(dtype, "no")
     acc, got_kind = build_accelerator(precision)
     assert got_kind == kind or (kind == "ddp" and got_kind == "single"), (kind, got_kind)
@@ -58,7 +64,8 @@ def run_case(out: Path, kind: str, dtype: str, lr: float) -> None:
     ref = {k: v.detach().clone() for k, v in model.state_dict().items()}
     total_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     model, opt = strategy.prepare(
-        model, lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=0.0), engine="vllm")
+        model, lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=0.0), engine="vllm",
+        micro_batch_size=2, grad_clip=1e9)  # no clipping: compare raw steps
     world, rank = acc.num_processes, acc.process_index
 
     # the gather the rollout engine gets, before any step: the unsharded initial weights
@@ -129,6 +136,9 @@ def run_case(out: Path, kind: str, dtype: str, lr: float) -> None:
         diffs = torch.tensor([float((after - before).abs().max()), float(before.abs().max())])
         dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
         res["optim_reload_max_diff"], res["optim_local_absmax"] = diffs.tolist()
+    if got_kind == "deepspeed":
+        res["global_steps"] = int(acc.deepspeed_engine_wrapped.engine.global_steps)
+        got_kind = f"zero{stage}"
     if rank == 0:
         tag = f"{got_kind}-{dtype}-{world}"
         torch.save(full1, out / f"{tag}.pt")

@@ -134,3 +134,34 @@ def test_detect_kind_reads_the_accelerate_config(monkeypatch):
         detect_kind(2)
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     assert detect_kind(2) == "deepspeed"
+
+
+@pytest.fixture(scope="module")
+def zero(tmp_path_factory, results):
+    # deepspeed is a dev extra (pyproject.toml); its CPU accelerator talks gloo
+    pytest.importorskip("deepspeed", reason="deepspeed is in the dev extras: pip install -e '.[dev]'")
+    out = tmp_path_factory.mktemp("zero")
+    _run_worker(out, 2, "zero2:float32:1e-3", "zero3:float32:1e-3")
+    return {z: (json.loads((out / f"{z}-float32-2.json").read_text()),
+                torch.load(out / f"{z}-float32-2.pt")) for z in ("zero2", "zero3")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_steps_once_per_mini_batch_with_ddp_gradients(results, zero, stage):
+    """2 micro-batches per mini-batch through accelerate's DeepSpeed wrapper: the engine steps
+    once (stepping per micro-batch gave 2 steps and a different update), and the step equals
+    DDP's. Under ZeRO-3 the fused log-probs read lm_head.weight inside the head's forward,
+    where it is gathered."""
+    ddp, w_ddp = results["ddp-float32-2"]
+    res, w = zero[stage]
+    d = res["describe"]
+    assert d["strategy"] == "deepspeed" and d["zero_stage"] == int(stage[-1])
+    assert res["global_steps"] == 1
+    assert res["grad_norm"] == pytest.approx(ddp["grad_norm"], rel=1e-5)
+    assert d["param_dtype"] == d["master_dtype"] == "float32"
+    assert res["gather_keys_ok"] and res["gather_max_abs_diff"] == 0.0
+    total = res["total_param_bytes"]
+    assert res["local_bytes"] == ([total // 2] * 2 if stage == "zero3" else [total] * 2)
+    for k in w_ddp:
+        assert_close(w[k], w_ddp[k], msg=k)

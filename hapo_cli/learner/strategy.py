@@ -114,6 +114,12 @@ def build_accelerator(precision: Precision, **kwargs) -> tuple[Any, str]:
             acc = Accelerator(cpu=cpu, mixed_precision="no", **kwargs)
         return acc, kind
     if kind == "deepspeed":
+        if cpu:
+            # accelerate 1.15 without CUDA finds no backend for DeepSpeed and reports ONE
+            # process on every rank (while DeepSpeed itself forms a 2-rank group): name gloo
+            from accelerate import PartialState
+
+            PartialState(backend="gloo")
         acc = Accelerator(mixed_precision=precision.mixed_precision, **kwargs)
         return acc, kind
     # without CUDA, `accelerate launch --multi_gpu -n 2` needs cpu=True to form a gloo group
@@ -129,7 +135,8 @@ def local_param_bytes(model: nn.Module) -> int:
     """Bytes of parameter storage held by this rank (a DTensor's local shard only)."""
     total = 0
     for p in model.parameters():
-        t = p.to_local() if _is_dtensor(p) else p
+        # FSDP2: the DTensor's local shard; ZeRO-3: the partition (`ds_tensor`), p is empty
+        t = p.to_local() if _is_dtensor(p) else getattr(p, "ds_tensor", p)
         total += t.numel() * t.element_size()
     return total
 
@@ -332,14 +339,19 @@ class Strategy:
 
         params = list(self.model.parameters())
         p0 = params[0]
+        inner = self.optimizer  # accelerate's wrapper > DeepSpeed's ZeRO optimizer > torch's
+        flat: list[Tensor] = []
+        while hasattr(inner, "optimizer"):
+            flat += list(getattr(inner, "fp32_partitioned_groups_flat", []))  # ZeRO-3 masters
+            inner = inner.optimizer
         state_dtypes = sorted({str(v.dtype).removeprefix("torch.")
-                               for s in self.optimizer.state.values() for v in s.values()
+                               for s in inner.state.values() for v in s.values()
                                if isinstance(v, Tensor) and v.dim() > 0})
         master = sorted({str(p.dtype).removeprefix("torch.")
-                         for g in self.optimizer.param_groups for p in g["params"]})
+                         for g in inner.param_groups for p in g["params"]} |
+                        {str(t.dtype).removeprefix("torch.") for t in flat})
         base = unwrap(self.model)
-        total = sum(p.numel() for p in base.parameters()) if not self.sharded or \
-            self.kind == "fsdp2" else None
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in base.parameters())
         out = {
             "strategy": self.kind,
             "world_size": self.world,
