@@ -293,6 +293,10 @@ class Strategy:
     def full_model_state(self) -> dict[str, Tensor] | None:
         """Gathered fp32 state dict on the CPU (collective: call on every rank); None when the
         plain module's own state dict will do."""
+        if self.kind == "deepspeed" and self.sharded:  # ZeRO-3: gather each parameter
+            from .weights import full_named_parameters
+
+            return {n: t.cpu().clone() for n, t in full_named_parameters(self.model, self.acc)}
         if self.kind != "fsdp2":
             return None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -319,6 +323,12 @@ class Strategy:
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         """Load a state from `optimizer_state` (every rank reads the same full file and keeps
         its own shard)."""
+        if self.kind == "deepspeed":
+            raise HapoError(
+                "--resume is not supported under DeepSpeed yet: ZeRO partitions the optimizer "
+                "state and the checkpoint holds rank 0's partition only (resume with FSDP2, "
+                "which saves and reloads the full state)"
+            )
         if self.kind != "fsdp2":
             self.optimizer.load_state_dict(state)
             return
