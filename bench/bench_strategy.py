@@ -10,6 +10,13 @@ RSS (CPU; `ru_maxrss`) or peak allocated CUDA memory, parameter bytes held, and 
 time after one warm-up step.
 
     python bench/bench_strategy.py [--hidden 1536] [--vocab 151936] [--layers 1] [--steps 3]
+
+Measured (2 shared CPU cores, gloo, 258 M parameters, fp32, 4 x 128 tokens per rank, --steps 2):
+peak RSS per rank DDP 7256 MB, FSDP2 5886 MB (0.81); parameter bytes per rank 983 vs 492 MB;
+step 37.3 s vs 57.2 s (1.53: gloo all-gathers on CPU). The saving is modest because the tied
+151,936 x 1536 embedding (90 % of the parameters) sits in the root FSDP group, which is
+unsharded for the whole forward/backward with its full gradient; the optimizer state is
+halved. RSS peaks include building the full model on every rank before `fully_shard`.
 """
 
 from __future__ import annotations
