@@ -7,12 +7,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import bench_algo, bench_fused, bench_train, bench_vllm  # noqa: E402
+from bench import bench_algo, bench_fused, bench_strategy, bench_train, bench_vllm  # noqa: E402
 
 
 def main() -> None:
     for name, mod in (("algo", bench_algo), ("fused log-probs", bench_fused),
-                      ("training step", bench_train), ("rollout: vLLM vs HF", bench_vllm)):
+                      ("training step", bench_train), ("rollout: vLLM vs HF", bench_vllm),
+                      ("DDP vs FSDP2, 2 processes, large vocabulary", bench_strategy)):
         print(f"\n=== {name} ===", flush=True)
         mod.main()
 

@@ -38,15 +38,19 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, stream, state, keep=2):
+def save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, stream, state, keep=2,
+                    model_state=None, optim_state=None):
+    """`model_state` / `optim_state`: full (gathered) states of a sharded model and optimizer,
+    saved instead of the module's and optimizer's own (which hold this rank's shard only)."""
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f".{final.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
     tokenizer.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), tmp / OPTIM_FILE)
+    torch.save(optim_state if optim_state is not None else optimizer.state_dict(),
+               tmp / OPTIM_FILE)
     torch.save(scheduler.state_dict(), tmp / SCHED_FILE)
     torch.save({"torch": torch.get_rng_state()}, tmp / RNG_FILE)
     meta = {
@@ -66,10 +70,16 @@ def save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, strea
 
 
 def load_trainer_state(ckpt: Path, optimizer, scheduler, stream):
+    """`optimizer`: a torch optimizer, or a learner `Strategy` (every rank loads the full state
+    and keeps its own shard)."""
     from .trainer import LoopState
 
     meta = json.loads((ckpt / STATE_FILE).read_text())
-    optimizer.load_state_dict(torch.load(ckpt / OPTIM_FILE, weights_only=True))
+    optim_state = torch.load(ckpt / OPTIM_FILE, weights_only=True)
+    if hasattr(optimizer, "load_optimizer_state"):
+        optimizer.load_optimizer_state(optim_state)
+    else:
+        optimizer.load_state_dict(optim_state)
     scheduler.load_state_dict(torch.load(ckpt / SCHED_FILE, weights_only=True))
     rng = torch.load(ckpt / RNG_FILE, weights_only=True)
     torch.set_rng_state(rng["torch"])

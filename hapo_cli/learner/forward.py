@@ -1,14 +1,19 @@
 """Learner forward pass: response-token log-probs and entropy without full fp32 logits.
 
-The model is called through its (possibly DDP/FSDP-wrapped) forward so gradient hooks fire, with
-`logits_to_keep=1` so the LM head runs on one position only; the decoder's final hidden states are
-captured by a forward hook and fed to the chunked fused LM-head function.
+The model is called through its (possibly DDP/FSDP/DeepSpeed-wrapped) forward so gradient hooks
+fire. On the fused path the LM head's own forward is replaced, for that one call, by the chunked
+fused log-prob function: it runs *inside* the head module's call, where FSDP2 and ZeRO-3 have
+gathered `lm_head.weight` (read after the forward, a ZeRO-3 parameter is an empty partition again)
+and where the strategy's autocast applies. `logits_to_keep=T+1` hands the head the hidden states of
+the response positions only; what the model returns as "logits" is then (2, N) log-probs and
+entropies of the N valid response tokens.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 
+import torch
 from torch import Tensor
 
 from ..algo import fused_logprobs_and_entropy, logprobs_and_entropy
@@ -27,17 +32,13 @@ def unwrap(model):
 
 
 @contextmanager
-def _capture_decoder_output(decoder):
-    box: dict[str, Tensor] = {}
-
-    def hook(_module, _inputs, output):
-        box["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-
-    handle = decoder.register_forward_hook(hook)
+def _head_forward(head, fn):
+    """Within the block, calling `head` (hooks included) runs `fn(hidden)` as its forward."""
+    head.forward = fn  # an instance attribute shadows the class's forward
     try:
-        yield box
+        yield
     finally:
-        handle.remove()
+        del head.forward
 
 
 def response_logprobs(
@@ -64,33 +65,39 @@ def response_logprobs(
     elif temp is not None and float(temp) == 1.0:
         temp = None
     if fused:
-        base = unwrap(model)
-        decoder = base.get_decoder()
-        head = base.get_output_embeddings()
-        with _capture_decoder_output(decoder) as box:
-            model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=False,
-                logits_to_keep=1,
-            )
-        hidden = box["hidden"][:, P - 1 : L - 1, :]  # (B, T, d): position P-1+t predicts token t
+        head = unwrap(model).get_output_embeddings()
         # only real response tokens go through the LM head (padding can be most of a batch of
         # long, ragged responses); results are scattered back to (B, T), 0 on padding
         valid = attention_mask[:, P:].reshape(-1).bool()  # (B*T,)
         idx = valid.nonzero().squeeze(1)
-        lp, en = fused_logprobs_and_entropy(
-            hidden.reshape(B * T, -1)[idx],
-            head.weight,
-            targets.reshape(-1)[idx],
-            temperature=temp[idx] if isinstance(temp, Tensor) else temp,
-            chunk_size=chunk_size,
-            bias=getattr(head, "bias", None),
-            compute_entropy=entropy,
-        )
+
+        def fused_head(hidden: Tensor) -> Tensor:  # (B, T+1, d): positions P-1 .. L-1
+            hidden = hidden[:, :T, :]  # position P-1+t predicts response token t
+            if hidden.dtype != head.weight.dtype:  # e.g. fp32 norm output, autocast on: the
+                hidden = hidden.to(head.weight.dtype)  # backward recomputes outside autocast
+            lp, en = fused_logprobs_and_entropy(
+                hidden.reshape(B * T, -1)[idx],
+                head.weight,
+                targets.reshape(-1)[idx],
+                temperature=temp[idx] if isinstance(temp, Tensor) else temp,
+                chunk_size=chunk_size,
+                bias=getattr(head, "bias", None),
+                compute_entropy=entropy,
+            )
+            return torch.stack([lp, en] if entropy else [lp])  # (2 or 1, N), not a view
+
+        with _head_forward(head, fused_head):
+            out = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+                logits_to_keep=T + 1,
+            )
+        res = out.logits.float()  # (2 or 1, N)
+        lp = res[0]
         logp = lp.new_zeros(B * T).index_copy(0, idx, lp).view(B, T)
-        ent = en.new_zeros(B * T).index_copy(0, idx, en).view(B, T) if entropy else None
+        ent = lp.new_zeros(B * T).index_copy(0, idx, res[1]).view(B, T) if entropy else None
         return logp, ent
     out = model(
         input_ids=input_ids,

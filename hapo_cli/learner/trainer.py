@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from ..runlog import RunLog
 from .batch import TrainBatch, build_train_batch, concat_batches, mixed_groups
 from .checkpoint import load_trainer_state, save_checkpoint
 from .forward import response_logprobs, unwrap
-from .weights import check_engine_sharding, full_named_parameters
+from .weights import check_engine_sharding
 
 
 @dataclass
@@ -95,8 +95,9 @@ def train(
     progress: bool = True,
 ) -> TrainSummary:
     """Train per `recipe`, writing the run directory. Returns a summary (status done/failed)."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
+
+    from .strategy import Strategy, build_accelerator, resolve_precision
 
     run_dir = run_dir_of(recipe, output_dir)
     recipe_yaml = recipe.to_yaml()
@@ -107,12 +108,11 @@ def train(
 
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
-    accelerator = Accelerator(
-        # without CUDA, `accelerate launch --multi_gpu -n 2` needs cpu=True to form a gloo group
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=recipe.train.mixed_precision,
-        project_dir=str(run_dir),
-    )
+    # fp32 master weights and optimizer state; model.dtype / train.mixed_precision set the
+    # compute dtype. The strategy (single, DDP, FSDP2, DeepSpeed) comes from `accelerate launch`.
+    precision = resolve_precision(recipe.model.dtype, recipe.train.mixed_precision)
+    accelerator, kind = build_accelerator(precision, project_dir=str(run_dir))
+    strategy = Strategy(kind, accelerator, precision)
     set_seed(recipe.seed)
 
     from ..models import check_model_dir, load_policy, resolve_policy_path
@@ -142,7 +142,7 @@ def train(
         _warn(accelerator, "--resume: no checkpoint yet; the run restarts from step 0")
     source = ckpt or policy_path
     check_model_dir(source)
-    model, tokenizer = _load(load_policy, source, recipe.model.dtype)
+    model, tokenizer = _load(load_policy, source, strategy.load_dtype)
     stream = build_streams(recipe.data, tokenizer, recipe.seed)
     val_sets = build_val_sets(recipe.data, tokenizer)
 
@@ -151,8 +151,11 @@ def train(
     model.train()
 
     t = recipe.train
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay
+    model, optimizer = strategy.prepare(
+        model,
+        lambda params: torch.optim.AdamW(params, lr=t.lr, betas=t.betas,
+                                         weight_decay=t.weight_decay),
+        engine=recipe.rollout.engine, micro_batch_size=t.micro_batch_size, grad_clip=t.grad_clip,
     )
     from .schedule import build_lr_scheduler
 
@@ -160,22 +163,22 @@ def train(
     # The scheduler stays unprepared: accelerate would step it once per process per call,
     # which makes the warm-up depend on the number of processes. We step it per optimizer step
     # or per training step (train.warmup_unit).
-    model, optimizer = accelerator.prepare(model, optimizer)
 
     from ..rollout import build_engine
 
-    check_engine_sharding(recipe.rollout.engine, accelerator)
+    check_engine_sharding(recipe.rollout.engine, accelerator, strategy)
 
     # vLLM loads from disk: on --resume the checkpoint, the weights the learner just loaded
     # (the warm-up policy there would make the first resumed step sample off-policy)
     engine_path = ckpt or policy_path
-    engine = build_engine(recipe.rollout, unwrap(model), tokenizer, str(engine_path), accelerator,
+    engine = build_engine(recipe.rollout, strategy.engine_model(), tokenizer, str(engine_path),
+                          accelerator,
                           max_prompt_length=recipe.data.max_prompt_length,
                           dtype=recipe.model.dtype, seed=recipe.seed)
 
     state = LoopState()
     if ckpt is not None:
-        state = _load(load_trainer_state, ckpt, optimizer, scheduler, stream)
+        state = _load(load_trainer_state, ckpt, strategy, scheduler, stream)
 
     runlog = RunLog(run_dir, enabled=accelerator.is_main_process)
     runlog.start(
@@ -188,6 +191,7 @@ def train(
             "policy_path": str(policy_path),
             "world_size": accelerator.num_processes,
             **({"resumed_from": ckpt.name} if ckpt is not None else {}),
+            **strategy.describe(),
         },
         mode=mode,
     )
@@ -198,7 +202,7 @@ def train(
     trackers = Trackers(recipe.log.trackers, run_dir, enabled=accelerator.is_main_process)
 
     loop = Loop(recipe, accelerator, model, optimizer, scheduler, engine, tokenizer, stream,
-                val_sets, runlog, run_dir, state)
+                val_sets, runlog, run_dir, state, strategy=strategy)
     loop.trackers = trackers
     final_status = "failed"
     try:
@@ -331,7 +335,7 @@ class LoopState:
 
 class Loop:
     def __init__(self, recipe, accelerator, model, optimizer, scheduler, engine, tokenizer, stream,
-                 val_sets, runlog, run_dir, state):
+                 val_sets, runlog, run_dir, state, strategy=None):
         self.r = recipe
         self.acc = accelerator
         self.model = model
@@ -348,6 +352,14 @@ class Loop:
         self.device = accelerator.device
         self.world = accelerator.num_processes
         self.rank = accelerator.process_index
+        if strategy is None:
+            from .strategy import Precision, Strategy
+
+            strategy = Strategy("ddp" if self.world > 1 else "single", accelerator,
+                                Precision(torch.float32))
+            strategy.model, strategy.optimizer = model, optimizer
+        self.strategy = strategy
+        self._described = False
         from ..trackers import Trackers
 
         self.trackers = Trackers([], run_dir)  # train() sets the recipe's
@@ -623,10 +635,7 @@ class Loop:
         if every and (step % every == 0 or step == 1):
             self.log.write_tokens(step, self.token_rows(step, batch, entropy, h, adv, upd,
                                                         eps_low, eps_high))
-        if self.r.rollout.engine == "hf":
-            self.engine.sync_weights(unwrap(self.model))  # the same module: a no-op
-        else:
-            self.engine.sync_weights(full_named_parameters(self.model, self.acc))
+        self.strategy.sync_engine(self.engine)  # HF engine, unsharded: its own module, a no-op
         return row
 
     def _mini_batches(self, B: int) -> list[tuple[slice, list[slice]]]:
@@ -709,9 +718,8 @@ class Loop:
                 if normalizer == 0:
                     continue
                 for i, rows in enumerate(micros):
-                    sync = i == len(micros) - 1
-                    ctx = nullcontext() if sync or self.world == 1 else self.acc.no_sync(self.model)
-                    with ctx:
+                    # gradients reduced (DeepSpeed: the engine steps) on the last micro-batch only
+                    with self.strategy.micro_batch(i, len(micros)):
                         ids = batch.input_ids[rows].to(self.device)
                         am = batch.attention_mask[rows].to(self.device)
                         logp, _ = response_logprobs(
@@ -743,7 +751,7 @@ class Loop:
                                 f"adv finite={bool(torch.isfinite(adv_c[mk]).all())}; "
                                 "last good checkpoint kept"
                             )
-                        self.acc.backward(loss * self.world)
+                        self.strategy.backward(loss * self.world)
                     ratio_all[rows] = ratio.cpu()
                     adv_c_all[rows] = adv_c.detach().cpu()
                     n_valid = float(m.get("valid_tokens", mk.sum()))
@@ -756,8 +764,7 @@ class Loop:
                         else:
                             sums[k] = sums.get(k, 0.0) + v * n_valid
                             weights[k] = weights.get(k, 0.0) + n_valid
-                gn = self.acc.clip_grad_norm_(self.model.parameters(), r.train.grad_clip)
-                gn = float(gn)
+                gn = self.strategy.clip_and_step(r.train.grad_clip)  # steps only if finite
                 if not math.isfinite(gn) and r.train.nonfinite_grad == "skip":
                     self.opt.zero_grad(set_to_none=True)  # verl dp_actor: skip the update
                     n_skipped += 1
@@ -768,9 +775,11 @@ class Loop:
                         f"non-finite gradient norm ({gn}) at optimizer step {n_opt + 1}; "
                         "last good checkpoint kept"
                     )
-                self.opt.step()
                 if r.train.warmup_unit == "optimizer":
                     self.sched.step()
+                if not self._described:  # optimizer state exists now: record its dtypes
+                    self.log.update_manifest(**self.strategy.describe())
+                    self._described = True
                 self.opt.zero_grad(set_to_none=True)
                 grad_norms.append(gn)
                 n_opt += 1
@@ -896,10 +905,14 @@ class Loop:
 
     def checkpoint(self, step: int) -> None:
         self.acc.wait_for_everyone()
+        # sharded strategies gather the full model and optimizer state on every rank first
+        model_state = self.strategy.full_model_state()
+        optim_state = self.strategy.optimizer_state()
         if self.acc.is_main_process:
             save_checkpoint(
                 self.run_dir, step, self.acc.unwrap_model(self.model), self.tok, self.opt,
                 self.sched, self.stream, self.state, keep=self.r.log.keep_checkpoints,
+                model_state=model_state, optim_state=optim_state,
             )
         self.acc.wait_for_everyone()
 

@@ -45,9 +45,12 @@ def full_named_parameters(model, accelerator) -> Iterator[tuple[str, Tensor]]:
         yield name, full.detach()
 
 
-def check_engine_sharding(engine_name: str, accelerator) -> None:
-    """The HF engine samples with the learner's own module: it needs full parameters."""
+def check_engine_sharding(engine_name: str, accelerator, strategy=None) -> None:
+    """The HF engine samples with the learner's own module: it needs full parameters. Under
+    FSDP2 the learner gives it an unsharded copy (`Strategy.engine_model`); ZeRO-3 is refused."""
     sharding = sharding_of(accelerator)
+    if strategy is not None:
+        sharding = {"fsdp2": "none"}.get(strategy.kind, "zero3" if strategy.sharded else "none")
     if engine_name == "hf" and sharding != "none":
         raise HapoError(
             f"rollout.engine=hf cannot sample from a {sharding}-sharded model; "

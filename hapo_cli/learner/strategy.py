@@ -1,0 +1,398 @@
+"""How the learner's model is distributed and in which precision it computes.
+
+One object owns what differs between strategies, so the training loop reads the same for all:
+
+| strategy  | set up by                                   | parameters per rank     |
+| --------- | ------------------------------------------- | ----------------------- |
+| single    | one process                                 | all, fp32               |
+| ddp       | `accelerate launch` (ddp.yaml, --multi_gpu) | all, fp32               |
+| fsdp2     | `accelerate launch` with fsdp.yaml          | 1/world (DTensor), fp32 |
+| deepspeed | `accelerate launch` with zero2/zero3.yaml   | ZeRO-3: 1/world         |
+
+Master weights and optimizer state are fp32 on every strategy. `model.dtype` (and/or
+`train.mixed_precision`) set the *compute* dtype: autocast for single/DDP (accelerate's mixed
+precision), `MixedPrecisionPolicy(param_dtype=...)` for FSDP2 (parameters all-gathered in the
+compute dtype, gradients reduced in fp32), DeepSpeed's own bf16 mode (fp32 master copy in the
+optimizer).
+
+FSDP2 is applied with torch's `fully_shard` directly, the same on CPU (gloo) and GPU (NCCL):
+accelerate 1.15 without CUDA turns an FSDP config into plain DDP (`Accelerator(cpu=True)`) or
+into unconnected processes (`cpu=False`), so the learner builds a plain process group with
+accelerate and shards the model itself. The `fsdp_config` keys of the accelerate config it
+honours: `fsdp_version` (must be 2), `fsdp_reshard_after_forward`, `fsdp_offload_params`,
+`fsdp_activation_checkpointing`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import HapoError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_MP_OF = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _env_true(name: str, default: str = "false") -> bool:
+    return os.environ.get(name, default).strip().lower() in ("1", "true", "yes")
+
+
+@dataclass(frozen=True)
+class Precision:
+    compute: torch.dtype  # matmul dtype of forward/backward
+    master: torch.dtype = torch.float32  # stored parameters and optimizer state
+
+    @property
+    def mixed_precision(self) -> str:
+        """accelerate's name for the compute dtype: 'no', 'bf16' or 'fp16'."""
+        return _MP_OF[self.compute]
+
+
+def resolve_precision(model_dtype: str, mixed_precision: str) -> Precision:
+    """fp32 masters always; compute in `model.dtype`, or in `train.mixed_precision` when the
+    model dtype is float32. A bf16 model with fp16 mixed precision (or the reverse) is refused."""
+    compute = _DTYPES[model_dtype]
+    if mixed_precision != "no":
+        mp = {"bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+        if compute not in (torch.float32, mp):
+            raise HapoError(
+                f"model.dtype={model_dtype} and train.mixed_precision={mixed_precision} disagree "
+                f"on the compute dtype (set train.mixed_precision={_MP_OF[compute]} or no)"
+            )
+        compute = mp
+    return Precision(compute=compute)
+
+
+def detect_kind(world_size: int) -> str:
+    """The strategy `accelerate launch` asked for (its config travels in environment variables)."""
+    if _env_true("ACCELERATE_USE_DEEPSPEED"):
+        return "deepspeed"
+    if _env_true("ACCELERATE_USE_FSDP"):
+        version = os.environ.get("FSDP_VERSION", "1").strip()
+        if version != "2":
+            raise HapoError(
+                f"accelerate config fsdp_config.fsdp_version={version}: only FSDP2 is supported "
+                "(set fsdp_version: 2, as recipes/accelerate/fsdp.yaml does)"
+            )
+        return "fsdp2"
+    return "ddp" if world_size > 1 else "single"
+
+
+@contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def build_accelerator(precision: Precision, **kwargs) -> tuple[Any, str]:
+    """(Accelerator, strategy kind). Without CUDA the accelerator runs on the CPU (gloo)."""
+    from accelerate import Accelerator
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    kind = detect_kind(world)
+    cpu = not torch.cuda.is_available()
+    if kind == "fsdp2":
+        if precision.compute == torch.float16:
+            raise HapoError("FSDP2 with float16 compute needs a gradient scaler hapo does not "
+                            "run; use model.dtype=bfloat16")
+        # a plain process group from accelerate; `fully_shard` is applied in `prepare`
+        with _env("ACCELERATE_USE_FSDP", "false"):
+            acc = Accelerator(cpu=cpu, mixed_precision="no", **kwargs)
+        return acc, kind
+    if kind == "deepspeed":
+        if cpu:
+            # accelerate 1.15 without CUDA finds no backend for DeepSpeed and reports ONE
+            # process on every rank (while DeepSpeed itself forms a 2-rank group): name gloo
+            from accelerate import PartialState
+
+            PartialState(backend="gloo")
+        acc = Accelerator(mixed_precision=precision.mixed_precision, **kwargs)
+        return acc, kind
+    # without CUDA, `accelerate launch --multi_gpu -n 2` needs cpu=True to form a gloo group
+    acc = Accelerator(cpu=cpu, mixed_precision=precision.mixed_precision, **kwargs)
+    return acc, kind
+
+
+def _is_dtensor(p: Tensor) -> bool:
+    return hasattr(p, "full_tensor") and hasattr(p, "to_local")
+
+
+def local_param_bytes(model: nn.Module) -> int:
+    """Bytes of parameter storage held by this rank (a DTensor's local shard only)."""
+    total = 0
+    for p in model.parameters():
+        # FSDP2: the DTensor's local shard; ZeRO-3: the partition (`ds_tensor`), p is empty
+        t = p.to_local() if _is_dtensor(p) else getattr(p, "ds_tensor", p)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def apply_fsdp2(model: nn.Module, precision: Precision, device: torch.device, *,
+                reshard_after_forward: bool = True, offload: bool = False) -> nn.Module:
+    """`fully_shard` each decoder layer (`_no_split_modules`), then the root (embeddings,
+    final norm, LM head). Parameters stay fp32 (sharded); with a bf16 compute dtype they are
+    all-gathered in bf16 and gradients reduce-scattered in fp32."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(
+        param_dtype=None if precision.compute == torch.float32 else precision.compute,
+        reduce_dtype=torch.float32,
+    )
+    kw: dict[str, Any] = {"mp_policy": mp}
+    if offload:
+        kw["offload_policy"] = CPUOffloadPolicy()
+    else:
+        model.to(device)
+    layer_names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in layer_names]
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
+    return model
+
+
+class Strategy:
+    """Prepares model and optimizer and runs the parts of an update that differ by strategy."""
+
+    def __init__(self, kind: str, accelerator, precision: Precision):
+        self.kind = kind
+        self.acc = accelerator
+        self.precision = precision
+        self.world = accelerator.num_processes
+        self.model = None
+        self.optimizer = None
+        self._engine_model: nn.Module | None = None
+
+    @property
+    def sharded(self) -> bool:
+        """Whether a rank holds only part of the parameters (FSDP2, ZeRO-3)."""
+        if self.kind == "fsdp2":
+            return True
+        if self.kind == "deepspeed":
+            plugin = getattr(self.acc.state, "deepspeed_plugin", None)
+            return plugin is not None and getattr(plugin, "zero_stage", 0) == 3
+        return False
+
+    @property
+    def load_dtype(self) -> torch.dtype:
+        """The dtype to load the policy in: the master dtype (fp32)."""
+        return self.precision.master
+
+    # ---- setup ----
+    def prepare(self, model: nn.Module, make_optimizer, *, engine: str = "hf",
+                micro_batch_size: int = 1, grad_clip: float = 1.0):
+        """(model, optimizer) ready to train. `make_optimizer(params)` builds the torch optimizer
+        on the parameters it must own (the fp32 shards under FSDP2). DeepSpeed needs the
+        micro-batch size (no dataloader is prepared) and does the clipping itself."""
+        if self.kind == "deepspeed":
+            cfg = self.acc.state.deepspeed_plugin.deepspeed_config
+            cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
+            cfg["gradient_accumulation_steps"] = 1  # boundaries: `micro_batch` sets them
+            cfg["train_batch_size"] = micro_batch_size * self.world
+            cfg["gradient_clipping"] = grad_clip
+        if self.kind == "fsdp2":
+            if engine == "hf":
+                # the HF engine decodes token by token on each rank with different lengths: it
+                # samples from an unsharded copy in the compute dtype, synced after each step
+                self._engine_model = copy.deepcopy(model).to(self.precision.compute)
+                self._engine_model.to(self.acc.device)
+            model = apply_fsdp2(
+                model, self.precision, self.acc.device,
+                reshard_after_forward=_env_true("FSDP_RESHARD_AFTER_FORWARD", "true"),
+                offload=_env_true("FSDP_OFFLOAD_PARAMS"),
+            )
+            if _env_true("FSDP_ACTIVATION_CHECKPOINTING"):
+                model.gradient_checkpointing_enable()
+            optimizer = make_optimizer(model.parameters())
+        else:
+            optimizer = make_optimizer(model.parameters())
+            model, optimizer = self.acc.prepare(model, optimizer)
+        self.model, self.optimizer = model, optimizer
+        return model, optimizer
+
+    def engine_model(self) -> nn.Module:
+        """The module the HF rollout engine samples from."""
+        from .forward import unwrap
+
+        return self._engine_model if self._engine_model is not None else unwrap(self.model)
+
+    def sync_engine(self, engine) -> None:
+        """Push the learner's weights to the engine (all ranks take part under sharding)."""
+        from .weights import full_named_parameters
+
+        if self._engine_model is None and getattr(engine, "model", None) is not None \
+                and not self.sharded and _same_module(engine.model, self.model):
+            return  # the HF engine samples with the learner's own module
+        engine.sync_weights(full_named_parameters(self.model, self.acc))
+
+    # ---- one update ----
+    @contextmanager
+    def micro_batch(self, index: int, count: int):
+        """Context of micro-batch `index` of `count` in one mini-batch: gradients are reduced
+        across ranks (and, for DeepSpeed, the optimizer may step) only on the last one."""
+        last = index == count - 1
+        if self.kind == "fsdp2":
+            self.model.set_requires_gradient_sync(last or self.world == 1)
+            yield
+        elif self.kind == "deepspeed":
+            # accelerate's DeepSpeed wrapper sets the engine's accumulation boundary from
+            # sync_gradients and steps the engine in `backward` when it is True; outside
+            # `accelerator.accumulate` it stays True, which stepped every micro-batch
+            self.acc.gradient_state._set_sync_gradients(last)
+            try:
+                yield
+            finally:
+                self.acc.gradient_state._set_sync_gradients(True)
+        elif self.kind == "ddp" and not last:
+            with self.acc.no_sync(self.model):
+                yield
+        else:
+            yield
+
+    def backward(self, loss: Tensor) -> None:
+        if self.kind == "fsdp2":
+            loss.backward()
+        else:
+            self.acc.backward(loss)
+
+    def clip_and_step(self, max_norm: float) -> float:
+        """Clip the global gradient norm, step the optimizer once; the pre-clip norm."""
+        if self.kind == "deepspeed":
+            # the engine clipped (config gradient_clipping) and stepped in `backward` at the
+            # accumulation boundary; report its norm
+            engine = self.acc.deepspeed_engine_wrapped.engine
+            gn = engine.get_global_grad_norm()
+            self.optimizer.step()  # accelerate's wrapper: a no-op under DeepSpeed
+            return float(gn) if gn is not None else float("nan")
+        if self.kind == "fsdp2":
+            gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            gn = gn.full_tensor() if _is_dtensor(gn) else gn
+        else:
+            gn = self.acc.clip_grad_norm_(self.model.parameters(), max_norm)
+        gn = float(gn)
+        if not torch.isfinite(torch.tensor(gn)):
+            return gn
+        self.optimizer.step()
+        return gn
+
+    # ---- checkpoints ----
+    def full_model_state(self) -> dict[str, Tensor] | None:
+        """Gathered fp32 state dict on the CPU (collective: call on every rank); None when the
+        plain module's own state dict will do."""
+        if self.kind == "deepspeed" and self.sharded:  # ZeRO-3: gather each parameter
+            from .weights import full_named_parameters
+
+            return {n: t.cpu().clone() for n, t in full_named_parameters(self.model, self.acc)}
+        if self.kind != "fsdp2":
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+
+    def optimizer_state(self) -> dict[str, Any] | None:
+        """The whole optimizer state, gathered (collective), keyed by parameter name; None: use
+        `optimizer.state_dict()` on the main process."""
+        if self.kind != "fsdp2":
+            return None
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        return get_optimizer_state_dict(
+            self.model, self.optimizer,
+            options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+        )
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        """Load a state from `optimizer_state` (every rank reads the same full file and keeps
+        its own shard)."""
+        if self.kind == "deepspeed":
+            raise HapoError(
+                "--resume is not supported under DeepSpeed yet: ZeRO partitions the optimizer "
+                "state and the checkpoint holds rank 0's partition only (resume with FSDP2, "
+                "which saves and reloads the full state)"
+            )
+        if self.kind != "fsdp2":
+            self.optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        set_optimizer_state_dict(
+            self.model, self.optimizer, optim_state_dict=state,
+            options=StateDictOptions(full_state_dict=True),
+        )
+
+    # ---- the manifest ----
+    def describe(self) -> dict[str, Any]:
+        """What ran, measured on the prepared model and optimizer (for manifest.json)."""
+        from .forward import unwrap
+
+        params = list(self.model.parameters())
+        p0 = params[0]
+        inner = self.optimizer  # accelerate's wrapper > DeepSpeed's ZeRO optimizer > torch's
+        flat: list[Tensor] = []
+        while hasattr(inner, "optimizer"):
+            flat += list(getattr(inner, "fp32_partitioned_groups_flat", []))  # ZeRO-3 masters
+            inner = inner.optimizer
+        state_dtypes = sorted({str(v.dtype).removeprefix("torch.")
+                               for s in inner.state.values() for v in s.values()
+                               if isinstance(v, Tensor) and v.dim() > 0})
+        master = sorted({str(p.dtype).removeprefix("torch.")
+                         for g in inner.param_groups for p in g["params"]} |
+                        {str(t.dtype).removeprefix("torch.") for t in flat})
+        base = unwrap(self.model)
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in base.parameters())
+        out = {
+            "strategy": self.kind,
+            "world_size": self.world,
+            "sharded": self.sharded,
+            "param_class": type(p0).__name__,
+            "param_dtype": str(p0.dtype).removeprefix("torch."),
+            "master_dtype": ",".join(master),
+            "optimizer_state_dtype": ",".join(state_dtypes) or "float32 (AdamW: like params)",
+            "compute_dtype": str(self.precision.compute).removeprefix("torch."),
+            "mixed_precision": self.precision.mixed_precision,
+            "param_bytes_per_rank": local_param_bytes(self.model),
+            "num_parameters": total,
+        }
+        if self.kind == "deepspeed":
+            plugin = getattr(self.acc.state, "deepspeed_plugin", None)
+            out["zero_stage"] = getattr(plugin, "zero_stage", None)
+        return out
+
+
+def _same_module(a: nn.Module, b: nn.Module) -> bool:
+    from .forward import unwrap
+
+    return unwrap(a) is unwrap(b)
+
+
+def compute_autocast(precision: Precision, device: torch.device):
+    """An autocast context for code that runs outside the model's (autocast-wrapped) forward."""
+    if precision.compute == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=precision.compute)
+
+
+__all__ = ["Precision", "Strategy", "resolve_precision", "build_accelerator", "detect_kind",
+           "apply_fsdp2", "local_param_bytes"]

@@ -1,0 +1,161 @@
+"""One optimizer step of the tiny Qwen2 model under each learner strategy (run by torchrun from
+tests/test_strategy.py; not collected by pytest). Writes one JSON file per case (rank 0) and the
+gathered parameters after the step, so the test compares strategies with each other.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/strategy_worker.py OUT_DIR KIND:DTYPE ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+
+def tiny_model(seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=24, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, intermediate_size=64, max_position_embeddings=128,
+                      tie_word_embeddings=True, eos_token_id=1, pad_token_id=0, bos_token_id=None)
+    return Qwen2ForCausalLM(cfg)
+
+
+def batch(rows: int = 8, P: int = 5, T: int = 7):
+    """The same global batch on every rank: left-padded prompts | right-padded responses."""
+    g = torch.Generator().manual_seed(123)
+    ids = torch.randint(2, 24, (rows, P + T), generator=g)
+    am = torch.ones(rows, P + T, dtype=torch.long)
+    plen = torch.randint(1, P + 1, (rows,), generator=g)
+    rlen = torch.randint(1, T + 1, (rows,), generator=g)
+    for i in range(rows):
+        am[i, : P - plen[i]] = 0
+        am[i, P + rlen[i]:] = 0
+    ids = ids.masked_fill(am == 0, 0)
+    adv = torch.randn(rows, generator=g)
+    return ids, am, T, adv
+
+
+def run_case(out: Path, kind: str, dtype: str, lr: float) -> None:
+    from accelerate.state import AcceleratorState
+
+    from hapo_cli.learner.forward import response_logprobs, unwrap
+    from hapo_cli.learner.strategy import Strategy, build_accelerator, resolve_precision
+    from hapo_cli.learner.weights import full_named_parameters
+
+    AcceleratorState._reset_state(True)
+    os.environ["ACCELERATE_USE_FSDP"] = "true" if kind == "fsdp2" else "false"
+    os.environ["FSDP_VERSION"] = "2"
+    stage = {"zero2": "2", "zero3": "3"}.get(kind)
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true" if stage else "false"
+    if stage:  # what `accelerate launch --config_file recipes/accelerate/zero{2,3}.yaml` sets
+        os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"] = stage
+        os.environ["ACCELERATE_DEEPSPEED_ZERO3_INIT"] = "false"
+        kind = "deepspeed"
+    precision = resolve_precision(dtype, "no")
+    acc, got_kind = build_accelerator(precision)
+    assert got_kind == kind or (kind == "ddp" and got_kind == "single"), (kind, got_kind)
+    strategy = Strategy(got_kind, acc, precision)
+    model = tiny_model()
+    ref = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    total_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    model, opt = strategy.prepare(
+        model, lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=0.0), engine="vllm",
+        micro_batch_size=2, grad_clip=1e9)  # no clipping: compare raw steps
+    world, rank = acc.num_processes, acc.process_index
+
+    # the gather the rollout engine gets, before any step: the unsharded initial weights
+    full0 = {k: v.detach().cpu().clone() for k, v in full_named_parameters(model, acc)}
+    gather_diff = max(float((full0[k].float() - ref[k].float()).abs().max()) for k in full0)
+    gather_keys_ok = set(full0) == {n for n, _ in unwrap(model).named_parameters()}
+
+    ids, am, T, adv = batch()
+    local = ids.shape[0] // world
+    rows = slice(rank * local, (rank + 1) * local)
+    ids, am, adv = ids[rows], am[rows], adv[rows]
+    mask = am[:, -T:].bool()
+    normalizer = float(batch()[1][:, -T:].sum())  # global valid tokens
+    micros = [slice(0, local // 2), slice(local // 2, local)]
+    for i, mr in enumerate(micros):
+        with strategy.micro_batch(i, len(micros)):
+            logp, _ = response_logprobs(model, ids[mr].to(acc.device), am[mr].to(acc.device), T,
+                                        None, fused=True, chunk_size=16, entropy=False)
+            loss = -(logp * adv[mr, None].to(logp.device) * mask[mr].to(logp.device)).sum()
+            strategy.backward(loss / normalizer * world)
+    grad_norm = strategy.clip_and_step(1e9)  # no clipping: compare raw steps
+    full1 = {k: v.detach().cpu().float().clone() for k, v in full_named_parameters(model, acc)}
+    n_all = sum(v.numel() for v in full1.values())
+    n_changed = sum(int((full1[k] != ref[k].float()).sum()) for k in full1)
+    desc = strategy.describe()
+
+    res = {"kind": got_kind, "dtype": dtype, "world": world, "grad_norm": grad_norm,
+           "gather_max_abs_diff": gather_diff, "gather_keys_ok": gather_keys_ok,
+           "changed_frac": n_changed / n_all, "total_param_bytes": total_bytes,
+           "describe": desc, "local_bytes": [0] * world}
+    lb = torch.tensor([desc["param_bytes_per_rank"]], dtype=torch.long)
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered = [torch.zeros_like(lb) for _ in range(world)]
+        dist.all_gather(gathered, lb)
+        res["local_bytes"] = [int(x) for x in gathered]
+    else:
+        res["local_bytes"] = [int(lb)]
+
+    if got_kind == "fsdp2":
+        # gathered optimizer state: every rank's shard, not rank 0's; a reload restores each
+        # rank's own shard
+        from torch.distributed.tensor import DTensor
+
+        name, p = next((n, p) for n, p in unwrap(model).named_parameters()
+                       if n.endswith("mlp.down_proj.weight"))
+        import torch.distributed as dist
+
+        osd = strategy.optimizer_state()  # the full state on rank 0 (what a checkpoint saves)
+        mine = opt.state[p]["exp_avg"]
+        assert isinstance(mine, DTensor)
+        gathered = mine.full_tensor().cpu()
+        if rank == 0:
+            full_avg = osd["state"][name]["exp_avg"]
+            res["optim_full_vs_gathered"] = float((full_avg - gathered).abs().max())
+            res["optim_full_shape"] = list(full_avg.shape)
+            torch.save(osd, out / "optim.pt")
+        dist.barrier()
+        osd = torch.load(out / "optim.pt", weights_only=True)  # every rank reads the file
+        before = mine.to_local().clone()
+        for s in opt.state.values():
+            for v in s.values():
+                if isinstance(v, DTensor):
+                    v.to_local().zero_()
+        strategy.load_optimizer_state(osd)
+        after = opt.state[p]["exp_avg"].to_local()
+        diffs = torch.tensor([float((after - before).abs().max()), float(before.abs().max())])
+        dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
+        res["optim_reload_max_diff"], res["optim_local_absmax"] = diffs.tolist()
+    if got_kind == "deepspeed":
+        res["global_steps"] = int(acc.deepspeed_engine_wrapped.engine.global_steps)
+        got_kind = f"zero{stage}"
+    if rank == 0:
+        tag = f"{got_kind}-{dtype}-{world}"
+        torch.save(full1, out / f"{tag}.pt")
+        (out / f"{tag}.json").write_text(json.dumps(res, indent=1, default=str))
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    torch.set_num_threads(1)
+    for case in sys.argv[2:]:
+        kind, dtype, lr = case.split(":")
+        run_case(out, kind, dtype, float(lr))
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

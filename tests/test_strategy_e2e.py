@@ -1,0 +1,156 @@
+"""`accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes 2 -m hapo_cli
+train --recipe tiny/hapo` on CPU: it shards (FSDP2 over gloo), matches the 2-process DDP run, and
+a `kill -9` + `--resume` reproduces the uninterrupted FSDP run; its checkpoints load in
+transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from analysis import schema
+
+ROOT = Path(__file__).resolve().parent.parent
+SETS = [
+    "model.warmup.steps=150", "train.prompts_per_step=4", "train.mini_batch_prompts=2",
+    "train.micro_batch_size=4", "rollout.n=4", "eval.limit=8", "eval.n=2", "eval.every=2",
+    "train.dynamic_sampling.enabled=false", "log.checkpoint_every=1", "log.keep_checkpoints=10",
+]
+STEPS = 4
+
+
+def _train_args(out: Path, cache: Path, *extra: str) -> list[str]:
+    args = ["-m", "hapo_cli.cli", "train", "--recipe", "tiny/hapo", "--max-steps", str(STEPS),
+            "--output", str(out), *extra]
+    for s in [*SETS, f"model.cache_dir={cache}"]:
+        args += ["--set", s]
+    return args
+
+
+def _launch(strategy: str) -> list[str]:
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    assert accelerate, "accelerate CLI not installed next to the interpreter"
+    if strategy == "fsdp":
+        return [accelerate, "launch", "--config_file", str(ROOT / "recipes/accelerate/fsdp.yaml"),
+                "--num_processes", "2", "--mixed_precision", "no"]
+    # NB: on a machine without CUDA `--multi_gpu` starts two gloo processes (see CALIBRATION.md)
+    return [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / schema.METRICS).read_text().splitlines() if x.strip()]
+
+
+def _no_times(rows):
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp-e2e")
+    cache = root / "cache"
+    # one process first: builds the warm-up cache (two ranks building it at once race)
+    subprocess.run([sys.executable, *_train_args(root / "one", cache, "--set",
+                                                 "train.max_steps=0")],
+                   check=True, capture_output=True, timeout=600, cwd=ROOT)
+    out = {}
+    for name in ("ddp", "fsdp"):
+        res = subprocess.run([*_launch(name), *_train_args(root / name, cache)],
+                             capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert res.returncode == 0, res.stderr[-3000:]
+        out[name] = root / name
+    return root, cache, out
+
+
+@pytest.mark.slow
+def test_fsdp_config_shards_on_cpu_and_matches_ddp(runs):
+    _, _, out = runs
+    m_fsdp = json.loads((out["fsdp"] / schema.MANIFEST).read_text())
+    m_ddp = json.loads((out["ddp"] / schema.MANIFEST).read_text())
+    assert m_fsdp["status"] == m_ddp["status"] == "done"
+    assert (m_fsdp["strategy"], m_fsdp["world_size"], m_fsdp["param_class"]) == \
+        ("fsdp2", 2, "DTensor")
+    assert (m_ddp["strategy"], m_ddp["world_size"], m_ddp["param_class"]) == \
+        ("ddp", 2, "Parameter")
+    for m in (m_fsdp, m_ddp):
+        assert m["param_dtype"] == m["master_dtype"] == m["optimizer_state_dtype"] == "float32"
+        assert m["mixed_precision"] == "no"
+    full = m_ddp["param_bytes_per_rank"]
+    assert full == 4 * m_ddp["num_parameters"]
+    # half per rank, up to FSDP2's padding of odd first dimensions
+    assert abs(m_fsdp["param_bytes_per_rank"] - full / 2) <= 0.01 * full
+
+    a, b = _rows(out["ddp"]), _rows(out["fsdp"])
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    step1 = [(x, y) for x, y in zip(a, b) if x["step"] == 1][0]
+    compared = 0
+    for k, va in step1[0].items():
+        if k.startswith("time/") or not isinstance(va, float):
+            continue
+        vb = step1[1][k]
+        if k == "actor/behaviour_logp_gap":
+            # |learner - sampler| log-prob at step 1 is float noise (~4e-7) on both: compare
+            # absolutely
+            assert abs(va - vb) < 1e-5
+        else:
+            # same math, different reduction order (reduce-scatter vs all-reduce)
+            assert vb == pytest.approx(va, rel=1e-3, abs=1e-6), k
+        compared += 1
+    assert compared > 30
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_is_a_full_hf_model(runs):
+    from transformers import AutoModelForCausalLM
+
+    _, _, out = runs
+    ck_f = out["fsdp"] / schema.CHECKPOINTS_DIR / f"step-{STEPS:06d}"
+    ck_d = out["ddp"] / schema.CHECKPOINTS_DIR / f"step-{STEPS:06d}"
+    mf = AutoModelForCausalLM.from_pretrained(ck_f, local_files_only=True)
+    md = AutoModelForCausalLM.from_pretrained(ck_d, local_files_only=True)
+    sf, sd = mf.state_dict(), md.state_dict()
+    assert sf.keys() == sd.keys()
+    for k in sd:
+        assert sf[k].dtype == torch.float32 and sf[k].shape == sd[k].shape
+        # 4 steps apart only by reduction order (lr 2e-4 AdamW steps ~2e-4 per entry)
+        torch.testing.assert_close(sf[k], sd[k], rtol=0, atol=2e-5, msg=k)
+    osd = torch.load(ck_f / "optimizer.pt", weights_only=True)
+    n_full = sum(v["exp_avg"].numel() for v in osd["state"].values())
+    assert n_full == sum(p.numel() for p in mf.parameters())  # every rank's shard is in it
+
+
+@pytest.mark.slow
+def test_fsdp_sigkill_then_resume_matches_uninterrupted(runs):
+    root, cache, out = runs
+    killed = root / "killed"
+    cmd = [*_launch("fsdp"), *_train_args(killed, cache)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, cwd=ROOT)
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        ck = killed / schema.CHECKPOINTS_DIR
+        if ck.is_dir() and any(p.name == "step-000002" for p in ck.iterdir()):
+            break
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # launcher and both ranks
+    proc.wait()
+    assert json.loads((killed / schema.MANIFEST).read_text())["status"] == "running"
+    assert max(r["step"] for r in _rows(killed)) < STEPS
+
+    res = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((killed / schema.MANIFEST).read_text())["status"] == "done"
+    assert _no_times(_rows(killed)) == _no_times(_rows(out["fsdp"]))
