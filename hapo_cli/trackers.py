@@ -85,9 +85,9 @@ def mlflow_name(key: str) -> str:
 class Trackers:
     """The recipe's trackers for one run (main process only; elsewhere every call is a no-op)."""
 
-    def __init__(self, names: list[str], run_dir: Path, enabled: bool = True):
+    def __init__(self, names: list[str], run_dir: Path | None, enabled: bool = True):
         self.names = list(names) if enabled else []
-        self.run_dir = Path(run_dir)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
         self.trackers: list[Any] = []
         self.ids: dict[str, str] = {}
 
