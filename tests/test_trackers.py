@@ -37,6 +37,10 @@ def offline(monkeypatch, tmp_path):
     # mlflow 3 keeps the file store behind this opt-in; a file store needs no server
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", f"hapo-test-{tmp_path.name}")
+    import mlflow
+
+    # an earlier test's mlflow.set_tracking_uri is process-global and beats the env variable
+    mlflow.set_tracking_uri((tmp_path / "mlruns").as_uri())
     return tmp_path
 
 
