@@ -69,3 +69,21 @@ def test_two_processes_match_one(tmp_path):
         # another order: ~1e-7 relative per weight, measured 1.7e-6 on scale_pos with the
         # 2-head tiny model; 1e-5 is still 10x tighter than the loop's per-metric 1e-4
         assert b[2][k] == pytest.approx(a[2][k], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_with_an_empty_warmup_cache(tmp_path):
+    """Both ranks need the warm-up policy: the main process builds it, the other waits and
+    reads it (they raced before: one rank failed with 'no config.json')."""
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    out, cache = tmp_path / "run", tmp_path / "empty-cache"
+    args = ["train", "--recipe", "tiny/hapo", "--max-steps", "1", "--output", str(out)]
+    for s in [*SETS, "model.warmup.steps=40", "eval.at_start=false", f"model.cache_dir={cache}"]:
+        args += ["--set", s]
+    res = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
+                          "no", "-m", "hapo_cli.cli", *args],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((out / schema.MANIFEST).read_text())["status"] == "done"
+    assert len(list(cache.glob("warmup-*/config.json"))) == 1

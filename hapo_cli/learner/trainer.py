@@ -120,7 +120,10 @@ def train(
     # Everything that can be validated is, before anything in the run directory changes:
     # data files, the model folder, the checkpoint to resume from, optimizer construction.
     _check_data_files(recipe)
-    with _warmup_bar(progress and accelerator.is_main_process) as on_step:
+    # the main process builds (or finds) the warm-up policy; the others then read it from the
+    # cache, never racing the build
+    with accelerator.main_process_first(), \
+            _warmup_bar(progress and accelerator.is_main_process) as on_step:
         policy_path = resolve_policy_path(recipe.model, recipe.data, progress=on_step)
     from ..data import build_val_sets
     from .resume import usable_checkpoint
