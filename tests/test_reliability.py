@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMALL, read_metrics, sets, strip_times
 from typer.testing import CliRunner
 
 from analysis import schema
@@ -24,36 +25,13 @@ from hapo_cli.cli import app
 
 runner = CliRunner()
 
-SMALL = [
-    "model.warmup.steps=150", "train.prompts_per_step=4", "train.mini_batch_prompts=2",
-    "train.micro_batch_size=8", "rollout.n=4", "eval.limit=8", "eval.n=2", "eval.every=2",
-    "log.token_sample_every=2", "log.checkpoint_every=2", "train.dynamic_sampling.enabled=false",
-]
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("warmup-cache")
-
-
-def sets(cache_dir: Path, *extra: str) -> list[str]:
-    out: list[str] = []
-    for s in [*SMALL, f"model.cache_dir={cache_dir}", *extra]:
-        out += ["--set", s]
-    return out
-
-
 def train_args(out: Path, cache_dir: Path, steps: int = 2, *extra: str) -> list[str]:
     return ["train", "--recipe", "tiny/hapo", "--max-steps", str(steps), "--output", str(out),
             *sets(cache_dir, *extra)]
 
 
 def rows(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / schema.METRICS).read_text().splitlines() if x.strip()]
-
-
-def no_times(rs: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rs]
+    return read_metrics(run)
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -182,7 +160,7 @@ def test_kill_before_the_first_checkpoint_then_resume_has_no_duplicate_step(tmp_
     res = runner.invoke(app, [*train_args(killed, cache_dir, 3, *extra), "--resume"])
     assert res.exit_code == 0, res.output
     assert [r["step"] for r in rows(killed)] == [0, 1, 2, 3]
-    assert no_times(rows(killed)) == no_times(rows(full))
+    assert strip_times(rows(killed)) == strip_times(rows(full))
 
 
 def _bad_pickle(path: Path) -> None:
@@ -224,7 +202,7 @@ def test_resume_falls_back_to_the_previous_good_checkpoint(tmp_path, cache_dir, 
     assert "continuing from step-000001" in res.output
     manifest = json.loads((run / schema.MANIFEST).read_text())
     assert manifest["status"] == "done" and manifest["resumed_from"] == "step-000001"
-    assert no_times(rows(run)) == no_times(rows(full))
+    assert strip_times(rows(run)) == strip_times(rows(full))
 
 
 def test_failing_resume_leaves_a_done_run_untouched(tmp_path, cache_dir, done_run):

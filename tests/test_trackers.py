@@ -10,6 +10,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from conftest import sets
 from typer.testing import CliRunner
 
 from analysis import schema
@@ -17,18 +18,6 @@ from hapo_cli.cli import app
 from hapo_cli.trackers import flat_config, mlflow_name, scalar_metrics
 
 runner = CliRunner()
-SMALL = [
-    "model.warmup.steps=100", "train.prompts_per_step=4", "train.mini_batch_prompts=2",
-    "train.micro_batch_size=8", "rollout.n=4", "eval.limit=8", "eval.n=2", "eval.every=2",
-    "log.token_sample_every=0", "log.checkpoint_every=1", "train.dynamic_sampling.enabled=false",
-]
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("warmup-cache")
-
-
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -46,9 +35,8 @@ def offline(monkeypatch, tmp_path):
 
 def train(out: Path, cache: Path, trackers: str, steps: int, *flags: str):
     args = ["train", "--recipe", "tiny/hapo", "--max-steps", str(steps), "--output", str(out),
-            "--set", f"log.trackers=[{trackers}]", "--set", f"model.cache_dir={cache}", *flags]
-    for s in SMALL:
-        args += ["--set", s]
+            *sets(cache, f"log.trackers=[{trackers}]", "log.token_sample_every=0",
+                  "log.checkpoint_every=1"), *flags]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     return res
@@ -208,11 +196,8 @@ def test_failed_run_closes_mlflow_as_failed(offline, cache_dir, monkeypatch):
 
     monkeypatch.setattr(trainer.Loop, "train_step", boom)
     out = offline / "run"
-    args = ["train", "--recipe", "tiny/hapo", "--max-steps", "2", "--output", str(out),
-            "--set", "log.trackers=[mlflow]", "--set", f"model.cache_dir={cache_dir}"]
-    for s in SMALL:
-        args += ["--set", s]
-    runner.invoke(app, args)
+    runner.invoke(app, ["train", "--recipe", "tiny/hapo", "--max-steps", "2", "--output", str(out),
+                        *sets(cache_dir, "log.trackers=[mlflow]")])
     mlflow.set_tracking_uri((offline / "mlruns").as_uri())
     runs = mlflow.search_runs(experiment_names=[f"hapo-test-{offline.name}"])
     assert list(runs["status"]) == ["FAILED"]

@@ -8,51 +8,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import read_metrics, sets, strip_times
 from typer.testing import CliRunner
 
 from analysis import schema
 from hapo_cli.cli import app
 
 runner = CliRunner()
-
-SMALL = [
-    "model.warmup.steps=150",
-    "train.prompts_per_step=4",
-    "train.mini_batch_prompts=2",
-    "train.micro_batch_size=8",
-    "rollout.n=4",
-    "eval.limit=8",
-    "eval.n=2",
-    "eval.every=2",
-    "log.token_sample_every=2",
-    "log.checkpoint_every=2",
-    "train.dynamic_sampling.enabled=false",
-]
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("warmup-cache")
-
-
-def sets(cache_dir: Path, *extra: str) -> list[str]:
-    out: list[str] = []
-    for s in [*SMALL, f"model.cache_dir={cache_dir}", *extra]:
-        out += ["--set", s]
-    return out
-
-
-def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / schema.METRICS).read_text().splitlines() if x.strip()]
-
-
-def strip_times(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
-
 
 REQUIRED = [
     "actor/entropy_mean", "actor/clip_frac_low", "actor/clip_frac_high", "adv/pos_token_sum",
