@@ -34,7 +34,7 @@ def _model(root: Path):
 
     tok = build_tokenizer()
     torch.manual_seed(0)
-    model = build_tiny_model(TinyModelConfig(), tok).float().eval()
+    model = build_tiny_model(TinyModelConfig(num_heads=2), tok).float().eval()  # head_dim 32
     model.save_pretrained(root)
     tok.save_pretrained(root)
     return model, tok

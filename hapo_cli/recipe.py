@@ -33,12 +33,17 @@ class _Section(BaseModel):
 # ---------------------------------------------------------------------------------------------
 
 
+VLLM_TINY_HIDDEN = 64  # TinyModelConfig.hidden_size's default, for the vLLM head count
+
+
 class TinyModelConfig(_Section):
     hidden_size: int = Field(64, gt=0, description="Hidden size of the embedded Qwen2 model.")
     num_layers: int = Field(2, gt=0, description="Transformer layers of the embedded model.")
     num_heads: int = Field(
-        2, gt=0, description="Attention heads (key/value heads are equal). 2 with hidden 64: "
-        "head_dim 32, which vLLM's CPU attention supports (it rejects 16)."
+        4, gt=0, description="Attention heads (key/value heads are equal). 4 with hidden 64 "
+        "(head_dim 16): what the demo is calibrated on (2 heads reached 11 % held-out accuracy "
+        "in 1500 warm-up steps where 4 reach 35 % in 310). Under rollout.engine=vllm, when not "
+        "set, hidden_size/32 heads: vLLM's CPU attention rejects head_dim 16."
     )
     intermediate_size: int = Field(256, gt=0, description="MLP width of the embedded model.")
 
@@ -395,6 +400,24 @@ class Recipe(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vllm_tiny_heads(cls, data: Any) -> Any:
+        """The tiny model's head count for vLLM when the recipe does not give one (see
+        `model.tiny.num_heads`); written into the resolved recipe, so runs record it."""
+        if not isinstance(data, dict):
+            return data
+        rollout, model = data.get("rollout"), data.get("model")
+        engine = rollout.get("engine") if isinstance(rollout, dict) else None
+        tiny = model.get("tiny") if isinstance(model, dict) else None
+        if engine != "vllm" or (isinstance(tiny, dict) and "num_heads" in tiny):
+            return data
+        if tiny is not None and not isinstance(tiny, dict):
+            return data
+        tiny = dict(tiny or {})
+        tiny["num_heads"] = max(int(tiny.get("hidden_size", VLLM_TINY_HIDDEN)) // 32, 1)
+        return {**data, "model": {**(model or {}), "tiny": tiny}}
 
     @model_validator(mode="after")
     def _cross_field(self) -> Recipe:

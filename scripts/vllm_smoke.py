@@ -75,7 +75,7 @@ def main() -> int:
         args.model_dir = tempfile.mkdtemp(prefix="hapo-vllm-smoke-")
         tiny_tok = build_tokenizer()
         torch.manual_seed(0)
-        tiny = build_tiny_model(TinyModelConfig(), tiny_tok)
+        tiny = build_tiny_model(TinyModelConfig(num_heads=2), tiny_tok)  # head_dim 32 for vLLM
         with torch.no_grad():  # random init is near-uniform; spread the entropies
             tiny.get_output_embeddings().weight.mul_(4.0)
         tiny.save_pretrained(args.model_dir)

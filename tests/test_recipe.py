@@ -139,3 +139,16 @@ def test_paper_recipes_validate_with_the_authors_values():
         assert (r.eval.temperature, r.eval.top_p) == (0.5, 0.7)
         assert r.components == ("ABCD" if name.endswith("-hapo") else "none")
         assert r.rollout.engine == "vllm" and r.model.init == "pretrained"
+
+
+def test_tiny_heads_default_and_vllm_head_dim():
+    """4 heads (head_dim 16) by default, the demo's calibration; under vLLM, when not given,
+    hidden/32 heads (vLLM's CPU attention rejects head_dim 16); an explicit value is kept."""
+    from hapo_cli.recipe import load_recipe
+
+    assert load_recipe("tiny/hapo").model.tiny.num_heads == 4
+    assert load_recipe("tiny/hapo", ["rollout.engine=vllm"]).model.tiny.num_heads == 2
+    assert load_recipe("tiny/hapo", ["rollout.engine=vllm", "model.tiny.hidden_size=128"]
+                       ).model.tiny.num_heads == 4
+    assert load_recipe("tiny/hapo", ["rollout.engine=vllm", "model.tiny.num_heads=1"]
+                       ).model.tiny.num_heads == 1
