@@ -17,6 +17,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+if not torch.cuda.is_available():
+    import os
+
+    # DeepSpeed (when installed, accelerate imports it) otherwise warns on every run that it
+    # "could not detect" an accelerator; on a machine without CUDA the CPU is the answer
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 from analysis import schema
 
 from .. import algo
