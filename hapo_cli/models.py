@@ -195,7 +195,8 @@ def train_warmup(
         losses.append(loss.item())
         done = stop is not None and stop(step)
         if progress is not None:
-            progress(w.steps if done else step, w.steps)
+            # stopped at the target: the bar ends full at the steps that ran (25/25, not 40/40)
+            progress(step, step if done else w.steps)
         if done:
             break
         model.train()

@@ -136,14 +136,15 @@ def test_warmup_is_deterministic_and_loads(tmp_path):
 
 
 def test_warmup_stops_at_the_target_accuracy(tmp_path):
-    # target 0: the first probe (step 25) already reaches it; progress jumps to the end
+    # target 0: the first probe (step 25) already reaches it; progress ends full at 25/25
     seen = []
     path = warmup_policy(
-        _cfg(tmp_path, steps=40, target=0.0), DataConfig(), progress=lambda d, t: seen.append(d)
+        _cfg(tmp_path, steps=40, target=0.0), DataConfig(),
+        progress=lambda d, t: seen.append(d if d < 25 else (d, t)),
     )
     info = json.loads((path / "warmup.json").read_text())
     assert info["steps_run"] == 25 and info["target_acc"] == 0.0 and info["probe_acc"] >= 0.0
-    assert seen == [*range(1, 25), 40]
+    assert seen == [*range(1, 25), (25, 25)]
     # no target (None): all steps run
     path = warmup_policy(_cfg(tmp_path, steps=30, target=None), DataConfig())
     info = json.loads((path / "warmup.json").read_text())

@@ -321,7 +321,7 @@ def _warmup_bar(show: bool):
             bar = step_progress("warm-up", total, disable=not show)
             bar.start()
             task = bar.add_task("warm-up", total=total, info="")
-        bar.update(task, completed=step)
+        bar.update(task, completed=step, total=total)
 
     try:
         yield on_step
