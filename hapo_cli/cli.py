@@ -55,7 +55,7 @@ def _guard(fn, *args, **kwargs):
     except USER_ERRORS as exc:
         if _STATE["debug"]:
             raise
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__  # whole line
         raise fail(msg, getattr(exc, "exit_code", 2)) from None
     except KeyboardInterrupt:
         raise fail("interrupted; run the same command again to continue", 130) from None

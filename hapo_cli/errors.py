@@ -1,6 +1,12 @@
 """User-facing error types: the CLI prints them as one red line and exits 2."""
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception as one line (its first, at most 200 characters), or its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 class HapoError(ValueError):
     """A user error (bad input file, model path, run directory...): one line, names what and why."""
 

@@ -24,7 +24,7 @@ import torch
 
 from .data import Example, SyntheticStream, heldout_examples
 from .data.synthetic import HELDOUT_SEED
-from .errors import HapoError
+from .errors import HapoError, first_line
 from .rewards.verify import verify
 
 # Bump when the warm-up procedure, the tokenizer or a synthetic task changes: it is part of the
@@ -94,12 +94,7 @@ def build_tiny_model(tiny_cfg: Any, tokenizer: Any):
     """A randomly initialised Qwen2ForCausalLM (tied embeddings) sized by `TinyModelConfig`."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    if tiny_cfg.hidden_size % tiny_cfg.num_heads:
-        raise ValueError(
-            f"model.tiny.hidden_size={tiny_cfg.hidden_size} must be a multiple of "
-            f"model.tiny.num_heads={tiny_cfg.num_heads}"
-        )
-    config = Qwen2Config(
+    config = Qwen2Config(  # heads divide hidden: TinyModelConfig validates it
         vocab_size=len(tokenizer),
         hidden_size=tiny_cfg.hidden_size,
         num_hidden_layers=tiny_cfg.num_layers,
@@ -460,7 +455,3 @@ def check_model_dir(path: str | Path) -> None:
         except Exception as exc:  # SafetensorError, OSError: corrupt or truncated file
             raise ModelError(f"{w}: not a readable safetensors file ({first_line(exc)})") from None
 
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -33,9 +33,6 @@ class _Section(BaseModel):
 # ---------------------------------------------------------------------------------------------
 
 
-VLLM_TINY_HIDDEN = 64  # TinyModelConfig.hidden_size's default, for the vLLM head count
-
-
 class TinyModelConfig(_Section):
     hidden_size: int = Field(64, gt=0, description="Hidden size of the embedded Qwen2 model.")
     num_layers: int = Field(2, gt=0, description="Transformer layers of the embedded model.")
@@ -406,18 +403,17 @@ class Recipe(_Section):
     def _vllm_tiny_heads(cls, data: Any) -> Any:
         """The tiny model's head count for vLLM when the recipe does not give one (see
         `model.tiny.num_heads`); written into the resolved recipe, so runs record it."""
-        if not isinstance(data, dict):
+        rollout, model = (data.get(k) if isinstance(data, dict) else None
+                          for k in ("rollout", "model"))
+        if not (isinstance(rollout, dict) and isinstance(model, dict)):
             return data
-        rollout, model = data.get("rollout"), data.get("model")
-        engine = rollout.get("engine") if isinstance(rollout, dict) else None
-        tiny = model.get("tiny") if isinstance(model, dict) else None
-        if engine != "vllm" or (isinstance(tiny, dict) and "num_heads" in tiny):
+        tiny = model.get("tiny") or {}
+        if rollout.get("engine") != "vllm" or not isinstance(tiny, dict) or "num_heads" in tiny:
             return data
-        if tiny is not None and not isinstance(tiny, dict):
-            return data
-        tiny = dict(tiny or {})
-        tiny["num_heads"] = max(int(tiny.get("hidden_size", VLLM_TINY_HIDDEN)) // 32, 1)
-        return {**data, "model": {**(model or {}), "tiny": tiny}}
+        hidden = tiny.get("hidden_size", TinyModelConfig.model_fields["hidden_size"].default)
+        if not isinstance(hidden, int):
+            return data  # the field's own validation reports it
+        return {**data, "model": {**model, "tiny": {**tiny, "num_heads": max(hidden // 32, 1)}}}
 
     @model_validator(mode="after")
     def _cross_field(self) -> Recipe:
@@ -537,8 +533,7 @@ def check_recipe_size(data: Any, source: str) -> None:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `a.b=c` overrides to a nested dict (copied); unknown paths fail later, in validation."""
-    check_recipe_size(data, "recipe")
-    out = json.loads(json.dumps(data))
+    out = json.loads(json.dumps(data))  # YAML input was size-checked (check_recipe_size)
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"--set '{item}': expected KEY=VALUE, e.g. --set train.lr=1e-4")

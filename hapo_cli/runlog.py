@@ -285,8 +285,12 @@ class RunLog:
         out = self.dir / schema.tokens_file(step)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".parquet.tmp")
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, out)
+        try:
+            frame.to_parquet(tmp, index=False)
+            os.replace(tmp, out)
+        except BaseException:  # as atomic_write_text: never leave the temporary file behind
+            tmp.unlink(missing_ok=True)
+            raise
 
     def append_eval(self, name: str, rows: list[dict[str, Any]]) -> None:
         if not self.enabled or not rows:

@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import HapoError
+from .errors import HapoError, first_line
 
 # tracker -> (module that must import, the extra that installs it)
 PACKAGES = {
@@ -138,7 +138,7 @@ class Trackers:
 
                 Console(stderr=True).print(
                     f"[yellow]warning:[/yellow] tracker {tracker.name} failed at step "
-                    f"{row['step']} and is no longer logged to: {str(exc).splitlines()[0][:200]}",
+                    f"{row['step']} and is no longer logged to: {first_line(exc)}",
                     highlight=False)
                 self.trackers.remove(tracker)
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..models import ModelError, check_model_dir, first_line
+from ..errors import first_line
+from ..models import ModelError, check_model_dir
 from .checkpoint import STATE_FILE, list_checkpoints
 
 

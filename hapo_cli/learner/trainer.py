@@ -233,8 +233,7 @@ def train(
         return TrainSummary(run_dir, "interrupted", loop.state.step, message=message,
                             is_main=accelerator.is_main_process)
     except BaseException as exc:
-        from ..errors import RunFailed
-        from ..models import first_line
+        from ..errors import RunFailed, first_line
         from ..runlog import disk_full, os_error_line
 
         _remove_temporaries(run_dir)  # first: a half-written checkpoint may hold the space
@@ -263,8 +262,8 @@ def _warn(accelerator, message: str) -> None:
 
 def _load(fn, path, *args):
     """Call a loader; any failure is one line naming the folder (ModelError, exit 2)."""
-    from ..errors import HapoError
-    from ..models import ModelError, first_line
+    from ..errors import HapoError, first_line
+    from ..models import ModelError
 
     try:
         return fn(path, *args)
@@ -283,17 +282,13 @@ def _finish_quietly(runlog: RunLog, status: str, message: str, step: int) -> Non
 
 
 def _remove_temporaries(run_dir: Path) -> None:
-    """Half-written checkpoint folders and temporary files left by a failed write."""
+    """Half-written checkpoint folders of a failed save (the run directory's own files are
+    written by runlog, whose writers remove their temporary file when a write fails)."""
     import shutil
 
     ckpts = Path(run_dir) / schema.CHECKPOINTS_DIR
     for tmp in ckpts.glob(".step-*.tmp") if ckpts.is_dir() else []:
         shutil.rmtree(tmp, ignore_errors=True)
-    for tmp in Path(run_dir).rglob(".*.tmp"):
-        if tmp.is_file():
-            tmp.unlink(missing_ok=True)
-    for tmp in Path(run_dir).rglob("*.parquet.tmp"):
-        tmp.unlink(missing_ok=True)
 
 
 def _check_data_files(recipe: Recipe) -> None:
