@@ -149,12 +149,14 @@ def train(
     if max_steps is not None:
         overrides.append(f"train.max_steps={max_steps}")
     rec = _guard(load_recipe, recipe, overrides, components, seed)
+    from .interrupts import interrupt_once
     from .learner import train as run_train
 
-    summary = _guard(run_train, rec, output_dir=output, resume=resume, overwrite=overwrite)
-    if summary is not None:
-        if summary.status == "interrupted":
+    with interrupt_once():  # a second Ctrl-C or SIGTERM cannot cut the clean-up short
+        summary = _guard(run_train, rec, output_dir=output, resume=resume, overwrite=overwrite)
+        if summary is not None and summary.status == "interrupted":
             raise fail(summary.message if summary.is_main else "interrupted", 130)
+    if summary is not None:
         if summary.is_main:
             console.print(summary.line())
         if summary.status != "done":
@@ -276,9 +278,9 @@ def ablate(
     if summary is not None:
         _guard(show_summary, summary, console=console)
         return
-    from .interrupts import sigterm_as_interrupt
+    from .interrupts import interrupt_once
 
-    with sigterm_as_interrupt():
+    with interrupt_once():
         ok = _guard(
             run_ablation,
             recipe=recipe,
@@ -344,6 +346,9 @@ def analyze(
 
 
 def main() -> None:  # console-script entry point
+    from .interrupts import exit_after_interrupt
+
+    exit_after_interrupt()
     try:
         app()
     except KeyboardInterrupt:  # pragma: no cover

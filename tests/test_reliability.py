@@ -459,9 +459,32 @@ def test_analyze_out_that_is_a_file(tmp_path, done_run):
 # ---------------------------------------------------------------------------------------------
 
 
+def test_a_second_signal_cannot_cut_the_clean_up_short():
+    """Ctrl-C reaches a whole process group and an ablation then also terminates its children:
+    the first signal interrupts, a second one during the clean-up is ignored, and leaving the
+    block restores the previous handlers."""
+    from hapo_cli.interrupts import interrupt_once
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    cleaned = False
+    with interrupt_once():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the signal interrupts this
+            raise AssertionError("SIGINT did not interrupt")
+        except KeyboardInterrupt:
+            os.kill(os.getpid(), signal.SIGTERM)  # would end the process unhandled
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            cleaned = True
+    assert cleaned
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_and_sigterm_mark_the_run_interrupted(tmp_path, cache_dir, sig):
+@pytest.mark.parametrize("sigs", [(signal.SIGINT,), (signal.SIGTERM,),
+                                  (signal.SIGINT, signal.SIGTERM)], ids=["int", "term", "both"])
+def test_ctrl_c_and_sigterm_mark_the_run_interrupted(tmp_path, cache_dir, sigs):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "hapo_cli.cli", *train_args(out, cache_dir, 200)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -470,7 +493,12 @@ def test_ctrl_c_and_sigterm_mark_the_run_interrupted(tmp_path, cache_dir, sig):
         if (out / schema.METRICS).exists() and any(r["step"] >= 2 for r in rows(out)):
             break
         time.sleep(0.05)
-    proc.send_signal(sig)
+    for sig in sigs:  # both: a Ctrl-C, then a burst of terminates, none may cut it short
+        proc.send_signal(sig)
+        for _ in range(20 if sig == signal.SIGTERM and len(sigs) > 1 else 0):
+            time.sleep(0.01)
+            if proc.poll() is None:
+                proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     manifest = json.loads((out / schema.MANIFEST).read_text())

@@ -215,39 +215,42 @@ def train(
                 val_sets, runlog, run_dir, state, strategy=strategy)
     loop.trackers = trackers
     final_status = "failed"
+    from ..interrupts import interrupt_once
+
     try:
-        trackers.start(recipe.model_dump(mode="json"),
-                       runlog.manifest.get("trackers") if mode == "resume" else None)
-        if trackers.ids:
-            runlog.update_manifest(trackers=trackers.ids)
-        from ..interrupts import sigterm_as_interrupt
+        # One interrupt: a second signal (Ctrl-C reaches the whole process group, then an
+        # ablation also asks its children to stop) cannot cut the `interrupted` manifest short.
+        with interrupt_once():
+            try:
+                trackers.start(recipe.model_dump(mode="json"),
+                               runlog.manifest.get("trackers") if mode == "resume" else None)
+                if trackers.ids:
+                    runlog.update_manifest(trackers=trackers.ids)
+                summary = loop.run(progress=progress)
+                final_status = summary.status
+                return summary
+            except KeyboardInterrupt:
+                final_status = "interrupted"
+                message = f"interrupted at step {loop.state.step}; continue with --resume"
+                _finish_quietly(runlog, "interrupted", message, loop.state.step)
+                return TrainSummary(run_dir, "interrupted", loop.state.step, message=message,
+                                    is_main=accelerator.is_main_process)
+            except BaseException as exc:
+                from ..errors import RunFailed, first_line
+                from ..runlog import disk_full, os_error_line
 
-        with sigterm_as_interrupt():
-            summary = loop.run(progress=progress)
-        final_status = summary.status
-        return summary
-    except KeyboardInterrupt:
-        final_status = "interrupted"
-        message = f"interrupted at step {loop.state.step}; continue with --resume"
-        _finish_quietly(runlog, "interrupted", message, loop.state.step)
-        return TrainSummary(run_dir, "interrupted", loop.state.step, message=message,
-                            is_main=accelerator.is_main_process)
-    except BaseException as exc:
-        from ..errors import RunFailed, first_line
-        from ..runlog import disk_full, os_error_line
-
-        _remove_temporaries(run_dir)  # first: a half-written checkpoint may hold the space
-        if isinstance(exc, OSError) or disk_full(exc, run_dir):
-            # disk full, read-only filesystem, a folder removed under us: one line
-            if isinstance(exc, OSError):
-                message = os_error_line(exc)
-            else:
-                message = f"{run_dir}: no space left on device"
-            _finish_quietly(runlog, "failed", message, loop.state.step)
-            raise RunFailed(f"run failed after step {loop.state.step}: {message}") from None
-        _finish_quietly(runlog, "failed", f"{type(exc).__name__}: {first_line(exc)}",
-                        loop.state.step)
-        raise
+                _remove_temporaries(run_dir)  # first: a half-written checkpoint may hold space
+                if isinstance(exc, OSError) or disk_full(exc, run_dir):
+                    # disk full, read-only filesystem, a folder removed under us: one line
+                    if isinstance(exc, OSError):
+                        message = os_error_line(exc)
+                    else:
+                        message = f"{run_dir}: no space left on device"
+                    _finish_quietly(runlog, "failed", message, loop.state.step)
+                    raise RunFailed(f"run failed after step {loop.state.step}: {message}") from None
+                _finish_quietly(runlog, "failed", f"{type(exc).__name__}: {first_line(exc)}",
+                                loop.state.step)
+                raise
     finally:
         trackers.close(final_status)
         runlog.unlock()
