@@ -68,6 +68,15 @@ GRAD_NORM = "actor/grad_norm"
 LR = "actor/lr"
 BEHAVIOUR_LOGP_GAP = "actor/behaviour_logp_gap"  # mean |rollout logp - learner old logp|
 OPTIMIZER_STEPS = "actor/optimizer_steps"  # optimizer steps taken in this training step
+SKIPPED_STEPS = "actor/skipped_steps"  # optimizer steps dropped for a non-finite gradient
+RATIO_MEAN = "actor/ratio_mean"  # mean importance ratio pi_theta / pi_old
+VALID_TOKENS = "actor/valid_tokens"  # loss tokens, summed over PPO epochs and micro-batches
+# the advantage mass the loss saw (after C and TIS), summed over PPO epochs and micro-batches;
+# adv/* below is the mass of the batch before C, once
+ADV_C_POS_TOKEN_SUM = "actor/adv_c_pos_token_sum"
+ADV_C_NEG_TOKEN_SUM = "actor/adv_c_neg_token_sum"
+ADV_C_POS_TOKEN_COUNT = "actor/adv_c_pos_token_count"
+ADV_C_NEG_TOKEN_COUNT = "actor/adv_c_neg_token_count"
 
 # adv: advantage mass of the batch. The token-level sums are those actually used; the seq_*
 # sums are the same mass under sequence-level GRPO normalisation, computed every step for
@@ -93,6 +102,9 @@ TRUNCATED_FRAC = "rollout/truncated_frac"
 FILL_RATE = "rollout/fill_rate"  # dynamic sampling: kept groups / wanted groups
 GEN_BATCHES = "rollout/gen_batches"
 MIXED_GROUP_FRAC = "rollout/mixed_group_frac"  # groups whose rewards are not all equal
+REFILL_BATCHES = "rollout/refill_batches"  # generation batches beyond the first
+PARTIAL_BATCH = "rollout/partial_batch"  # 1 if dynamic sampling ran out before the batch filled
+TRIMMED_GROUPS = "rollout/trimmed_groups"  # kept groups dropped so that all ranks train as many
 
 # reward
 REWARD_MEAN = "reward/mean"
@@ -114,6 +126,10 @@ ENTROPY_STATS_SCALE_NEG = "entropy_stats/scale_neg"
 ENTROPY_STATS_EXACT = "entropy_stats/exact"  # 1 if the pivot quantile was exact
 ENTROPY_STATS_BIN_ERROR = "entropy_stats/quantile_bin_error"  # histogram pivot error bound
 
+# rows that are not a trained step
+SKIPPED = "skipped"  # 1: no group was kept, nothing trained this step
+ERROR = "error"  # the one-line reason the run stopped at this step
+
 METRICS_NAMES: tuple[str, ...] = (
     ENTROPY_MEAN, ENTROPY_P20, ENTROPY_P80, CLIP_FRAC_LOW, CLIP_FRAC_HIGH,
     CLIP_FRAC_LOW_HI_ENT, CLIP_FRAC_LOW_LO_ENT, CLIP_FRAC_HIGH_HI_ENT, CLIP_FRAC_HIGH_LO_ENT,
@@ -126,8 +142,12 @@ METRICS_NAMES: tuple[str, ...] = (
     ENTROPY_STATS_RHO, ENTROPY_STATS_STD, ENTROPY_STATS_SCALE_POS, ENTROPY_STATS_SCALE_NEG,
     BEHAVIOUR_LOGP_GAP, OPTIMIZER_STEPS, TEMPERATURE_STD, CRITICAL_THRESHOLD, RESPONSES,
     REWARD_ALL_MEAN, REWARD_ALL_ACC, ENTROPY_STATS_EXACT, ENTROPY_STATS_BIN_ERROR,
+    SKIPPED_STEPS, RATIO_MEAN, VALID_TOKENS, ADV_C_POS_TOKEN_SUM, ADV_C_NEG_TOKEN_SUM,
+    ADV_C_POS_TOKEN_COUNT, ADV_C_NEG_TOKEN_COUNT, REFILL_BATCHES, PARTIAL_BATCH, TRIMMED_GROUPS,
 )  # fmt: skip
 """Every fixed metric name (the per-benchmark ``val/...`` names are built by the helpers)."""
+ROW_KEYS: tuple[str, ...] = (STEP, SKIPPED, ERROR)
+"""Keys of a metrics row that are not metrics."""
 
 VAL_PREFIX = "val/"
 _VAL_RE = re.compile(r"^val/(?P<bench>.+)/(?P<kind>avg@(?P<k>\d+)|greedy)$")

@@ -182,7 +182,10 @@ def evaluate(
     temperature: Annotated[
         str, typer.Option(help="Comma list of temperatures; may include 'adaptive'.")
     ] = "0.5",
-    tau: Annotated[float, typer.Option(help="Adaptive temperature scale.")] = 0.05,
+    tau: Annotated[
+        Optional[float],
+        typer.Option(help="Adaptive temperature scale (default: the run's algo.tau, else 0.05)."),
+    ] = None,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling.")] = 0.7,
     top_k: Annotated[int, typer.Option(help="Top-k (0 = off).")] = 0,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Response length limit.")] = None,

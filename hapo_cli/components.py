@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from .recipe import RecipeError
+from .errors import RecipeError
 
 SWITCHES: dict[str, str] = {
     "A": "adaptive_temperature",

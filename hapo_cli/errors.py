@@ -11,6 +11,10 @@ class HapoError(ValueError):
     """A user error (bad input file, model path, run directory...): one line, names what and why."""
 
 
+class RecipeError(ValueError):
+    """A user error in a recipe, an override or a component string: one line, names the field."""
+
+
 class RunDirError(HapoError):
     """The output directory holds a different run, or nothing to resume."""
 

@@ -369,11 +369,12 @@ def run_evaluate(
     from .data import load_benchmark
     from .learner.checkpoint import STATE_FILE
     from .models import load_policy
-    from .recipe import DataConfig, RolloutConfig, VllmConfig, load_recipe
+    from .recipe import AlgoConfig, DataConfig, RolloutConfig, VllmConfig, load_recipe
     from .rollout import build_engine
 
     settings = Setting.parse(temperatures, greedy)
-    check_options(n=n, tau=tau, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+    check_options(n=n, tau=0.0 if tau is None else tau, top_p=top_p, top_k=top_k,
+                  max_new_tokens=max_new_tokens,
                   batch_size=batch_size, limit=limit, critical_entropy=critical_entropy,
                   name=name)
     if engine not in ("hf", "vllm"):
@@ -386,15 +387,18 @@ def run_evaluate(
     data_cfg = DataConfig()
     vllm_base = VllmConfig()
     max_new = max_new_tokens
+    run_tau = AlgoConfig().tau
     if run_dir is not None and (run_dir / schema.RECIPE).exists():
         rec = load_recipe(run_dir / schema.RECIPE)
         data_cfg = rec.data
         vllm_base = rec.rollout.vllm
+        run_tau = rec.algo.tau
         max_new = max_new or rec.rollout.max_new_tokens
         if not benchmarks:
             benchmarks = [rec.data.task] if rec.data.source == "synthetic" else list(
                 rec.data.val_files)
     max_new = max_new or 64
+    tau = run_tau if tau is None else tau
     rollout_cfg = RolloutConfig(engine=engine, batch_size=batch_size,
                                 vllm=vllm_config(vllm_base, list(vllm_options or [])))
     if not benchmarks:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from analysis import schema
 from hapo_cli.algo import (
     adaptive_clip_bounds,
     forking_token_mask,
@@ -15,11 +16,13 @@ from hapo_cli.algo import (
 )
 
 METRIC_KEYS = {
-    "pg_loss", "clip_frac_low", "clip_frac_high", "dual_clip_frac", "ratio_dev_mean",
-    "ratio_mean", "adv_pos_token_sum", "adv_neg_token_sum", "adv_pos_token_count",
-    "adv_neg_token_count", "valid_tokens",
+    schema.PG_LOSS, schema.CLIP_FRAC_LOW, schema.CLIP_FRAC_HIGH, schema.DUAL_CLIP_FRAC,
+    schema.RATIO_DEV_MEAN, schema.RATIO_MEAN, schema.ADV_C_POS_TOKEN_SUM,
+    schema.ADV_C_NEG_TOKEN_SUM, schema.ADV_C_POS_TOKEN_COUNT, schema.ADV_C_NEG_TOKEN_COUNT,
+    schema.VALID_TOKENS,
 }
-H_KEYS = {"clip_frac_low_hi_ent", "clip_frac_low_lo_ent", "clip_frac_high_hi_ent", "clip_frac_high_lo_ent"}
+H_KEYS = {schema.CLIP_FRAC_LOW_HI_ENT, schema.CLIP_FRAC_LOW_LO_ENT, schema.CLIP_FRAC_HIGH_HI_ENT,
+          schema.CLIP_FRAC_HIGH_LO_ENT}
 
 
 def test_adaptive_clip_bounds_hand_values():
@@ -79,15 +82,15 @@ def test_policy_loss_hand_values_token_mean():
     assert_close(loss, torch.tensor(5.12 / 6))
     assert set(m) == METRIC_KEYS
     assert all(v.dim() == 0 and not v.requires_grad for v in m.values())
-    assert_close(m["clip_frac_high"], torch.tensor(1 / 6))
-    assert_close(m["clip_frac_low"], torch.tensor(1 / 6))
-    assert_close(m["dual_clip_frac"], torch.tensor(1 / 6))
+    assert_close(m[schema.CLIP_FRAC_HIGH], torch.tensor(1 / 6))
+    assert_close(m[schema.CLIP_FRAC_LOW], torch.tensor(1 / 6))
+    assert_close(m[schema.DUAL_CLIP_FRAC], torch.tensor(1 / 6))
     # ratio mean (1.5 + 0.5 + 0.5 + 4 + 1.1 + 1) / 6 = 8.6 / 6 ; |r - 1|: (.5+.5+.5+3+.1+0)/6
-    assert_close(m["ratio_mean"], torch.tensor(8.6 / 6))
-    assert_close(m["ratio_dev_mean"], torch.tensor(4.6 / 6))
-    assert m["adv_pos_token_sum"] == 3.0 and m["adv_neg_token_sum"] == -4.0
-    assert m["adv_pos_token_count"] == 3 and m["adv_neg_token_count"] == 3
-    assert m["valid_tokens"] == 6
+    assert_close(m[schema.RATIO_MEAN], torch.tensor(8.6 / 6))
+    assert_close(m[schema.RATIO_DEV_MEAN], torch.tensor(4.6 / 6))
+    assert m[schema.ADV_C_POS_TOKEN_SUM] == 3.0 and m[schema.ADV_C_NEG_TOKEN_SUM] == -4.0
+    assert m[schema.ADV_C_POS_TOKEN_COUNT] == 3 and m[schema.ADV_C_NEG_TOKEN_COUNT] == 3
+    assert m[schema.VALID_TOKENS] == 6
     loss.backward()
     # dL/dlogp = dL/dr * r / 6: token 2: -A r = -0.5 -> -0.5/6 ; token 5: 1.1/6 ; row 1: -1/6 ;
     # clipped / dual-clipped / masked tokens: 0 (and no NaN from the NaN under the mask)
@@ -117,14 +120,14 @@ def test_policy_loss_entropy_split_and_c_metrics():
     before = adv.clone()
     before[0, 0], before[0, 2] = 0.5, -4.0  # |1| > |0.5| amplified ; |-1| < |-4| damped
     _, m = policy_loss(logp, old, adv, mask, 0.2, 0.28, 3.0, h=h, adv_before=before)
-    assert set(m) == METRIC_KEYS | H_KEYS | {"c_amplified_frac", "c_damped_frac"}
+    assert set(m) == METRIC_KEYS | H_KEYS | {schema.C_AMPLIFIED_FRAC, schema.C_DAMPED_FRAC}
     # high-clipped token 0 has h = 0.5 > 0 ; low-clipped token 2 has h = -0.5 <= 0
-    assert_close(m["clip_frac_high_hi_ent"], torch.tensor(1 / 6))
-    assert_close(m["clip_frac_high_lo_ent"], torch.tensor(0.0))
-    assert_close(m["clip_frac_low_lo_ent"], torch.tensor(1 / 6))
-    assert_close(m["clip_frac_low_hi_ent"], torch.tensor(0.0))
-    assert_close(m["c_amplified_frac"], torch.tensor(1 / 6))
-    assert_close(m["c_damped_frac"], torch.tensor(1 / 6))
+    assert_close(m[schema.CLIP_FRAC_HIGH_HI_ENT], torch.tensor(1 / 6))
+    assert_close(m[schema.CLIP_FRAC_HIGH_LO_ENT], torch.tensor(0.0))
+    assert_close(m[schema.CLIP_FRAC_LOW_LO_ENT], torch.tensor(1 / 6))
+    assert_close(m[schema.CLIP_FRAC_LOW_HI_ENT], torch.tensor(0.0))
+    assert_close(m[schema.C_AMPLIFIED_FRAC], torch.tensor(1 / 6))
+    assert_close(m[schema.C_DAMPED_FRAC], torch.tensor(1 / 6))
 
 
 def test_policy_loss_tensor_eps_and_log_ratio_clamp():
@@ -134,12 +137,12 @@ def test_policy_loss_tensor_eps_and_log_ratio_clamp():
     loss, m = policy_loss(logp, torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2, dtype=torch.bool),
                           torch.full((1, 2), 0.2), eps_high)
     assert_close(loss, torch.tensor((-1.5 - 1.28) / 2))
-    assert_close(m["clip_frac_high"], torch.tensor(0.5))
+    assert_close(m[schema.CLIP_FRAC_HIGH], torch.tensor(0.5))
     # log ratio 1000 is clamped to 20 before exp: finite loss = -c * A ... dual-clipped for A < 0
     big = torch.tensor([[1000.0]])
     loss, m = policy_loss(big, torch.zeros(1, 1), -torch.ones(1, 1), torch.ones(1, 1, dtype=torch.bool), 0.2, 0.2)
     assert torch.isfinite(loss) and loss == 10.0  # min(e^20, c = 10) * |A|
-    assert_close(m["ratio_mean"], torch.tensor(math.exp(20.0)))
+    assert_close(m[schema.RATIO_MEAN], torch.tensor(math.exp(20.0)))
 
 
 def test_policy_loss_all_masked_is_zero_not_nan():

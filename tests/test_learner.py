@@ -112,19 +112,32 @@ class _Stream:
         return out
 
 
+class _Sampler:
+    """Stage 1 (sampling with dynamic sampling) on one process, with a fake engine and scorer."""
+
+    def __init__(self, recipe, engine, monkeypatch):
+        import hapo_cli.rewards as rewards
+        from hapo_cli.learner.ranks import Ranks
+
+        def fake_score(examples, texts, lengths, max_new, overlong, incorrect_score=0.0):
+            acc = torch.tensor([1.0 if t.startswith("3") else 0.0 for t in texts])
+            return torch.where(acc > 0, 1.0, incorrect_score), acc
+
+        monkeypatch.setattr(rewards, "score_responses", fake_score)
+        acc = SimpleNamespace(num_processes=1, process_index=0, device=torch.device("cpu"),
+                              is_main_process=True)
+        self.recipe, self.engine, self.ranks = recipe, engine, Ranks(acc)
+        self.tok = _Tok()
+
+    def collect(self, step):
+        from hapo_cli.learner.sampling import sample_batch
+
+        return sample_batch(self.recipe, self.engine, self.tok, _Stream(), self.ranks, step,
+                            None, self.tok.pad_token_id or 0)
+
+
 def _loop(recipe, engine, monkeypatch):
-    import hapo_cli.rewards as rewards
-    from hapo_cli.learner.trainer import Loop, LoopState
-
-    def fake_score(examples, texts, lengths, max_new, overlong, incorrect_score=0.0):
-        acc = torch.tensor([1.0 if t.startswith("3") else 0.0 for t in texts])
-        return torch.where(acc > 0, 1.0, incorrect_score), acc
-
-    monkeypatch.setattr(rewards, "score_responses", fake_score)
-    acc = SimpleNamespace(num_processes=1, process_index=0, device=torch.device("cpu"),
-                          is_main_process=True)
-    return Loop(recipe, acc, None, None, None, engine, _Tok(), _Stream(), {}, None, None,
-                LoopState())
+    return _Sampler(recipe, engine, monkeypatch)
 
 
 def test_dynamic_sampling_fills_the_batch(monkeypatch):
@@ -213,7 +226,7 @@ def test_checkpoint_round_trip(tmp_path):
         load_trainer_state,
         save_checkpoint,
     )
-    from hapo_cli.learner.trainer import LoopState
+    from hapo_cli.learner.state import LoopState
     from hapo_cli.models import build_tokenizer
 
     model = tiny_model()
@@ -297,7 +310,7 @@ def test_weights_for_an_unsharded_model_are_the_parameters():
 
 def test_shard_indices_split_every_mini_batch():
     from hapo_cli.errors import HapoError
-    from hapo_cli.learner.trainer import shard_indices
+    from hapo_cli.learner.sampling import shard_indices
 
     # 8 prompts, mini-batch 4, 2 ranks: each rank takes half of each mini-batch, so rank 0's
     # local mini-batch 0 (prompts 0,1) and rank 1's (2,3) together form global mini-batch 0
@@ -311,10 +324,13 @@ def test_shard_indices_split_every_mini_batch():
 def test_mini_batches_partition_rows(monkeypatch):
     r = load_recipe("tiny/dapo", ["train.prompts_per_step=4", "train.mini_batch_prompts=2",
                                   "train.micro_batch_size=2", "rollout.n=2"])
-    loop = _loop(r, _FakeEngine(lambda c, p, n: [False] * n), monkeypatch)
-    got = [(m.start, m.stop, [(s.start, s.stop) for s in micros])
-           for m, micros in loop._mini_batches(8)]
+    from hapo_cli.learner.update import mini_batches
+
+    def parts(B):
+        return mini_batches(B, r.train.mini_batch_prompts, r.rollout.n, r.train.micro_batch_size, 1)
+
+    got = [(m.start, m.stop, [(s.start, s.stop) for s in micros]) for m, micros in parts(8)]
     # mini-batch = 2 prompts x 2 = 4 responses; micro-batches of 2 inside each; a short last
     # mini-batch (6 responses: dynamic sampling kept 3 prompts) keeps its rows
     assert got == [(0, 4, [(0, 2), (2, 4)]), (4, 8, [(4, 6), (6, 8)])]
-    assert [(m.start, m.stop) for m, _ in loop._mini_batches(6)] == [(0, 4), (4, 6)]
+    assert [(m.start, m.stop) for m, _ in parts(6)] == [(0, 4), (4, 6)]

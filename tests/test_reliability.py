@@ -258,7 +258,7 @@ def test_disk_full_is_one_line_manifest_failed_no_temporaries(tmp_path, cache_di
     from collections import namedtuple
 
     from hapo_cli import runlog
-    from hapo_cli.learner import checkpoint, trainer
+    from hapo_cli.learner import checkpoint, loop
 
     real_save = checkpoint.save_checkpoint
     Usage = namedtuple("Usage", "total used free")
@@ -274,7 +274,7 @@ def test_disk_full_is_one_line_manifest_failed_no_temporaries(tmp_path, cache_di
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
         return real_save(run_dir, step, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "save_checkpoint", full_disk)
+    monkeypatch.setattr(loop, "save_checkpoint", full_disk)
     out = tmp_path / "run"
     res = runner.invoke(app, train_args(out, cache_dir, 3, "log.checkpoint_every=1"))
     assert res.exit_code == 1, res.output
@@ -287,7 +287,7 @@ def test_disk_full_is_one_line_manifest_failed_no_temporaries(tmp_path, cache_di
     assert not list(out.rglob("*.tmp"))
     assert [c.name for c in (out / schema.CHECKPOINTS_DIR).iterdir()] == ["step-000001"]
     # after freeing space, resume continues from the good checkpoint
-    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
     res = runner.invoke(app, [*train_args(out, cache_dir, 3, "log.checkpoint_every=1"),
                               "--resume"])
     assert res.exit_code == 0, res.output

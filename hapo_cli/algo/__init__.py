@@ -1,4 +1,5 @@
-"""The paper's math as pure torch functions: no I/O, no global state, imports only torch.
+"""The paper's math as pure torch functions: no I/O, no global state; imports only torch
+and the run-directory names (`analysis.schema`, standard library only).
 
 Glossary (used in every shape comment):
     B  responses in a batch = prompts x G
@@ -29,7 +30,9 @@ from .loss import (
     ADV_SIGN_TOL,
     adaptive_clip_bounds,
     advantage_signs,
+    clip_sides,
     forking_token_mask,
+    importance_ratio,
     policy_loss,
     redistribute_advantages,
     tis_weights,
@@ -37,6 +40,8 @@ from .loss import (
 
 __all__ = [
     "ADV_SIGN_TOL",
+    "clip_sides",
+    "importance_ratio",
     "EntropyStats",
     "adaptive_clip_bounds",
     "adaptive_temperature",

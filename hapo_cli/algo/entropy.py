@@ -243,7 +243,24 @@ def adaptive_temperature(
     base = base.expand(n)
     if stats is None or tau == 0:
         return base.clone()
-    ent = token_entropy(logits).float()  # (N,)
+    return temperature_from_entropy(token_entropy(logits), base, tau, stats)
+
+
+def temperature_from_entropy(
+    entropy: Tensor, base_temperature: float | Tensor, tau: float, stats: EntropyStats | None,
+) -> Tensor:
+    """Component A's map, T_t = T * (1 + tau * clamp(h_t, -1, 1)), from entropies of any shape
+    (nats): the one place it is written. `adaptive_temperature` calls it on the decode-time
+    logits; the learner calls it on its own entropies for engines that cannot record T_t at
+    decode time (vLLM). Released mode: the released decode path's log clamp and `std + eps`
+    (eps = 1e-6). stats None or tau 0 -> plain T. base_temperature: float or entropy's shape.
+    Returns float32, entropy's shape.
+    """
+    ent = entropy.float()
+    base = torch.as_tensor(base_temperature, dtype=torch.float32, device=ent.device)
+    base = base.expand_as(ent)
+    if stats is None or tau == 0:
+        return base.clone()
     if stats.mode == "released":
         e = RELEASED_DECODE_EPS
         z = (ent.clamp_min(e).log() - stats.rho) / (stats.std + e)

@@ -1,18 +1,21 @@
 """PPO clipped surrogate with dual clip, and HAPO's loss-side components C and D.
 
-Metric aggregation across micro-batches (and ranks): every metric is a detached 0-dim tensor
-computed on the local micro-batch. Fractions (`clip_frac_*`, `dual_clip_frac`,
-`c_amplified_frac`, `c_damped_frac`) and means (`ratio_mean`, `ratio_dev_mean`) are over the
-local valid tokens: combine them as `sum(m * valid_tokens) / sum(valid_tokens)`. Sums and
-counts (`adv_*_token_sum`, `adv_*_token_count`, `valid_tokens`) just add. `pg_loss` is the
-returned loss: with a global `normalizer` the micro-batch losses add up to the mini-batch
-loss (sum them); with the local default they are local means (weight by valid_tokens).
+Metric keys are the run-directory names of `analysis.schema`. Aggregation across
+micro-batches (and ranks): every metric is a detached 0-dim tensor computed on the local
+micro-batch. Fractions (`clip_frac_*`, `dual_clip_frac`, `c_amplified_frac`, `c_damped_frac`)
+and means (`ratio_mean`, `ratio_dev_mean`) are over the local valid tokens: combine them as
+`sum(m * valid_tokens) / sum(valid_tokens)`. Sums and counts (ADDITIVE: `adv_c_*`,
+`valid_tokens`) just add. `pg_loss` is the returned loss: with a global `normalizer` the
+micro-batch losses add up to the mini-batch loss (sum them); with the local default they are
+local means (weight by valid_tokens).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from analysis import schema
 
 from .entropy import quantile_1d
 
@@ -22,6 +25,27 @@ LOG_RATIO_CLAMP = 20.0
 # not a sign: C's `1 + beta h` at h = -1 is 0 in exact arithmetic and 1e-7 after rounding, and
 # equal runs that differ only in padding width must not count such a token on different sides.
 ADV_SIGN_TOL = 1e-6
+# metrics of policy_loss that add across micro-batches and ranks (the others are token means)
+ADDITIVE = (schema.ADV_C_POS_TOKEN_SUM, schema.ADV_C_NEG_TOKEN_SUM, schema.ADV_C_POS_TOKEN_COUNT,
+            schema.ADV_C_NEG_TOKEN_COUNT, schema.VALID_TOKENS)
+
+
+def importance_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor | None = None,
+                     log_ratio_clamp: float = LOG_RATIO_CLAMP) -> Tensor:
+    """ratio = exp(clamp(logp - old_logp, -c, c)), 1 where `mask` is False; in the promoted
+    float dtype (float32, or float64 for float64 input). old_logp is detached."""
+    wd = torch.promote_types(logp.dtype, torch.float32)
+    log_ratio = logp.to(wd) - old_logp.detach().to(wd)  # (B, T)
+    if mask is not None:
+        log_ratio = torch.where(mask, log_ratio, torch.zeros((), dtype=wd, device=logp.device))
+    return log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp).exp()
+
+
+def clip_sides(ratio: Tensor, adv: Tensor, eps_low: float | Tensor, eps_high: float | Tensor
+               ) -> tuple[Tensor, Tensor]:
+    """(clipped low, clipped high) bool: A < 0 and ratio < 1 - eps_low (the clip binds on the
+    left); A > 0 and ratio > 1 + eps_high (on the right)."""
+    return (adv < 0) & (ratio < 1 - eps_low), (adv > 0) & (ratio > 1 + eps_high)
 
 
 def advantage_signs(adv: Tensor, mask: Tensor, tol: float = ADV_SIGN_TOL) -> tuple[Tensor, Tensor]:
@@ -140,8 +164,7 @@ def policy_loss(
     mask = mask.bool()
     wd = torch.promote_types(logp.dtype, torch.float32)  # float32, or float64 for float64 input
     zero = torch.zeros((), dtype=wd, device=logp.device)
-    log_ratio = torch.where(mask, logp.to(wd) - old_logp.detach().to(wd), zero)  # (B, T)
-    ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp).exp()  # (B, T)
+    ratio = importance_ratio(logp, old_logp, mask, log_ratio_clamp)  # (B, T)
     a = torch.where(mask, adv.detach().to(wd), zero)  # (B, T)
     low, high = 1 - eps_low, 1 + eps_high
     low_t = torch.as_tensor(low, dtype=wd, device=ratio.device)
@@ -168,30 +191,29 @@ def policy_loss(
 
     with torch.no_grad():
         n = n_valid.clamp_min(1).float()
-        clip_low = (a < 0) & (ratio < low)
-        clip_high = (a > 0) & (ratio > high)
+        clip_low, clip_high = clip_sides(ratio, a, eps_low, eps_high)
         pos, neg = advantage_signs(a, mask)
         metrics = {
-            "pg_loss": loss.detach(),
-            "clip_frac_low": _frac(clip_low, mask, n),
-            "clip_frac_high": _frac(clip_high, mask, n),
-            "dual_clip_frac": _frac((a < 0) & (ratio > clip_c), mask, n),
-            "ratio_dev_mean": torch.where(mask, (ratio - 1).abs(), zero).sum() / n,
-            "ratio_mean": torch.where(mask, ratio, zero).sum() / n,
-            "adv_pos_token_sum": torch.where(pos, a, zero).sum(),
-            "adv_neg_token_sum": torch.where(neg, a, zero).sum(),
-            "adv_pos_token_count": pos.sum().float(),
-            "adv_neg_token_count": neg.sum().float(),
-            "valid_tokens": n_valid.float(),
+            schema.PG_LOSS: loss.detach(),
+            schema.CLIP_FRAC_LOW: _frac(clip_low, mask, n),
+            schema.CLIP_FRAC_HIGH: _frac(clip_high, mask, n),
+            schema.DUAL_CLIP_FRAC: _frac((a < 0) & (ratio > clip_c), mask, n),
+            schema.RATIO_DEV_MEAN: torch.where(mask, (ratio - 1).abs(), zero).sum() / n,
+            schema.RATIO_MEAN: torch.where(mask, ratio, zero).sum() / n,
+            schema.ADV_C_POS_TOKEN_SUM: torch.where(pos, a, zero).sum(),
+            schema.ADV_C_NEG_TOKEN_SUM: torch.where(neg, a, zero).sum(),
+            schema.ADV_C_POS_TOKEN_COUNT: pos.sum().float(),
+            schema.ADV_C_NEG_TOKEN_COUNT: neg.sum().float(),
+            schema.VALID_TOKENS: n_valid.float(),
         }
         if h is not None:
             hi_ent = h > 0
-            metrics["clip_frac_low_hi_ent"] = _frac(clip_low & hi_ent, mask, n)
-            metrics["clip_frac_low_lo_ent"] = _frac(clip_low & ~hi_ent, mask, n)
-            metrics["clip_frac_high_hi_ent"] = _frac(clip_high & hi_ent, mask, n)
-            metrics["clip_frac_high_lo_ent"] = _frac(clip_high & ~hi_ent, mask, n)
+            metrics[schema.CLIP_FRAC_LOW_HI_ENT] = _frac(clip_low & hi_ent, mask, n)
+            metrics[schema.CLIP_FRAC_LOW_LO_ENT] = _frac(clip_low & ~hi_ent, mask, n)
+            metrics[schema.CLIP_FRAC_HIGH_HI_ENT] = _frac(clip_high & hi_ent, mask, n)
+            metrics[schema.CLIP_FRAC_HIGH_LO_ENT] = _frac(clip_high & ~hi_ent, mask, n)
         if adv_before is not None:
             before = adv_before.detach().to(wd).abs()
-            metrics["c_amplified_frac"] = _frac(a.abs() > before, mask, n)
-            metrics["c_damped_frac"] = _frac(a.abs() < before, mask, n)
+            metrics[schema.C_AMPLIFIED_FRAC] = _frac(a.abs() > before, mask, n)
+            metrics[schema.C_DAMPED_FRAC] = _frac(a.abs() < before, mask, n)
     return loss, metrics

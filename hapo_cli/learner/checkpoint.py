@@ -21,7 +21,7 @@ RNG_FILE = "rng.pt"
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / schema.CHECKPOINTS_DIR / f"step-{step:06d}"
+    return Path(run_dir) / schema.checkpoint_dir(step)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -72,7 +72,7 @@ def save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, strea
 def load_trainer_state(ckpt: Path, optimizer, scheduler, stream):
     """`optimizer`: a torch optimizer, or a learner `Strategy` (every rank loads the full state
     and keeps its own shard)."""
-    from .trainer import LoopState
+    from .state import LoopState
 
     meta = json.loads((ckpt / STATE_FILE).read_text())
     optim_state = torch.load(ckpt / OPTIM_FILE, weights_only=True)

@@ -26,6 +26,8 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Literal
 
+from .mathverify import math_verify_module as _math_verify_module
+
 logger = logging.getLogger("hapo.rewards")
 
 Verifier = Literal["exact", "math", "dapo"]
@@ -75,24 +77,6 @@ def verify_exact(response: str, answer: str) -> bool:
     return got is not None and got != "" and got == answer.strip()
 
 
-class _DropTimeoutDisabledWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Timeout is disabled" not in record.getMessage()
-
-
-_math_verify_ready = False
-
-
-def _math_verify_module():
-    global _math_verify_ready
-    import math_verify
-
-    if not _math_verify_ready:
-        # We pass timeout=None on purpose (see module docstring); drop its one-time warning.
-        for name in ("math_verify.parser", "math_verify.grader"):
-            logging.getLogger(name).addFilter(_DropTimeoutDisabledWarning())
-        _math_verify_ready = True
-    return math_verify
 
 
 # Parsed ground truths, by answer string: a prompt's G responses share one parse. An entry

@@ -6,10 +6,10 @@ from .base import (
     RolloutBatch,
     RolloutEngine,
     SamplingSpec,
-    build_engine,
     clean_param_name,
     recompute_adaptive_temperature,
 )
+from .factory import build_engine
 from .hf import HFEngine
 from .processors import AdaptiveTemperatureLogitsProcessor
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from hapo_cli.algo import EntropyStats, normalized_entropy
+from hapo_cli.algo import EntropyStats
 
 if TYPE_CHECKING:
     from hapo_cli.recipe import AlgoConfig, EvalConfig, RolloutConfig
@@ -48,7 +48,7 @@ class SamplingSpec:
     max_new_tokens: int = 32
     greedy: bool = False
     adaptive: bool = False
-    tau: float = 0.05
+    tau: float = 0.05  # = AlgoConfig.tau's default (checked by tests/test_architecture.py)
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -229,26 +229,13 @@ class RolloutBatch:
 def recompute_adaptive_temperature(
     entropy: Tensor, base_temperature: float, tau: float, stats: EntropyStats | None
 ) -> Tensor:
-    """T_t = T * (1 + tau * clamp(h_t, -1, 1)) from an entropy tensor of any shape.
+    """T_t from an entropy tensor of any shape: `hapo_cli.algo.temperature_from_entropy`, the
+    map `adaptive_temperature` applies at decode time. Used where the entropy comes from
+    elsewhere than the decode-time logits (vLLM rollouts: the learner's recomputed entropy,
+    which matches the engine's up to numerics)."""
+    from ..algo.entropy import temperature_from_entropy
 
-    The same map as `hapo_cli.algo.adaptive_temperature`, which starts from logits: `h_t` is
-    `normalized_entropy(H_t, stats)`; in `released` mode the decode path uses the released
-    code's `eps = 1e-6` for the log clamp and `std + eps`. stats None or tau 0 -> plain T.
-    Use it where the entropy comes from elsewhere than the decode-time logits (vLLM rollouts:
-    the learner's recomputed entropy, which matches the engine's up to numerics).
-    """
-    ent = entropy.float()
-    base = torch.full_like(ent, float(base_temperature))
-    if stats is None or tau == 0:
-        return base
-    if stats.mode == "released":
-        from hapo_cli.algo.entropy import RELEASED_DECODE_EPS as eps
-
-        z = (ent.clamp_min(eps).log() - stats.rho) / (stats.std + eps)
-        h = torch.where(z > 0, z / stats.scale_pos, z / stats.scale_neg)
-    else:
-        h = normalized_entropy(ent, stats).float()
-    return base * (1.0 + tau * h.clamp(-1.0, 1.0))
+    return temperature_from_entropy(entropy, float(base_temperature), tau, stats)
 
 
 # Segments that wrappers insert into parameter names: DDP/DataParallel ("module."), torch.compile
@@ -317,49 +304,3 @@ class RolloutEngine(Protocol):
     def wake_up(self) -> None:
         """Undo `sleep` before the next `generate`."""
         ...
-
-
-def build_engine(
-    rollout_cfg: RolloutConfig,
-    model: torch.nn.Module | None,
-    tokenizer: Any,
-    model_path: str | None,
-    accelerator: Any = None,
-    *,
-    max_prompt_length: int | None = None,
-    max_new_tokens: int | None = None,
-    dtype: str = "auto",
-    seed: int = 0,
-) -> RolloutEngine:
-    """The engine named by `rollout_cfg.engine`.
-
-    hf: samples with the learner's own model object (unwrapped through `accelerator`).
-    vllm: a colocated `vllm.LLM` loaded from `model_path` (a saved HF directory); its
-    `max_model_len` is `rollout.vllm.max_model_len` or `max_prompt_length + max_new_tokens`
-    (`max_new_tokens` defaults to `rollout.max_new_tokens`).
-    """
-    if rollout_cfg.engine == "hf":
-        from .hf import HFEngine
-
-        if model is None:
-            raise ValueError("build_engine: rollout.engine='hf' needs the learner's model")
-        return HFEngine(
-            model, tokenizer, batch_size=rollout_cfg.batch_size, accelerator=accelerator
-        )
-    if rollout_cfg.engine == "vllm":
-        from .vllm import VLLMEngine
-
-        if not model_path:
-            raise ValueError("build_engine: rollout.engine='vllm' needs a saved model directory")
-        max_len = rollout_cfg.vllm.max_model_len
-        if max_len is None and max_prompt_length is not None:
-            max_len = max_prompt_length + (max_new_tokens or rollout_cfg.max_new_tokens)
-        return VLLMEngine(
-            model_path,
-            rollout_cfg.vllm,
-            tokenizer=tokenizer,
-            max_model_len=max_len,
-            dtype=dtype,
-            seed=seed,
-        )
-    raise ValueError(f"rollout.engine={rollout_cfg.engine!r} is not one of: hf, vllm")

@@ -1,0 +1,21 @@
+"""DAPO with forking tokens (arXiv 2506.01939): gradient only through the top-q entropy tokens
+of the whole batch (all ranks together), Eq. 5's indicator H_t >= tau_rho^B."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .. import algo
+from .base import Baseline
+
+
+class Forking(Baseline):
+    name = "forking"
+
+    def token_masks(self, entropy: Tensor, mask: Tensor, cfg, ranks) -> tuple[Tensor, Tensor]:
+        valid = ranks.cat(entropy[mask].double())
+        thr = algo.quantile_1d(valid, 1.0 - cfg.forking_quantile, "paper") if valid.numel() else None
+        loss_mask = mask & algo.forking_token_mask(entropy, mask, quantile=cfg.forking_quantile,
+                                                   threshold=thr)
+        # 'all': DAPO's 1/sum|o_i| times the indicator, so gradients keep DAPO's scale
+        return loss_mask, loss_mask if cfg.forking_normalizer == "forking" else mask

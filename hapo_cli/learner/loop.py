@@ -1,0 +1,186 @@
+"""The training loop. One step, stage by stage:
+
+    sample (+ dynamic sampling) -> old log-probs and entropy -> targets (h, advantages, masks,
+    clip bounds, TIS) -> PPO update -> metrics -> token rows -> weights to the engine
+
+Each stage is a module of this package with one job; `Loop` holds the learner's objects and
+calls them in order. The math lives in `hapo_cli.algo`, the baseline in `hapo_cli.baselines`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from analysis import schema
+
+from ..baselines import get_baseline
+from ..runlog import RunLog
+from .checkpoint import save_checkpoint
+from .forward import unwrap
+from .ranks import Ranks
+from .sampling import DynamicSamplingExhausted, sample_batch
+from .scoring import old_policy_scores
+from .state import LoopState, TrainSummary
+from .step_metrics import batch_metrics, critical_threshold
+from .targets import compute_targets
+from .token_rows import token_rows
+from .update import NonFiniteError, Updater
+
+
+class Loop:
+    def __init__(self, recipe, accelerator, model, optimizer, scheduler, engine, tokenizer,
+                 stream, val_sets, runlog: RunLog, run_dir, state: LoopState, strategy=None):
+        self.recipe, self.accelerator, self.model = recipe, accelerator, model
+        self.optimizer, self.scheduler, self.engine = optimizer, scheduler, engine
+        self.tokenizer, self.stream, self.val_sets = tokenizer, stream, val_sets
+        self.runlog, self.run_dir, self.state = runlog, run_dir, state
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.ranks = Ranks(accelerator)
+        if strategy is None:
+            import torch
+
+            from .strategy import Precision, Strategy
+
+            strategy = Strategy("ddp" if self.ranks.world > 1 else "single", accelerator,
+                                Precision(torch.float32))
+            strategy.model, strategy.optimizer = model, optimizer
+        self.strategy = strategy
+        self.baseline = get_baseline(recipe.algo.baseline)
+        self.updater = Updater(recipe, model, optimizer, scheduler, strategy, self.ranks,
+                               self.baseline, on_first_step=self._describe_optimizer)
+        from ..trackers import Trackers
+
+        self.trackers = Trackers([], run_dir)  # train() sets the recipe's
+
+    def _describe_optimizer(self) -> None:
+        """Optimizer state exists after the first step: record its dtypes in the manifest."""
+        self.runlog.update_manifest(**self.strategy.describe())
+
+    # ---- one step ----
+    def train_step(self, step: int) -> dict[str, Any]:
+        r, a = self.recipe, self.recipe.algo
+        t0 = time.perf_counter()
+        unwrap(self.model).eval()
+        stats_used = self.state.entropy_stats if a.adaptive_temperature else None
+        batch, info = sample_batch(r, self.engine, self.tokenizer, self.stream, self.ranks, step,
+                                   stats_used, self.pad_id)
+        self.engine.sleep()  # vLLM: free KV cache / weights while the learner trains
+        row: dict[str, Any] = {schema.STEP: step, **info,
+                               schema.TIME_GEN: time.perf_counter() - t0}
+        if batch is None:
+            return {**row, schema.TIME_STEP: time.perf_counter() - t0, schema.SKIPPED: 1}
+
+        t1 = time.perf_counter()
+        old_logp, entropy = old_policy_scores(r, self.model, batch, stats_used, self.ranks.device)
+        row[schema.TIME_OLD_LOGP] = time.perf_counter() - t1
+
+        micro_rows = [rows for _, micros in self.updater.mini_batches(len(batch.scores))
+                      for rows in micros]
+        targets = compute_targets(batch, old_logp, entropy, a, self.baseline, self.ranks,
+                                  micro_rows)
+
+        t2 = time.perf_counter()
+        upd = self.updater.run(batch, old_logp, targets)
+        if r.train.warmup_unit == "training":  # verl: once per update_actor call
+            self.scheduler.step()
+        row[schema.TIME_TRAIN] = time.perf_counter() - t2
+
+        self.state.entropy_stats = targets.stats  # A samples the next step with them
+        if self.state.critical_threshold is None:
+            self.state.critical_threshold = critical_threshold(entropy, batch.mask,
+                                                               a.critical_quantile, self.ranks)
+        row.update(upd.metrics)
+        row.update(batch_metrics(batch, entropy, old_logp, targets,
+                                 self.state.critical_threshold, self.ranks))
+        row[schema.TIME_STEP] = time.perf_counter() - t0
+
+        every = r.log.token_sample_every
+        if every and (step % every == 0 or step == 1):
+            self.runlog.write_tokens(step, token_rows(
+                step, batch, entropy, targets, upd, self.tokenizer,
+                r.log.token_sample_responses, r.seed))
+        self.strategy.sync_engine(self.engine)  # HF engine on the learner's module: no-op
+        return row
+
+    # ---- the run ----
+    def run(self, progress: bool = True) -> TrainSummary:
+        from ..progress import step_progress
+
+        r = self.recipe
+        main = self.accelerator.is_main_process
+        status, message = "done", ""
+        last_row: dict[str, Any] = {}
+        with step_progress("train", r.train.max_steps, disable=not (progress and main)) as bar:
+            task = bar.add_task("train", total=r.train.max_steps, completed=self.state.step,
+                                info="")
+            if self.state.step == 0 and r.eval.at_start and self.val_sets:
+                self._log({schema.STEP: 0, **self._validate(0)})
+            while self.state.step < r.train.max_steps:
+                step = self.state.step + 1
+                try:
+                    row = self.train_step(step)
+                except (NonFiniteError, DynamicSamplingExhausted) as exc:
+                    status, message = "failed", str(exc)
+                    self.runlog.log_metrics({schema.STEP: step, schema.ERROR: message})
+                    break
+                self.state.step = step
+                last = step == r.train.max_steps
+                if (r.eval.every and step % r.eval.every == 0) or last:
+                    row.update(self._validate(step))
+                self._log(row)
+                if (r.log.checkpoint_every and step % r.log.checkpoint_every == 0) or last:
+                    self.checkpoint(step)
+                last_row = row
+                bar.update(task, completed=step, info=self._bar_info(row))
+        self.runlog.finish(status, message=message or None, final_step=self.state.step)
+        return TrainSummary(self.run_dir, status, self.state.step, self._final(last_row),
+                            message, is_main=main)
+
+    def _log(self, row: dict[str, Any]) -> None:
+        self.runlog.log_metrics(row)
+        self.trackers.log(row)
+
+    def _final(self, last_row: dict[str, Any]) -> dict[str, Any]:
+        final = {k: last_row.get(k) for k in (schema.REWARD_ACC, schema.ENTROPY_MEAN)}
+        for k, v in self.state.last_val.items():
+            kind = (schema.parse_val_metric(k) or ("", ""))[1]
+            if kind == "greedy":
+                final["val_greedy"] = v
+            elif kind.startswith("avg@"):
+                final["val_avg"] = v
+        return final
+
+    def _bar_info(self, row: dict[str, Any]) -> str:
+        parts = [f"{label} {row[key]:.3f}" for key, label in (
+            (schema.REWARD_MEAN, "reward"), (schema.REWARD_ACC, "acc"),
+            (schema.ENTROPY_MEAN, "entropy")) if key in row]
+        greedy = [v for k, v in self.state.last_val.items()
+                  if (schema.parse_val_metric(k) or ("", ""))[1] == "greedy"]
+        return "  ".join(parts + [f"val {v:.3f}" for v in greedy[:1]])
+
+    # ---- validation and checkpoints ----
+    def _validate(self, step: int) -> dict[str, float]:
+        from ..evaluate import validation_metrics
+
+        unwrap(self.model).eval()
+        out = validation_metrics(self.engine, self.tokenizer, self.val_sets, self.recipe, step,
+                                 rank=self.ranks.rank, world=self.ranks.world)
+        self.engine.sleep()
+        self.state.last_val = out
+        return out
+
+    def checkpoint(self, step: int) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        # sharded strategies gather the full model and optimizer state on every rank first
+        model_state = self.strategy.full_model_state()
+        optim_state = self.strategy.optimizer_state()
+        if acc.is_main_process:
+            save_checkpoint(
+                self.run_dir, step, acc.unwrap_model(self.model), self.tokenizer,
+                self.optimizer, self.scheduler, self.stream, self.state,
+                keep=self.recipe.log.keep_checkpoints, model_state=model_state,
+                optim_state=optim_state,
+            )
+        acc.wait_for_everyone()

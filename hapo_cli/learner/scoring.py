@@ -1,0 +1,59 @@
+"""Stage 2: the old policy's log-probs of the sampled tokens and their untempered entropy,
+(B, T), without gradients; engines that could not record the per-token temperature at decode
+time (vLLM) get it here."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..rollout.base import recompute_adaptive_temperature
+from .batch import TrainBatch
+from .forward import response_logprobs
+
+
+def policy_temperature(recipe, batch: TrainBatch, rows, device):
+    """Temperature the learner scores rows at: the stored T_t ('rollout') or T ('base')."""
+    if recipe.algo.policy_temperature == "rollout":
+        return batch.temperature[rows].to(device)
+    return recipe.rollout.temperature
+
+
+def old_policy_scores(recipe, model, batch: TrainBatch, stats_used, device) -> tuple[Tensor, Tensor]:
+    """(old log-probs at the policy temperature, untempered entropy), both (B, T) on the CPU.
+
+    One untempered pass gives the entropy (and the log-probs when the policy temperature is
+    1). Engines that cannot record T_t at decode time (vLLM) get it here, from the learner's
+    entropy and the stats the rollout used; then a tempered pass gives the log-probs."""
+    r = recipe
+    mb = r.train.micro_batch_size
+    T = batch.response_ids.shape[1]
+
+    def run(temp_of) -> tuple[Tensor, Tensor]:
+        lps, ens = [], []
+        with torch.no_grad():
+            for s in range(0, len(batch.scores), mb):
+                rows = slice(s, s + mb)
+                lp, en = response_logprobs(
+                    model, batch.input_ids[rows].to(device),
+                    batch.attention_mask[rows].to(device), T, temp_of(rows),
+                    fused=r.train.fused_logprobs, chunk_size=r.train.logprob_chunk_size,
+                )
+                lps.append(lp.float().cpu())
+                ens.append(en.float().cpu())
+        return torch.cat(lps), torch.cat(ens)
+
+    logp1, entropy = run(lambda rows: None)
+    entropy = entropy.masked_fill(~batch.mask, 0.0)
+    if not batch.decode_stats:
+        temps = recompute_adaptive_temperature(
+            entropy, r.rollout.temperature,
+            r.algo.tau if r.algo.adaptive_temperature else 0.0, stats_used,
+        )
+        batch.temperature = temps.masked_fill(~batch.mask, 1.0)
+        batch.rollout_entropy = entropy.clone()
+        batch.decode_stats = True
+    if r.algo.policy_temperature == "base" and r.rollout.temperature == 1.0:
+        return logp1, entropy
+    logp, _ = run(lambda rows: policy_temperature(r, batch, rows, device))
+    return logp, entropy

@@ -1,0 +1,41 @@
+"""Stage 6: a seeded sample of responses written token by token (`tokens/step-*.parquet`,
+columns `analysis.schema.TOKEN_COLUMNS`) for the token-level figures."""
+
+from __future__ import annotations
+
+import torch
+
+from analysis import schema
+
+from .. import algo
+from .batch import TrainBatch
+from .targets import Targets
+from .update import UpdateResult
+
+
+def token_rows(step: int, batch: TrainBatch, entropy, tg: Targets, upd: UpdateResult, tokenizer,
+               responses: int, seed: int):
+    import pandas as pd
+
+    n = min(responses, len(batch.scores))
+    g = torch.Generator().manual_seed(seed * 7919 + step)
+    pick = torch.randperm(len(batch.scores), generator=g)[:n].sort().values
+    # the side the clip binds on, by the loss's own rule, for the advantage before C
+    # (float64, as the values are written)
+    low, high = algo.clip_sides(upd.ratio[pick].double(), tg.adv.adv[pick].double(),
+                                tg.eps_low[pick].double(), tg.eps_high[pick].double())
+    rows = []
+    for j, i in enumerate(pick.tolist()):
+        ids = batch.response_ids[i].tolist()
+        for p in torch.nonzero(batch.mask[i]).flatten().tolist():
+            rows.append({
+                "step": step, "sample": i, "position": p, "token_id": ids[p],
+                "token_text": tokenizer.decode([ids[p]]),
+                "entropy": float(entropy[i, p]), "h": float(tg.h[i, p]),
+                "temperature": float(batch.temperature[i, p]), "ratio": float(upd.ratio[i, p]),
+                "adv": float(tg.adv.adv[i, p]), "adv_c": float(upd.adv_c[i, p]),
+                "eps_low": float(tg.eps_low[i, p]), "eps_high": float(tg.eps_high[i, p]),
+                "clip_side": "low" if low[j, p] else "high" if high[j, p] else "none",
+                "reward": float(batch.scores[i]), "acc": float(batch.acc[i]),
+            })  # fmt: skip
+    return pd.DataFrame(rows, columns=schema.TOKEN_COLUMNS)

@@ -1,0 +1,185 @@
+"""Stage 4: the PPO update. Epochs over mini-batches (one optimizer step each) of
+micro-batches (one forward/backward each); C redistributes advantages from the current ratio;
+the loss is `algo.policy_loss`. Returns the update's metrics and, per token, the last ratio
+and the advantage the loss saw (for the token rows)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from analysis import schema
+
+from .. import algo
+from ..algo.loss import ADDITIVE
+from .batch import TrainBatch
+from .forward import response_logprobs, unwrap
+from .scoring import policy_temperature
+from .targets import Targets
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def mini_batches(B: int, mini_batch_prompts: int, n: int, micro_batch_size: int, world: int
+                 ) -> list[tuple[slice, list[slice]]]:
+    """(mini-batch rows, its micro-batch row slices) over this rank's B responses: one
+    optimizer step per mini-batch, one forward/backward per micro-batch."""
+    mini = (mini_batch_prompts // world) * n
+    micro = min(micro_batch_size, mini)
+    out = []
+    for m0 in range(0, B, mini):
+        m1 = min(m0 + mini, B)
+        out.append((slice(m0, m1), [slice(s, min(s + micro, m1)) for s in range(m0, m1, micro)]))
+    return out
+
+
+@dataclass
+class UpdateResult:
+    metrics: dict[str, float]
+    ratio: Tensor  # (B, T) importance ratio of the last epoch
+    adv_c: Tensor  # (B, T) advantage the loss saw (after C and TIS)
+
+
+class _Sums:
+    """policy_loss metrics over micro-batches: sums, and token-weighted means."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+
+    def add(self, m: dict[str, Tensor], fallback_tokens: Tensor) -> None:
+        n_valid = float(m.get(schema.VALID_TOKENS, fallback_tokens))
+        for k, v in m.items():
+            v = float(v)
+            self.sums[k] = self.sums.get(k, 0.0) + (v if k == schema.PG_LOSS or k in ADDITIVE
+                                                    else v * n_valid)
+            if k != schema.PG_LOSS and k not in ADDITIVE:
+                self.weights[k] = self.weights.get(k, 0.0) + n_valid
+
+    def result(self, ranks, optimizer_steps: int) -> dict[str, float]:
+        sums, weights = ranks.sum_dict(self.sums), ranks.sum_dict(self.weights)
+        out: dict[str, float] = {}
+        for k, v in sums.items():
+            if k in weights:
+                out[k] = v / max(weights[k], 1e-12)
+            elif k == schema.PG_LOSS:
+                out[k] = v / max(optimizer_steps, 1)
+            else:
+                out[k] = v
+        return out
+
+
+class Updater:
+    """Runs the PPO epochs of one training step with the learner's model and optimizer."""
+
+    def __init__(self, recipe, model, optimizer, scheduler, strategy, ranks, baseline,
+                 on_first_step=None) -> None:
+        self.recipe, self.model, self.optimizer, self.scheduler = recipe, model, optimizer, scheduler
+        self.strategy, self.ranks, self.baseline = strategy, ranks, baseline
+        self.on_first_step = on_first_step  # called once optimizer state exists
+
+    def mini_batches(self, B: int) -> list[tuple[slice, list[slice]]]:
+        t = self.recipe.train
+        return mini_batches(B, t.mini_batch_prompts, self.recipe.rollout.n, t.micro_batch_size,
+                            self.ranks.world)
+
+    def normalizer(self, norm_mask: Tensor) -> float:
+        """The mini-batch's global loss denominator: tokens (token-mean) or sequences."""
+        if self.baseline.loss_agg(self.recipe.algo) == "token-mean":
+            local = norm_mask.sum()
+        else:
+            local = (norm_mask.sum(-1) > 0).sum()
+        return float(self.ranks.sum(local.float()))
+
+    def micro_step(self, batch: TrainBatch, rows: slice, old_logp: Tensor, tg: Targets,
+                   normalizer: float):
+        """Forward and backward of one micro-batch: (ratio, advantage after C, loss metrics)."""
+        r, a, dev = self.recipe, self.recipe.algo, self.ranks.device
+        T = batch.response_ids.shape[1]
+        logp, _ = response_logprobs(
+            self.model, batch.input_ids[rows].to(dev), batch.attention_mask[rows].to(dev), T,
+            policy_temperature(r, batch, rows, dev), fused=r.train.fused_logprobs,
+            chunk_size=r.train.logprob_chunk_size, entropy=False,
+        )
+        old = old_logp[rows].to(dev)
+        loss_mask = tg.loss_mask[rows].to(dev)
+        h = tg.h[rows].to(dev)
+        eps_low, eps_high = tg.eps_low[rows].to(dev), tg.eps_high[rows].to(dev)
+        adv = tg.adv.adv[rows].to(dev)
+        ratio = algo.importance_ratio(logp.detach(), old)
+        adv_c = (algo.redistribute_advantages(adv, h, ratio, eps_low, eps_high, beta=a.beta)
+                 if a.redistribute else adv)
+        if tg.tis is not None:
+            adv_c = adv_c * tg.tis[rows].to(dev)
+        loss, m = algo.policy_loss(
+            logp, old, adv_c, loss_mask, eps_low, eps_high, clip_c=a.clip_c,
+            agg=self.baseline.loss_agg(a), normalizer=normalizer, h=h, adv_before=adv,
+        )
+        if not torch.isfinite(loss) and r.train.nonfinite_grad == "abort":
+            raise NonFiniteError(
+                f"non-finite loss at micro-batch rows {rows.start}-{rows.stop}: "
+                f"logp finite={bool(torch.isfinite(logp[loss_mask]).all())}, "
+                f"adv finite={bool(torch.isfinite(adv_c[loss_mask]).all())}; "
+                "last good checkpoint kept"
+            )
+        self.strategy.backward(loss * self.ranks.world)
+        return ratio, adv_c, m, loss_mask
+
+    def optimizer_step(self, n_done: int) -> float | None:
+        """Clip, step, zero; the gradient norm, or None when a non-finite step was skipped."""
+        t = self.recipe.train
+        gn = self.strategy.clip_and_step(t.grad_clip)  # steps only if finite
+        if not math.isfinite(gn):
+            self.optimizer.zero_grad(set_to_none=True)
+            if t.nonfinite_grad == "skip":  # verl dp_actor: skip the update
+                return None
+            raise NonFiniteError(
+                f"non-finite gradient norm ({gn}) at optimizer step {n_done + 1}; "
+                "last good checkpoint kept"
+            )
+        if t.warmup_unit == "optimizer":
+            self.scheduler.step()
+        if self.on_first_step is not None:
+            self.on_first_step()
+            self.on_first_step = None
+        self.optimizer.zero_grad(set_to_none=True)
+        return gn
+
+    def run(self, batch: TrainBatch, old_logp: Tensor, tg: Targets) -> UpdateResult:
+        unwrap(self.model).train()
+        B, T = batch.response_ids.shape
+        sums = _Sums()
+        ratio_all = torch.ones(B, T)
+        adv_c_all = tg.adv.adv.clone()
+        grad_norms: list[float] = []
+        n_skipped = 0
+        for _epoch in range(self.recipe.train.ppo_epochs):
+            for m_rows, micros in self.mini_batches(B):
+                normalizer = self.normalizer(tg.norm_mask[m_rows])
+                if normalizer == 0:
+                    continue
+                for i, rows in enumerate(micros):
+                    # gradients reduced (DeepSpeed: the engine steps) on the last micro-batch only
+                    with self.strategy.micro_batch(i, len(micros)):
+                        ratio, adv_c, m, loss_mask = self.micro_step(batch, rows, old_logp, tg,
+                                                                     normalizer)
+                    ratio_all[rows] = ratio.cpu()
+                    adv_c_all[rows] = adv_c.detach().cpu()
+                    sums.add(m, loss_mask.sum())
+                gn = self.optimizer_step(len(grad_norms))
+                if gn is None:
+                    n_skipped += 1
+                else:
+                    grad_norms.append(gn)
+        metrics = sums.result(self.ranks, len(grad_norms))
+        metrics[schema.GRAD_NORM] = sum(grad_norms) / max(len(grad_norms), 1)
+        metrics[schema.LR] = float(self.scheduler.get_last_lr()[0])
+        metrics[schema.OPTIMIZER_STEPS] = float(len(grad_norms))
+        metrics[schema.SKIPPED_STEPS] = float(n_skipped)
+        unwrap(self.model).eval()
+        return UpdateResult(metrics, ratio_all, adv_c_all)

@@ -1,0 +1,57 @@
+"""The engine factory: `rollout.engine` -> an engine object. It lives apart from the contract
+(`base.py`), which the engines import, so that no module imports its own importer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..recipe import RolloutConfig
+from .base import RolloutEngine
+
+
+def build_engine(
+    rollout_cfg: RolloutConfig,
+    model: torch.nn.Module | None,
+    tokenizer: Any,
+    model_path: str | None,
+    accelerator: Any = None,
+    *,
+    max_prompt_length: int | None = None,
+    max_new_tokens: int | None = None,
+    dtype: str = "auto",
+    seed: int = 0,
+) -> RolloutEngine:
+    """The engine named by `rollout_cfg.engine`.
+
+    hf: samples with the learner's own model object (unwrapped through `accelerator`).
+    vllm: a colocated `vllm.LLM` loaded from `model_path` (a saved HF directory); its
+    `max_model_len` is `rollout.vllm.max_model_len` or `max_prompt_length + max_new_tokens`
+    (`max_new_tokens` defaults to `rollout.max_new_tokens`).
+    """
+    if rollout_cfg.engine == "hf":
+        from .hf import HFEngine
+
+        if model is None:
+            raise ValueError("build_engine: rollout.engine='hf' needs the learner's model")
+        return HFEngine(
+            model, tokenizer, batch_size=rollout_cfg.batch_size, accelerator=accelerator
+        )
+    if rollout_cfg.engine == "vllm":
+        from .vllm import VLLMEngine
+
+        if not model_path:
+            raise ValueError("build_engine: rollout.engine='vllm' needs a saved model directory")
+        max_len = rollout_cfg.vllm.max_model_len
+        if max_len is None and max_prompt_length is not None:
+            max_len = max_prompt_length + (max_new_tokens or rollout_cfg.max_new_tokens)
+        return VLLMEngine(
+            model_path,
+            rollout_cfg.vllm,
+            tokenizer=tokenizer,
+            max_model_len=max_len,
+            dtype=dtype,
+            seed=seed,
+        )
+    raise ValueError(f"rollout.engine={rollout_cfg.engine!r} is not one of: hf, vllm")
