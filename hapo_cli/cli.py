@@ -190,7 +190,7 @@ def evaluate(
     top_k: Annotated[int, typer.Option(help="Top-k (0 = off).")] = 0,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Response length limit.")] = None,
     greedy: Annotated[bool, typer.Option(help="Also evaluate greedy decoding.")] = False,
-    engine: Annotated[str, typer.Option(help="hf or vllm.")] = "hf",
+    engine: Annotated[str, typer.Option(help="Rollout engine: hf or vllm.")] = "hf",
     batch_size: Annotated[int, typer.Option(help="Sequences per generation batch.")] = 256,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     limit: Annotated[Optional[int], typer.Option(help="Prompts per benchmark at most.")] = None,

@@ -144,9 +144,7 @@ def sample_benchmark(
         if not out.decode_stats and scorer is not None:
             out = _with_scorer_stats(out, scorer, prompt_ids, spec, used_stats)
         mask = out.response_mask.bool()
-        texts = tokenizer.batch_decode(
-            [ids[m].tolist() for ids, m in zip(out.response_ids, mask)], skip_special_tokens=True
-        )
+        texts = out.decode(tokenizer)
         by_prompt: dict[int, list[int]] = {}
         for row, p in enumerate(out.prompt_index.tolist()):
             by_prompt.setdefault(p, []).append(row)
@@ -377,8 +375,10 @@ def run_evaluate(
                   max_new_tokens=max_new_tokens,
                   batch_size=batch_size, limit=limit, critical_entropy=critical_entropy,
                   name=name)
-    if engine not in ("hf", "vllm"):
-        raise HapoError(f"--engine {engine!r}: use hf or vllm")
+    from .rollout.factory import engine_names
+
+    if engine not in engine_names():
+        raise HapoError(f"--engine {engine!r}: use one of: {', '.join(engine_names())}")
     run_dir, models = _targets(target, checkpoints)
     from .models import check_model_dir
 
@@ -421,12 +421,12 @@ def run_evaluate(
     for step, model_dir in models:
         model, tok = load_policy(model_dir, "float32")
         model.eval()
-        if eng is None or engine == "hf":
+        if eng is None:
             eng = build_engine(rollout_cfg, model, tok, str(model_dir), None,
                                max_prompt_length=data_cfg.max_prompt_length,
                                max_new_tokens=max_new, dtype="float32", seed=seed)
-        else:  # one vLLM engine per process: later checkpoints go in by weight sync
-            eng.sync_weights(model)
+        else:  # one engine per process (vLLM: one per process at most): later checkpoints
+            eng.sync_weights(model)  # go in by weight sync
         run_stats = None
         state_file = model_dir / STATE_FILE
         if state_file.exists():

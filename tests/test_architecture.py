@@ -169,3 +169,27 @@ def test_baselines_are_registered_by_name():
     assert [get_baseline(n).name for n in baseline_names()] == list(baseline_names())
     with pytest.raises(RecipeError, match="algo.baseline.*expected one of: dapo, grpo, forking"):
         load_recipe("tiny/hapo", ["algo.baseline=gspo"])
+
+
+def test_algo_imports_only_torch_and_the_names():
+    """`hapo_cli.algo` is pure math: torch, the standard library, and the run-directory names
+    (`analysis.schema`, itself standard library only) — no other project module."""
+    import sys
+
+    mods = modules()
+    known = set(mods)
+    allowed = {"analysis.schema"}
+    for name, path in mods.items():
+        if name == "hapo_cli.algo" or name.startswith("hapo_cli.algo."):
+            outside = {m for m in imports_of(name, path, known)
+                       if not m.startswith("hapo_cli.algo") and m not in allowed}
+            assert outside == set(), name
+    third = set()
+    for name, path in mods.items():
+        if name.startswith("hapo_cli.algo"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    third |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                    third.add(node.module.split(".")[0])
+    assert third - set(sys.stdlib_module_names) - {"torch", "analysis"} == set()

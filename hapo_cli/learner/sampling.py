@@ -11,6 +11,7 @@ from torch import Tensor
 
 from analysis import schema
 
+from ..rollout import SamplingSpec
 from .batch import TrainBatch, build_train_batch, concat_batches, mixed_groups
 from .ranks import Ranks
 
@@ -39,16 +40,6 @@ def rollout_seed(seed: int, step: int, gen_batch: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + gen_batch * 101) % (2**31 - 1)
 
 
-def sampling_spec(recipe):
-    """What the engine samples with, from the recipe (rollout section and A's tau)."""
-    from ..rollout import SamplingSpec
-
-    ro, a = recipe.rollout, recipe.algo
-    return SamplingSpec(n=ro.n, temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
-                        max_new_tokens=ro.max_new_tokens, adaptive=a.adaptive_temperature,
-                        tau=a.tau)
-
-
 def generate_scored(recipe, engine, tokenizer, examples, spec, stats, seed: int,
                     prompt_offset: list[int], pad_id: int) -> TrainBatch:
     """One generation batch: sample `spec.n` responses per prompt, decode, score."""
@@ -56,10 +47,7 @@ def generate_scored(recipe, engine, tokenizer, examples, spec, stats, seed: int,
 
     out = engine.generate([list(e.prompt_ids) for e in examples], spec, stats, seed=seed,
                           prompt_offset=prompt_offset).to("cpu")
-    texts = tokenizer.batch_decode(
-        [ids[m].tolist() for ids, m in zip(out.response_ids, out.response_mask.bool())],
-        skip_special_tokens=True,
-    )
+    texts = out.decode(tokenizer)
     per_response = [examples[i] for i in out.prompt_index.tolist()]
     scores, acc = score_responses(
         per_response, texts, out.response_len, recipe.rollout.max_new_tokens,
@@ -103,7 +91,7 @@ def sample_batch(recipe, engine, tokenizer, stream, ranks: Ranks, step: int, sta
     r = recipe
     ds = r.train.dynamic_sampling
     per_rank = r.train.prompts_per_step // ranks.world
-    spec = sampling_spec(r)
+    spec = SamplingSpec.for_training(r.rollout, r.algo)
     mine = shard_indices(r.train.prompts_per_step, r.train.mini_batch_prompts, ranks.world,
                          ranks.rank)
     kept = _Kept()

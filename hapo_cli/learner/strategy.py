@@ -195,6 +195,8 @@ class Strategy:
     # ---- setup ----
     def prepare(self, model: nn.Module, make_optimizer, *, engine: str = "hf",
                 micro_batch_size: int = 1, grad_clip: float = 1.0):
+        from ..rollout.factory import samples_with_learner_module
+
         """(model, optimizer) ready to train. `make_optimizer(params)` builds the torch optimizer
         on the parameters it must own (the fp32 shards under FSDP2). DeepSpeed needs the
         micro-batch size (no dataloader is prepared) and does the clipping itself."""
@@ -205,7 +207,7 @@ class Strategy:
             cfg["train_batch_size"] = micro_batch_size * self.world
             cfg["gradient_clipping"] = grad_clip
         if self.kind == "fsdp2":
-            if engine == "hf":
+            if samples_with_learner_module(engine):
                 # the HF engine decodes token by token on each rank with different lengths: it
                 # samples from an unsharded copy in the compute dtype, synced after each step
                 self._engine_model = copy.deepcopy(model).to(self.precision.compute)

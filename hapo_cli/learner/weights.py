@@ -51,8 +51,10 @@ def check_engine_sharding(engine_name: str, accelerator, strategy=None) -> None:
     sharding = sharding_of(accelerator)
     if strategy is not None:
         sharding = {"fsdp2": "none"}.get(strategy.kind, "zero3" if strategy.sharded else "none")
-    if engine_name == "hf" and sharding != "none":
+    from ..rollout.factory import samples_with_learner_module
+
+    if samples_with_learner_module(engine_name) and sharding != "none":
         raise HapoError(
-            f"rollout.engine=hf cannot sample from a {sharding}-sharded model; "
+            f"rollout.engine={engine_name} cannot sample from a {sharding}-sharded model; "
             "use rollout.engine=vllm (or DDP / ZeRO-1/2)"
         )

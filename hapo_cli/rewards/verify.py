@@ -215,17 +215,21 @@ def verify_dapo(response: str, answer: str, timeout: float = 5.0) -> bool:
     return _call_in_worker(_dapo_equal_in_worker, args, timeout + _WORKER_GRACE_S)
 
 
+# verifier name -> (response, answer, timeout) -> correct. Adding a reward: one entry here
+# (and its name in `Verifier` and the data section's choices).
+VERIFIERS = {
+    "exact": lambda response, answer, timeout: verify_exact(response, answer),
+    "math": verify_math,
+    "dapo": verify_dapo,
+}
+
+
 def verify(verifier: Verifier, response: str, answer: str, timeout: float = 5.0) -> bool:
-    """Whether `response` answers `answer` correctly under `verifier` ("exact", "math" or
-    "dapo")."""
+    """Whether `response` answers `answer` correctly under `verifier` (a VERIFIERS name)."""
     if timeout <= 0:
         raise ValueError(f"verify: timeout={timeout} must be > 0 seconds")
-    if verifier == "exact":
-        return verify_exact(response, answer)
-    if verifier == "math":
-        return verify_math(response, answer, timeout)
-    if verifier == "dapo":
-        return verify_dapo(response, answer, timeout)
-    raise ValueError(
-        f"verify: unknown verifier '{verifier}' (expected 'exact', 'math' or 'dapo')"
-    )
+    if verifier not in VERIFIERS:
+        raise ValueError(
+            f"verify: unknown verifier '{verifier}' (expected one of: {', '.join(VERIFIERS)})"
+        )
+    return VERIFIERS[verifier](response, answer, timeout)

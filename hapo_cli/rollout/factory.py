@@ -10,6 +10,21 @@ import torch
 from ..recipe import RolloutConfig
 from .base import RolloutEngine
 
+# `rollout.engine` -> whether the engine samples with the learner's own module. Such an engine
+# needs full parameters on each rank (FSDP2 gives it an unsharded copy; ZeRO-3 is refused) and
+# takes new weights by reference; the others load them (`sync_weights`).
+ENGINES: dict[str, bool] = {"hf": True, "vllm": False}
+
+
+def engine_names() -> tuple[str, ...]:
+    return tuple(ENGINES)
+
+
+def samples_with_learner_module(name: str) -> bool:
+    if name not in ENGINES:
+        raise ValueError(f"rollout.engine={name!r} is not one of: {', '.join(ENGINES)}")
+    return ENGINES[name]
+
 
 def build_engine(
     rollout_cfg: RolloutConfig,
