@@ -179,12 +179,7 @@ def load_evals(run_dir: Path) -> tuple[pd.DataFrame, list[str]]:
 
 def load_manifest(run_dir: Path) -> dict[str, Any]:
     """``manifest.json`` as a dict; ``{}`` when missing or unreadable (a run just started)."""
-    path = Path(run_dir) / schema.MANIFEST
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return obj if isinstance(obj, dict) else {}
+    return schema.read_manifest(run_dir)
 
 
 def load_recipe(run_dir: Path) -> dict[str, Any]:

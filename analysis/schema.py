@@ -46,6 +46,28 @@ def checkpoint_dir(step: int) -> str:
     return f"{CHECKPOINTS_DIR}/{CHECKPOINT_NAME.format(step=step)}"
 
 
+_CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_step(name: str) -> int | None:
+    """``"step-000010"`` -> 10; ``None`` for any other folder name (temporaries included)."""
+    m = _CHECKPOINT_RE.match(name)
+    return int(m[1]) if m else None
+
+
+def read_manifest(run_dir) -> dict:
+    """``manifest.json`` of a run directory as a dict; ``{}`` when missing, unreadable or not
+    an object (a run just starting). The one reader, for the learner, ablate and analysis."""
+    import json
+    from pathlib import Path
+
+    try:
+        obj = json.loads((Path(run_dir) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
 # ---------------------------------------------------------------- metrics.jsonl
 STEP = "step"  # int, present in every row
 

@@ -224,10 +224,7 @@ class RunLog:
         self._write_manifest()
 
     def _read_manifest(self) -> dict[str, Any]:
-        try:
-            return json.loads((self.dir / schema.MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError):
-            return {}
+        return schema.read_manifest(self.dir)
 
     def _write_manifest(self) -> None:
         atomic_write_text(

@@ -274,3 +274,17 @@ def test_eval_rows_with_their_own_seed_column_load(tmp_path):
     got = df[df["setting"] == "T=0.5"]
     assert (got["seed"] == 1).all() and (got["seed_file"] == 7).any()
     assert (got["label_file"] == "x").any()
+
+
+def test_checkpoint_names_and_the_manifest_reader(tmp_path):
+    assert schema.checkpoint_step("step-000120") == 120
+    assert [schema.checkpoint_step(n) for n in (".step-000002.tmp", "step-", "step-1x")] == [
+        None, None, None]
+    assert schema.checkpoint_step(schema.checkpoint_dir(7).split("/")[-1]) == 7
+    assert schema.read_manifest(tmp_path) == {}
+    (tmp_path / schema.MANIFEST).write_text("[1, 2]")
+    assert schema.read_manifest(tmp_path) == {}
+    (tmp_path / schema.MANIFEST).write_bytes(b"\xff\xfe")
+    assert schema.read_manifest(tmp_path) == {}
+    (tmp_path / schema.MANIFEST).write_text('{"status": "done"}')
+    assert schema.read_manifest(tmp_path) == {"status": "done"}

@@ -28,9 +28,9 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / schema.CHECKPOINTS_DIR
     if not root.is_dir():
         return []
-    out = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
+    out = [p for p in root.iterdir() if p.is_dir() and schema.checkpoint_step(p.name) is not None
            and (p / STATE_FILE).exists()]
-    return sorted(out, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(out, key=lambda p: schema.checkpoint_step(p.name))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
