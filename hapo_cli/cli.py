@@ -188,7 +188,9 @@ def evaluate(
     ] = None,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling.")] = 0.7,
     top_k: Annotated[int, typer.Option(help="Top-k (0 = off).")] = 0,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Response length limit.")] = None,
+    max_new_tokens: Annotated[
+        Optional[int], typer.Option(help="Response length limit (default: the run's).")
+    ] = None,
     greedy: Annotated[bool, typer.Option(help="Also evaluate greedy decoding.")] = False,
     engine: Annotated[str, typer.Option(help="Rollout engine: hf or vllm.")] = "hf",
     batch_size: Annotated[int, typer.Option(help="Sequences per generation batch.")] = 256,
@@ -211,31 +213,17 @@ def evaluate(
     Example: hapo evaluate results/demo --bench arith --n 8 --temperature 0.5,0.8,1.0,adaptive
     """
     try:
-        from .evaluate import run_evaluate
+        from .evaluate import EvalRequest, run_evaluate
     except ImportError:
         raise fail("`hapo evaluate` is not available yet in this build") from None
-    rows = _guard(
-        run_evaluate,
-        target=target,
-        benchmarks=benchmarks or [],
-        checkpoints=checkpoints,
-        n=n,
-        temperatures=temperature,
-        tau=tau,
-        top_p=top_p,
-        top_k=top_k,
-        max_new_tokens=max_new_tokens,
-        greedy=greedy,
-        engine=engine,
-        batch_size=batch_size,
-        seed=seed,
-        limit=limit,
-        critical_entropy=critical_entropy,
-        out=out,
-        name=name,
-        console=console,
-        vllm_options=vllm or [],
+    request = EvalRequest(
+        target=target, benchmarks=tuple(benchmarks or ()), checkpoints=checkpoints, n=n,
+        temperatures=temperature, tau=tau, top_p=top_p, top_k=top_k,
+        max_new_tokens=max_new_tokens, greedy=greedy, engine=engine, batch_size=batch_size,
+        seed=seed, limit=limit, critical_entropy=critical_entropy, out=out, name=name,
+        vllm_options=tuple(vllm or ()),
     )
+    rows = _guard(run_evaluate, request, console=console)
     if rows is None:
         raise typer.Exit(1)
 

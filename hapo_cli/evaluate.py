@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +14,7 @@ import torch
 from analysis import schema
 
 from .errors import HapoError
+from .eval_request import EvalRequest, resolve_request
 
 # ---------------------------------------------------------------------------------------------
 # metrics (pure)
@@ -177,28 +176,6 @@ def _with_scorer_stats(out, scorer, prompt_ids, spec, stats):
                                  adaptive=spec.uses_adaptive_temperature)
 
 
-def vllm_config(base: Any, options: list[str]) -> Any:
-    """`base` (a VllmConfig) with `--vllm KEY=VALUE` options applied and validated."""
-    from pydantic import ValidationError
-
-    from .recipe import VllmConfig, apply_overrides
-
-    for item in options:
-        if "=" not in item:
-            raise HapoError(f"--vllm {item!r}: expected KEY=VALUE, e.g. --vllm max_model_len=256")
-    data = apply_overrides(base.model_dump(mode="json"), [o.strip() for o in options])
-    try:
-        return VllmConfig.model_validate(data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        loc = ".".join(str(x) for x in first["loc"])
-        if first["type"] == "extra_forbidden":
-            known = ", ".join(VllmConfig.model_fields)
-            raise HapoError(f"--vllm: unknown option {loc!r} (known: {known})") from None
-        msg = first["msg"].removeprefix("Value error, ")
-        raise HapoError(f"--vllm {loc}={first.get('input')!r}: {msg}") from None
-
-
 def summarize(records, n: int, critical_threshold: float | None) -> dict[str, Any]:
     """Benchmark metrics from per-prompt records."""
     if not records:
@@ -296,121 +273,20 @@ def result_table(rows: list[dict[str, Any]], n: int):
     return table
 
 
-# --name becomes `<out>/<name>.jsonl`: a plain file name, never a path out of the folder
-# (`../metrics` would replace the run's own metrics.jsonl).
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-
-
-def check_options(*, n, tau, top_p, top_k, max_new_tokens, batch_size, limit, critical_entropy,
-                  name) -> None:
-    """One HapoError (exit 2) for the first option out of range, naming it and the rule."""
-    rules = [
-        (n >= 1, f"--n {n}: must be >= 1"),
-        (math.isfinite(tau) and tau >= 0, f"--tau {tau}: must be finite and >= 0"),
-        (math.isfinite(top_p) and 0 < top_p <= 1, f"--top-p {top_p}: must be in (0, 1]"),
-        (top_k >= 0, f"--top-k {top_k}: must be >= 0 (0 = off)"),
-        (max_new_tokens is None or max_new_tokens >= 1,
-         f"--max-new-tokens {max_new_tokens}: must be >= 1"),
-        (batch_size >= 1, f"--batch-size {batch_size}: must be >= 1"),
-        (limit is None or limit >= 1, f"--limit {limit}: must be >= 1"),
-        (critical_entropy is None or (math.isfinite(critical_entropy) and critical_entropy >= 0),
-         f"--critical-entropy {critical_entropy}: must be finite and >= 0"),
-        (bool(_NAME.fullmatch(name)) and name not in (".", ".."),
-         f"--name {name!r}: must be a plain file name (letters, digits, . _ -), not a path"),
-    ]
-    for ok, message in rules:
-        if not ok:
-            raise HapoError(message)
-
-
-def _targets(target: str, checkpoints: str) -> tuple[Path | None, list[tuple[int | None, Path]]]:
-    """(run_dir or None, [(checkpoint step or None, model dir)])."""
-    from .learner.checkpoint import list_checkpoints
-
-    p = Path(target)
-    if not p.exists():
-        raise HapoError(f"{target}: no such run directory or model directory")
-    if (p / schema.MANIFEST).exists() or (p / schema.CHECKPOINTS_DIR).is_dir():
-        ckpts = list_checkpoints(p)
-        if not ckpts:
-            raise HapoError(f"{target}: run directory has no checkpoint yet")
-        by_step = {int(c.name.split("-")[1]): c for c in ckpts}
-        if checkpoints == "latest":
-            step = max(by_step)
-            return p, [(step, by_step[step])]
-        if checkpoints == "all":
-            return p, sorted(by_step.items())
-        try:
-            steps = [int(s) for s in checkpoints.split(",") if s.strip()]
-        except ValueError:
-            raise HapoError(
-                f"--checkpoints {checkpoints!r}: expected 'latest', 'all' or steps like 10,20"
-            ) from None
-        missing = [s for s in steps if s not in by_step]
-        if missing:
-            have = ", ".join(str(s) for s in sorted(by_step))
-            raise HapoError(f"--checkpoints: step {missing[0]} not in {target} (have: {have})")
-        return p, [(s, by_step[s]) for s in steps]
-    if (p / "config.json").exists():
-        return None, [(None, p)]
-    raise HapoError(f"{target}: neither a run directory (manifest.json) nor a HF model (config.json)")
-
-
-def run_evaluate(
-    *, target, benchmarks, checkpoints, n, temperatures, tau, top_p, top_k, max_new_tokens,
-    greedy, engine, batch_size, seed, limit, critical_entropy, out, name, console,
-    vllm_options: list[str] | None = None,
-) -> list[dict[str, Any]]:
+def run_evaluate(req: EvalRequest, console=None) -> list[dict[str, Any]]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from .algo import EntropyStats, entropy_stats, quantile_1d
     from .data import load_benchmark
     from .learner.checkpoint import STATE_FILE
     from .models import load_policy
-    from .recipe import AlgoConfig, DataConfig, RolloutConfig, VllmConfig, load_recipe
     from .rollout import build_engine
 
-    settings = Setting.parse(temperatures, greedy)
-    check_options(n=n, tau=0.0 if tau is None else tau, top_p=top_p, top_k=top_k,
-                  max_new_tokens=max_new_tokens,
-                  batch_size=batch_size, limit=limit, critical_entropy=critical_entropy,
-                  name=name)
-    from .rollout.factory import engine_names
+    settings = Setting.parse(req.temperatures, req.greedy)
+    res = resolve_request(req)
+    n, tau, seed, max_new = req.n, res.tau, req.seed, res.max_new
+    data_cfg, models, benchmarks = res.data, res.models, res.benchmarks
 
-    if engine not in engine_names():
-        raise HapoError(f"--engine {engine!r}: use one of: {', '.join(engine_names())}")
-    run_dir, models = _targets(target, checkpoints)
-    from .models import check_model_dir
-
-    for _, model_dir in models:  # every checkpoint, before hours of sampling
-        check_model_dir(model_dir)
-    data_cfg = DataConfig()
-    vllm_base = VllmConfig()
-    max_new = max_new_tokens
-    run_tau = AlgoConfig().tau
-    if run_dir is not None and (run_dir / schema.RECIPE).exists():
-        rec = load_recipe(run_dir / schema.RECIPE)
-        data_cfg = rec.data
-        vllm_base = rec.rollout.vllm
-        run_tau = rec.algo.tau
-        max_new = max_new or rec.rollout.max_new_tokens
-        if not benchmarks:
-            benchmarks = [rec.data.task] if rec.data.source == "synthetic" else list(
-                rec.data.val_files)
-    max_new = max_new or 64
-    tau = run_tau if tau is None else tau
-    rollout_cfg = RolloutConfig(engine=engine, batch_size=batch_size,
-                                vllm=vllm_config(vllm_base, list(vllm_options or [])))
-    if not benchmarks:
-        raise HapoError("no benchmark given: pass --bench NAME_OR_FILE")
-    out_dir = Path(out) if out else (run_dir / schema.EVAL_DIR if run_dir else None)
-    if out_dir is None:
-        raise HapoError("--out DIR is required when evaluating a bare model directory")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise HapoError(f"--out {out_dir}: is a file; expected a directory")
-
-    adaptive_base = rec.eval.temperature if run_dir is not None and (
-        run_dir / schema.RECIPE).exists() else 1.0
     # One critical-entropy threshold per benchmark for the whole evaluation: the 80th percentile
     # of token entropy of the first (reference) model listed, at T = 1, so counts compare
     # across checkpoints (a per-checkpoint percentile would give ~0.2 x length by construction).
@@ -422,7 +298,7 @@ def run_evaluate(
         model, tok = load_policy(model_dir, "float32")
         model.eval()
         if eng is None:
-            eng = build_engine(rollout_cfg, model, tok, str(model_dir), None,
+            eng = build_engine(res.rollout, model, tok, str(model_dir), None,
                                max_prompt_length=data_cfg.max_prompt_length,
                                max_new_tokens=max_new, dtype="float32", seed=seed)
         else:  # one engine per process (vLLM: one per process at most): later checkpoints
@@ -433,17 +309,18 @@ def run_evaluate(
             st = json.loads(state_file.read_text()).get("entropy_stats")
             run_stats = EntropyStats.from_dict(st) if st else None
         for bench in benchmarks:
-            bench_name, examples = load_benchmark(bench, data_cfg, tok, limit=limit)
-            common = dict(top_p=top_p, top_k=top_k, max_new_tokens=max_new, tau=tau,
-                          batch_size=batch_size, scorer=model)
+            bench_name, examples = load_benchmark(bench, data_cfg, tok, limit=req.limit)
+            common = dict(top_p=req.top_p, top_k=req.top_k, max_new_tokens=max_new, tau=tau,
+                          batch_size=req.batch_size, scorer=model)
             # calibration pass at T = 1: the critical-entropy threshold and, if needed, the stats
             cal = sample_benchmark(eng, tok, examples, n=1, temperature=1.0, greedy=False,
                                    adaptive=False, stats=None, seed=seed + 7, **{**common,
                                    "top_p": 1.0, "top_k": 0})
             ents = torch.cat([e for r in cal for e in r["entropies"]])
-            threshold = critical_entropy
+            threshold = req.critical_entropy
             if threshold is None:
-                threshold = thresholds.setdefault(bench_name, quantile_1d(ents, 0.8, "paper"))
+                threshold = thresholds.setdefault(
+                    bench_name, quantile_1d(ents, res.critical_quantile, "paper"))
             stats = run_stats
             if stats is None and any(s.adaptive for s in settings):
                 stats = entropy_stats(ents[None, :], torch.ones(1, ents.numel(), dtype=torch.bool))
@@ -454,7 +331,7 @@ def run_evaluate(
                     task = progress.add_task(s.label, total=len(examples))
                     recs = sample_benchmark(
                         eng, tok, examples, n=n,
-                        temperature=s.temperature or (adaptive_base if s.adaptive else 1.0),
+                        temperature=s.temperature or (res.adaptive_base if s.adaptive else 1.0),
                         greedy=s.label == "greedy", adaptive=s.adaptive, stats=stats,
                         seed=seed, progress=progress, task=task, **common,
                     )
@@ -463,7 +340,7 @@ def run_evaluate(
                         "benchmark": bench_name, "setting": s.label,
                         "temperature": s.temperature, "adaptive": s.adaptive, "tau": tau
                         if s.adaptive else None, "checkpoint_step": step, "model": str(model_dir),
-                        "top_p": top_p, "sampling_seed": seed, **summ,
+                        "top_p": req.top_p, "sampling_seed": seed, **summ,
                     })
                     for r in recs:
                         ent = [float(e.mean()) if e.numel() else None for e in r["entropies"]]
@@ -477,6 +354,7 @@ def run_evaluate(
                         })
     from .runlog import atomic_write_text
 
+    out_dir, name = res.out_dir, req.name
     atomic_write_text(out_dir / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     atomic_write_text(out_dir / f"{name}-samples.jsonl",
                       "".join(json.dumps(r) + "\n" for r in samples))

@@ -170,7 +170,7 @@ class Strategy:
 
     def __init__(self, kind: str, accelerator, precision: Precision):
         self.kind = kind
-        self.acc = accelerator
+        self.accelerator = accelerator
         self.precision = precision
         self.world = accelerator.num_processes
         self.model = None
@@ -183,7 +183,7 @@ class Strategy:
         if self.kind == "fsdp2":
             return True
         if self.kind == "deepspeed":
-            plugin = getattr(self.acc.state, "deepspeed_plugin", None)
+            plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
             return plugin is not None and getattr(plugin, "zero_stage", 0) == 3
         return False
 
@@ -201,7 +201,7 @@ class Strategy:
         on the parameters it must own (the fp32 shards under FSDP2). DeepSpeed needs the
         micro-batch size (no dataloader is prepared) and does the clipping itself."""
         if self.kind == "deepspeed":
-            cfg = self.acc.state.deepspeed_plugin.deepspeed_config
+            cfg = self.accelerator.state.deepspeed_plugin.deepspeed_config
             cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
             cfg["gradient_accumulation_steps"] = 1  # boundaries: `micro_batch` sets them
             cfg["train_batch_size"] = micro_batch_size * self.world
@@ -211,9 +211,9 @@ class Strategy:
                 # the HF engine decodes token by token on each rank with different lengths: it
                 # samples from an unsharded copy in the compute dtype, synced after each step
                 self._engine_model = copy.deepcopy(model).to(self.precision.compute)
-                self._engine_model.to(self.acc.device)
+                self._engine_model.to(self.accelerator.device)
             model = apply_fsdp2(
-                model, self.precision, self.acc.device,
+                model, self.precision, self.accelerator.device,
                 reshard_after_forward=_env_true("FSDP_RESHARD_AFTER_FORWARD", "true"),
                 offload=_env_true("FSDP_OFFLOAD_PARAMS"),
             )
@@ -222,7 +222,7 @@ class Strategy:
             optimizer = make_optimizer(model.parameters())
         else:
             optimizer = make_optimizer(model.parameters())
-            model, optimizer = self.acc.prepare(model, optimizer)
+            model, optimizer = self.accelerator.prepare(model, optimizer)
         self.model, self.optimizer = model, optimizer
         return model, optimizer
 
@@ -239,7 +239,7 @@ class Strategy:
         if self._engine_model is None and getattr(engine, "model", None) is not None \
                 and not self.sharded and _same_module(engine.model, self.model):
             return  # the HF engine samples with the learner's own module
-        engine.sync_weights(full_named_parameters(self.model, self.acc))
+        engine.sync_weights(full_named_parameters(self.model, self.accelerator))
 
     # ---- one update ----
     @contextmanager
@@ -254,13 +254,13 @@ class Strategy:
             # accelerate's DeepSpeed wrapper sets the engine's accumulation boundary from
             # sync_gradients and steps the engine in `backward` when it is True; outside
             # `accelerator.accumulate` it stays True, which stepped every micro-batch
-            self.acc.gradient_state._set_sync_gradients(last)
+            self.accelerator.gradient_state._set_sync_gradients(last)
             try:
                 yield
             finally:
-                self.acc.gradient_state._set_sync_gradients(True)
+                self.accelerator.gradient_state._set_sync_gradients(True)
         elif self.kind == "ddp" and not last:
-            with self.acc.no_sync(self.model):
+            with self.accelerator.no_sync(self.model):
                 yield
         else:
             yield
@@ -269,14 +269,14 @@ class Strategy:
         if self.kind == "fsdp2":
             loss.backward()
         else:
-            self.acc.backward(loss)
+            self.accelerator.backward(loss)
 
     def clip_and_step(self, max_norm: float) -> float:
         """Clip the global gradient norm, step the optimizer once; the pre-clip norm."""
         if self.kind == "deepspeed":
             # the engine clipped (config gradient_clipping) and stepped in `backward` at the
             # accumulation boundary; report its norm
-            engine = self.acc.deepspeed_engine_wrapped.engine
+            engine = self.accelerator.deepspeed_engine_wrapped.engine
             gn = engine.get_global_grad_norm()
             self.optimizer.step()  # accelerate's wrapper: a no-op under DeepSpeed
             return float(gn) if gn is not None else float("nan")
@@ -284,7 +284,7 @@ class Strategy:
             gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
             gn = gn.full_tensor() if _is_dtensor(gn) else gn
         else:
-            gn = self.acc.clip_grad_norm_(self.model.parameters(), max_norm)
+            gn = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
         gn = float(gn)
         if not torch.isfinite(torch.tensor(gn)):
             return gn
@@ -298,7 +298,7 @@ class Strategy:
         if self.kind == "deepspeed" and self.sharded:  # ZeRO-3: gather each parameter
             from .weights import full_named_parameters
 
-            return {n: t.cpu().clone() for n, t in full_named_parameters(self.model, self.acc)}
+            return {n: t.cpu().clone() for n, t in full_named_parameters(self.model, self.accelerator)}
         if self.kind != "fsdp2":
             return None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -378,7 +378,7 @@ class Strategy:
             "num_parameters": total,
         }
         if self.kind == "deepspeed":
-            plugin = getattr(self.acc.state, "deepspeed_plugin", None)
+            plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
             out["zero_stage"] = getattr(plugin, "zero_stage", None)
         return out
 

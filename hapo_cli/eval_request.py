@@ -1,0 +1,182 @@
+"""What `hapo evaluate` was asked (`EvalRequest`), checked and completed from the run's
+recipe: tau, response length, the critical-token quantile, benchmarks, data and vLLM settings
+come from the run unless given."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from analysis import schema
+
+from .errors import HapoError
+
+
+def vllm_config(base: Any, options: list[str]) -> Any:
+    """`base` (a VllmConfig) with `--vllm KEY=VALUE` options applied and validated."""
+    from pydantic import ValidationError
+
+    from .recipe import VllmConfig, apply_overrides
+
+    for item in options:
+        if "=" not in item:
+            raise HapoError(f"--vllm {item!r}: expected KEY=VALUE, e.g. --vllm max_model_len=256")
+    data = apply_overrides(base.model_dump(mode="json"), [o.strip() for o in options])
+    try:
+        return VllmConfig.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        if first["type"] == "extra_forbidden":
+            known = ", ".join(VllmConfig.model_fields)
+            raise HapoError(f"--vllm: unknown option {loc!r} (known: {known})") from None
+        msg = first["msg"].removeprefix("Value error, ")
+        raise HapoError(f"--vllm {loc}={first.get('input')!r}: {msg}") from None
+
+
+
+# --name becomes `<out>/<name>.jsonl`: a plain file name, never a path out of the folder
+# (`../metrics` would replace the run's own metrics.jsonl).
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_options(*, n, tau, top_p, top_k, max_new_tokens, batch_size, limit, critical_entropy,
+                  name) -> None:
+    """One HapoError (exit 2) for the first option out of range, naming it and the rule."""
+    rules = [
+        (n >= 1, f"--n {n}: must be >= 1"),
+        (math.isfinite(tau) and tau >= 0, f"--tau {tau}: must be finite and >= 0"),
+        (math.isfinite(top_p) and 0 < top_p <= 1, f"--top-p {top_p}: must be in (0, 1]"),
+        (top_k >= 0, f"--top-k {top_k}: must be >= 0 (0 = off)"),
+        (max_new_tokens is None or max_new_tokens >= 1,
+         f"--max-new-tokens {max_new_tokens}: must be >= 1"),
+        (batch_size >= 1, f"--batch-size {batch_size}: must be >= 1"),
+        (limit is None or limit >= 1, f"--limit {limit}: must be >= 1"),
+        (critical_entropy is None or (math.isfinite(critical_entropy) and critical_entropy >= 0),
+         f"--critical-entropy {critical_entropy}: must be finite and >= 0"),
+        (bool(_NAME.fullmatch(name)) and name not in (".", ".."),
+         f"--name {name!r}: must be a plain file name (letters, digits, . _ -), not a path"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise HapoError(message)
+
+
+def _targets(target: str, checkpoints: str) -> tuple[Path | None, list[tuple[int | None, Path]]]:
+    """(run_dir or None, [(checkpoint step or None, model dir)])."""
+    from .learner.checkpoint import list_checkpoints
+
+    p = Path(target)
+    if not p.exists():
+        raise HapoError(f"{target}: no such run directory or model directory")
+    if (p / schema.MANIFEST).exists() or (p / schema.CHECKPOINTS_DIR).is_dir():
+        ckpts = list_checkpoints(p)
+        if not ckpts:
+            raise HapoError(f"{target}: run directory has no checkpoint yet")
+        by_step = {schema.checkpoint_step(c.name): c for c in ckpts}
+        if checkpoints == "latest":
+            step = max(by_step)
+            return p, [(step, by_step[step])]
+        if checkpoints == "all":
+            return p, sorted(by_step.items())
+        try:
+            steps = [int(s) for s in checkpoints.split(",") if s.strip()]
+        except ValueError:
+            raise HapoError(
+                f"--checkpoints {checkpoints!r}: expected 'latest', 'all' or steps like 10,20"
+            ) from None
+        missing = [s for s in steps if s not in by_step]
+        if missing:
+            have = ", ".join(str(s) for s in sorted(by_step))
+            raise HapoError(f"--checkpoints: step {missing[0]} not in {target} (have: {have})")
+        return p, [(s, by_step[s]) for s in steps]
+    if (p / "config.json").exists():
+        return None, [(None, p)]
+    raise HapoError(f"{target}: neither a run directory (manifest.json) nor a HF model (config.json)")
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """What `hapo evaluate` was asked; None fields default to the run's recipe (or, for a
+    bare model directory, to the recipe defaults)."""
+
+    target: str
+    benchmarks: tuple[str, ...] = ()
+    checkpoints: str = "latest"
+    n: int = 8
+    temperatures: str = "0.5"
+    tau: float | None = None  # the run's algo.tau
+    top_p: float = 0.7
+    top_k: int = 0
+    max_new_tokens: int | None = None  # the run's rollout.max_new_tokens
+    greedy: bool = False
+    engine: str = "hf"
+    batch_size: int = 256
+    seed: int = 0
+    limit: int | None = None
+    critical_entropy: float | None = None  # the algo.critical_quantile entropy at T = 1
+    out: Path | None = None
+    name: str = "eval"
+    vllm_options: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """An EvalRequest with the run's recipe applied."""
+
+    run_dir: Path | None
+    models: list[tuple[int | None, Path]]
+    benchmarks: list[str]
+    data: Any  # DataConfig
+    rollout: Any  # RolloutConfig of the engine
+    tau: float
+    max_new: int
+    critical_quantile: float
+    adaptive_base: float  # base T of 'adaptive' (the run's eval.temperature)
+    out_dir: Path
+
+
+def resolve_request(req: EvalRequest) -> _Resolved:
+    """Validate the options (one line, exit 2) and fill the defaults from the run's recipe."""
+    from .models import check_model_dir
+    from .recipe import AlgoConfig, DataConfig, EvalConfig, RolloutConfig, load_recipe
+    from .rollout.factory import engine_names
+
+    check_options(n=req.n, tau=0.0 if req.tau is None else req.tau, top_p=req.top_p,
+                  top_k=req.top_k, max_new_tokens=req.max_new_tokens, batch_size=req.batch_size,
+                  limit=req.limit, critical_entropy=req.critical_entropy, name=req.name)
+    if req.engine not in engine_names():
+        raise HapoError(f"--engine {req.engine!r}: use one of: {', '.join(engine_names())}")
+    run_dir, models = _targets(req.target, req.checkpoints)
+    for _, model_dir in models:  # every checkpoint, before hours of sampling
+        check_model_dir(model_dir)
+    has_recipe = run_dir is not None and (run_dir / schema.RECIPE).exists()
+    # a bare model directory: the sections' defaults
+    rec = load_recipe(run_dir / schema.RECIPE) if has_recipe else SimpleNamespace(
+        data=DataConfig(), rollout=RolloutConfig(), algo=AlgoConfig(), eval=EvalConfig())
+    benchmarks = list(req.benchmarks)
+    if not benchmarks and has_recipe:
+        benchmarks = ([rec.data.task] if rec.data.source == "synthetic"
+                      else list(rec.data.val_files))
+    if not benchmarks:
+        raise HapoError("no benchmark given: pass --bench NAME_OR_FILE")
+    out_dir = Path(req.out) if req.out else (run_dir / schema.EVAL_DIR if run_dir else None)
+    if out_dir is None:
+        raise HapoError("--out DIR is required when evaluating a bare model directory")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise HapoError(f"--out {out_dir}: is a file; expected a directory")
+    rollout = RolloutConfig(engine=req.engine, batch_size=req.batch_size,
+                            vllm=vllm_config(rec.rollout.vllm, list(req.vllm_options)))
+    return _Resolved(
+        run_dir, models, benchmarks, rec.data, rollout,
+        tau=rec.algo.tau if req.tau is None else req.tau,
+        max_new=req.max_new_tokens or rec.rollout.max_new_tokens,
+        critical_quantile=rec.algo.critical_quantile,
+        adaptive_base=rec.eval.temperature if has_recipe else 1.0, out_dir=out_dir,
+    )
+
+
