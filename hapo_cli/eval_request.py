@@ -138,6 +138,7 @@ class _Resolved:
     critical_quantile: float
     adaptive_base: float  # base T of 'adaptive' (the run's eval.temperature)
     out_dir: Path
+    trust_remote_code: bool  # the run's model.trust_remote_code
 
 
 def resolve_request(req: EvalRequest) -> _Resolved:
@@ -177,6 +178,7 @@ def resolve_request(req: EvalRequest) -> _Resolved:
         max_new=req.max_new_tokens or rec.rollout.max_new_tokens,
         critical_quantile=rec.algo.critical_quantile,
         adaptive_base=rec.eval.temperature if has_recipe else 1.0, out_dir=out_dir,
+        trust_remote_code=has_recipe and rec.model.trust_remote_code,
     )
 
 

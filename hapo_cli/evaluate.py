@@ -295,12 +295,13 @@ def run_evaluate(req: EvalRequest, console=None) -> list[dict[str, Any]]:
     samples: list[dict[str, Any]] = []
     eng = None
     for step, model_dir in models:
-        model, tok = load_policy(model_dir, "float32")
+        model, tok = load_policy(model_dir, "float32", res.trust_remote_code)
         model.eval()
         if eng is None:
             eng = build_engine(res.rollout, model, tok, str(model_dir), None,
                                max_prompt_length=data_cfg.max_prompt_length,
-                               max_new_tokens=max_new, dtype="float32", seed=seed)
+                               max_new_tokens=max_new, dtype="float32", seed=seed,
+                               trust_remote_code=res.trust_remote_code)
         else:  # one engine per process (vLLM: one per process at most): later checkpoints
             eng.sync_weights(model)  # go in by weight sync
         run_stats = None

@@ -334,3 +334,26 @@ def test_mini_batches_partition_rows(monkeypatch):
     # mini-batch (6 responses: dynamic sampling kept 3 prompts) keeps its rows
     assert got == [(0, 4, [(0, 2), (2, 4)]), (4, 8, [(4, 6), (6, 8)])]
     assert [(m.start, m.stop) for m, _ in parts(6)] == [(0, 4), (4, 6)]
+
+
+def test_trust_remote_code_reaches_the_model_loader(tmp_path, monkeypatch, cache_dir):
+    """`model.trust_remote_code` is passed on to from_pretrained (it was once only a field)."""
+    from conftest import sets
+    from typer.testing import CliRunner
+
+    import hapo_cli.models as models
+    from hapo_cli.cli import app
+
+    seen = []
+
+    def recording(path, dtype="float32", trust_remote_code=False):
+        seen.append(trust_remote_code)
+        raise models.ModelError("stopped by the test")
+
+    monkeypatch.setattr(models, "load_policy", recording)
+    for flag in ("true", "false"):
+        res = CliRunner().invoke(app, ["train", "--recipe", "tiny/hapo", "--max-steps", "1",
+                                       "--output", str(tmp_path / flag),
+                                       *sets(cache_dir, f"model.trust_remote_code={flag}")])
+        assert res.exit_code == 2 and "stopped by the test" in res.output
+    assert seen == [True, False]

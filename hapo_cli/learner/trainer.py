@@ -97,7 +97,8 @@ def train(
         _warn(accelerator, "--resume: no checkpoint yet; the run restarts from step 0")
     source = ckpt or policy_path
     check_model_dir(source)
-    model, tokenizer = _load(load_policy, source, strategy.load_dtype)
+    model, tokenizer = _load(load_policy, source, strategy.load_dtype,
+                             recipe.model.trust_remote_code)
     stream = build_streams(recipe.data, tokenizer, recipe.seed)
     val_sets = build_val_sets(recipe.data, tokenizer)
 
@@ -129,7 +130,8 @@ def train(
     engine = build_engine(recipe.rollout, strategy.engine_model(), tokenizer, str(engine_path),
                           accelerator,
                           max_prompt_length=recipe.data.max_prompt_length,
-                          dtype=recipe.model.dtype, seed=recipe.seed)
+                          dtype=recipe.model.dtype, seed=recipe.seed,
+                          trust_remote_code=recipe.model.trust_remote_code)
 
     state = LoopState()
     if ckpt is not None:

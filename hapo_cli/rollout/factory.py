@@ -37,13 +37,15 @@ def build_engine(
     max_new_tokens: int | None = None,
     dtype: str = "auto",
     seed: int = 0,
+    trust_remote_code: bool = False,
 ) -> RolloutEngine:
     """The engine named by `rollout_cfg.engine`.
 
     hf: samples with the learner's own model object (unwrapped through `accelerator`).
     vllm: a colocated `vllm.LLM` loaded from `model_path` (a saved HF directory); its
     `max_model_len` is `rollout.vllm.max_model_len` or `max_prompt_length + max_new_tokens`
-    (`max_new_tokens` defaults to `rollout.max_new_tokens`).
+    (`max_new_tokens` defaults to `rollout.max_new_tokens`); `trust_remote_code` as the
+    learner loaded the model (`model.trust_remote_code`).
     """
     if rollout_cfg.engine == "hf":
         from .hf import HFEngine
@@ -68,5 +70,6 @@ def build_engine(
             max_model_len=max_len,
             dtype=dtype,
             seed=seed,
+            trust_remote_code=trust_remote_code,
         )
     raise ValueError(f"rollout.engine={rollout_cfg.engine!r} is not one of: hf, vllm")
