@@ -56,7 +56,8 @@ class Recipe(_Section):
         if not (isinstance(rollout, dict) and isinstance(model, dict)):
             return data
         tiny = model.get("tiny") or {}
-        if rollout.get("engine") != "vllm" or not isinstance(tiny, dict) or "num_heads" in tiny:
+        if (rollout.get("engine") != "vllm" or model.get("init") != "warmup"
+                or not isinstance(tiny, dict) or "num_heads" in tiny):
             return data
         hidden = tiny.get("hidden_size", TinyModelConfig.model_fields["hidden_size"].default)
         if not isinstance(hidden, int):

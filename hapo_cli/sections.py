@@ -6,7 +6,7 @@ and loads recipes."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -67,8 +67,13 @@ class ModelConfig(_Section):
     path: str | None = Field(
         None, description="Local HF model directory (init=pretrained). Never fetched from a hub."
     )
-    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
-    warmup: WarmupConfig = Field(default_factory=WarmupConfig)
+    tiny: TinyModelConfig | None = Field(
+        None, description="init=warmup only: the embedded tiny model (absent for a pretrained "
+        "model; its defaults when init=warmup leaves it out)."
+    )
+    warmup: WarmupConfig | None = Field(
+        None, description="init=warmup only: the supervised warm-up (as `tiny`)."
+    )
     cache_dir: str = Field(
         "results/.cache", description="Where warm-up models are cached (by content hash)."
     )
@@ -77,6 +82,22 @@ class ModelConfig(_Section):
     )
     gradient_checkpointing: bool = Field(False, description="Enable HF gradient checkpointing.")
     trust_remote_code: bool = Field(False, description="Passed to from_pretrained.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _says_what_it_is(cls, data: Any) -> Any:
+        """The section holds what its `init` uses: tiny and warmup for the embedded model,
+        neither for a pretrained one (a resolved paper recipe names no tiny model)."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("init", "pretrained") == "warmup":
+            return {"tiny": {}, "warmup": {}, **{k: v for k, v in data.items()
+                                                  if v is not None or k not in ("tiny", "warmup")}}
+        given = [k for k in ("tiny", "warmup") if data.get(k) is not None]
+        if given:
+            raise ValueError(f"model.{given[0]} applies only to model.init=warmup (this model is "
+                             f"pretrained: model.path)")
+        return data
 
     @model_validator(mode="after")
     def _cache_dir_not_a_file(self) -> ModelConfig:

@@ -152,3 +152,16 @@ def test_tiny_heads_default_and_vllm_head_dim():
                        ).model.tiny.num_heads == 4
     assert load_recipe("tiny/hapo", ["rollout.engine=vllm", "model.tiny.num_heads=1"]
                        ).model.tiny.num_heads == 1
+
+
+def test_the_model_section_says_what_it_is():
+    """A pretrained model's resolved recipe names no tiny model or warm-up; giving one is a
+    one-line error; the embedded model gets both, defaults filled."""
+    from hapo_cli.recipe import RecipeError, load_recipe
+
+    paper = load_recipe("paper/qwen2.5-math-7b-hapo", ["model.path=/models/x"])
+    assert paper.model.tiny is None and paper.model.warmup is None
+    tiny = load_recipe("tiny/hapo")
+    assert tiny.model.tiny.hidden_size > 0 and tiny.model.warmup.steps > 0
+    with pytest.raises(RecipeError, match="model.tiny applies only to model.init=warmup"):
+        load_recipe("paper/qwen2.5-math-7b-hapo", ["model.path=/x", "model.tiny.num_heads=2"])
