@@ -17,7 +17,7 @@ def show_summary(ablation_dir: Path, console: Any = None):
     ``summary.csv`` and ``summary.md`` there. Returns the summary DataFrame."""
     from rich.console import Console
 
-    from analysis.summary import ablation_summary, summary_display, write_summary
+    from analysis.summary import ablation_summary, summary_display, summary_note, write_summary
 
     console = console or Console()
     ablation_dir = Path(ablation_dir)
@@ -35,10 +35,8 @@ def show_summary(ablation_dir: Path, console: Any = None):
         return df
     csv_path, md_path = write_summary(df, ablation_dir)
     shown = summary_display(df)
-    base = df.attrs.get("baseline")
     title = f"ablation {df.attrs.get('ablation') or ablation_dir.name}"
-    caption = (f"Δ vs baseline '{base}' (± standard error); cells mean ± std over seeds"
-               if base else "no baseline variant: Δ not computed")
+    caption = summary_note(df.attrs.get("baseline"))
     for table in _summary_tables(shown, title, caption, console.width):
         console.print(table)
     console.print(f"written: {csv_path}, {md_path}", highlight=False)
@@ -46,31 +44,29 @@ def show_summary(ablation_dir: Path, console: Any = None):
 
 
 def _summary_tables(shown, title: str, caption: str, width: int) -> list:
-    """One rich table when it fits `width`; else one per benchmark metric (variant, seeds,
-    final, best, Δ) and one for the rest (status, entropy, length), so nothing is cut."""
+    """One rich table when it fits `width`; else a first one (variant, seeds, status) and one
+    per metric (variant, seeds and the metric's columns, its label as the title), so nothing
+    is cut."""
+    from rich.markup import escape
     from rich.table import Table
 
     def make(cols: list[str], name: str, cap: str | None, strip: str = ""):
         t = Table(title=name, caption=cap)
         for c in cols:
-            t.add_column(str(c).removeprefix(strip),
+            t.add_column(str(c).removeprefix(strip) or str(c),
                          justify="left" if c in ("variant", "status") else "right")
         for row in shown[cols].itertuples(index=False):
-            t.add_row(*("" if v is None else str(v) for v in row))
+            t.add_row(*("" if v is None else escape(str(v)) for v in row))
         return t
 
     cols = list(shown.columns)
     need = sum(max(len(str(c)), *(len(str(v)) for v in shown[c])) + 3 for c in cols) + 1
-    if need <= width:
+    groups: dict[str, list[str]] = shown.attrs.get("groups") or {}
+    if need <= width or not groups:
         return [make(cols, title, caption)]
-    metric_cols = [c for c in cols if c.endswith((" final", " best", " Δ final"))
-                   and c not in ("entropy final", "response len final")]
-    keys = list(dict.fromkeys(c.rsplit(" ", 2)[0] if c.endswith(" Δ final") else
-                              c.rsplit(" ", 1)[0] for c in metric_cols))
-    rest = [c for c in cols if c not in metric_cols]
-    tables = [make(rest, title, None)]
-    for i, key in enumerate(keys):
-        group = ["variant", "seeds"] + [c for c in metric_cols if c.startswith(key + " ")]
-        tables.append(make(group, key, caption if i == len(keys) - 1 else None, key + " "))
+    grouped = {c for g in groups.values() for c in g}
+    tables = [make([c for c in cols if c not in grouped], title, None)]
+    for i, (label, group) in enumerate(groups.items()):
+        tables.append(make(["variant", "seeds", *group], label,
+                           caption if i == len(groups) - 1 else None, label + " "))
     return tables
-
