@@ -21,6 +21,10 @@ from analysis import schema
 from analysis.figures import MissingData, color_map
 from analysis.io import Collection, load_paths, stack_evals, stack_metrics, stack_tokens
 from analysis.summary import (
+    REFERENCE_NOTE,
+    REFERENCE_TITLE,
+    reference_display,
+    released_references,
     summarize_runs,
     summary_display,
     summary_markdown,
@@ -200,7 +204,9 @@ def analyze(paths: list[Path], out: Path | None = None,
     tables: dict[str, Path] = {}
     summaries: dict[str, pd.DataFrame] = {}
     for abl in coll.ablations:
-        df = summarize_runs(abl.runs, key=lambda r: r.variant or r.label)
+        df = summarize_runs(abl.runs, key=lambda r: r.variant or r.label,
+                            references=released_references(r.variant or r.label
+                                                           for r in abl.runs))
         df.attrs["ablation"] = abl.name
         summaries[abl.name] = df
         where = out if len(coll.ablations) == 1 else out / _slug(abl.name)
@@ -270,6 +276,11 @@ def _blocks(coll, specs, written, skipped, dual, evals, summaries, notes, out) -
         b.append(("h", 2, f"Ablation summary: {name}"))
         b.append(("p", summary_note(df.attrs.get("baseline"))))
         b.append(("table", summary_display(df), summary_markdown(df)))
+        refs = reference_display(df)
+        if len(refs):
+            b.append(("h", 3, REFERENCE_TITLE))
+            b.append(("p", REFERENCE_NOTE))
+            b.append(("table", refs, to_markdown(refs)))
     b.append(("h", 2, "Figures"))
     for spec in specs:
         if spec.name in written:

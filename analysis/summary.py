@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +53,7 @@ def summarize_runs(
     *,
     key: Callable[[Run], str] = lambda r: r.label,
     baseline: str | None = schema.BASELINE_VARIANT,
+    references: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """One row per group of runs (``key``, e.g. the variant), seeds aggregated.
 
@@ -67,6 +68,9 @@ def summarize_runs(
       ``m_pair_ci_high``, ``m_pair_p`` (paired t-test, two-sided) and ``m_pair_sig``
       (1.0 significant at 5 %, 0.0 not, NaN with fewer than two pairs); NaN on the baseline
       row and without a baseline.
+    - ``references`` (``{variant: other variant}``, e.g. ``ABCD-released -> ABCD``): the same
+      paired statistics vs that variant, as ``m_ref_<stat>``, and its name in ``reference``
+      (NaN / empty for variants without one). Columns only present when some reference is.
 
     Also, unpaired and kept for older readers, ``<bench>/<kind>/delta_final`` and
     ``/delta_best`` (variant mean minus baseline mean over all seeds) and
@@ -105,6 +109,15 @@ def summarize_runs(
                 paired = paired_difference(per_seed[name][col], per_seed[baseline].get(col, {}))
             for stat in PAIR_STATS:
                 row[f"{col}_pair_{stat}"] = _pair_value(paired, stat)
+    refs = {v: r for v, r in (references or {}).items() if v in rows and r in rows and v != r}
+    if refs:
+        for name, row in rows.items():
+            row["reference"] = refs.get(name, "")
+            for col in per_seed[name]:
+                paired = (paired_difference(per_seed[name][col], per_seed[refs[name]].get(col, {}))
+                          if name in refs else None)
+                for stat in PAIR_STATS:
+                    row[f"{col}_ref_{stat}"] = _pair_value(paired, stat)
     df = pd.DataFrame.from_dict(rows, orient="index")
     df.index.name = "variant"
     for b in benchmarks(df):
@@ -143,16 +156,25 @@ def _combine(a: float, b: float) -> float:
 def ablation_summary(ablation_dir: Path) -> pd.DataFrame:
     """Per-variant summary of an ablation directory (``ablation.json`` + run subfolders).
 
-    Per variant: final and best validation accuracy per benchmark (mean and std over
-    seeds), delta vs the baseline variant ``"none"``, final mean entropy and final response
-    length; see ``summarize_runs`` for the columns. Variants in plan order; variants with
+    Per variant: final and best validation accuracy per benchmark, final mean entropy and
+    final response length (mean, std, 95 % CI over seeds), the paired difference to the
+    baseline variant ``"none"`` and, for each ``<letters>-released`` variant, to
+    ``<letters>`` (``released_references``); see ``summarize_runs`` for the columns. Variants in plan order; variants with
     no run directory yet are left out. Raises ``ValueError`` if the directory is not an
     ablation directory.
     """
     abl = load_ablation(Path(ablation_dir), tokens=False)
-    df = summarize_runs(abl.runs, key=lambda r: r.variant or r.label)
+    df = summarize_runs(abl.runs, key=lambda r: r.variant or r.label,
+                        references=released_references(r.variant or r.label for r in abl.runs))
     df.attrs["ablation"] = abl.name
     return df
+
+
+def released_references(variants: Iterable[str]) -> dict[str, str]:
+    """``{"ABCD-released": "ABCD", ...}`` for each '-released' variant whose paper twin is
+    among ``variants``: the pairs compared in the "released vs paper" table."""
+    names = list(dict.fromkeys(variants))
+    return {v: p for v in names if (p := schema.paper_counterpart(v)) is not None and p in names}
 
 
 def benchmarks(df: pd.DataFrame) -> list[str]:
@@ -233,22 +255,7 @@ def summary_display(df: pd.DataFrame) -> pd.DataFrame:
             _ci(n, lo, hi, fmt) for n, lo, hi in
             zip(df[f"{m}_n"], df[f"{m}_ci_low"], df[f"{m}_ci_high"], strict=True)]
         if base is not None:
-            is_base = df.index == base
-            delta = [("baseline" if b else "—" if _nan(d) else format(d, "+" + fmt))
-                     for d, b in zip(df[f"{m}_pair_delta"], is_base, strict=True)]
-            pair = {
-                f"{label} Δ": delta,
-                f"{label} Δ 95% CI": [
-                    "" if b else _ci(n, lo, hi, fmt, signed=True) for n, lo, hi, b in
-                    zip(df[f"{m}_pair_n"], df[f"{m}_pair_ci_low"], df[f"{m}_pair_ci_high"],
-                        is_base, strict=True)],
-                f"{label} p": ["" if b else _p(p)
-                               for p, b in zip(df[f"{m}_pair_p"], is_base, strict=True)],
-                f"{label} sig": [significance(n, s) for n, s in
-                                 zip(df[f"{m}_pair_n"], df[f"{m}_pair_sig"], strict=True)],
-                f"{label} pairs": ["" if _nan(n) else str(int(n)) for n in df[f"{m}_pair_n"]],
-            }
-            for c, values in pair.items():
+            for c, values in _pair_cells(df, m, label, fmt, "pair", df.index == base).items():
                 table[c] = values
                 cols.append(c)
         groups[label] = cols
@@ -257,9 +264,54 @@ def summary_display(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _pair_cells(df: pd.DataFrame, m: str, label: str, fmt: str, kind: str,
+                skip: np.ndarray | None = None) -> dict[str, list[str]]:
+    """The display columns of one paired comparison (``kind`` "pair": vs the baseline, "ref":
+    vs the reference) of metric ``m``: Δ, Δ 95% CI, p, sig, pairs; rows in ``skip`` (the
+    baseline itself) read "baseline" and blanks."""
+    skip = np.zeros(len(df), dtype=bool) if skip is None else skip
+    n, sig = df[f"{m}_{kind}_n"], df[f"{m}_{kind}_sig"]
+    return {
+        f"{label} Δ": ["baseline" if b else "—" if _nan(d) else format(d, "+" + fmt)
+                       for d, b in zip(df[f"{m}_{kind}_delta"], skip, strict=True)],
+        f"{label} Δ 95% CI": [
+            "" if b else _ci(k, lo, hi, fmt, signed=True) for k, lo, hi, b in
+            zip(n, df[f"{m}_{kind}_ci_low"], df[f"{m}_{kind}_ci_high"], skip, strict=True)],
+        f"{label} p": ["" if b else _p(p)
+                       for p, b in zip(df[f"{m}_{kind}_p"], skip, strict=True)],
+        f"{label} sig": [significance(k, g) for k, g in zip(n, sig, strict=True)],
+        f"{label} pairs": ["" if _nan(k) else str(int(k)) for k in n],
+    }
+
+
+def reference_display(df: pd.DataFrame) -> pd.DataFrame:
+    """The paired comparisons with each variant's reference (``summarize_runs(references=
+    ...)``; in an ablation: ``<letters>-released`` vs ``<letters>``) as strings: one row per
+    variant that has one, columns ``variant``, ``vs`` and per metric as in
+    ``summary_display`` (Δ, Δ 95% CI, p, sig, pairs). Empty when there is none."""
+    if "reference" not in df.columns or not (df["reference"] != "").any():
+        return pd.DataFrame()
+    sub = df[df["reference"] != ""]
+    table = pd.DataFrame({"vs": sub["reference"]}, index=sub.index)
+    groups: dict[str, list[str]] = {}
+    for m, label, fmt in display_metrics(df):
+        cells = _pair_cells(sub, m, label, fmt, "ref")
+        for c, values in cells.items():
+            table[c] = values
+        groups[label] = list(cells)
+    out = table.reset_index()
+    out.attrs["groups"] = groups
+    return out
+
+
 def summary_markdown(df: pd.DataFrame) -> str:
     """``summary_display`` as a markdown table."""
     return to_markdown(summary_display(df))
+
+
+REFERENCE_TITLE = "Released vs paper entropy normalisation (paired by seed)"
+REFERENCE_NOTE = ("Δ = `<letters>-released` - `<letters>` over the seeds both ran: the released "
+                  "code's sign convention against the paper's, same letters, seeds and prompts.")
 
 
 def write_summary(df: pd.DataFrame, out_dir: Path) -> tuple[Path, Path]:
@@ -277,7 +329,11 @@ def write_summary(df: pd.DataFrame, out_dir: Path) -> tuple[Path, Path]:
     base = df.attrs.get("baseline")
     head = f"# Ablation summary: {title}\n\n" if title else "# Summary\n\n"
     note = summary_note(base) + "\n\n"
-    md_path.write_text(head + note + summary_markdown(df), encoding="utf-8")
+    text = head + note + summary_markdown(df)
+    refs = reference_display(df)
+    if len(refs):
+        text += f"\n## {REFERENCE_TITLE}\n\n{REFERENCE_NOTE}\n\n" + to_markdown(refs)
+    md_path.write_text(text, encoding="utf-8")
     return csv_path, md_path
 
 

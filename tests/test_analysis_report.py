@@ -265,3 +265,24 @@ def test_report_and_figure_mark_significance(paired_ablation, tmp_path):
     assert segs[1][:, 1].tolist() == pytest.approx([0.004 - 2.776 * 0.0092736,
                                                     0.004 + 2.776 * 0.0092736], abs=1e-4)
     assert [t.get_position()[0] for t in ax.texts if t.get_text() == "*"] == [0, 2]
+
+
+def test_released_vs_paper_table(tmp_path):
+    # ABCD-released - ABCD per seed: -.02 -.01 -.02 -> Δ -.016667, s = .0057735,
+    # se = .0033333, t = -5 with 2 dof: p = 1 - 5 / sqrt(27) = .03775 (the t(2) CDF is
+    # 1/2 + t / (2 sqrt(t^2 + 2))); CI -.016667 -+ 4.303 * .0033333 = [-.031, -.002]
+    write_ablation(tmp_path / "abl", {"none": 0.0, "ABCD": {1: 0.05, 2: 0.06, 3: 0.04},
+                                      "ABCD-released": {1: 0.03, 2: 0.05, 3: 0.02}},
+                   seeds=(1, 2, 3), token_steps=())
+    df = ablation_summary(tmp_path / "abl")
+    assert df["reference"].tolist() == ["", "", "ABCD"]
+    m = "toy/avg@4/final"
+    assert df.at["ABCD-released", f"{m}_ref_delta"] == pytest.approx(-0.05 / 3)
+    assert df.at["ABCD-released", f"{m}_ref_p"] == pytest.approx(1 - 5 / math.sqrt(27),
+                                                                 abs=1e-6)
+    assert math.isnan(df.at["ABCD", f"{m}_ref_delta"])
+    res = analyze([tmp_path / "abl"], tmp_path / "out", ["png"])
+    md = res.report_md.read_text()
+    assert "### Released vs paper entropy normalisation (paired by seed)" in md
+    assert "| ABCD-released | ABCD | -0.017 | [-0.031, -0.002] | 0.038 | * | 3 |" in md
+    assert "## Released vs paper" in (res.out_dir / "summary.md").read_text()

@@ -20,7 +20,7 @@ from ..recipe import RecipeError
 
 GRIDS: tuple[str, ...] = ("paper", "single", "leave-one-out", "all")
 BASELINE = schema.BASELINE_VARIANT  # "none"
-RELEASED_SUFFIX = "-released"
+RELEASED_SUFFIX = schema.RELEASED_SUFFIX  # "-released"
 RELEASED_OVERRIDE = "algo.entropy_norm=released"
 
 @dataclass(frozen=True)
@@ -76,30 +76,69 @@ def grid_variants(letters: str, grid: str) -> list[str]:
     return sorted(names, key=_order_key)
 
 
-def parse_variants(spec: str, letters: str) -> list[str]:
-    """`--variants none,B,AB,ABCD` -> canonical names in the given order, baseline first.
+# entropy_norm changes only what uses the normalised entropy h: A (temperature), C, D.
+_ENTROPY_LETTERS = "ACD"
 
-    Every letter must be among `letters` (the `--components`); duplicates are dropped.
+
+def split_released(name: str) -> tuple[str, bool]:
+    """'ABD-released' -> ('ABD', True); 'ABD' -> ('ABD', False)."""
+    if name.endswith(RELEASED_SUFFIX):
+        return name[: -len(RELEASED_SUFFIX)], True
+    return name, False
+
+
+def variant(name: str) -> Variant:
+    """A canonical variant name -> its Variant: letters, and for '-released' the override
+    `algo.entropy_norm=released` (applied by the recipe loader with the user's --set)."""
+    letters, released = split_released(name)
+    return Variant(name, letters, (RELEASED_OVERRIDE,) if released else ())
+
+
+def _check_released(letters: str, what: str) -> None:
+    if not any(c in letters for c in _ENTROPY_LETTERS):
+        raise HapoError(
+            f"{what}: the released entropy normalisation only changes A, C and D; "
+            f"'{letters}{RELEASED_SUFFIX}' would train exactly like '{letters}' (add A, C or D)"
+        )
+
+
+def parse_variants(spec: str, letters: str) -> list[str]:
+    """`--variants none,B,AB,ABCD,ABCD-released` -> canonical names in the given order,
+    baseline first.
+
+    Every letter must be among `letters` (the `--components`); duplicates are dropped. A
+    '-released' suffix selects the released code's entropy normalisation for that variant
+    (it needs one of A, C, D, the components that use the normalised entropy).
     """
     items = [s.strip() for s in spec.split(",")]
     if not any(items):
-        raise HapoError(f"--variants {spec!r}: expected a comma list such as none,B,AB,ABCD")
+        raise HapoError(
+            f"--variants {spec!r}: expected a comma list such as none,B,AB,ABCD,ABCD-released"
+        )
     out: list[str] = []
     for raw in items:
         if not raw:
             raise HapoError(f"--variants {spec!r}: empty entry (two commas in a row?)")
+        released = raw.lower().endswith(RELEASED_SUFFIX)
+        stem = raw[: -len(RELEASED_SUFFIX)] if released else raw
         try:
-            name = parse_components(raw)
+            name = parse_components(stem) if stem.strip() else None
         except RecipeError:
+            name = None
+        if name is None:
             raise HapoError(
-                f"--variants {spec!r}: {raw!r} is not a variant; use letters of ABCD or 'none'"
-            ) from None
+                f"--variants {spec!r}: {raw!r} is not a variant; use letters of ABCD or 'none', "
+                f"optionally with {RELEASED_SUFFIX} (e.g. ABCD{RELEASED_SUFFIX})"
+            )
         outside = [c for c in name if name != BASELINE and c not in letters]
         if outside:
             raise HapoError(
                 f"--variants {spec!r}: {raw!r} uses {''.join(outside)}, which is not in "
                 f"--components {letters}"
             )
+        if released:
+            _check_released(name, f"--variants {spec!r}")
+            name += RELEASED_SUFFIX
         if name not in out:
             out.append(name)
     return sorted(out, key=lambda v: v != BASELINE)  # stable: only moves the baseline first
@@ -114,16 +153,18 @@ def expand_variants(
     """`--components`, `--grid` or `--variants`, `--compare-released` -> the variants to run.
 
     `--compare-released` adds the full method (all of `components`) with the released code's
-    entropy normalisation (`algo.entropy_norm=released`), named e.g. 'ABCD-released'.
+    entropy normalisation (`algo.entropy_norm=released`), named e.g. 'ABCD-released', unless
+    `--variants` already names it; `--variants` can also name any '<letters>-released'.
     """
     letters = parse_letters(components)
     names = parse_variants(variants, letters) if variants is not None else grid_variants(
         letters, grid
     )
-    out = [Variant(name, name) for name in names]
     if compare_released:
-        out.append(Variant(letters + RELEASED_SUFFIX, letters, (RELEASED_OVERRIDE,)))
-    return out
+        _check_released(letters, "--compare-released")
+        if letters + RELEASED_SUFFIX not in names:
+            names.append(letters + RELEASED_SUFFIX)
+    return [variant(name) for name in names]
 
 
 def parse_seeds(spec: str | Sequence[int]) -> list[int]:

@@ -19,7 +19,7 @@ from analysis import schema
 from ..errors import HapoError
 from ..recipe import Recipe, load_recipe
 from .display import Display
-from .grid import BASELINE, expand_variants, parse_seeds
+from .grid import BASELINE, RELEASED_OVERRIDE, expand_variants, parse_seeds
 from .plan import (
     DONE,
     FAILED,
@@ -96,6 +96,13 @@ def run_ablation(
     slots = slot_resources(workers, available_cores(), visible_gpus())
 
     base = load_recipe(recipe, user_overrides, components=BASELINE, seed=0)
+    released = [v.name for v in variant_list if RELEASED_OVERRIDE in v.overrides]
+    if released and base.algo.entropy_norm == "released":
+        raise HapoError(
+            f"{', '.join(released)}: the recipe (or --set) already has "
+            "algo.entropy_norm=released, so every variant would use it; compare on a recipe "
+            "with entropy_norm: paper"
+        )
     ablation_dir = Path(output) if output is not None else (
         Path(base.log.output_dir) / f"{base.name}-ablation"
     )

@@ -17,7 +17,15 @@ def show_summary(ablation_dir: Path, console: Any = None):
     ``summary.csv`` and ``summary.md`` there. Returns the summary DataFrame."""
     from rich.console import Console
 
-    from analysis.summary import ablation_summary, summary_display, summary_note, write_summary
+    from analysis.summary import (
+        REFERENCE_NOTE,
+        REFERENCE_TITLE,
+        ablation_summary,
+        reference_display,
+        summary_display,
+        summary_note,
+        write_summary,
+    )
 
     console = console or Console()
     ablation_dir = Path(ablation_dir)
@@ -39,22 +47,30 @@ def show_summary(ablation_dir: Path, console: Any = None):
     caption = summary_note(df.attrs.get("baseline"))
     for table in _summary_tables(shown, title, caption, console.width):
         console.print(table)
+    refs = reference_display(df)
+    if len(refs):
+        for table in _summary_tables(refs, REFERENCE_TITLE, REFERENCE_NOTE, console.width):
+            console.print(table)
     console.print(f"written: {csv_path}, {md_path}", highlight=False)
     return df
 
 
 def _summary_tables(shown, title: str, caption: str, width: int) -> list:
-    """One rich table when it fits `width`; else a first one (variant, seeds, status) and one
-    per metric (variant, seeds and the metric's columns, its label as the title), so nothing
-    is cut."""
+    """One rich table when it fits `width`; else one per metric (variant, seeds or vs, and
+    the metric's columns under short headers, the metric as the title), after a first one
+    with the remaining columns (status) if any, so nothing is cut."""
     from rich.markup import escape
     from rich.table import Table
 
-    def make(cols: list[str], name: str, cap: str | None, strip: str = ""):
+    def make(cols: list[str], name: str, cap: str | None, label: str = ""):
         t = Table(title=name, caption=cap)
         for c in cols:
-            t.add_column(str(c).removeprefix(strip) or str(c),
-                         justify="left" if c in ("variant", "status") else "right")
+            head = str(c)
+            if label and head == label:
+                head = "mean ± std"
+            elif label and head.startswith(label.removesuffix("final")):
+                head = head[len(label):].strip() or head[len(label.removesuffix("final")):]
+            t.add_column(head, justify="left" if c in ("variant", "status") else "right")
         for row in shown[cols].itertuples(index=False):
             t.add_row(*("" if v is None else escape(str(v)) for v in row))
         return t
@@ -64,9 +80,12 @@ def _summary_tables(shown, title: str, caption: str, width: int) -> list:
     groups: dict[str, list[str]] = shown.attrs.get("groups") or {}
     if need <= width or not groups:
         return [make(cols, title, caption)]
+    ident = [c for c in ("variant", "seeds", "vs") if c in cols]
     grouped = {c for g in groups.values() for c in g}
-    tables = [make([c for c in cols if c not in grouped], title, None)]
+    rest = [c for c in cols if c not in grouped]
+    tables = [make(rest, title, None)] if set(rest) - set(ident) else []
     for i, (label, group) in enumerate(groups.items()):
-        tables.append(make(["variant", "seeds", *group], label,
-                           caption if i == len(groups) - 1 else None, label + " "))
+        name = label if tables else f"{title}: {label}"
+        tables.append(make([*ident, *group], name,
+                           caption if i == len(groups) - 1 else None, label))
     return tables
