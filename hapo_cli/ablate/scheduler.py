@@ -109,15 +109,25 @@ def run_ablation(
     plan = build_plan(variant_list, seed_list)
     planned = AblationSpec(ablation_dir.name, str(recipe), recipe_hash(base), user_overrides, plan)
     # Resolve every run's recipe now: a bad --set fails before anything is written.
-    resolved = {e.run_dir: run_recipe(recipe, user_overrides, e) for e in plan}
+    for e in plan:
+        run_recipe(recipe, user_overrides, e)
     spec = merge_plan(read_ablation(ablation_dir), planned)
 
     ablation_dir.mkdir(parents=True, exist_ok=True)
     lock_fd = take_lock(ablation_dir)
     try:
         spec = merge_plan(read_ablation(ablation_dir), planned)  # again, under the lock
+        # Each run's recipe as it will run, thread count included (the one a started run
+        # began with, else the user's --set train.threads, else the worker's fair share; every
+        # slot has the same share), from the recipe loader: what is validated is what runs.
+        user_threads = user_sets_threads(user_overrides)
+        resolved = {
+            e.run_dir: run_recipe(recipe, user_overrides, e,
+                                  threads_for(ablation_dir / e.run_dir, slots[0][0], user_threads))
+            for e in plan
+        }
         return _run_locked(
-            recipe, spec, plan, resolved, ablation_dir, slots, user_overrides, retry_failed, lock_fd,
+            spec, plan, resolved, ablation_dir, slots, retry_failed, lock_fd,
             runner or SubprocessRunner(), console, poll_interval, summary,
         )
     finally:
@@ -125,13 +135,11 @@ def run_ablation(
 
 
 def _run_locked(
-    recipe: str,
     spec: AblationSpec,
     plan: list[PlanEntry],
     resolved: dict[str, Recipe],
     ablation_dir: Path,
     slots: list[tuple[int, str | None]],
-    user_overrides: list[str],
     retry_failed: bool,
     lock_fd: int,
     runner: Runner,
@@ -166,7 +174,7 @@ def _run_locked(
 
     if todo:
         _prepare_shared_policy(resolved[todo[0].run_dir], console)
-        _schedule(recipe, spec, todo, resolved, ablation_dir, slots, user_overrides, lock_fd, runner,
+        _schedule(spec, todo, resolved, ablation_dir, slots, lock_fd, runner,
                   console, poll_interval)
 
     ok = all(spec.state(e.run_dir).status == DONE for e in plan)
@@ -200,13 +208,11 @@ def _prepare_shared_policy(recipe: Recipe, console: Any) -> None:
 
 
 def _schedule(
-    recipe: str,
     spec: AblationSpec,
     todo: list[PlanEntry],
     resolved: dict[str, Recipe],
     ablation_dir: Path,
     slots: list[tuple[int, str | None]],
-    user_overrides: list[str],
     lock_fd: int,
     runner: Runner,
     console: Any,
@@ -217,15 +223,12 @@ def _schedule(
     pending = list(todo)
     active: dict[int, ActiveRun] = {}
     finished: list[str] = []
-    user_threads = user_sets_threads(user_overrides)
     display = Display(console, spec, todo, resolved)
 
     def start(slot: int, entry: PlanEntry) -> None:
         threads, gpu = slots[slot]
         run_dir = ablation_dir / entry.run_dir
-        # Through the recipe loader again, now with the run's thread count.
-        rec = run_recipe(recipe, user_overrides, entry,
-                         threads_for(run_dir, threads, user_threads))
+        rec = resolved[entry.run_dir]
         recipe_path = ablation_dir / PLANS_DIR / f"{entry.run_dir}.yaml"
         atomic_write_text(recipe_path, rec.to_yaml())
         log_path = ablation_dir / LOGS_DIR / f"{entry.run_dir}.log"
