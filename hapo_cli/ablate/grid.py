@@ -15,8 +15,7 @@ from itertools import combinations
 from analysis import schema
 
 from ..components import LETTERS, parse_components
-from ..errors import HapoError
-from ..recipe import RecipeError
+from ..errors import HapoError, RecipeError
 
 GRIDS: tuple[str, ...] = ("paper", "single", "leave-one-out", "all")
 BASELINE = schema.BASELINE_VARIANT  # "none"

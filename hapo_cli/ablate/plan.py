@@ -199,26 +199,17 @@ def recipe_hash(recipe: Recipe) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_manifest(run_dir: Path) -> dict[str, Any]:
-    try:
-        obj = json.loads((Path(run_dir) / schema.MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return obj if isinstance(obj, dict) else {}
+read_manifest = schema.read_manifest  # the one manifest reader (learner, ablate, analysis)
 
 
 def latest_checkpoint_step(run_dir: Path) -> int | None:
-    """Step of the newest complete checkpoint (`checkpoints/step-NNNNNN/`), None if none."""
+    """Step of the newest complete checkpoint (`checkpoints/step-NNNNNN/`), None if none
+    (temporaries, `.step-NNNNNN.tmp`, are not checkpoints)."""
     root = Path(run_dir) / schema.CHECKPOINTS_DIR
     if not root.is_dir():
         return None
-    steps = []
-    for p in root.iterdir():
-        if p.is_dir() and p.name.startswith("step-") and not p.name.startswith("."):
-            try:
-                steps.append(int(p.name.split("-", 1)[1]))
-            except ValueError:
-                continue
+    steps = [s for p in root.iterdir() if p.is_dir()
+             and (s := schema.checkpoint_step(p.name)) is not None]
     return max(steps) if steps else None
 
 
