@@ -20,7 +20,17 @@ from analysis import figures as F
 from analysis import schema
 from analysis.figures import MissingData, color_map
 from analysis.io import Collection, load_paths, stack_evals, stack_metrics, stack_tokens
-from analysis.summary import summarize_runs, summary_display, summary_markdown, write_summary
+from analysis.summary import (
+    REFERENCE_NOTE,
+    REFERENCE_TITLE,
+    reference_display,
+    released_references,
+    summarize_runs,
+    summary_display,
+    summary_markdown,
+    summary_note,
+    write_summary,
+)
 from analysis.tables import dual_entropy_table, eval_table, to_html_table, to_markdown
 
 FORMATS = ("png", "pdf", "svg")
@@ -137,8 +147,10 @@ def _figure_specs(coll: Collection, colors: dict, metrics: pd.DataFrame, tokens:
         m = stack_metrics(abl.runs)
         specs += [
             _FigureSpec(f"ablation_deltas{suffix}", f"12. Ablation {abl.name}: Δ accuracy",
-                        "Δ final validation accuracy vs the baseline variant, error bars = "
-                        "standard error of the difference over seeds.",
+                        "Paired Δ final validation accuracy vs the baseline variant (mean over "
+                        "the seeds both ran of variant - baseline), error bars = its 95% "
+                        "confidence interval (t over the paired differences), * = significant "
+                        "(paired t-test, p < 0.05); n = paired seeds.",
                         lambda s=summ, c=vcolors: F.ablation_deltas(s, c)),
             _FigureSpec(f"ablation_curves{suffix}", f"12. Ablation {abl.name}: training curves",
                         "Training curves per variant, mean ± std over seeds.",
@@ -192,7 +204,9 @@ def analyze(paths: list[Path], out: Path | None = None,
     tables: dict[str, Path] = {}
     summaries: dict[str, pd.DataFrame] = {}
     for abl in coll.ablations:
-        df = summarize_runs(abl.runs, key=lambda r: r.variant or r.label)
+        df = summarize_runs(abl.runs, key=lambda r: r.variant or r.label,
+                            references=released_references(r.variant or r.label
+                                                           for r in abl.runs))
         df.attrs["ablation"] = abl.name
         summaries[abl.name] = df
         where = out if len(coll.ablations) == 1 else out / _slug(abl.name)
@@ -255,15 +269,18 @@ def _blocks(coll, specs, written, skipped, dual, evals, summaries, notes, out) -
     plain = [r for r in coll.runs if r.ablation is None]
     final = summarize_runs(plain, baseline=None) if plain else pd.DataFrame()
     if len(final.columns):
-        b.append(("h", 2, "Final values per label (mean ± std over seeds)"))
+        b.append(("h", 2, "Final values per label (mean ± std and 95% CI over seeds)"))
         shown = summary_display(final).rename(columns={"variant": "label"})
         b.append(("table", shown, to_markdown(shown)))
     for name, df in summaries.items():
         b.append(("h", 2, f"Ablation summary: {name}"))
-        base = df.attrs.get("baseline")
-        b.append(("p", f"Δ vs baseline `{base}` ± standard error of the difference."
-                  if base else "No baseline variant `none`: Δ not computed."))
+        b.append(("p", summary_note(df.attrs.get("baseline"))))
         b.append(("table", summary_display(df), summary_markdown(df)))
+        refs = reference_display(df)
+        if len(refs):
+            b.append(("h", 3, REFERENCE_TITLE))
+            b.append(("p", REFERENCE_NOTE))
+            b.append(("table", refs, to_markdown(refs)))
     b.append(("h", 2, "Figures"))
     for spec in specs:
         if spec.name in written:

@@ -266,6 +266,17 @@ def eval_setting(temperature: float | None, adaptive: bool) -> str:
 ABLATION_KEYS: tuple[str, ...] = ("name", "plan", "runs")
 PLAN_KEYS: tuple[str, ...] = ("variant", "seed", "run_dir")
 BASELINE_VARIANT = NO_COMPONENTS
+# A variant '<letters>-released' is '<letters>' with the released code's entropy
+# normalisation (algo.entropy_norm=released); '<letters>' is its paper-normalisation twin.
+RELEASED_SUFFIX = "-released"
+
+
+def paper_counterpart(variant: str) -> str | None:
+    """``"ABCD-released"`` -> ``"ABCD"`` (the same letters, paper normalisation); None for a
+    variant without the released suffix."""
+    if variant.endswith(RELEASED_SUFFIX) and len(variant) > len(RELEASED_SUFFIX):
+        return variant[: -len(RELEASED_SUFFIX)]
+    return None
 
 
 def ablation_run_dir(variant: str, seed: int) -> str:

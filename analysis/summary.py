@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +11,7 @@ import pandas as pd
 
 from analysis import schema
 from analysis.io import Run, last_valid, load_ablation, val_columns
+from analysis.stats import PairedDiff, mean_ci, paired_difference
 from analysis.tables import to_markdown
 
 SUMMARY_CSV = "summary.csv"
@@ -37,27 +38,51 @@ def _se(std: float, n: int) -> float:
     return std / math.sqrt(n) if n > 1 and not math.isnan(std) else math.nan
 
 
+def _seed_values(members: list[Run], finals: pd.DataFrame, col: str) -> dict[int, float]:
+    """{seed: value of ``col``} (mean over runs sharing a seed); runs without a seed and
+    NaN values are left out."""
+    by_seed: dict[int, list[float]] = {}
+    for r, v in zip(members, finals[col], strict=True):
+        if r.seed is not None and not math.isnan(v):
+            by_seed.setdefault(int(r.seed), []).append(float(v))
+    return {s: math.fsum(vs) / len(vs) for s, vs in by_seed.items()}
+
+
 def summarize_runs(
     runs: list[Run],
     *,
     key: Callable[[Run], str] = lambda r: r.label,
     baseline: str | None = schema.BASELINE_VARIANT,
+    references: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """One row per group of runs (``key``, e.g. the variant), seeds aggregated.
 
-    Columns, for each validation metric ``val/<bench>/<kind>`` (as ``<bench>/<kind>``):
-    ``/final_mean``, ``/final_std``, ``/best_mean``, ``/best_std`` (mean and sample std over
-    seeds of the last logged and the best value), ``/delta_final`` and ``/delta_best``
-    (mean minus the baseline's mean) and ``/delta_final_err``, the standard error of that
-    difference, ``sqrt(std_v^2/n_v + std_b^2/n_b)`` over the terms with two or more seeds
-    (NaN when neither has two). Also ``entropy_final_mean/std``,
-    ``response_len_final_mean/std``, ``n_seeds``, ``seeds``, ``status`` and ``last_step``.
-    Groups keep first-seen order; the index is named ``variant``.
+    Metrics: for each validation metric ``val/<bench>/<kind>`` (as ``<bench>/<kind>``) its
+    ``/final`` (last logged) and ``/best`` value of each run, and ``entropy_final``,
+    ``response_len_final``. For each metric ``m``:
+
+    - ``m_mean``, ``m_std`` (sample std, n - 1), ``m_n`` (seeds with a value) and the 95 %
+      confidence interval ``m_ci_low``, ``m_ci_high`` (Student t, n - 1 dof; NaN for n < 2);
+    - vs the baseline, paired by seed over the seeds both have (``analysis.stats``):
+      ``m_pair_n``, ``m_pair_delta`` (mean of v_s - b_s), ``m_pair_ci_low``,
+      ``m_pair_ci_high``, ``m_pair_p`` (paired t-test, two-sided) and ``m_pair_sig``
+      (1.0 significant at 5 %, 0.0 not, NaN with fewer than two pairs); NaN on the baseline
+      row and without a baseline.
+    - ``references`` (``{variant: other variant}``, e.g. ``ABCD-released -> ABCD``): the same
+      paired statistics vs that variant, as ``m_ref_<stat>``, and its name in ``reference``
+      (NaN / empty for variants without one). Columns only present when some reference is.
+
+    Also, unpaired and kept for older readers, ``<bench>/<kind>/delta_final`` and
+    ``/delta_best`` (variant mean minus baseline mean over all seeds) and
+    ``/delta_final_err`` (``sqrt(std_v^2/n_v + std_b^2/n_b)`` over the terms with two or more
+    seeds); and ``n_seeds``, ``seeds``, ``status``, ``last_step``. Groups keep first-seen
+    order; the index is named ``variant``; ``df.attrs["baseline"]`` is the baseline or None.
     """
     groups: dict[str, list[Run]] = {}
     for r in runs:
         groups.setdefault(key(r), []).append(r)
-    rows = {}
+    rows: dict[str, dict[str, object]] = {}
+    per_seed: dict[str, dict[str, dict[int, float]]] = {}
     for name, members in groups.items():
         finals = pd.DataFrame([_run_finals(r) for r in members])
         row: dict[str, object] = {
@@ -67,20 +92,35 @@ def summarize_runs(
                                 pd.Series([r.status for r in members]).value_counts().items()),
             "last_step": finals["last_step"].max() if "last_step" in finals else math.nan,
         }
+        per_seed[name] = {}
         for col in finals.columns:
             if col == "last_step":
                 continue
-            vals = finals[col].dropna()
-            row[f"{col}_mean"] = float(vals.mean()) if len(vals) else math.nan
-            row[f"{col}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else math.nan
-            row[f"{col}_n"] = len(vals)
+            ci = mean_ci(finals[col])
+            row[f"{col}_mean"], row[f"{col}_std"], row[f"{col}_n"] = ci.mean, ci.std, ci.n
+            row[f"{col}_ci_low"], row[f"{col}_ci_high"] = ci.low, ci.high
+            per_seed[name][col] = _seed_values(members, finals, col)
         rows[name] = row
+    have_base = baseline is not None and baseline in rows
+    for name, row in rows.items():
+        for col in per_seed[name]:
+            paired = None
+            if have_base and name != baseline:
+                paired = paired_difference(per_seed[name][col], per_seed[baseline].get(col, {}))
+            for stat in PAIR_STATS:
+                row[f"{col}_pair_{stat}"] = _pair_value(paired, stat)
+    refs = {v: r for v, r in (references or {}).items() if v in rows and r in rows and v != r}
+    if refs:
+        for name, row in rows.items():
+            row["reference"] = refs.get(name, "")
+            for col in per_seed[name]:
+                paired = (paired_difference(per_seed[name][col], per_seed[refs[name]].get(col, {}))
+                          if name in refs else None)
+                for stat in PAIR_STATS:
+                    row[f"{col}_ref_{stat}"] = _pair_value(paired, stat)
     df = pd.DataFrame.from_dict(rows, orient="index")
     df.index.name = "variant"
-    benches = list(dict.fromkeys(c.rsplit("/", 1)[0] for c in df.columns
-                                 if c.endswith("/final_mean")))
-    have_base = baseline is not None and baseline in df.index
-    for b in benches:
+    for b in benchmarks(df):
         for what in ("final", "best"):
             base = df.at[baseline, f"{b}/{what}_mean"] if have_base else math.nan
             df[f"{b}/delta_{what}"] = df[f"{b}/{what}_mean"] - base
@@ -91,9 +131,21 @@ def summarize_runs(
             df[f"{b}/delta_final_err"] = err
         else:
             df[f"{b}/delta_final_err"] = math.nan
-    df = df.drop(columns=[c for c in df.columns if c.endswith("_n") and c != "n_seeds"])
     df.attrs["baseline"] = baseline if have_base else None
     return df
+
+
+PAIR_STATS = ("n", "delta", "ci_low", "ci_high", "p", "sig")
+
+
+def _pair_value(paired: PairedDiff | None, stat: str) -> float:
+    if paired is None:
+        return math.nan
+    if stat == "sig":
+        sig = paired.significant
+        return math.nan if sig is None else float(sig)
+    return float({"n": paired.n, "delta": paired.delta, "ci_low": paired.low,
+                  "ci_high": paired.high, "p": paired.p}[stat])
 
 
 def _combine(a: float, b: float) -> float:
@@ -104,16 +156,25 @@ def _combine(a: float, b: float) -> float:
 def ablation_summary(ablation_dir: Path) -> pd.DataFrame:
     """Per-variant summary of an ablation directory (``ablation.json`` + run subfolders).
 
-    Per variant: final and best validation accuracy per benchmark (mean and std over
-    seeds), delta vs the baseline variant ``"none"``, final mean entropy and final response
-    length; see ``summarize_runs`` for the columns. Variants in plan order; variants with
+    Per variant: final and best validation accuracy per benchmark, final mean entropy and
+    final response length (mean, std, 95 % CI over seeds), the paired difference to the
+    baseline variant ``"none"`` and, for each ``<letters>-released`` variant, to
+    ``<letters>`` (``released_references``); see ``summarize_runs`` for the columns. Variants in plan order; variants with
     no run directory yet are left out. Raises ``ValueError`` if the directory is not an
     ablation directory.
     """
     abl = load_ablation(Path(ablation_dir), tokens=False)
-    df = summarize_runs(abl.runs, key=lambda r: r.variant or r.label)
+    df = summarize_runs(abl.runs, key=lambda r: r.variant or r.label,
+                        references=released_references(r.variant or r.label for r in abl.runs))
     df.attrs["ablation"] = abl.name
     return df
+
+
+def released_references(variants: Iterable[str]) -> dict[str, str]:
+    """``{"ABCD-released": "ABCD", ...}`` for each '-released' variant whose paper twin is
+    among ``variants``: the pairs compared in the "released vs paper" table."""
+    names = list(dict.fromkeys(variants))
+    return {v: p for v in names if (p := schema.paper_counterpart(v)) is not None and p in names}
 
 
 def benchmarks(df: pd.DataFrame) -> list[str]:
@@ -122,37 +183,135 @@ def benchmarks(df: pd.DataFrame) -> list[str]:
                               if c.endswith("/final_mean")))
 
 
+def _nan(v: object) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
 def _pm(mean: float, std: float, fmt: str, signed: bool = False) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+    if _nan(mean):
         return "—"
     s = format(mean, ("+" if signed else "") + fmt)
     return s if std is None or np.isnan(std) else f"{s} ± {format(std, fmt)}"
 
 
+def _ci(n: float, low: float, high: float, fmt: str, signed: bool = False) -> str:
+    """"[low, high]"; "n=1" where one value gives no interval; "—" where there is none."""
+    if _nan(n) or int(n) == 0:
+        return "—"
+    if int(n) < 2 or _nan(low):
+        return f"n={int(n)}"
+    f = ("+" if signed else "") + fmt
+    return f"[{format(low, f)}, {format(high, f)}]"
+
+
+def _p(p: float) -> str:
+    return "—" if _nan(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def significance(n: float, sig: float) -> str:
+    """The marker of a paired difference: "*" significant at 5 %, "n.s." not significant
+    (the 95 % interval includes 0, p >= 0.05), "n=1" / "n=0" too few pairs to say."""
+    if _nan(n):
+        return ""
+    if _nan(sig):
+        return f"n={int(n)}"
+    return "*" if sig >= 0.5 else "n.s."
+
+
+def display_metrics(df: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """(metric key, display label, number format) of the metrics a summary shows: the final
+    value of each benchmark, then final entropy and response length."""
+    out = [(f"{b}/final", f"{b} final", ".3f") for b in benchmarks(df)]
+    for name, label, fmt in (("entropy_final", "entropy final", ".3f"),
+                             ("response_len_final", "response len final", ".1f")):
+        if f"{name}_mean" in df:
+            out.append((name, label, fmt))
+    return out
+
+
 def summary_display(df: pd.DataFrame) -> pd.DataFrame:
-    """The summary as strings for reading: "mean ± std" cells, signed deltas."""
+    """The summary as strings for reading. Per metric ``<label>``: ``<label>`` "mean ± std",
+    for benchmarks ``<bench> best``, ``<label> 95% CI`` "[low, high]" (or "n=1"); then the
+    paired difference to the baseline: ``<label> Δ`` (mean over the paired seeds),
+    ``<label> Δ 95% CI``, ``<label> p`` (paired t-test), ``<label> sig`` ("*" or "n.s.", or
+    "n=1") and ``<label> pairs`` (seeds paired). ``attrs["groups"]`` maps each label to its
+    columns (for splitting a wide table)."""
     table = pd.DataFrame(index=df.index)
     table["seeds"] = df["n_seeds"]
     table["status"] = df["status"]
-    for b in benchmarks(df):
-        table[f"{b} final"] = [_pm(m, s, ".3f") for m, s in
-                               zip(df[f"{b}/final_mean"], df[f"{b}/final_std"], strict=True)]
-        table[f"{b} best"] = [_pm(m, s, ".3f") for m, s in
-                              zip(df[f"{b}/best_mean"], df[f"{b}/best_std"], strict=True)]
-        table[f"{b} Δ final"] = [_pm(m, s, ".3f", signed=True) for m, s in
-                                 zip(df[f"{b}/delta_final"], df[f"{b}/delta_final_err"],
-                                     strict=True)]
-    for name, fmt in (("entropy_final", ".3f"), ("response_len_final", ".1f")):
-        if f"{name}_mean" in df:
-            table[name.replace("_", " ")] = [
-                _pm(m, s, fmt) for m, s in zip(df[f"{name}_mean"], df[f"{name}_std"],
-                                               strict=True)]
-    return table.reset_index()
+    base = df.attrs.get("baseline")
+    groups: dict[str, list[str]] = {}
+    for m, label, fmt in display_metrics(df):
+        cols = [label]
+        table[label] = [_pm(a, b, fmt) for a, b in zip(df[f"{m}_mean"], df[f"{m}_std"],
+                                                        strict=True)]
+        if m.endswith("/final"):
+            best = m[: -len("final")] + "best"
+            cols.append(label[: -len("final")] + "best")
+            table[cols[-1]] = [_pm(a, b, fmt) for a, b in
+                               zip(df[f"{best}_mean"], df[f"{best}_std"], strict=True)]
+        cols.append(f"{label} 95% CI")
+        table[cols[-1]] = [
+            _ci(n, lo, hi, fmt) for n, lo, hi in
+            zip(df[f"{m}_n"], df[f"{m}_ci_low"], df[f"{m}_ci_high"], strict=True)]
+        if base is not None:
+            for c, values in _pair_cells(df, m, label, fmt, "pair", df.index == base).items():
+                table[c] = values
+                cols.append(c)
+        groups[label] = cols
+    out = table.reset_index()
+    out.attrs["groups"] = groups
+    return out
+
+
+def _pair_cells(df: pd.DataFrame, m: str, label: str, fmt: str, kind: str,
+                skip: np.ndarray | None = None) -> dict[str, list[str]]:
+    """The display columns of one paired comparison (``kind`` "pair": vs the baseline, "ref":
+    vs the reference) of metric ``m``: Δ, Δ 95% CI, p, sig, pairs; rows in ``skip`` (the
+    baseline itself) read "baseline" and blanks."""
+    skip = np.zeros(len(df), dtype=bool) if skip is None else skip
+    n, sig = df[f"{m}_{kind}_n"], df[f"{m}_{kind}_sig"]
+    return {
+        f"{label} Δ": ["baseline" if b else "—" if _nan(d) else format(d, "+" + fmt)
+                       for d, b in zip(df[f"{m}_{kind}_delta"], skip, strict=True)],
+        f"{label} Δ 95% CI": [
+            "" if b else _ci(k, lo, hi, fmt, signed=True) for k, lo, hi, b in
+            zip(n, df[f"{m}_{kind}_ci_low"], df[f"{m}_{kind}_ci_high"], skip, strict=True)],
+        f"{label} p": ["" if b else _p(p)
+                       for p, b in zip(df[f"{m}_{kind}_p"], skip, strict=True)],
+        f"{label} sig": [significance(k, g) for k, g in zip(n, sig, strict=True)],
+        f"{label} pairs": ["" if _nan(k) else str(int(k)) for k in n],
+    }
+
+
+def reference_display(df: pd.DataFrame) -> pd.DataFrame:
+    """The paired comparisons with each variant's reference (``summarize_runs(references=
+    ...)``; in an ablation: ``<letters>-released`` vs ``<letters>``) as strings: one row per
+    variant that has one, columns ``variant``, ``vs`` and per metric as in
+    ``summary_display`` (Δ, Δ 95% CI, p, sig, pairs). Empty when there is none."""
+    if "reference" not in df.columns or not (df["reference"] != "").any():
+        return pd.DataFrame()
+    sub = df[df["reference"] != ""]
+    table = pd.DataFrame({"vs": sub["reference"]}, index=sub.index)
+    groups: dict[str, list[str]] = {}
+    for m, label, fmt in display_metrics(df):
+        cells = _pair_cells(sub, m, label, fmt, "ref")
+        for c, values in cells.items():
+            table[c] = values
+        groups[label] = list(cells)
+    out = table.reset_index()
+    out.attrs["groups"] = groups
+    return out
 
 
 def summary_markdown(df: pd.DataFrame) -> str:
     """``summary_display`` as a markdown table."""
     return to_markdown(summary_display(df))
+
+
+REFERENCE_TITLE = "Released vs paper entropy normalisation (paired by seed)"
+REFERENCE_NOTE = ("Δ = `<letters>-released` - `<letters>` over the seeds both ran: the released "
+                  "code's sign convention against the paper's, same letters, seeds and prompts.")
 
 
 def write_summary(df: pd.DataFrame, out_dir: Path) -> tuple[Path, Path]:
@@ -169,9 +328,22 @@ def write_summary(df: pd.DataFrame, out_dir: Path) -> tuple[Path, Path]:
     title = df.attrs.get("ablation")
     base = df.attrs.get("baseline")
     head = f"# Ablation summary: {title}\n\n" if title else "# Summary\n\n"
-    note = (f"Δ is the difference of seed means vs the baseline variant `{base}`, ± the "
-            "standard error of that difference; other cells are mean ± std over seeds.\n\n"
-            if base else "No baseline variant: Δ not computed. Cells are mean ± std over "
-            "seeds.\n\n")
-    md_path.write_text(head + note + summary_markdown(df), encoding="utf-8")
+    note = summary_note(base) + "\n\n"
+    text = head + note + summary_markdown(df)
+    refs = reference_display(df)
+    if len(refs):
+        text += f"\n## {REFERENCE_TITLE}\n\n{REFERENCE_NOTE}\n\n" + to_markdown(refs)
+    md_path.write_text(text, encoding="utf-8")
     return csv_path, md_path
+
+
+def summary_note(baseline: str | None) -> str:
+    """What the cells of a summary table mean, in one paragraph."""
+    cells = ("Cells: mean ± std over seeds; 95% CI = Student t over seeds (n - 1 dof; "
+             "n=1: one seed, no interval).")
+    if baseline is None:
+        return cells + " No baseline variant: Δ not computed."
+    return (cells + f" Δ = paired difference to the baseline `{baseline}` over the seeds "
+            "both have (pairs; a seed missing on one side is left out), its 95% CI (t over "
+            "the paired differences) and p (paired t-test); sig: * = significant at 5%, "
+            "n.s. = not significant (the CI includes 0, p >= 0.05).")

@@ -125,13 +125,14 @@ def write_run(
 
 def write_ablation(
     path: Path,
-    variants: dict[str, float],
+    variants: dict[str, float | dict[int, float]],
     seeds: tuple[int, ...] = (1, 2),
     *,
     missing: tuple[str, ...] = (),
     **run_kwargs: Any,
 ) -> dict[str, Any]:
-    """Write an ablation directory; ``variants`` maps a variant to its accuracy offset.
+    """Write an ablation directory; ``variants`` maps a variant to its accuracy offset, one
+    for all seeds or ``{seed: offset}`` (seeds it lacks get 0).
 
     Run folders named in ``missing`` are planned but not written. Returns the spec.
     """
@@ -145,7 +146,8 @@ def write_ablation(
             if run_dir in missing:
                 runs[run_dir] = {"status": "failed", "error": "killed"}
                 continue
-            write_run(path / run_dir, seed=s, offset=offset, components=variant, **run_kwargs)
+            o = offset.get(s, 0.0) if isinstance(offset, dict) else offset
+            write_run(path / run_dir, seed=s, offset=o, components=variant, **run_kwargs)
             runs[run_dir] = {"status": "done", "error": None}
     spec = {"name": path.name, "plan": plan, "runs": runs}
     (path / schema.ABLATION).write_text(json.dumps(spec), encoding="utf-8")

@@ -241,7 +241,8 @@ def ablate(
         str, typer.Option(help="paper | single | leave-one-out | all.")
     ] = "paper",
     variants: Annotated[
-        Optional[str], typer.Option(help="Explicit variants: none,B,AB,ABCD (overrides --grid).")
+        Optional[str],
+        typer.Option(help="Explicit variants: none,B,AB,ABCD,ABCD-released (overrides --grid)."),
     ] = None,
     seeds: Annotated[str, typer.Option(help="Comma list of seeds.")] = "1",
     set_: SetOpt = None,

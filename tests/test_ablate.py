@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import signal
 import subprocess
@@ -638,3 +639,137 @@ if __name__ == "__main__":
                             calls=Path(calls) if calls else None))
     if sys.argv[1] == "ablate":
         _parent_main(*sys.argv[2:5])
+
+
+# ---------------------------------------------------------------------------------------------
+# paper vs released entropy normalisation as variants; each run's recipe via load_recipe
+# ---------------------------------------------------------------------------------------------
+
+
+def test_released_variants_in_variants_syntax():
+    assert parse_variants("none,abcd-released,ABCD", "ABCD") == ["none", "ABCD-released", "ABCD"]
+    got = expand_variants("ABCD", variants="none,AD,AD-released")
+    assert got == [Variant("none", "none"), Variant("AD", "AD"),
+                   Variant("AD-released", "AD", ("algo.entropy_norm=released",))]
+    # --compare-released adds the full method's twin unless --variants already names it
+    names = [v.name for v in expand_variants("ABCD", variants="none,ABCD-released",
+                                             compare_released=True)]
+    assert names == ["none", "ABCD-released"]
+    assert [v.name for v in expand_variants("CD", "single", compare_released=True)] == [
+        "none", "C", "D", "CD-released"]
+
+
+@pytest.mark.parametrize(
+    "spec, letters, message",
+    [
+        ("B-released", "ABCD", "only changes A, C and D; 'B-released' would train exactly"),
+        ("none-released", "ABCD", "'none-released' would train exactly like 'none'"),
+        ("-released", "ABCD", "'-released' is not a variant"),
+        ("AC-released", "AB", "uses C, which is not in --components AB"),
+        ("A-releasd", "ABCD", "'A-releasd' is not a variant"),
+    ],
+)
+def test_released_variant_errors(spec, letters, message):
+    with pytest.raises(HapoError, match=message):
+        parse_variants(spec, letters)
+
+
+def test_compare_released_needs_a_letter_that_uses_entropy():
+    with pytest.raises(HapoError, match="--compare-released: .*'B-released'"):
+        expand_variants("B", compare_released=True)
+
+
+class ReleasedRunner(FakeRunner):
+    """The fake trainer, with validation accuracy lowered under the released normalisation:
+    by 0.03 at seed 1 and 0.01 at seed 2."""
+
+    def start(self, job):
+        handle = super().start(job)
+        rec = yaml.safe_load(job.recipe_path.read_text())
+        if rec["algo"]["entropy_norm"] == "released":
+            drop = {1: 0.03, 2: 0.01}[rec["seed"]]
+            path = job.run_dir / "metrics.jsonl"
+            rows = [json.loads(x) for x in path.read_text().splitlines()]
+            for r in rows:
+                r["val/arith/avg@4"] = round(r["val/arith/avg@4"] - drop, 6)
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return handle
+
+
+def test_released_variant_runs_released_on_the_same_seeds(tmp_path, fake_recipe):
+    out = tmp_path / "abl"
+    console = _console()
+    assert _ablate(fake_recipe, out, ReleasedRunner(), variants="none,A,A-released",
+                   seeds="1,2", console=console)
+    norms = {}
+    for run in ("none-s1", "A-s1", "A-released-s1", "A-released-s2"):
+        plan = yaml.safe_load((out / ".plans" / f"{run}.yaml").read_text())
+        ran = yaml.safe_load((out / run / "recipe.yaml").read_text())
+        assert plan == ran
+        norms[run] = (plan["algo"]["entropy_norm"], plan["algo"]["adaptive_temperature"],
+                      plan["seed"])
+    assert norms == {"none-s1": ("paper", False, 1), "A-s1": ("paper", True, 1),
+                     "A-released-s1": ("released", True, 1),
+                     "A-released-s2": ("released", True, 2)}
+    spec = json.loads((out / "ablation.json").read_text())
+    assert spec["plan"][2] == {"variant": "A-released", "seed": 1, "run_dir": "A-released-s1",
+                               "components": "A", "overrides": ["algo.entropy_norm=released"]}
+
+    import pandas as pd
+
+    df = pd.read_csv(out / "summary.csv", index_col="variant")
+    m = "arith/avg@4/final"
+    # final (step 4) val: none 0.05, 0.06; A 0.15, 0.16; A-released 0.12, 0.15
+    # vs none: d = 0.07, 0.09 -> Δ 0.08, sd 0.014142, se 0.01, t = 8 with 1 dof:
+    #   p = 1 - (2/pi) atan(8) = 0.0792 -> n.s.; CI 0.08 -+ 12.706 * 0.01
+    assert df.at["A-released", f"{m}_pair_delta"] == pytest.approx(0.08)
+    assert df.at["A-released", f"{m}_pair_p"] == pytest.approx(1 - 2 / math.pi * math.atan(8),
+                                                               abs=1e-6)
+    assert df.at["A-released", f"{m}_pair_ci_low"] == pytest.approx(0.08 - 12.706 * 0.01,
+                                                                    abs=1e-4)
+    assert df.at["A-released", f"{m}_pair_sig"] == 0.0
+    # vs its paper twin A: d = -0.03, -0.01 -> Δ -0.02, se 0.01, t = -2: p = 1 - (2/pi) atan 2
+    assert df.at["A-released", "reference"] == "A"
+    assert df.at["A-released", f"{m}_ref_delta"] == pytest.approx(-0.02)
+    assert df.at["A-released", f"{m}_ref_p"] == pytest.approx(1 - 2 / math.pi * math.atan(2),
+                                                              abs=1e-6)
+    assert df.at["A-released", f"{m}_ref_n"] == 2
+    text = console.file.getvalue()
+    assert "Released vs paper" in text and "│ A-released │  A │ -0.020 │" in text  # 2nd table
+    md = (out / "summary.md").read_text()
+    assert "| A-released | A | -0.020 | [-0.147, +0.107] | 0.295 | n.s. | 2 |" in md
+
+
+def test_released_variants_on_a_released_recipe_are_refused(tmp_path, fake_recipe):
+    with pytest.raises(HapoError, match="already has algo.entropy_norm=released"):
+        _ablate(fake_recipe, tmp_path / "abl", FakeRunner(), variants="none,A,A-released",
+                overrides=["algo.entropy_norm=released"])
+    assert not (tmp_path / "abl").exists()
+
+
+def test_every_run_recipe_comes_from_load_recipe(tmp_path, fake_recipe, monkeypatch):
+    from hapo_cli.ablate import plan as plan_mod
+    from hapo_cli.recipe import RecipeError, load_recipe
+
+    calls = []
+
+    def spy(path, overrides=None, components=None, seed=None):
+        rec = load_recipe(path, overrides, components, seed)
+        calls.append((list(overrides or []), components, seed, rec.to_yaml()))
+        return rec
+
+    monkeypatch.setattr(plan_mod, "load_recipe", spy)
+    out = tmp_path / "abl"
+    _ablate(fake_recipe, out, FakeRunner(), variants="none,A-released", workers=2)
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    for run, comps in (("none-s1", "none"), ("A-released-s1", "A")):
+        written = (out / ".plans" / f"{run}.yaml").read_text()
+        sets = [c[0] for c in calls if c[3] == written and c[1] == comps and c[2] == 1]
+        assert sets and sets[-1][-1] == f"train.threads={threads}"  # the loader set it
+    # so a bad value is refused by the recipe's validation, not copied into the plan
+    rec = yaml.safe_load((out / "none-s1" / "recipe.yaml").read_text())
+    rec["train"]["threads"] = 0
+    (out / "none-s1" / "recipe.yaml").write_text(yaml.safe_dump(rec))
+    _write_json(out / "none-s1" / "manifest.json", {"status": "running", "seed": 1})
+    with pytest.raises(RecipeError, match="train.threads"):
+        _ablate(fake_recipe, out, FakeRunner(), variants="none,A-released", workers=2)

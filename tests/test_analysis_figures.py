@@ -266,19 +266,29 @@ def test_temperature_sweep_adaptive_without_temperature_is_a_horizontal_line():
 
 
 def test_ablation_deltas_bars_and_error_bars():
+    # paired Δ with its 95% CI per variant; AB significant, ABCD not, A has one pair (no CI)
+    nan = float("nan")
     summary = pd.DataFrame(
-        {"toy/avg@4/delta_final": [0.0, 0.04, 0.1],
-         "toy/avg@4/delta_final_err": [0.014, 0.01, float("nan")]},
-        index=pd.Index(["none", "AB", "ABCD"], name="variant"))
+        {"toy/avg@4/final_pair_delta": [nan, 0.04, 0.1, 0.02],
+         "toy/avg@4/final_pair_ci_low": [nan, 0.03, -0.02, nan],
+         "toy/avg@4/final_pair_ci_high": [nan, 0.05, 0.22, nan],
+         "toy/avg@4/final_pair_sig": [nan, 1.0, 0.0, nan],
+         "toy/avg@4/final_pair_n": [nan, 5, 5, 1]},
+        index=pd.Index(["none", "AB", "ABCD", "A"], name="variant"))
     summary.attrs["baseline"] = "none"
-    colors = color_map(["none", "AB", "ABCD"])
+    colors = color_map(["none", "AB", "ABCD", "A"])
     (ax,) = F.ablation_deltas(summary, colors).axes
-    assert [p.get_height() for p in ax.patches] == pytest.approx([0.04, 0.1])
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["AB", "ABCD"]
-    assert [p.get_facecolor()[:3] for p in ax.patches] == [colors["AB"], colors["ABCD"]]
+    assert [p.get_height() for p in ax.patches] == pytest.approx([0.04, 0.1, 0.02])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["AB\nn=5", "ABCD\nn=5", "A\nn=1"]
+    assert [p.get_facecolor()[:3] for p in ax.patches] == [colors["AB"], colors["ABCD"],
+                                                           colors["A"]]
     segs = ax.collections[0].get_segments()  # the error bars' LineCollection
-    assert segs[0][:, 1].tolist() == pytest.approx([0.03, 0.05])  # 0.04 +- 0.01
-    assert segs[1][:, 1].tolist() == pytest.approx([0.1, 0.1])  # NaN error -> no bar
+    assert segs[0][:, 1].tolist() == pytest.approx([0.03, 0.05])  # the CI of AB
+    assert segs[1][:, 1].tolist() == pytest.approx([-0.02, 0.22])
+    assert segs[2][:, 1].tolist() == pytest.approx([0.02, 0.02])  # one pair: no bar
+    # the marker: only over AB (significant), just above its CI (0.05 + 0.04 * 0.22)
+    marks = [(t.get_text(), *t.get_position()) for t in ax.texts]
+    assert marks == [("*", 0, pytest.approx(0.05 + 0.04 * 0.22))]
     assert ax.get_title() == "toy/avg@4" and ax.get_ylabel() == "Δ accuracy vs none"
 
 

@@ -122,7 +122,10 @@ def test_ablation_summary_values(tmp_path):
     back = pd.read_csv(csv_path, index_col="variant")
     assert back[f"{col}/final_mean"].tolist() == pytest.approx([0.19, 0.23, 0.29])
     md = md_path.read_text()
-    assert "| AB | 1 | 1 done | 0.230 | 0.230 | +0.040 ± 0.010 |" in md
+    # the table shows the paired Δ: AB has seed 1 only, so one pair, 0.23 - 0.18 = +0.05 (the
+    # unpaired delta_final above, 0.04, set AB's seed 1 against none's seeds 1 and 2): no CI,
+    # no p, "n=1" instead of a significance marker
+    assert "| AB | 1 | 1 done | 0.230 | 0.230 | n=1 | +0.050 | n=1 | — | n=1 | 1 |" in md
     assert "| none | 2 | 2 done | 0.190 ± 0.014 |" in md
 
 
@@ -187,3 +190,99 @@ def test_pdf_only_report_still_embeds_png_in_html(tmp_path):
     assert not (tmp_path / "out" / "figures" / "token_entropy.png").exists()
     assert res.report_html.read_text().count("data:image/png;base64,") == 1
     assert "![" not in res.report_md.read_text()  # no inline image without a png
+
+
+# ---------------------------------------------------------------- paired statistics
+# Five seeds; val/toy/avg@4 at step 6 = 0.16 + 0.02 s + offset (analysis.synthetic), so the
+# difference variant - none at seed s is the variant's offset at s.
+PAIRED = {
+    "none": 0.0,
+    "A": {1: 0.01, 2: 0.02, 3: 0.0, 4: 0.03, 5: 0.02},  # A-s3 missing: 4 pairs
+    "AB": {1: 0.02, 2: -0.01, 3: 0.03, 4: -0.02, 5: 0.0},  # not significant
+    "ABCD": {1: 0.05, 2: 0.04, 3: 0.06, 4: 0.05, 5: 0.05},  # significant
+}
+
+
+@pytest.fixture(scope="module")
+def paired_ablation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("paired")
+    write_ablation(root / "abl", PAIRED, seeds=(1, 2, 3, 4, 5), missing=("A-s3",),
+                   token_steps=())
+    return root / "abl"
+
+
+def test_paired_summary_by_hand(paired_ablation):
+    df = ablation_summary(paired_ablation)
+    m = "toy/avg@4/final"
+    # ABCD: values .23 .24 .28 .29 .31 -> mean .27, s^2 = .0046 / 4, se = .0151658,
+    # CI .27 -+ 2.776 * .0151658 = [.22790, .31210]
+    assert df.at["ABCD", f"{m}_mean"] == pytest.approx(0.27)
+    assert df.at["ABCD", f"{m}_ci_low"] == pytest.approx(0.27 - 2.776 * 0.0151658, abs=1e-4)
+    assert df.at["ABCD", f"{m}_ci_high"] == pytest.approx(0.27 + 2.776 * 0.0151658, abs=1e-4)
+    # paired: d = .05 .04 .06 .05 .05 -> Δ .05 -+ 2.776 * .00316228, t^2 = 250, p = 9.35e-5
+    assert df.at["ABCD", f"{m}_pair_n"] == 5
+    assert df.at["ABCD", f"{m}_pair_delta"] == pytest.approx(0.05)
+    assert df.at["ABCD", f"{m}_pair_ci_low"] == pytest.approx(0.05 - 2.776 * 0.00316228,
+                                                              abs=1e-5)
+    assert df.at["ABCD", f"{m}_pair_p"] == pytest.approx(9.349e-5, rel=1e-2)
+    assert df.at["ABCD", f"{m}_pair_sig"] == 1.0
+    # AB: d = .02 -.01 .03 -.02 0 -> Δ .004, t = .43133, p = .688: not significant
+    assert df.at["AB", f"{m}_pair_delta"] == pytest.approx(0.004)
+    assert df.at["AB", f"{m}_pair_p"] == pytest.approx(0.688, abs=1e-3)
+    assert df.at["AB", f"{m}_pair_sig"] == 0.0
+    # A: seed 3 has no run: pairs 1, 2, 4, 5, d = .01 .02 .03 .02 -> Δ .02, s^2 = .0002 / 3,
+    # se = .0040825, t = 4.899 (t^2 = 24) with 3 dof: p = 1 - (2/pi)(atan(sqrt 8) + sqrt 8 / 9)
+    # = .01628; CI .02 -+ 3.182 * .0040825
+    assert df.at["A", f"{m}_pair_n"] == 4 and df.at["A", f"{m}_n"] == 4
+    assert df.at["A", f"{m}_pair_delta"] == pytest.approx(0.02)
+    assert df.at["A", f"{m}_pair_p"] == pytest.approx(
+        1 - 2 / math.pi * (math.atan(math.sqrt(8)) + math.sqrt(8) / 9), abs=1e-6)
+    assert df.at["A", f"{m}_pair_ci_high"] == pytest.approx(0.02 + 3.182 * 0.0040825, abs=1e-5)
+    assert math.isnan(df.at["none", f"{m}_pair_delta"])  # the baseline is not paired
+
+
+def test_report_and_figure_mark_significance(paired_ablation, tmp_path):
+    res = analyze([paired_ablation], tmp_path / "out", ["png"])
+    assert "ablation_deltas" in res.figures
+    md = res.report_md.read_text()
+    # the report's table: Δ, its CI, p, the marker and the pair count, per variant
+    assert ("| ABCD | 5 | 5 done | 0.270 ± 0.034 | 0.270 ± 0.034 | [0.228, 0.312] | +0.050 | "
+            "[+0.041, +0.059] | <0.001 | * | 5 |") in md
+    # AB: .20 .19 .25 .22 .26 -> mean .224, s^2 = .00372 / 4, s = .0305
+    assert "| AB | 5 | 5 done | 0.224 ± 0.030 |" in md
+    assert "| +0.004 | [-0.022, +0.030] | 0.688 | n.s. | 5 |" in md
+    assert "| +0.020 | [+0.007, +0.033] | 0.016 | * | 4 |" in md  # A: 4 pairs
+    assert "n.s. = not significant" in md
+    # the figure drawn from the same summary: bars = paired Δ, error bars = the 95% CI,
+    # "*" over A and ABCD only
+    from analysis import figures as F
+
+    df = ablation_summary(paired_ablation)
+    (ax,) = F.ablation_deltas(df).axes[:1]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["A\nn=4", "AB\nn=5", "ABCD\nn=5"]
+    assert [p.get_height() for p in ax.patches] == pytest.approx([0.02, 0.004, 0.05])
+    segs = ax.collections[0].get_segments()
+    assert segs[1][:, 1].tolist() == pytest.approx([0.004 - 2.776 * 0.0092736,
+                                                    0.004 + 2.776 * 0.0092736], abs=1e-4)
+    assert [t.get_position()[0] for t in ax.texts if t.get_text() == "*"] == [0, 2]
+
+
+def test_released_vs_paper_table(tmp_path):
+    # ABCD-released - ABCD per seed: -.02 -.01 -.02 -> Δ -.016667, s = .0057735,
+    # se = .0033333, t = -5 with 2 dof: p = 1 - 5 / sqrt(27) = .03775 (the t(2) CDF is
+    # 1/2 + t / (2 sqrt(t^2 + 2))); CI -.016667 -+ 4.303 * .0033333 = [-.031, -.002]
+    write_ablation(tmp_path / "abl", {"none": 0.0, "ABCD": {1: 0.05, 2: 0.06, 3: 0.04},
+                                      "ABCD-released": {1: 0.03, 2: 0.05, 3: 0.02}},
+                   seeds=(1, 2, 3), token_steps=())
+    df = ablation_summary(tmp_path / "abl")
+    assert df["reference"].tolist() == ["", "", "ABCD"]
+    m = "toy/avg@4/final"
+    assert df.at["ABCD-released", f"{m}_ref_delta"] == pytest.approx(-0.05 / 3)
+    assert df.at["ABCD-released", f"{m}_ref_p"] == pytest.approx(1 - 5 / math.sqrt(27),
+                                                                 abs=1e-6)
+    assert math.isnan(df.at["ABCD", f"{m}_ref_delta"])
+    res = analyze([tmp_path / "abl"], tmp_path / "out", ["png"])
+    md = res.report_md.read_text()
+    assert "### Released vs paper entropy normalisation (paired by seed)" in md
+    assert "| ABCD-released | ABCD | -0.017 | [-0.031, -0.002] | 0.038 | * | 3 |" in md
+    assert "## Released vs paper" in (res.out_dir / "summary.md").read_text()

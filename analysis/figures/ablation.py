@@ -1,4 +1,5 @@
-"""Ablation figures (figure 12 of issue 6): Δ accuracy bars and training curves per variant."""
+"""Ablation figures (figure 12 of issue 6): paired Δ accuracy bars with 95 % CIs and
+significance markers, and training curves per variant."""
 
 from __future__ import annotations
 
@@ -19,35 +20,59 @@ from analysis.figures._common import (
 )
 from analysis.io import val_columns
 
+SIG_MARKER = "*"
+
 
 def ablation_deltas(summary: pd.DataFrame, colors: Colors | None = None) -> Figure:
-    """Δ final validation accuracy of each variant vs the baseline, with seed error bars.
+    """Paired Δ final validation accuracy of each variant vs the baseline, 95 % CI error bars,
+    "*" above the variants whose Δ is significant (paired t-test, p < 0.05).
 
     ``summary`` is ``analysis.ablation_summary``; one panel per benchmark, one bar per
-    non-baseline variant (variant colours), error bar = standard error of the difference
-    of seed means (none where neither side has two seeds).
+    non-baseline variant (variant colours): height = mean over the paired seeds of
+    ``v_s - b_s`` (``<bench>/final_pair_delta``), error bar = its 95 % confidence interval
+    (``final_pair_ci_low``/``_high``; none with fewer than two pairs). Each x label carries
+    the number of paired seeds ("n=k"); a seed missing on either side is not paired.
     """
     base = summary.attrs.get("baseline")
     if base is None:
         raise MissingData(f"no baseline variant {schema.BASELINE_VARIANT!r} with validation "
                           "accuracy in the ablation")
-    benches = [c[: -len("/delta_final")] for c in summary.columns
-               if c.endswith("/delta_final") and summary[c].notna().any()]
+    benches = [c[: -len("/final_pair_delta")] for c in summary.columns
+               if c.endswith("/final_pair_delta") and summary[c].notna().any()]
     others = [v for v in summary.index if v != base]
     if not benches or not others:
-        raise MissingData("no variant besides the baseline has validation accuracy")
+        raise MissingData("no variant besides the baseline has validation accuracy paired "
+                          "with the baseline's seeds")
     colors = {**color_map(summary.index), **(colors or {})}
     fig, axes = panels(len(benches), size=(max(4.0, 0.9 * len(others) + 2), 3.8),
-                       title=f"Δ final validation accuracy vs {base}")
+                       title=f"Δ final validation accuracy vs {base} (paired by seed, 95% CI; "
+                             f"{SIG_MARKER} p < 0.05)")
     for ax, b in zip(axes, benches, strict=True):
-        y = summary.loc[others, f"{b}/delta_final"].to_numpy(float)
-        err = summary.loc[others, f"{b}/delta_final_err"].to_numpy(float)
+        d = summary.loc[others]
+        y = d[f"{b}/final_pair_delta"].to_numpy(float)
+        low = d[f"{b}/final_pair_ci_low"].to_numpy(float)
+        high = d[f"{b}/final_pair_ci_high"].to_numpy(float)
+        sig = d[f"{b}/final_pair_sig"].to_numpy(float)
+        n = d[f"{b}/final_pair_n"].to_numpy(float)
+        yerr = np.vstack([np.where(np.isnan(low), 0.0, y - low),
+                          np.where(np.isnan(high), 0.0, high - y)])
+        yerr = np.nan_to_num(yerr)
         x = np.arange(len(others))
-        ax.bar(x, np.nan_to_num(y), yerr=np.where(np.isnan(err), 0.0, err), capsize=4,
-               color=[colors[v] for v in others])
-        ax.set_xticks(x, others)
+        ax.bar(x, np.nan_to_num(y), yerr=yerr, capsize=4, color=[colors[v] for v in others])
+        ends = np.where(y >= 0, np.where(np.isnan(high), y, high),
+                        np.where(np.isnan(low), y, low))  # the far end of each bar + CI
+        scale = np.nanmax(np.abs(ends)) if np.isfinite(ends).any() else 0.0
+        pad = 0.04 * (scale if scale > 0 else 1.0)
+        for xi, yi, end, s in zip(x, y, ends, sig, strict=True):
+            if s >= 0.5:  # significant: the marker just beyond the error bar
+                up = bool(yi >= 0)
+                ax.text(xi, end + (pad if up else -pad), SIG_MARKER, ha="center",
+                        va="bottom" if up else "top", fontsize="large")
+        ax.set_xticks(x, [f"{v}\nn={int(k)}" if not np.isnan(k) else v
+                          for v, k in zip(others, n, strict=True)])
         ax.axhline(0.0, color="0.3", linewidth=0.8)
-        finish(ax, xlabel="variant", ylabel=f"Δ accuracy vs {base}", title=b, legend=False)
+        finish(ax, xlabel="variant (paired seeds)", ylabel=f"Δ accuracy vs {base}", title=b,
+               legend=False)
     return fig
 
 
