@@ -68,7 +68,7 @@ class WarmupConfig(_Section):
         None, ge=0, le=1,
         description="Share of warm-up targets written as the direct answer ('#66') instead of "
         "the task's worked steps; part of the cache key. None: the task's default (data.task="
-        "steps: 0.5, its two styles give the policy a length choice; arith, add, mul: 0).",
+        "steps: 0.4, its two styles give the policy a length choice; arith, add, mul: 0).",
     )
 
 

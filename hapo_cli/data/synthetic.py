@@ -148,7 +148,7 @@ def _mul(rng: random.Random, difficulty: int) -> SyntheticItem:
 
 # Default share of direct answers in the steps warm-up (calibrated with recipes/tiny/steps_*.yaml:
 # see README, "The steps task").
-STEPS_DIRECT_FRACTION = 0.5
+STEPS_DIRECT_FRACTION = 0.4
 
 
 def direct_response(answer: str) -> str:
