@@ -292,9 +292,10 @@ def warmup_policy(model_cfg: Any, data_cfg: Any, progress: Progress | None = Non
     Cached at `<model.cache_dir>/warmup-<hash>/` keyed by (model.tiny, model.warmup, data.task,
     data.difficulty, the target accuracy, the resolved direct fraction when > 0,
     WARMUP_VERSION). Built in a temporary directory and renamed into place under an fcntl lock,
-    so parallel workers build it once and never see a partial directory. Deterministic: torch.manual_seed(model.warmup.seed) inside a forked RNG
-    (the caller's RNG state is unchanged, built or cached); float reduction order may still
-    differ across hardware, not across the caller's thread count (WARMUP_THREADS).
+    so parallel workers build it once and never see a partial directory. Deterministic:
+    torch.manual_seed(model.warmup.seed) inside a forked RNG (the caller's RNG state is
+    unchanged, built or cached); float reduction order may still differ across hardware, not
+    across the caller's thread count (WARMUP_THREADS).
     """
     if data_cfg.source != "synthetic":
         raise HapoError(
