@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .data import Example, SyntheticStream, heldout_examples
+from .data import TASKS, Example, SyntheticStream, heldout_examples
 from .data.synthetic import HELDOUT_SEED
 from .errors import HapoError, first_line
 from .rewards.verify import verify
@@ -120,19 +120,28 @@ def build_tiny_model(tiny_cfg: Any, tokenizer: Any):
 # ---------------------------------------------------------------------------------------------
 
 
+def direct_fraction(warmup_cfg: Any, task: str) -> float:
+    """Share of warm-up targets written as the direct answer: the recipe's
+    `model.warmup.direct_fraction`, else the task's default (0 but for `steps`)."""
+    frac = getattr(warmup_cfg, "direct_fraction", None)
+    return TASKS[task].direct_fraction if frac is None else float(frac)
+
+
 def warmup_key(model_cfg: Any, data_cfg: Any) -> str:
     """Content hash of everything the warm-up result depends on (not the thread count)."""
-    blob = json.dumps(
-        {
-            "tiny": model_cfg.tiny.model_dump(mode="json"),
-            "warmup": model_cfg.warmup.model_dump(mode="json"),
-            "task": data_cfg.task,
-            "difficulty": data_cfg.difficulty,
-            "target_acc": target_accuracy(model_cfg.warmup),
-            "version": WARMUP_VERSION,
-        },
-        sort_keys=True,
-    )
+    parts = {
+        "tiny": model_cfg.tiny.model_dump(mode="json"),
+        # direct_fraction enters resolved (below), so `None` and the task's default share a key
+        "warmup": model_cfg.warmup.model_dump(mode="json", exclude={"direct_fraction"}),
+        "task": data_cfg.task,
+        "difficulty": data_cfg.difficulty,
+        "target_acc": target_accuracy(model_cfg.warmup),
+        "version": WARMUP_VERSION,
+    }
+    frac = direct_fraction(model_cfg.warmup, data_cfg.task)
+    if frac > 0:  # only then: warm-ups without direct answers keep the keys they always had
+        parts["direct_fraction"] = frac
+    blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -168,12 +177,19 @@ def train_warmup(
     progress: Progress | None = None,
     stop: Callable[[int], bool] | None = None,
 ) -> list[float]:
-    """Supervised training on `target` responses of the "warmup" split (loss on response
+    """Supervised training on `target` responses of the "warmup" split (a `direct_fraction`
+    of them the direct answer, see `direct_fraction`; loss on response
     tokens only, AdamW, grad-norm clip 1.0, cosine schedule over model.warmup.steps); returns
     the loss per step. `stop(step)`, called after every step, may end it early."""
     w = model_cfg.warmup
     stream = SyntheticStream(
-        data_cfg.task, data_cfg.difficulty, w.seed, tokenizer, "warmup", apply_chat_template=False
+        data_cfg.task,
+        data_cfg.difficulty,
+        w.seed,
+        tokenizer,
+        "warmup",
+        apply_chat_template=False,
+        direct_fraction=direct_fraction(w, data_cfg.task),
     )
     opt = torch.optim.AdamW(model.parameters(), lr=w.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, w.steps))
@@ -274,11 +290,12 @@ def warmup_policy(model_cfg: Any, data_cfg: Any, progress: Progress | None = Non
     """Build (or reuse) the warmed-up tiny policy; returns its HF directory.
 
     Cached at `<model.cache_dir>/warmup-<hash>/` keyed by (model.tiny, model.warmup, data.task,
-    data.difficulty, the target accuracy, WARMUP_VERSION). Built in a temporary directory and
-    renamed into place under an fcntl lock, so parallel workers build it once and never see a
-    partial directory. Deterministic: torch.manual_seed(model.warmup.seed) inside a forked RNG
-    (the caller's RNG state is unchanged, built or cached); float reduction order may still
-    differ across hardware, not across the caller's thread count (WARMUP_THREADS).
+    data.difficulty, the target accuracy, the resolved direct fraction when > 0,
+    WARMUP_VERSION). Built in a temporary directory and renamed into place under an fcntl lock,
+    so parallel workers build it once and never see a partial directory. Deterministic:
+    torch.manual_seed(model.warmup.seed) inside a forked RNG (the caller's RNG state is
+    unchanged, built or cached); float reduction order may still differ across hardware, not
+    across the caller's thread count (WARMUP_THREADS).
     """
     if data_cfg.source != "synthetic":
         raise HapoError(
@@ -353,6 +370,7 @@ def _build_warmup(model_cfg: Any, data_cfg: Any, final: Path, progress: Progress
         "version": WARMUP_VERSION,
         "task": data_cfg.task,
         "difficulty": data_cfg.difficulty,
+        "direct_fraction": direct_fraction(model_cfg.warmup, data_cfg.task),
         "tiny": model_cfg.tiny.model_dump(mode="json"),
         "warmup": model_cfg.warmup.model_dump(mode="json"),
         "parameters": sum(p.numel() for p in model.parameters()),

@@ -55,6 +55,12 @@ class WarmupConfig(_Section):
         "None runs all steps. The tiny model learns abruptly, so a fixed step count lands "
         "anywhere from 3 % to 45 %; the target lands every warm-up seed near it.",
     )
+    direct_fraction: float | None = Field(
+        None, ge=0, le=1,
+        description="Share of warm-up targets written as the direct answer ('#66') instead of "
+        "the task's worked steps; part of the cache key. None: the task's default (data.task="
+        "steps: 0.4, its two styles give the policy a length choice; arith, add, mul: 0).",
+    )
 
 
 class ModelConfig(_Section):

@@ -44,9 +44,11 @@ def synthetic_example(
     index: int,
     tokenizer: Any,
     apply_chat_template: bool = True,
+    direct_fraction: float = 0.0,
 ) -> Example:
-    """Example `index` of a synthetic stream, tokenized (verifier "exact", target set)."""
-    item = synthetic_item(task, difficulty, split, seed, index)
+    """Example `index` of a synthetic stream, tokenized (verifier "exact", target set; the
+    direct answer with probability `direct_fraction`, see `synthetic_item`)."""
+    item = synthetic_item(task, difficulty, split, seed, index, direct_fraction)
     text, ids = encode_prompt(tokenizer, item.prompt, apply_chat_template)
     uid = f"{task}:{difficulty}:{split}:{seed}:{index}"
     return Example(uid, text, ids, item.answer, "exact", item.target, task)
@@ -95,7 +97,8 @@ class PromptStream:
 
 
 class SyntheticStream(PromptStream):
-    """Example i = synthetic_example(task, difficulty, split, seed, i); epoch stays 0."""
+    """Example i = synthetic_example(task, difficulty, split, seed, i, ...); epoch stays 0.
+    `direct_fraction` (the warm-up's mixture of response styles) changes targets, not prompts."""
 
     def __init__(
         self,
@@ -105,6 +108,7 @@ class SyntheticStream(PromptStream):
         tokenizer: Any,
         split: str = "train",
         apply_chat_template: bool = True,
+        direct_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         check_task(task, difficulty)
@@ -112,6 +116,7 @@ class SyntheticStream(PromptStream):
             raise ValueError(f"SyntheticStream: split '{split}' is reserved for validation")
         self.task, self.difficulty, self.seed, self.split = task, difficulty, seed, split
         self.tokenizer, self.apply_chat_template = tokenizer, apply_chat_template
+        self.direct_fraction = direct_fraction
 
     def _take(self) -> Example:
         ex = synthetic_example(
@@ -122,6 +127,7 @@ class SyntheticStream(PromptStream):
             self.index,
             self.tokenizer,
             self.apply_chat_template,
+            self.direct_fraction,
         )
         self.index += 1
         return ex
@@ -199,7 +205,7 @@ def load_benchmark(
     name_or_path: str, data_cfg: Any, tokenizer: Any, limit: int | None = None
 ) -> tuple[str, list[Example]]:
     """A benchmark for `hapo evaluate`: a data file (name = stem) or a synthetic task,
-    "arith" (difficulty from data_cfg) or "arith:3"; synthetic sets hold `limit` (else
+    "arith"/"steps" (difficulty from data_cfg) or "arith:3"; synthetic sets hold `limit` (else
     data.val_size) held-out prompts, file sets are truncated to `limit`."""
     if limit is not None and limit <= 0:
         raise ValueError(f"load_benchmark: limit={limit} must be > 0")

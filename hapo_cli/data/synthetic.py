@@ -8,6 +8,16 @@ high entropy). The verifier is "exact" on the text after the last '#'.
     arith  "47+38-19="  ->  "47+38=85;85-19=66;#66"
     add    "457+368="   ->  "7+8=15;5+6+1=12;4+3+1=8;#825"     (column sums, carries written out)
     mul    "47*38="     ->  "47*30=1410;47*8=376;1410+376=1786;#1786"
+    steps  "47+38-19="  ->  "47+38=85;85-19=66;#66"  or, direct, "#66"
+
+`steps` has arith's prompts and two response styles; its warm-up mixes them (`direct_fraction`
+of the warm-up targets are the direct answer `#<answer>`, the rest the worked steps), so the
+first response token is a real decision: `#` starts a short, error-prone answer, a digit a long,
+reliable one, and RL can move the response length. Its reference `target` (training, held-out)
+is the worked steps, the longest style. Both styles are graded the same way: only the text after
+the last `#` counts, so a worked response with a wrong intermediate step but the right final
+answer is correct (an outcome reward, as the paper's verifiers; the tiny model copies a step's
+result into the next step, so such responses are rare).
 
 Determinism: example `i` of a stream is drawn from `random.Random(key)` with the string key
 `"{task}|{difficulty}|{split}|{seed}|{i}"` (string seeds are hashed with SHA-512 by `random`,
@@ -25,7 +35,7 @@ from __future__ import annotations
 import random
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 HELDOUT_SPLIT = "heldout"
 HELDOUT_SEED = 20_250_916  # reserved: the held-out sets never depend on the recipe seed
@@ -46,6 +56,9 @@ class Task:
     description: str
     levels: dict[int, str]  # difficulty -> one-line description
     sample: Callable[[random.Random, int], SyntheticItem]  # (rng, difficulty) -> item
+    # share of warm-up targets written as the direct answer "#<answer>" by default (a recipe's
+    # model.warmup.direct_fraction overrides it); 0: the reference responses only
+    direct_fraction: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,6 +142,20 @@ def _mul(rng: random.Random, difficulty: int) -> SyntheticItem:
     return SyntheticItem(f"{a}*{b}=", ";".join(steps) + f";#{answer}", answer)
 
 
+# ---------------------------------------------------------------------------------------------
+# steps: arith's prompts, answered directly ("#66") or in worked steps (arith's target)
+# ---------------------------------------------------------------------------------------------
+
+# Default share of direct answers in the steps warm-up (calibrated with recipes/tiny/steps_*.yaml:
+# see README, "The steps task").
+STEPS_DIRECT_FRACTION = 0.4
+
+
+def direct_response(answer: str) -> str:
+    """The direct style of any task: the final answer alone, "#66"."""
+    return f"#{answer}"
+
+
 TASKS: dict[str, Task] = {
     "arith": Task(
         "arith",
@@ -147,6 +174,13 @@ TASKS: dict[str, Task] = {
         "multiplication as partial products over the digits of the second factor",
         {d: f"[{a[0]}, {a[1]}] * [{b[0]}, {b[1]}]" for d, (a, b) in MUL_LEVELS.items()},
         _mul,
+    ),
+    "steps": Task(
+        "steps",
+        "arith prompts; the response is the direct answer or the worked steps (policy's choice)",
+        {d: f"{k} operands in [0, {m}]" for d, (k, m) in ARITH_LEVELS.items()},
+        _arith,
+        STEPS_DIRECT_FRACTION,
     ),
 }
 
@@ -167,15 +201,23 @@ def is_heldout_prompt(prompt: str) -> bool:
     return zlib.crc32(prompt.encode()) % HELDOUT_BUCKETS == 0
 
 
-def synthetic_item(task: str, difficulty: int, split: str, seed: int, index: int) -> SyntheticItem:
-    """Example `index` of the (task, difficulty, split, seed) stream: a pure function."""
+def synthetic_item(
+    task: str, difficulty: int, split: str, seed: int, index: int, direct_fraction: float = 0.0
+) -> SyntheticItem:
+    """Example `index` of the (task, difficulty, split, seed) stream: a pure function. With
+    `direct_fraction` > 0 its target is the direct answer with that probability (one more draw
+    of the same generator after the prompt: the prompt does not depend on it)."""
     spec = check_task(task, difficulty)
     if index < 0:
         raise ValueError(f"synthetic_item: index={index} must be >= 0")
+    if not 0.0 <= direct_fraction <= 1.0:
+        raise ValueError(f"synthetic_item: direct_fraction={direct_fraction} must be in [0, 1]")
     rng = random.Random(f"{task}|{difficulty}|{split}|{seed}|{index}")
     want_heldout = split == HELDOUT_SPLIT
     for _ in range(_MAX_REJECTIONS):
         item = spec.sample(rng, difficulty)
         if is_heldout_prompt(item.prompt) == want_heldout:
+            if direct_fraction > 0.0 and rng.random() < direct_fraction:
+                return replace(item, target=direct_response(item.answer))
             return item
     raise RuntimeError(f"synthetic task '{task}': no {split} prompt after {_MAX_REJECTIONS} draws")
