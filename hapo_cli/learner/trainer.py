@@ -33,6 +33,7 @@ from ..runlog import RunLog
 from .batch import TrainBatch, build_train_batch, concat_batches, mixed_groups
 from .checkpoint import load_trainer_state, save_checkpoint
 from .forward import response_logprobs, unwrap
+from .oldlogp import reuse_behaviour_logp
 from .weights import check_engine_sharding
 
 
@@ -572,7 +573,10 @@ class Loop:
         # ---- old log-probs and entropy (no grad) ----
         t1 = time.perf_counter()
         stats_used = self.state.entropy_stats if a.adaptive_temperature else None
-        old_logp, entropy = self.score(batch, stats_used)
+        # [issue 16] the HF engine's behaviour log-probs are the old log-probs when it sampled
+        # with these weights at the policy temperature (oldlogp.py): no scoring pass then
+        reused = reuse_behaviour_logp(self.r, self.strategy, self.engine, batch)
+        old_logp, entropy = reused if reused is not None else self.score(batch, stats_used)
         mask = batch.mask
         row["time/old_logp_s"] = time.perf_counter() - t1
 
