@@ -145,6 +145,21 @@ def quantile_1d(x: Tensor, q: float, mode: NormMode) -> float:
     return a + (b - a) * (pos - lo)
 
 
+def _quantile_tensor(x: Tensor, q: float, mode: NormMode) -> Tensor:
+    """`quantile_1d` of a non-empty float64 x as a 0-dim tensor (no host sync): the same float64
+    operations, so `float()` of it equals `quantile_1d(x, q, mode)` exactly."""
+    n = x.numel()
+    pos = float(q) * (n - 1)
+    if mode == "released":
+        return x.kthvalue(round(pos) + 1).values
+    lo = math.floor(pos)
+    a = x.kthvalue(lo + 1).values
+    if pos == lo:
+        return a
+    b = x.kthvalue(min(lo + 1, n - 1) + 1).values
+    return a + (b - a) * (pos - lo)
+
+
 def stats_from_reduced(
     count: int, rho: float, sq_dev_sum: float, x_min: float, x_max: float,
     mode: NormMode = "paper", eps: float = 1e-8,
@@ -196,9 +211,10 @@ def entropy_stats(
     n = x.numel()
     if n == 0:
         return stats_from_reduced(0, 0.0, 0.0, 0.0, 0.0, mode, eps)
-    rho = quantile_1d(x, pivot, mode)
-    sq_dev_sum = float(((x - rho) ** 2).sum())
-    return stats_from_reduced(n, rho, sq_dev_sum, float(x.min()), float(x.max()), mode, eps)
+    rho = _quantile_tensor(x, pivot, mode)  # float64 throughout, read once below
+    sq_dev_sum = ((x - rho) ** 2).sum()
+    rho, sq_dev_sum, x_min, x_max = torch.stack([rho, sq_dev_sum, x.min(), x.max()]).tolist()
+    return stats_from_reduced(n, rho, sq_dev_sum, x_min, x_max, mode, eps)
 
 
 def _h_from_z(z: Tensor, stats: EntropyStats) -> Tensor:

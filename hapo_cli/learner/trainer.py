@@ -34,6 +34,7 @@ from .batch import TrainBatch, build_train_batch, concat_batches, mixed_groups
 from .checkpoint import load_trainer_state, save_checkpoint
 from .forward import response_logprobs, unwrap
 from .oldlogp import reuse_behaviour_logp
+from .reduce import MetricSums
 from .weights import check_engine_sharding
 
 
@@ -713,8 +714,7 @@ class Loop:
         norm_mask = loss_mask if norm_mask is None else norm_mask
         unwrap(self.model).train()
         B, T = batch.response_ids.shape
-        sums: dict[str, float] = {}
-        weights: dict[str, float] = {}
+        metric_sums = MetricSums()  # [issue 16] summed on the device, read once (reduce.py)
         ratio_all = torch.ones(B, T)
         adv_c_all = adv.clone()
         grad_norms: list[float] = []
@@ -766,16 +766,7 @@ class Loop:
                         self.strategy.backward(loss * self.world)
                     ratio_all[rows] = ratio.cpu()
                     adv_c_all[rows] = adv_c.detach().cpu()
-                    n_valid = float(m.get("valid_tokens", mk.sum()))
-                    for k, v in m.items():
-                        v = float(v)
-                        if k == "pg_loss":
-                            sums[k] = sums.get(k, 0.0) + v
-                        elif k.endswith(("_sum", "_count")) or k == "valid_tokens":
-                            sums[k] = sums.get(k, 0.0) + v
-                        else:
-                            sums[k] = sums.get(k, 0.0) + v * n_valid
-                            weights[k] = weights.get(k, 0.0) + n_valid
+                    metric_sums.add(m, mk)  # [issue 16] no host sync per micro-batch
                 gn = self.strategy.clip_and_step(r.train.grad_clip)  # steps only if finite
                 if not math.isfinite(gn) and r.train.nonfinite_grad == "skip":
                     self.opt.zero_grad(set_to_none=True)  # verl dp_actor: skip the update
@@ -795,6 +786,7 @@ class Loop:
                 self.opt.zero_grad(set_to_none=True)
                 grad_norms.append(gn)
                 n_opt += 1
+        sums, weights = metric_sums.totals()  # [issue 16] one sync for all metrics
         sums, weights = self._sum_dict(sums), self._sum_dict(weights)
         metrics: dict[str, float] = {}
         for k, v in sums.items():
