@@ -19,7 +19,7 @@ from torch.testing import assert_close
 
 from hapo_cli.algo import EntropyStats
 from hapo_cli.learner.forward import response_logprobs
-from hapo_cli.learner.oldlogp import behaviour_logp_is_old_logp
+from hapo_cli.learner.oldlogp import old_logp_source
 from hapo_cli.rollout import HFEngine, SamplingSpec
 
 
@@ -32,17 +32,17 @@ def _facts(**over):
 
 
 def test_reuse_only_when_every_condition_holds():
-    assert behaviour_logp_is_old_logp(**_facts())
+    assert old_logp_source(**_facts()) == "behaviour"
     for flip in ("same_module", "float32", "decode_stats"):
-        assert not behaviour_logp_is_old_logp(**_facts(**{flip: False})), flip
-    # A under `base`: one token sampled hotter than T -> recompute at T
+        assert old_logp_source(**_facts(**{flip: False}, has_base_logp=True)) is None, flip
+    # A under `base`: one token sampled hotter than T -> the log-prob at T is needed
     hot = torch.tensor([[0.7, 0.72, 0.0], [0.7, 0.0, 0.0]])
-    assert not behaviour_logp_is_old_logp(**_facts(temperature=hot))
-    # ... but under `rollout` the learner divides by the stored T_t too
-    assert behaviour_logp_is_old_logp(**_facts(temperature=hot, policy_temperature="rollout"))
+    assert old_logp_source(**_facts(temperature=hot)) is None  # not recorded: score
+    assert old_logp_source(**_facts(temperature=hot, has_base_logp=True)) == "base"
+    # ... under `rollout` the learner divides by the stored T_t too
+    assert old_logp_source(**_facts(temperature=hot, policy_temperature="rollout")) == "behaviour"
     # padding positions (T_t = 0 there) never matter
-    assert behaviour_logp_is_old_logp(**_facts(base_temperature=0.7))
-    assert not behaviour_logp_is_old_logp(**_facts(base_temperature=1.0))
+    assert old_logp_source(**_facts(base_temperature=1.0)) is None
 
 
 def _model():
@@ -79,6 +79,8 @@ CASES = [
     ("T=0.7 top-k", SamplingSpec(n=4, temperature=0.7, top_k=5, max_new_tokens=12), None, "base"),
     ("A rollout", SamplingSpec(n=4, temperature=1.0, max_new_tokens=12, adaptive=True, tau=0.3),
      EntropyStats(rho=0.0, std=1.0, scale_pos=2.0, scale_neg=2.0), "rollout"),
+    ("A base", SamplingSpec(n=4, temperature=0.9, max_new_tokens=12, adaptive=True, tau=0.3),
+     EntropyStats(rho=0.0, std=1.0, scale_pos=2.0, scale_neg=2.0), "base"),
 ]
 
 
@@ -90,17 +92,19 @@ def test_behaviour_logp_equals_the_learners_old_logp(name, spec, stats, policy_t
     out = HFEngine(model, None, eos_token_id=1, pad_token_id=0).generate(prompts, spec, stats,
                                                                           seed=5)
     mask = out.response_mask
-    assert behaviour_logp_is_old_logp(
+    source = old_logp_source(
         same_module=True, float32=True, decode_stats=out.decode_stats,
         policy_temperature=policy_t, base_temperature=spec.temperature,
-        temperature=out.temperature, mask=mask)
+        temperature=out.temperature, mask=mask, has_base_logp=out.base_logp is not None)
+    assert source == ("base" if name == "A base" else "behaviour")
+    reused = out.base_logp if source == "base" else out.behaviour_logp
     ids, am = _learner_inputs(prompts, out)
     T = out.response_ids.shape[1]
     temp = out.temperature if policy_t == "rollout" else spec.temperature
     with torch.no_grad():
         logp, _ = response_logprobs(model, ids, am, T, temp, fused=fused, chunk_size=16)
         _, ent = response_logprobs(model, ids, am, T, None, fused=fused, chunk_size=16)
-    assert_close(out.behaviour_logp[mask], logp[mask])
+    assert_close(reused[mask], logp[mask])
     assert_close(out.entropy[mask], ent[mask])
 
 
@@ -137,7 +141,14 @@ def test_trainer_reuses_behaviour_logp_and_trains_the_same(tmp_path, cache_dir, 
 
 
 @pytest.mark.slow
-def test_adaptive_temperature_under_base_recomputes_once_stats_exist(tmp_path, cache_dir):
+def test_adaptive_temperature_under_base_uses_the_engines_base_logp(tmp_path, cache_dir,
+                                                                    monkeypatch):
     rows = [r for r in _train(tmp_path, cache_dir, "tiny/hapo", "hapo") if "actor/pg_loss" in r]
-    assert rows[0]["actor/behaviour_logp_gap"] == 0.0  # step 1: no stats yet, T_t = T: reused
-    assert rows[1]["actor/behaviour_logp_gap"] > 0.0  # step 2: A samples at T_t != T: scored
+    assert rows[0]["actor/behaviour_logp_gap"] == 0.0  # step 1: no stats yet, T_t = T
+    assert rows[1]["actor/behaviour_logp_gap"] > 0.0  # step 2: A samples at T_t != T; old = base
+    monkeypatch.setattr("hapo_cli.learner.trainer.reuse_behaviour_logp", lambda *a: None)
+    scored = [r for r in _train(tmp_path, cache_dir, "tiny/hapo", "scored") if "actor/pg_loss" in r]
+    for r, s in zip(rows, scored):
+        for k in ("actor/behaviour_logp_gap", "actor/pg_loss", "actor/entropy_mean",
+                  "entropy_stats/rho", "rollout/temperature_mean"):
+            assert_close(r[k], s[k], rtol=1e-4, atol=1e-6, msg=k)  # float32 rounding

@@ -13,8 +13,10 @@ forward; tests/test_oldlogp.py measures the gap), when all of these hold:
 - both sides compute in float32 (under bf16/fp16 autocast the learner's forward differs from the
   engine's, which runs the module outside the autocast wrapper);
 - the learner's temperature equals the sampling temperature on every valid token: always with
-  `algo.policy_temperature: rollout` (the learner divides by the stored T_t); with `base` only
-  where T_t == T, i.e. without A (or A's first step, before any entropy stats exist);
+  `algo.policy_temperature: rollout` (the learner divides by the stored T_t); with `base` where
+  T_t == T, i.e. without A (or A's first step, before any entropy stats exist). Under A with
+  `base` the HF engine also records `base_logp`, the log-prob at the base T of each sampled
+  token (one more log-softmax per decode step), which is then the old log-prob;
 - the engine recorded decode-time stats (vLLM does not, and its log-probs follow its own
   truncation and kernels: always recompute).
 """
@@ -27,7 +29,7 @@ import torch
 from torch import Tensor
 
 
-def behaviour_logp_is_old_logp(
+def old_logp_source(
     *,
     same_module: bool,
     float32: bool,
@@ -36,15 +38,19 @@ def behaviour_logp_is_old_logp(
     base_temperature: float,
     temperature: Tensor,  # (B, T) T_t used when sampling
     mask: Tensor,  # (B, T) bool valid response tokens
-) -> bool:
-    """Whether a batch's behaviour log-probs (and decode-time entropies) equal what scoring the
-    batch with the learner would give (see the module docstring for each condition)."""
+    has_base_logp: bool = False,
+) -> str | None:
+    """Which rollout tensor equals the old log-probs scoring would give: "behaviour"
+    (`behaviour_logp`, at T_t), "base" (`base_logp`, the engine's log-prob at the base T) or
+    None (score the batch). See the module docstring for each condition."""
     if not (same_module and float32 and decode_stats):
-        return False
+        return None
     if policy_temperature == "rollout":
-        return True
+        return "behaviour"
     # `base`: the learner scores at the plain T; exact float32 equality with the stored T_t
-    return bool((temperature[mask] == torch.tensor(base_temperature, dtype=temperature.dtype)).all())
+    if bool((temperature[mask] == torch.tensor(base_temperature, dtype=temperature.dtype)).all()):
+        return "behaviour"
+    return "base" if has_base_logp else None
 
 
 def reuse_behaviour_logp(recipe: Any, strategy: Any, engine: Any, batch: Any) -> tuple[Tensor, Tensor] | None:
@@ -57,7 +63,7 @@ def reuse_behaviour_logp(recipe: Any, strategy: Any, engine: Any, batch: Any) ->
             and strategy.model is not None
             and unwrap(engine.model) is unwrap(strategy.model)
             and strategy.engine_model() is unwrap(strategy.model))
-    if not behaviour_logp_is_old_logp(
+    source = old_logp_source(
         same_module=same,
         float32=strategy.precision.compute == torch.float32,
         decode_stats=bool(batch.decode_stats),
@@ -65,12 +71,15 @@ def reuse_behaviour_logp(recipe: Any, strategy: Any, engine: Any, batch: Any) ->
         base_temperature=recipe.rollout.temperature,
         temperature=batch.temperature,
         mask=batch.mask,
-    ):
+        has_base_logp=getattr(batch, "base_logp", None) is not None,
+    )
+    if source is None:
         return None
+    logp = batch.behaviour_logp if source == "behaviour" else batch.base_logp
     zero = torch.zeros_like(batch.behaviour_logp)
-    old_logp = torch.where(batch.mask, batch.behaviour_logp.float(), zero)
+    old_logp = torch.where(batch.mask, logp.float(), zero)
     entropy = torch.where(batch.mask, batch.rollout_entropy.float(), zero)
     return old_logp, entropy
 
 
-__all__ = ["behaviour_logp_is_old_logp", "reuse_behaviour_logp"]
+__all__ = ["old_logp_source", "reuse_behaviour_logp"]

@@ -383,6 +383,10 @@ class HFEngine:
         logp = torch.zeros((n, t_max), dtype=torch.float32, device=device)
         temps = torch.zeros_like(logp)
         ents = torch.zeros_like(logp)
+        # under A, also the log-prob at the base T: the learner's old log-prob when it scores
+        # at the base temperature (policy_temperature: base), so it need not rescore the batch
+        base_t = spec.temperature if spec.uses_adaptive_temperature else None
+        base_lp = torch.zeros_like(logp) if base_t is not None else None
         done = torch.zeros(n, dtype=torch.bool, device=device)
         hit_eos = torch.zeros_like(done)
         length = torch.zeros(n, dtype=torch.long, device=device)
@@ -414,6 +418,10 @@ class HFEngine:
             logp[:, t] = torch.where(active, step_logp, zero)
             temps[:, t] = torch.where(active, step_temps, zero)
             ents[:, t] = torch.where(active, temp_proc.last_entropy, zero)
+            if base_lp is not None:
+                at_base = logits if base_t == 1.0 else logits / base_t  # as the learner divides
+                step_base = torch.log_softmax(at_base, dim=-1).gather(1, nxt.unsqueeze(1))
+                base_lp[:, t] = torch.where(active, step_base.squeeze(1), zero)
             length += active.long()
             is_eos = active & torch.isin(nxt, eos)
             hit_eos |= is_eos
@@ -435,7 +443,7 @@ class HFEngine:
             cache = _cache_of(out)
             next_pos = next_pos + 1
             logits = out.logits[:, -1, :].float()
-        return {
+        out = {
             "tokens": tokens,
             "logp": logp,
             "temps": temps,
@@ -443,6 +451,9 @@ class HFEngine:
             "length": length,
             "hit_eos": hit_eos,
         }
+        if base_lp is not None:
+            out["base_logp"] = base_lp
+        return out
 
     def _assemble(self, parts: list[dict[str, Tensor]], num_prompts: int, spec: SamplingSpec):
         width = max(int(p["length"].max()) for p in parts)
@@ -464,4 +475,5 @@ class HFEngine:
             truncation=spec.truncation,
             logp_includes_truncation=False,
             decode_stats=True,
+            base_logp=cat["base_logp"][:, :width].cpu() if "base_logp" in cat else None,
         )
