@@ -53,12 +53,35 @@ def trl_available() -> str | None:
     return None
 
 
+def trl_config(rec, root: Path, gens: int):
+    """TRL's GRPOConfig for the job `rec` (tiny/dapo) runs: B = 16 x 8 per generation, two
+    optimizer steps of 64, token-mean ("dapo") loss, no KL, fp32, HF generation, `gens`
+    generation batches."""
+    from trl import GRPOConfig
+
+    r, t = rec.rollout, rec.train
+    per_step = t.mini_batch_prompts * r.n  # 64 responses per optimizer step
+    steps_per_gen = t.prompts_per_step // t.mini_batch_prompts  # 2
+    return GRPOConfig(
+        output_dir=str(root / "trl"), report_to="none", save_strategy="no", logging_steps=1,
+        disable_tqdm=True, use_cpu=True, bf16=False, fp16=False, seed=rec.seed,
+        per_device_train_batch_size=per_step, gradient_accumulation_steps=1,
+        steps_per_generation=steps_per_gen, num_generations=r.n, num_iterations=1,
+        max_completion_length=r.max_new_tokens, temperature=r.temperature, top_p=1.0, top_k=0,
+        use_vllm=False, beta=0.0, epsilon=rec.algo.eps_low, epsilon_high=rec.algo.eps_high,
+        loss_type="dapo", scale_rewards="group", learning_rate=t.lr,
+        weight_decay=t.weight_decay, max_grad_norm=t.grad_clip, lr_scheduler_type="constant",
+        max_steps=gens * steps_per_gen, shuffle_dataset=False, dataloader_num_workers=0,
+        log_completions=False,
+    )
+
+
 def _trl_setup(recipe: str, steps: int, root: Path):
     """(trainer, callback) for one TRL run of `steps + WARMUP_STEPS` generation batches."""
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from hapo_cli.learner.streams import build_streams
     from hapo_cli.models import load_policy, resolve_policy_path
@@ -66,7 +89,7 @@ def _trl_setup(recipe: str, steps: int, root: Path):
     from hapo_cli.rewards.verify import verify
 
     rec = load_recipe(recipe, [])
-    r, t = rec.rollout, rec.train
+    t = rec.train
     torch.set_num_threads(t.threads or 1)
     model, tok = load_policy(resolve_policy_path(rec.model, rec.data), "float32")
     gens = steps + WARMUP_STEPS
@@ -79,20 +102,8 @@ def _trl_setup(recipe: str, steps: int, root: Path):
     def accuracy(prompts, completions, answer, verifier, **_):
         return [float(verify(v, c, a)) for c, a, v in zip(completions, answer, verifier)]
 
-    per_step = t.mini_batch_prompts * r.n  # 64 responses per optimizer step
-    steps_per_gen = t.prompts_per_step // t.mini_batch_prompts  # 2
-    cfg = GRPOConfig(
-        output_dir=str(root / "trl"), report_to="none", save_strategy="no", logging_steps=1,
-        disable_tqdm=True, use_cpu=True, bf16=False, fp16=False, seed=rec.seed,
-        per_device_train_batch_size=per_step, gradient_accumulation_steps=1,
-        steps_per_generation=steps_per_gen, num_generations=r.n, num_iterations=1,
-        max_completion_length=r.max_new_tokens, temperature=r.temperature, top_p=1.0, top_k=0,
-        use_vllm=False, beta=0.0, epsilon=rec.algo.eps_low, epsilon_high=rec.algo.eps_high,
-        loss_type="dapo", scale_rewards="group", learning_rate=t.lr,
-        weight_decay=t.weight_decay, max_grad_norm=t.grad_clip, lr_scheduler_type="constant",
-        max_steps=gens * steps_per_gen, shuffle_dataset=False, dataloader_num_workers=0,
-        log_completions=False,
-    )
+    cfg = trl_config(rec, root, gens)
+    steps_per_gen = cfg.steps_per_generation
 
     class Clock(TrainerCallback):
         def __init__(self):
