@@ -34,12 +34,12 @@ print("TIMES " + json.dumps(times))
 """
 
 
-def run_side(root: Path, side: str, steps: int) -> list[float]:
+def run_side(root: Path, side: str, steps: int) -> list[tuple[float, float]]:
     out = subprocess.run([sys.executable, "-c", CHILD, str(root), side, str(steps),
                           str(HERE / "bench" / "bench_trl.py")],
                          capture_output=True, text=True, check=True)
     line = [x for x in out.stdout.splitlines() if x.startswith("TIMES ")][-1]
-    return json.loads(line[6:])
+    return [tuple(t) for t in json.loads(line[6:])]
 
 
 def main(old: Path, rounds: int = 3, steps: int = 16, trl: bool = True) -> dict[str, float]:
@@ -47,25 +47,29 @@ def main(old: Path, rounds: int = 3, steps: int = 16, trl: bool = True) -> dict[
              ("old", old, "tiny/hapo"), ("new", HERE, "tiny/hapo")]
     if trl:
         sides.append(("", HERE, "trl"))
-    times: dict[str, list[float]] = {}
+    times: dict[str, list[tuple[float, float]]] = {}
     for r in range(rounds):
         for tag, root, side in sides:
             key = f"{tag} {side}".strip()
             times.setdefault(key, []).extend(run_side(root, side, steps))
-            print(f"round {r + 1}: {key} median {statistics.median(times[key]):.3f}", flush=True)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\nmedians over {rounds} alternating rounds x {steps} timed steps (s per generation batch)")
-    for k, v in med.items():
-        print(f"  {k:16s} {v:.3f}  (min {min(times[k]):.3f}, max {max(times[k]):.3f})")
+            cpu = statistics.median(c for _, c in times[key])
+            print(f"round {r + 1}: {key} median CPU {cpu:.3f}", flush=True)
+    cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
+    wall = {k: statistics.median(w for w, _ in v) for k, v in times.items()}
+    print(f"\nmedians over {rounds} alternating rounds x {steps} timed steps "
+          "(s per generation batch; CPU = process time, one compute thread)")
+    for k in times:
+        print(f"  {k:16s} CPU {cpu[k]:.3f}  wall {wall[k]:.3f}")
     for tag in ("old", "new"):
-        d, h = med[f"{tag} tiny/dapo"], med[f"{tag} tiny/hapo"]
-        line = f"  {tag}: HAPO/DAPO {h / d:.2f}"
-        if "trl" in med:
-            line += f"  TRL/DAPO {med['trl'] / d:.2f}"
+        d, h = f"{tag} tiny/dapo", f"{tag} tiny/hapo"
+        line = f"  {tag}: HAPO/DAPO CPU {cpu[h] / cpu[d]:.2f} (wall {wall[h] / wall[d]:.2f})"
+        if "trl" in cpu:
+            line += f"  TRL/DAPO CPU {cpu['trl'] / cpu[d]:.2f} (wall {wall['trl'] / wall[d]:.2f})"
         print(line)
-    print(f"  new/old DAPO {med['new tiny/dapo'] / med['old tiny/dapo']:.2f}  "
-          f"new/old HAPO {med['new tiny/hapo'] / med['old tiny/hapo']:.2f}")
-    return med
+    for side in ("tiny/dapo", "tiny/hapo"):
+        print(f"  new/old {side}: CPU {cpu['new ' + side] / cpu['old ' + side]:.2f} "
+              f"(wall {wall['new ' + side] / wall['old ' + side]:.2f})")
+    return cpu
 
 
 if __name__ == "__main__":

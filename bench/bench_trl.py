@@ -15,7 +15,6 @@ Run: .venv/bin/python bench/bench_trl.py [--rounds 3] [--steps 16]
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -31,16 +30,36 @@ PROJECT_OVERRIDES = [
 ]
 
 
-def project_step_times(recipe: str, steps: int, root: Path) -> list[float]:
-    """`time/step_s` of the timed steps of one `hapo train` run (seconds per generation batch)."""
+def _clock() -> tuple[float, float]:
+    """(wall, CPU) seconds now. CPU time of the process (one compute thread on both sides) is
+    what a step costs; wall time adds whatever else the machine runs meanwhile."""
+    return time.perf_counter(), time.process_time()
+
+
+def project_step_times(recipe: str, steps: int, root: Path) -> list[tuple[float, float]]:
+    """(wall, CPU) seconds of each timed step of one `hapo train` run (one generation batch)."""
     from hapo_cli.learner import train
+    from hapo_cli.learner.trainer import Loop
     from hapo_cli.recipe import load_recipe
 
     rec = load_recipe(recipe, [f"train.max_steps={steps + WARMUP_STEPS}", *PROJECT_OVERRIDES])
     out = root / recipe.replace("/", "-")
-    train(rec, output_dir=out, overwrite=True, progress=False)
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return [r["time/step_s"] for r in rows if "time/step_s" in r][WARMUP_STEPS:]
+    times: list[tuple[float, float]] = []
+    original = Loop.train_step
+
+    def timed(self, step):
+        w0, c0 = _clock()
+        row = original(self, step)
+        w1, c1 = _clock()
+        times.append((w1 - w0, c1 - c0))
+        return row
+
+    Loop.train_step = timed
+    try:
+        train(rec, output_dir=out, overwrite=True, progress=False)
+    finally:
+        Loop.train_step = original
+    return times[WARMUP_STEPS:]
 
 
 def trl_available() -> str | None:
@@ -107,11 +126,14 @@ def _trl_setup(recipe: str, steps: int, root: Path):
 
     class Clock(TrainerCallback):
         def __init__(self):
-            self.ends: list[float] = [time.perf_counter()]
+            self.ends: list[tuple[float, float]] = []
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.ends.append(_clock())
 
         def on_step_end(self, args, state, control, **kw):
             if state.global_step % steps_per_gen == 0:  # a generation batch is done
-                self.ends.append(time.perf_counter())
+                self.ends.append(_clock())
 
     clock = Clock()
     trainer = GRPOTrainer(model=model, reward_funcs=accuracy, args=cfg, train_dataset=data,
@@ -122,8 +144,8 @@ def _trl_setup(recipe: str, steps: int, root: Path):
     return trainer, clock
 
 
-def trl_step_times(recipe: str, steps: int, root: Path) -> list[float]:
-    """Seconds per generation batch (two optimizer steps) of the timed part of one TRL run."""
+def trl_step_times(recipe: str, steps: int, root: Path) -> list[tuple[float, float]]:
+    """(wall, CPU) seconds per generation batch (two optimizer steps) of one TRL run."""
     import warnings
 
     from hapo_cli.models import quiet_transformers
@@ -133,12 +155,13 @@ def trl_step_times(recipe: str, steps: int, root: Path) -> list[float]:
         warnings.simplefilter("ignore", FutureWarning)
         trainer, clock = _trl_setup(recipe, steps, root)
         trainer.train()
-    gaps = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
+    gaps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(clock.ends, clock.ends[1:])]
     return gaps[WARMUP_STEPS:]
 
 
-def measure(rounds: int = 3, steps: int = 16, with_trl: bool = True) -> dict[str, list[float]]:
-    """Per-generation-batch times of each side over alternating rounds."""
+def measure(rounds: int = 3, steps: int = 16,
+            with_trl: bool = True) -> dict[str, list[tuple[float, float]]]:
+    """(wall, CPU) per generation batch of each side over alternating rounds."""
     sides = {"hapo DAPO": lambda root: project_step_times("tiny/dapo", steps, root),
              "hapo HAPO": lambda root: project_step_times("tiny/hapo", steps, root)}
     if with_trl:
@@ -153,7 +176,6 @@ def measure(rounds: int = 3, steps: int = 16, with_trl: bool = True) -> dict[str
 
 def main(rounds: int = 3, steps: int = 16) -> dict[str, float]:
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     skip = trl_available()
@@ -166,20 +188,35 @@ def main(rounds: int = 3, steps: int = 16) -> dict[str, float]:
     rec = load_recipe("tiny/dapo", [])
     resolve_policy_path(rec.model, rec.data)
     times = measure(rounds, steps, with_trl=skip is None)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    base = med["hapo DAPO"]
+    return report(times, rounds, steps, console)
+
+
+def report(times: dict[str, list[tuple[float, float]]], rounds: int, steps: int,
+           console=None) -> dict[str, float]:
+    """The table: medians of wall and CPU seconds per generation batch, ratios to hapo DAPO."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    wall = {k: statistics.median(w for w, _ in v) for k, v in times.items()}
+    cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
     table = Table(title=f"tiny job per generation batch (16x8, <=32 tokens, 2 optimizer steps): "
-                        f"{rounds} alternating rounds x {steps} timed steps, seconds")
-    for col in ("side", "median", "min", "max", "/ hapo DAPO"):
+                        f"{rounds} alternating rounds x {steps} timed steps, medians, seconds")
+    for col in ("side", "CPU", "CPU / hapo DAPO", "wall", "wall / hapo DAPO"):
         table.add_column(col)
-    for k, v in times.items():
-        table.add_row(k, f"{med[k]:.3f}", f"{min(v):.3f}", f"{max(v):.3f}", f"{med[k] / base:.2f}")
+    for k in times:
+        table.add_row(k, f"{cpu[k]:.3f}", f"{cpu[k] / cpu['hapo DAPO']:.2f}", f"{wall[k]:.3f}",
+                      f"{wall[k] / wall['hapo DAPO']:.2f}")
     console.print(table)
-    ratios = {"HAPO/DAPO": med["hapo HAPO"] / base}
-    if "TRL GRPOTrainer" in med:
-        ratios["TRL/DAPO"] = med["TRL GRPOTrainer"] / base
-    console.print("  ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
-    return {**med, **ratios}
+    out = {**{f"cpu {k}": v for k, v in cpu.items()}, **{f"wall {k}": v for k, v in wall.items()}}
+    ratios = {"HAPO/DAPO": ("hapo HAPO", "hapo DAPO"), "TRL/DAPO": ("TRL GRPOTrainer", "hapo DAPO")}
+    parts = []
+    for name, (a, b) in ratios.items():
+        if a in cpu:
+            out[name] = cpu[a] / cpu[b]
+            parts.append(f"{name} {cpu[a] / cpu[b]:.2f} (wall {wall[a] / wall[b]:.2f})")
+    console.print("CPU-time ratios: " + "  ".join(parts))
+    return out
 
 
 if __name__ == "__main__":

@@ -242,13 +242,15 @@ def normalized_entropy(entropy: Tensor, stats: EntropyStats) -> Tensor:
 
 def adaptive_temperature(
     logits: Tensor, base_temperature: float | Tensor, tau: float, stats: EntropyStats | None,
+    entropy: Tensor | None = None,
 ) -> Tensor:
     """Component A: per-row temperature T_t = T * (1 + tau * clamp(h_t, -1, 1)).
 
     logits (N, V) untempered; h_t from the entropy of softmax(logits_t) and the previous
     step's stats. stats None -> plain T (the first step). base_temperature: float or (N,).
     Released mode reproduces the released decode path: log clamp and `std + eps` with
-    eps = 1e-6. Returns (N,) float32.
+    eps = 1e-6. `entropy` (N,): `token_entropy(logits)` when the caller has it already (a
+    decode loop that records it), so it is not computed twice. Returns (N,) float32.
     """
     if logits.dim() != 2:
         raise ValueError(f"adaptive_temperature: logits must be (N, V), got {tuple(logits.shape)}")
@@ -259,7 +261,7 @@ def adaptive_temperature(
     base = base.expand(n)
     if stats is None or tau == 0:
         return base.clone()
-    ent = token_entropy(logits).float()  # (N,)
+    ent = (token_entropy(logits) if entropy is None else entropy).float()  # (N,)
     if stats.mode == "released":
         e = RELEASED_DECODE_EPS
         z = (ent.clamp_min(e).log() - stats.rho) / (stats.std + e)
@@ -271,6 +273,7 @@ def adaptive_temperature(
 
 def apply_adaptive_temperature(
     logits: Tensor, base_temperature: float | Tensor, tau: float, stats: EntropyStats | None,
+    entropy: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Divide each row of logits (N, V) by its adaptive temperature (base T included).
 
@@ -278,6 +281,6 @@ def apply_adaptive_temperature(
     two agree on the same logits. Returns (scaled_logits (N, V) in logits' dtype, temps (N,)
     float32). Callers must not apply the base temperature a second time.
     """
-    temps = adaptive_temperature(logits, base_temperature, tau, stats)  # (N,)
+    temps = adaptive_temperature(logits, base_temperature, tau, stats, entropy)  # (N,)
     scaled = (logits.float() / temps.unsqueeze(-1)).to(logits.dtype)
     return scaled, temps
