@@ -48,12 +48,19 @@ def main(old: Path, rounds: int = 3, steps: int = 16, trl: bool = True) -> dict[
     if trl:
         sides.append(("", HERE, "trl"))
     times: dict[str, list[tuple[float, float]]] = {}
+    per_round: list[dict[str, float]] = []
     for r in range(rounds):
+        this: dict[str, float] = {}
         for tag, root, side in sides:
             key = f"{tag} {side}".strip()
-            times.setdefault(key, []).extend(run_side(root, side, steps))
-            cpu = statistics.median(c for _, c in times[key])
-            print(f"round {r + 1}: {key} median CPU {cpu:.3f}", flush=True)
+            got = run_side(root, side, steps)
+            times.setdefault(key, []).extend(got)
+            this[key] = statistics.median(c for _, c in got)
+        per_round.append(this)
+        print(f"round {r + 1} (median CPU s): " + "  ".join(f"{k} {v:.3f}" for k, v in this.items())
+              + f"  | new/old DAPO {this['new tiny/dapo'] / this['old tiny/dapo']:.2f}"
+              + (f"  TRL/new DAPO {this['trl'] / this['new tiny/dapo']:.2f}" if trl else ""),
+              flush=True)
     cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
     wall = {k: statistics.median(w for w, _ in v) for k, v in times.items()}
     print(f"\nmedians over {rounds} alternating rounds x {steps} timed steps "
@@ -66,6 +73,16 @@ def main(old: Path, rounds: int = 3, steps: int = 16, trl: bool = True) -> dict[
         if "trl" in cpu:
             line += f"  TRL/DAPO CPU {cpu['trl'] / cpu[d]:.2f} (wall {wall['trl'] / wall[d]:.2f})"
         print(line)
+    def round_median(a: str, b: str) -> float:
+        return statistics.median(x[a] / x[b] for x in per_round)
+
+    print("  median of per-round CPU ratios: "
+          f"new/old DAPO {round_median('new tiny/dapo', 'old tiny/dapo'):.2f}  "
+          f"new/old HAPO {round_median('new tiny/hapo', 'old tiny/hapo'):.2f}  "
+          f"new HAPO/DAPO {round_median('new tiny/hapo', 'new tiny/dapo'):.2f}  "
+          f"old HAPO/DAPO {round_median('old tiny/hapo', 'old tiny/dapo'):.2f}"
+          + (f"  TRL/new DAPO {round_median('trl', 'new tiny/dapo'):.2f}"
+             f"  TRL/old DAPO {round_median('trl', 'old tiny/dapo'):.2f}" if trl else ""))
     for side in ("tiny/dapo", "tiny/hapo"):
         print(f"  new/old {side}: CPU {cpu['new ' + side] / cpu['old ' + side]:.2f} "
               f"(wall {wall['new ' + side] / wall['old ' + side]:.2f})")
