@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	else \
 		$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0; \
 	fi
-	$(BIN)/pip install -q -e '.[dev,trackers,deepspeed]'
+	$(BIN)/pip install -q -e '.[dev,trackers,deepspeed,bench]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -32,7 +32,10 @@ test-quick: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # The vLLM table needs vLLM: it runs in .venv-vllm when `make test-vllm` has built it.
+# TRL (the `bench` extra) is installed for the tiny-job comparison; without it that row is skipped.
 bench: $(STAMP)
+	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/pip install -q -e '.[bench]' || \
+		echo "TRL not installed: the bench skips its row"
 	$(BIN)/python bench/run.py
 	@if [ -f $(VSTAMP) ]; then $(VBIN)/python bench/bench_vllm.py; \
 	else echo "vLLM rollout bench skipped: no .venv-vllm (make test-vllm builds it)"; fi

@@ -7,12 +7,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import bench_algo, bench_fused, bench_strategy, bench_train, bench_vllm  # noqa: E402
+from bench import (  # noqa: E402
+    bench_algo,
+    bench_fused,
+    bench_strategy,
+    bench_train,
+    bench_trl,
+    bench_vllm,
+)
 
 
 def main() -> None:
     for name, mod in (("algo", bench_algo), ("fused log-probs", bench_fused),
-                      ("training step", bench_train), ("rollout: vLLM vs HF", bench_vllm),
+                      ("training step", bench_train),
+                      ("tiny job: hapo DAPO / HAPO vs TRL GRPOTrainer", bench_trl),
+                      ("rollout: vLLM vs HF", bench_vllm),
                       ("DDP vs FSDP2, 2 processes, large vocabulary", bench_strategy)):
         print(f"\n=== {name} ===", flush=True)
         mod.main()

@@ -127,7 +127,7 @@ def test_train_step_is_a_sequence_of_stage_calls():
     assert not [n for n in ast.walk(fn) if isinstance(n, (ast.For, ast.While))]
     called = {n.func.id for n in ast.walk(fn) if isinstance(n, ast.Call)
               and isinstance(n.func, ast.Name)}
-    assert {"sample_batch", "old_policy_scores", "compute_targets", "batch_metrics",
+    assert {"sample_batch", "score_old_policy", "compute_targets", "batch_metrics",
             "token_rows"} <= called
 
 

@@ -145,6 +145,21 @@ def quantile_1d(x: Tensor, q: float, mode: NormMode) -> float:
     return a + (b - a) * (pos - lo)
 
 
+def _quantile_tensor(x: Tensor, q: float, mode: NormMode) -> Tensor:
+    """`quantile_1d` of a non-empty float64 x as a 0-dim tensor (no host sync): the same float64
+    operations, so `float()` of it equals `quantile_1d(x, q, mode)` exactly."""
+    n = x.numel()
+    pos = float(q) * (n - 1)
+    if mode == "released":
+        return x.kthvalue(round(pos) + 1).values
+    lo = math.floor(pos)
+    a = x.kthvalue(lo + 1).values
+    if pos == lo:
+        return a
+    b = x.kthvalue(min(lo + 1, n - 1) + 1).values
+    return a + (b - a) * (pos - lo)
+
+
 def stats_from_reduced(
     count: int, rho: float, sq_dev_sum: float, x_min: float, x_max: float,
     mode: NormMode = "paper", eps: float = 1e-8,
@@ -196,9 +211,10 @@ def entropy_stats(
     n = x.numel()
     if n == 0:
         return stats_from_reduced(0, 0.0, 0.0, 0.0, 0.0, mode, eps)
-    rho = quantile_1d(x, pivot, mode)
-    sq_dev_sum = float(((x - rho) ** 2).sum())
-    return stats_from_reduced(n, rho, sq_dev_sum, float(x.min()), float(x.max()), mode, eps)
+    rho = _quantile_tensor(x, pivot, mode)  # float64 throughout, read once below
+    sq_dev_sum = ((x - rho) ** 2).sum()
+    rho, sq_dev_sum, x_min, x_max = torch.stack([rho, sq_dev_sum, x.min(), x.max()]).tolist()
+    return stats_from_reduced(n, rho, sq_dev_sum, x_min, x_max, mode, eps)
 
 
 def _h_from_z(z: Tensor, stats: EntropyStats) -> Tensor:
@@ -226,13 +242,15 @@ def normalized_entropy(entropy: Tensor, stats: EntropyStats) -> Tensor:
 
 def adaptive_temperature(
     logits: Tensor, base_temperature: float | Tensor, tau: float, stats: EntropyStats | None,
+    entropy: Tensor | None = None,
 ) -> Tensor:
     """Component A: per-row temperature T_t = T * (1 + tau * clamp(h_t, -1, 1)).
 
     logits (N, V) untempered; h_t from the entropy of softmax(logits_t) and the previous
     step's stats. stats None -> plain T (the first step). base_temperature: float or (N,).
     Released mode reproduces the released decode path: log clamp and `std + eps` with
-    eps = 1e-6. Returns (N,) float32.
+    eps = 1e-6. `entropy` (N,): `token_entropy(logits)` when the caller has it already (a
+    decode loop that records it), so it is not computed twice. Returns (N,) float32.
     """
     if logits.dim() != 2:
         raise ValueError(f"adaptive_temperature: logits must be (N, V), got {tuple(logits.shape)}")
@@ -243,7 +261,8 @@ def adaptive_temperature(
     base = base.expand(n)
     if stats is None or tau == 0:
         return base.clone()
-    return temperature_from_entropy(token_entropy(logits), base, tau, stats)
+    return temperature_from_entropy(token_entropy(logits) if entropy is None else entropy,
+                                    base, tau, stats)
 
 
 def temperature_from_entropy(
@@ -272,6 +291,7 @@ def temperature_from_entropy(
 
 def apply_adaptive_temperature(
     logits: Tensor, base_temperature: float | Tensor, tau: float, stats: EntropyStats | None,
+    entropy: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Divide each row of logits (N, V) by its adaptive temperature (base T included).
 
@@ -279,6 +299,6 @@ def apply_adaptive_temperature(
     two agree on the same logits. Returns (scaled_logits (N, V) in logits' dtype, temps (N,)
     float32). Callers must not apply the base temperature a second time.
     """
-    temps = adaptive_temperature(logits, base_temperature, tau, stats)  # (N,)
+    temps = adaptive_temperature(logits, base_temperature, tau, stats, entropy)  # (N,)
     scaled = (logits.float() / temps.unsqueeze(-1)).to(logits.dtype)
     return scaled, temps

@@ -27,6 +27,7 @@ class TrainBatch:
     texts: list[str] = field(default_factory=list)
     uids: list[str] = field(default_factory=list)
     decode_stats: bool = True  # False: temperature/rollout_entropy still to be filled (vLLM)
+    base_logp: Tensor | None = None  # (B, T) log-prob at the base T (HF engine under A), or None
 
     @property
     def num_groups(self) -> int:
@@ -59,6 +60,7 @@ class TrainBatch:
             texts=[self.texts[i] for i in il] if self.texts else [],
             uids=[self.uids[i] for i in il] if self.uids else [],
             decode_stats=self.decode_stats,
+            base_logp=self.base_logp[idx] if self.base_logp is not None else None,
         )
 
 
@@ -113,6 +115,8 @@ def concat_batches(batches: list[TrainBatch], pad_id: int) -> TrainBatch:
         texts=[t for b in batches for t in b.texts],
         uids=[u for b in batches for u in b.uids],
         decode_stats=all(b.decode_stats for b in batches),
+        base_logp=torch.cat([resp(b, b.base_logp, 0.0) for b in batches])
+        if all(b.base_logp is not None for b in batches) else None,
     )
 
 
@@ -145,6 +149,8 @@ def build_train_batch(examples, rollout, scores: Tensor, acc: Tensor, texts, pad
         texts=list(texts),
         uids=[examples[i].uid for i in pidx.tolist()],
         decode_stats=bool(getattr(rollout, "decode_stats", True)),
+        base_logp=rollout.base_logp.float() if getattr(rollout, "base_logp", None) is not None
+        else None,
     )
 
 

@@ -20,7 +20,7 @@ from .checkpoint import save_checkpoint
 from .forward import unwrap
 from .ranks import Ranks
 from .sampling import DynamicSamplingExhausted, sample_batch
-from .scoring import old_policy_scores
+from .scoring import score_old_policy
 from .state import LoopState, TrainSummary
 from .step_metrics import batch_metrics, critical_threshold
 from .targets import compute_targets
@@ -72,7 +72,8 @@ class Loop:
             return {**row, schema.TIME_STEP: time.perf_counter() - t0, schema.SKIPPED: 1}
 
         t1 = time.perf_counter()
-        old_logp, entropy = old_policy_scores(r, self.model, batch, stats_used, self.ranks.device)
+        old_logp, entropy = score_old_policy(r, self.model, self.strategy, self.engine, batch,
+                                             stats_used, self.ranks.device)
         row[schema.TIME_OLD_LOGP] = time.perf_counter() - t1
 
         micro_rows = [rows for _, micros in self.updater.mini_batches(len(batch.scores))

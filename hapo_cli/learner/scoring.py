@@ -57,3 +57,15 @@ def old_policy_scores(recipe, model, batch: TrainBatch, stats_used, device) -> t
         return logp1, entropy
     logp, _ = run(lambda rows: policy_temperature(r, batch, rows, device))
     return logp, entropy
+
+
+def score_old_policy(recipe, model, strategy, engine, batch: TrainBatch, stats_used, device
+                     ) -> tuple[Tensor, Tensor]:
+    """(old log-probs, entropy), (B, T): the HF engine's behaviour log-probs when it sampled
+    with these weights at the policy temperature (`oldlogp.py` lists the conditions), else a
+    scoring pass (`old_policy_scores`)."""
+    from .oldlogp import reuse_behaviour_logp
+
+    reused = reuse_behaviour_logp(recipe, strategy, engine, batch)
+    return reused if reused is not None else old_policy_scores(recipe, model, batch,
+                                                               stats_used, device)

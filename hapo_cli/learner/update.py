@@ -14,9 +14,9 @@ from torch import Tensor
 from analysis import schema
 
 from .. import algo
-from ..algo.loss import ADDITIVE
 from .batch import TrainBatch
 from .forward import response_logprobs, unwrap
+from .reduce import MetricSums
 from .scoring import policy_temperature
 from .targets import Targets
 
@@ -45,33 +45,20 @@ class UpdateResult:
     adv_c: Tensor  # (B, T) advantage the loss saw (after C and TIS)
 
 
-class _Sums:
-    """policy_loss metrics over micro-batches: sums, and token-weighted means."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.weights: dict[str, float] = {}
-
-    def add(self, m: dict[str, Tensor], fallback_tokens: Tensor) -> None:
-        n_valid = float(m.get(schema.VALID_TOKENS, fallback_tokens))
-        for k, v in m.items():
-            v = float(v)
-            self.sums[k] = self.sums.get(k, 0.0) + (v if k == schema.PG_LOSS or k in ADDITIVE
-                                                    else v * n_valid)
-            if k != schema.PG_LOSS and k not in ADDITIVE:
-                self.weights[k] = self.weights.get(k, 0.0) + n_valid
-
-    def result(self, ranks, optimizer_steps: int) -> dict[str, float]:
-        sums, weights = ranks.sum_dict(self.sums), ranks.sum_dict(self.weights)
-        out: dict[str, float] = {}
-        for k, v in sums.items():
-            if k in weights:
-                out[k] = v / max(weights[k], 1e-12)
-            elif k == schema.PG_LOSS:
-                out[k] = v / max(optimizer_steps, 1)
-            else:
-                out[k] = v
-        return out
+def _result(sums: dict[str, float], weights: dict[str, float], ranks, optimizer_steps: int
+            ) -> dict[str, float]:
+    """The update's loss metrics over ranks: token-weighted means, sums, and the mean loss
+    per optimizer step."""
+    sums, weights = ranks.sum_dict(sums), ranks.sum_dict(weights)
+    out: dict[str, float] = {}
+    for k, v in sums.items():
+        if k in weights:
+            out[k] = v / max(weights[k], 1e-12)
+        elif k == schema.PG_LOSS:
+            out[k] = v / max(optimizer_steps, 1)
+        else:
+            out[k] = v
+    return out
 
 
 class Updater:
@@ -153,7 +140,7 @@ class Updater:
     def run(self, batch: TrainBatch, old_logp: Tensor, tg: Targets) -> UpdateResult:
         unwrap(self.model).train()
         B, T = batch.response_ids.shape
-        sums = _Sums()
+        sums = MetricSums()  # on the device, read once per update (reduce.py)
         ratio_all = torch.ones(B, T)
         adv_c_all = tg.adv.adv.clone()
         grad_norms: list[float] = []
@@ -170,13 +157,13 @@ class Updater:
                                                                      normalizer)
                     ratio_all[rows] = ratio.cpu()
                     adv_c_all[rows] = adv_c.detach().cpu()
-                    sums.add(m, loss_mask.sum())
+                    sums.add(m, loss_mask)
                 gn = self.optimizer_step(len(grad_norms))
                 if gn is None:
                     n_skipped += 1
                 else:
                     grad_norms.append(gn)
-        metrics = sums.result(self.ranks, len(grad_norms))
+        metrics = _result(*sums.totals(), self.ranks, len(grad_norms))
         metrics[schema.GRAD_NORM] = sum(grad_norms) / max(len(grad_norms), 1)
         metrics[schema.LR] = float(self.scheduler.get_last_lr()[0])
         metrics[schema.OPTIMIZER_STEPS] = float(len(grad_norms))

@@ -120,6 +120,10 @@ class RolloutBatch:
     decode_stats    bool        temperature and entropy were recorded at decode time; False for
                                 vLLM, whose outputs carry neither: call `with_decode_stats` with
                                 the learner's entropies
+    base_logp       (B, T) f32  or None: log_softmax(logits / T)[token] at the BASE temperature
+                                T, before truncation, recorded by the HF engine under component A
+                                (where T_t != T): the old log-prob of `policy_temperature: base`.
+                                None where not recorded (without A it equals behaviour_logp)
     Padding positions hold 0 in the float tensors (NaN never leaks into masked sums).
     """
 
@@ -135,10 +139,13 @@ class RolloutBatch:
     truncation: bool = False
     logp_includes_truncation: bool = False
     decode_stats: bool = True
+    base_logp: Tensor | None = None
 
     def __post_init__(self) -> None:
         b, t = self.response_ids.shape
-        for name in ("response_mask", "behaviour_logp", "temperature", "entropy"):
+        for name in ("response_mask", "behaviour_logp", "temperature", "entropy", "base_logp"):
+            if getattr(self, name) is None and name == "base_logp":
+                continue
             shape = tuple(getattr(self, name).shape)
             if shape != (b, t):
                 raise ValueError(f"RolloutBatch.{name} has shape {shape}, expected {(b, t)}")

@@ -11,6 +11,16 @@ One step (N rows of a chunk):
     warped = top_k(top_p(scaled))              transformers warpers, -inf outside the support
     y ~ softmax(warped)                        (greedy: argmax logits)
     logp = log_softmax(scaled)[y]              BEFORE truncation: what the learner recomputes
+
+The fast path (`KVStepper`, Qwen2/Qwen3/Llama with SDPA attention): the prompt goes through the
+model's own forward once (prefill); each new token then runs the model's own submodules (embedding,
+rotary embedding, norms, projections, MLPs, transformers' SDPA attention function, LM head) in the
+order the model's forward runs them, against a KV cache preallocated for the whole response. It
+skips what the model's forward does around them on every token: building the attention mask, the
+cache objects' concatenation (a copy of the whole cache per token), the output dataclasses. The
+same arithmetic on the same shapes, so the logits equal the generic path's on a fixed machine
+(tests/test_rollout_fast.py compares them); any other model, attention implementation or rope
+scaling runs the generic path (`model(...)` with the model's own cache).
 """
 
 from __future__ import annotations
@@ -93,6 +103,113 @@ def _cache_of(output: Any) -> Any:
     return cache if cache is not None else output.past_key_values
 
 
+FAST_DECODE_MODEL_TYPES = ("qwen2", "qwen3", "llama")
+
+
+def fast_decode_supported(model: nn.Module) -> bool:
+    """True when `KVStepper` reproduces `model`'s decode step: a Qwen2/Qwen3/Llama causal LM with
+    SDPA attention, plain rope (no dynamic/scaled variants), no sliding window and no hooks (FSDP
+    or ZeRO-3 gather parameters in hooks on the whole model; run those through the model)."""
+    cfg = getattr(model, "config", None)
+    core = getattr(model, "model", None)
+    if cfg is None or core is None or getattr(cfg, "model_type", None) not in FAST_DECODE_MODEL_TYPES:
+        return False
+    if getattr(cfg, "_attn_implementation", None) != "sdpa":
+        return False
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        return False
+    if getattr(cfg, "use_sliding_window", False) or getattr(cfg, "layer_types", None) and any(
+        t != "full_attention" for t in cfg.layer_types
+    ):
+        return False
+    for part in ("embed_tokens", "rotary_emb", "norm", "layers"):
+        if not hasattr(core, part):
+            return False
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return False
+    hooked = [m for m in (model, core) if m._forward_hooks or m._forward_pre_hooks]
+    return not hooked
+
+
+class KVStepper:
+    """One decode step of a Qwen2/Qwen3/Llama model over a preallocated KV cache.
+
+    Built from the prefill's cache (the model's own forward over the prompts); `step(tokens,
+    positions)` feeds one token per row and returns the (N, V) float32 logits of the next one. The
+    ops, their order and their shapes are those of the model's decoder layer for one new token
+    (see the module docstring); only the cache storage differs (a slice of one buffer instead of a
+    tensor concatenated per token). `attention_mask` (N, P) is the prompts' padding mask; new
+    tokens are attended by every row, as in the generic loop.
+    """
+
+    def __init__(self, model: nn.Module, cache: Any, attention_mask: Tensor, max_new: int):
+        import sys
+
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        self.core = model.model
+        self.head = model.get_output_embeddings()
+        self.attention = sdpa_attention_forward
+        layers = list(self.core.layers)
+        self.layers = layers
+        self.rope = sys.modules[type(layers[0].self_attn).__module__].apply_rotary_pos_emb
+        n, p = attention_mask.shape
+        self.length = p  # positions filled so far
+        self.keys, self.values = [], []
+        for i in range(len(layers)):
+            k, v = _cache_layer(cache, i)  # (N, H_kv, P, D) each
+            kb = k.new_empty((n, k.shape[1], p + max_new, k.shape[3]))
+            vb = v.new_empty((n, v.shape[1], p + max_new, v.shape[3]))
+            kb[:, :, :p] = k
+            vb[:, :, :p] = v
+            self.keys.append(kb)
+            self.values.append(vb)
+        # the model passes no mask when no prompt is padded, else the boolean padding mask
+        self.padded = not bool(attention_mask.bool().all())
+        self.mask = torch.ones((n, p + max_new), dtype=torch.bool, device=attention_mask.device)
+        self.mask[:, :p] = attention_mask.bool()
+
+    def step(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """tokens (N,) long, positions (N,) long -> logits (N, V) float32 for the next token."""
+        n, L = tokens.shape[0], self.length + 1
+        hidden = self.core.embed_tokens(tokens.unsqueeze(1))  # (N, 1, d)
+        cos, sin = self.core.rotary_emb(hidden, positions.unsqueeze(1))
+        mask = self.mask[:, None, None, :L] if self.padded else None  # (N, 1, 1, L)
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            residual = hidden
+            hidden = layer.input_layernorm(hidden)
+            shape = (n, 1, -1, attn.head_dim)
+            q = attn.q_proj(hidden).view(shape)
+            k = attn.k_proj(hidden).view(shape)
+            if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before the rotation
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)  # (N, H, 1, D)
+            v = attn.v_proj(hidden).view(shape).transpose(1, 2)
+            q, k = self.rope(q, k, cos, sin)
+            self.keys[i][:, :, L - 1 : L] = k
+            self.values[i][:, :, L - 1 : L] = v
+            out, _ = self.attention(
+                attn, q, self.keys[i][:, :, :L], self.values[i][:, :, :L], mask,
+                dropout=0.0, scaling=attn.scaling, sliding_window=None,
+            )  # (N, 1, H, D)
+            hidden = residual + attn.o_proj(out.reshape(n, 1, -1).contiguous())
+            residual = hidden
+            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+        self.length = L
+        hidden = self.core.norm(hidden)
+        return self.head(hidden)[:, -1, :].float()
+
+
+def _cache_layer(cache: Any, i: int) -> tuple[Tensor, Tensor]:
+    """(keys, values) of layer i of a transformers cache (5.x `layers[i]`, older `key_cache`)."""
+    if hasattr(cache, "layers"):
+        return cache.layers[i].keys, cache.layers[i].values
+    return cache.key_cache[i], cache.value_cache[i]
+
+
 def _unwrap(model: nn.Module, accelerator: Any = None) -> nn.Module:
     if accelerator is not None:
         return accelerator.unwrap_model(model)
@@ -139,13 +256,16 @@ def gumbel_sample(warped: Tensor, keys: Tensor, step: int) -> Tensor:
     is a pure function of (row key, step, token id): argmax(warped + G), G ~ Gumbel(0, 1).
     Equivalent in distribution to `torch.multinomial(softmax(warped), 1)`; -inf logits (top-k /
     top-p filtered) are never chosen. warped (N, V), keys (N,) -> (N,)."""
-    V = warped.shape[-1]
+    return (warped.double() + gumbel_noise(keys, step, warped.shape[-1])).argmax(dim=-1)
+
+
+def gumbel_noise(keys: Tensor, step: int, vocab_size: int) -> Tensor:
+    """(N, V) float64 Gumbel(0, 1) noise of `gumbel_sample`: a pure function of (key, step, id)."""
     step_key = _fmix32((keys ^ ((step + 1) * 0x27D4EB2F & _M32)) & _M32)  # (N,)
-    vocab = torch.arange(V, device=warped.device, dtype=torch.long) * 0x165667B1  # (V,)
+    vocab = torch.arange(vocab_size, device=keys.device, dtype=torch.long) * 0x165667B1  # (V,)
     bits = _fmix32((step_key[:, None] + vocab[None, :]) & _M32)  # (N, V) uniform 32-bit ints
     u = (bits.double() + 0.5) / 4294967296.0  # (N, V) in (0, 1)
-    gumbel = -torch.log(-torch.log(u))
-    return (warped.double() + gumbel).argmax(dim=-1)
+    return -torch.log(-torch.log(u))
 
 
 class HFEngine:
@@ -166,6 +286,7 @@ class HFEngine:
         accelerator: Any = None,
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
+        fast_decode: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"HFEngine: batch_size={batch_size} must be >= 1")
@@ -173,6 +294,8 @@ class HFEngine:
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
         self.accelerator = accelerator
+        # False: always the generic loop (the model's own forward and cache every token)
+        self.fast_decode = bool(fast_decode)
         self.eos_ids, self.pad_id = resolve_special_ids(
             _unwrap(model, accelerator), tokenizer, eos_token_id, pad_token_id
         )
@@ -253,13 +376,17 @@ class HFEngine:
             temp_proc, chain = sampling_processors(
                 spec.temperature, tau, stats if spec.adaptive else None, spec.top_k, spec.top_p
             )
-        processors = LogitsProcessorList(chain)
+        truncate = LogitsProcessorList(chain[1:])  # top-k / top-p after the temperature
         eos = torch.tensor(self.eos_ids, dtype=torch.long, device=device)
 
         tokens = torch.full((n, t_max), self.pad_id, dtype=torch.long, device=device)
         logp = torch.zeros((n, t_max), dtype=torch.float32, device=device)
         temps = torch.zeros_like(logp)
         ents = torch.zeros_like(logp)
+        # under A, also the log-prob at the base T: the learner's old log-prob when it scores
+        # at the base temperature (policy_temperature: base), so it need not rescore the batch
+        base_t = spec.temperature if spec.uses_adaptive_temperature else None
+        base_lp = torch.zeros_like(logp) if base_t is not None else None
         done = torch.zeros(n, dtype=torch.bool, device=device)
         hit_eos = torch.zeros_like(done)
         length = torch.zeros(n, dtype=torch.long, device=device)
@@ -271,12 +398,14 @@ class HFEngine:
         cache = _cache_of(out)
         next_pos = pos[:, -1] + 1  # (N,)
         logits = out.logits[:, -1, :].float()  # (N, V)
+        stepper = (KVStepper(model, cache, attn, t_max)
+                   if self.fast_decode and t_max > 1 and fast_decode_supported(model) else None)
         for t in range(t_max):
             # input_ids: the prompts only (no processor in the chain reads them; growing the
             # history every step would cost a copy per token)
-            warped = processors(ids, logits)  # (N, V): / T_t, then top-k/top-p
+            scaled = temp_proc(ids, logits)  # (N, V) logits / T_t (float32 in, float32 out)
+            warped = truncate(ids, scaled) if len(truncate) else scaled  # top-k/top-p: -inf
             step_temps = temp_proc.last_temperature  # (N,)
-            scaled = logits / step_temps.unsqueeze(-1)  # same op as apply_adaptive_temperature
             if spec.greedy:
                 nxt = logits.argmax(dim=-1)
             else:
@@ -289,12 +418,20 @@ class HFEngine:
             logp[:, t] = torch.where(active, step_logp, zero)
             temps[:, t] = torch.where(active, step_temps, zero)
             ents[:, t] = torch.where(active, temp_proc.last_entropy, zero)
+            if base_lp is not None:
+                at_base = logits if base_t == 1.0 else logits / base_t  # as the learner divides
+                step_base = torch.log_softmax(at_base, dim=-1).gather(1, nxt.unsqueeze(1))
+                base_lp[:, t] = torch.where(active, step_base.squeeze(1), zero)
             length += active.long()
             is_eos = active & torch.isin(nxt, eos)
             hit_eos |= is_eos
             done |= is_eos
             if t == t_max - 1 or bool(done.all()):
                 break
+            if stepper is not None:
+                logits = stepper.step(nxt, next_pos)  # (N, V)
+                next_pos = next_pos + 1
+                continue
             attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
             out = model(
                 input_ids=nxt.unsqueeze(1),
@@ -306,7 +443,7 @@ class HFEngine:
             cache = _cache_of(out)
             next_pos = next_pos + 1
             logits = out.logits[:, -1, :].float()
-        return {
+        out = {
             "tokens": tokens,
             "logp": logp,
             "temps": temps,
@@ -314,6 +451,9 @@ class HFEngine:
             "length": length,
             "hit_eos": hit_eos,
         }
+        if base_lp is not None:
+            out["base_logp"] = base_lp
+        return out
 
     def _assemble(self, parts: list[dict[str, Tensor]], num_prompts: int, spec: SamplingSpec):
         width = max(int(p["length"].max()) for p in parts)
@@ -335,4 +475,5 @@ class HFEngine:
             truncation=spec.truncation,
             logp_includes_truncation=False,
             decode_stats=True,
+            base_logp=cat["base_logp"][:, :width].cpu() if "base_logp" in cat else None,
         )

@@ -43,7 +43,8 @@ class AdaptiveTemperatureLogitsProcessor(LogitsProcessor):
         if scores.dim() != 2:
             raise ValueError(f"expected scores of shape (N, V), got {tuple(scores.shape)}")
         self.last_entropy = token_entropy(scores).float()  # (N,)
-        scaled, temps = apply_adaptive_temperature(scores, self.temperature, self.tau, self.stats)
+        scaled, temps = apply_adaptive_temperature(scores, self.temperature, self.tau, self.stats,
+                                                   entropy=self.last_entropy)
         self.last_temperature = temps.float()  # (N,)
         return scaled
 
