@@ -332,6 +332,21 @@ def test_sync_weights(model):
     assert all((p == 0).all() for p in target.parameters())
 
 
+def test_sync_from_after_an_update(model):
+    """The learner's one call after each step: a no-op when the engine samples with the
+    learner's module (also through a DDP-style `.module` wrapper), a full copy otherwise."""
+    engine = HFEngine(model, batch_size=8)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    wrapper = torch.nn.Module()
+    wrapper.module = model
+    engine.sync_from(wrapper)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    learner, copy = tiny_model(seed=1), tiny_model(seed=2)
+    HFEngine(copy, batch_size=8).sync_from(learner)
+    for (_, a), (_, b) in zip(learner.named_parameters(), copy.named_parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_clean_param_name():
     assert clean_param_name("module._orig_mod.model.embed_tokens.weight") == (
         "model.embed_tokens.weight"

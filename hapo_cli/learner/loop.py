@@ -101,7 +101,7 @@ class Loop:
             self.runlog.write_tokens(step, token_rows(
                 step, batch, entropy, targets, upd, self.tokenizer,
                 r.log.token_sample_responses, r.seed))
-        self.strategy.sync_engine(self.engine)  # HF engine on the learner's module: no-op
+        self.engine.sync_from(self.model, self.accelerator)  # HF on the learner's module: no-op
         return row
 
     # ---- the run ----

@@ -232,15 +232,6 @@ class Strategy:
 
         return self._engine_model if self._engine_model is not None else unwrap(self.model)
 
-    def sync_engine(self, engine) -> None:
-        """Push the learner's weights to the engine (all ranks take part under sharding)."""
-        from .weights import full_named_parameters
-
-        if self._engine_model is None and getattr(engine, "model", None) is not None \
-                and not self.sharded and _same_module(engine.model, self.model):
-            return  # the HF engine samples with the learner's own module
-        engine.sync_weights(full_named_parameters(self.model, self.accelerator))
-
     # ---- one update ----
     @contextmanager
     def micro_batch(self, index: int, count: int):

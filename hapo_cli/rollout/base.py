@@ -304,6 +304,12 @@ class RolloutEngine(Protocol):
         """Make the engine sample from the learner's current weights."""
         ...
 
+    def sync_from(self, model: torch.nn.Module, accelerator: Any = None) -> None:
+        """Make the engine sample from `model`'s current weights after an update. Every rank
+        calls it: a sharded model's parameters are gathered (`hapo_cli.sharded`); an engine
+        that samples with `model` itself has nothing to do."""
+        ...
+
     def sleep(self) -> None:
         """Free accelerator memory between rollouts (no-op where nothing is held)."""
         ...

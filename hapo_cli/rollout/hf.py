@@ -350,6 +350,15 @@ class HFEngine:
                     raise KeyError(f"HFEngine.sync_weights: unknown parameter {name!r}")
                 params[key].copy_(tensor)
 
+    def sync_from(self, model: nn.Module, accelerator: Any = None) -> None:
+        """No-op when the engine samples with `model` itself; else (an FSDP2 learner's
+        unsharded copy) its full parameters, gathered on every rank, are copied in."""
+        if _unwrap(model, accelerator) is _unwrap(self.model, self.accelerator):
+            return
+        from ..sharded import full_named_parameters
+
+        self.sync_weights(full_named_parameters(model, accelerator))
+
     def sleep(self) -> None:
         """Nothing to free: the engine owns no memory beyond the learner's model."""
 

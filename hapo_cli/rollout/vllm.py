@@ -442,6 +442,12 @@ class VLLMEngine:
         if not self._asleep:  # sleeping (level >= 1) already dropped the KV and prefix cache
             self.llm.reset_prefix_cache()
 
+    def sync_from(self, model: nn.Module, accelerator: Any = None) -> None:
+        """Load `model`'s full parameters (gathered on every rank when sharded)."""
+        from ..sharded import full_named_parameters
+
+        self.sync_weights(full_named_parameters(model, accelerator))
+
     def sleep(self) -> None:
         """Offload weights to CPU and drop the KV cache (sleep level 1) while the learner trains."""
         if self.sleep_mode and not self._asleep:
