@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -141,8 +140,9 @@ def warmup_key(model_cfg: Any, data_cfg: Any) -> str:
     frac = direct_fraction(model_cfg.warmup, data_cfg.task)
     if frac > 0:  # only then: warm-ups without direct answers keep the keys they always had
         parts["direct_fraction"] = frac
-    blob = json.dumps(parts, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    from .recipe import stable_hash
+
+    return stable_hash(parts)
 
 
 def _supervised_batch(examples: list[Example], tokenizer: Any) -> dict[str, torch.Tensor]:

@@ -8,7 +8,6 @@ and the ablation's record of each run (status, error, attempts, exit code, last 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import time
@@ -21,7 +20,7 @@ from analysis import schema
 
 from ..components import SWITCHES
 from ..errors import HapoError
-from ..recipe import Recipe, load_recipe
+from ..recipe import Recipe, load_recipe, stable_hash
 from .grid import Variant
 
 PLANS_DIR = ".plans"
@@ -190,8 +189,7 @@ def recipe_hash(recipe: Recipe) -> str:
     dump = recipe.model_dump(mode="json")
     for section, key in _HASH_EXCLUDED:
         dump.get(section, {}).pop(key, None)
-    blob = json.dumps(dump, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return stable_hash(dump)
 
 
 # ---------------------------------------------------------------------------------------------

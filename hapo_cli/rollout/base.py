@@ -24,9 +24,10 @@ import torch
 from torch import Tensor
 
 from hapo_cli.algo import EntropyStats
+from hapo_cli.sections import AlgoConfig
 
 if TYPE_CHECKING:
-    from hapo_cli.recipe import AlgoConfig, EvalConfig, RolloutConfig
+    from hapo_cli.recipe import EvalConfig, RolloutConfig
 
 FINISH_REASONS = ("eos", "length")
 
@@ -48,7 +49,7 @@ class SamplingSpec:
     max_new_tokens: int = 32
     greedy: bool = False
     adaptive: bool = False
-    tau: float = 0.05  # = AlgoConfig.tau's default (checked by tests/test_architecture.py)
+    tau: float = AlgoConfig.model_fields["tau"].default  # A's scale: the recipe's default
 
     def __post_init__(self) -> None:
         if self.n < 1:
