@@ -36,8 +36,11 @@ def _clock() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
-def project_step_times(recipe: str, steps: int, root: Path) -> list[tuple[float, float]]:
-    """(wall, CPU) seconds of each timed step of one `hapo train` run (one generation batch)."""
+def project_step_times(recipe: str, steps: int, root: Path,
+                       lengths: list[float] | None = None) -> list[tuple[float, float]]:
+    """(wall, CPU) seconds of each timed step of one `hapo train` run (one generation batch);
+    `lengths` gets each timed step's mean response length (the work a step does depends on it)."""
+    from analysis.schema import RESPONSE_LEN_MEAN
     from hapo_cli.learner import train
     from hapo_cli.learner.trainer import Loop
     from hapo_cli.recipe import load_recipe
@@ -52,6 +55,8 @@ def project_step_times(recipe: str, steps: int, root: Path) -> list[tuple[float,
         row = original(self, step)
         w1, c1 = _clock()
         times.append((w1 - w0, c1 - c0))
+        if lengths is not None and len(times) > WARMUP_STEPS:
+            lengths.append(float(row[RESPONSE_LEN_MEAN]))
         return row
 
     Loop.train_step = timed
@@ -159,11 +164,16 @@ def trl_step_times(recipe: str, steps: int, root: Path) -> list[tuple[float, flo
     return gaps[WARMUP_STEPS:]
 
 
-def measure(rounds: int = 3, steps: int = 16,
-            with_trl: bool = True) -> dict[str, list[tuple[float, float]]]:
-    """(wall, CPU) per generation batch of each side over alternating rounds."""
-    sides = {"hapo DAPO": lambda root: project_step_times("tiny/dapo", steps, root),
-             "hapo HAPO": lambda root: project_step_times("tiny/hapo", steps, root)}
+def measure(rounds: int = 3, steps: int = 16, with_trl: bool = True,
+            lengths: dict[str, list[float]] | None = None) -> dict[str, list[tuple[float, float]]]:
+    """(wall, CPU) per generation batch of each side over alternating rounds; `lengths` gets the
+    project sides' mean response length per timed step."""
+    lengths = {} if lengths is None else lengths
+    lengths.update({"hapo DAPO": [], "hapo HAPO": []})
+    sides = {"hapo DAPO": lambda root: project_step_times("tiny/dapo", steps, root,
+                                                          lengths["hapo DAPO"]),
+             "hapo HAPO": lambda root: project_step_times("tiny/hapo", steps, root,
+                                                          lengths["hapo HAPO"])}
     if with_trl:
         sides["TRL GRPOTrainer"] = lambda root: trl_step_times("tiny/dapo", steps, root)
     times: dict[str, list[float]] = {k: [] for k in sides}
@@ -187,13 +197,16 @@ def main(rounds: int = 3, steps: int = 16) -> dict[str, float]:
 
     rec = load_recipe("tiny/dapo", [])
     resolve_policy_path(rec.model, rec.data)
-    times = measure(rounds, steps, with_trl=skip is None)
-    return report(times, rounds, steps, console)
+    lengths: dict[str, list[float]] = {}
+    times = measure(rounds, steps, with_trl=skip is None, lengths=lengths)
+    return report(times, rounds, steps, console, lengths)
 
 
 def report(times: dict[str, list[tuple[float, float]]], rounds: int, steps: int,
-           console=None) -> dict[str, float]:
-    """The table: medians of wall and CPU seconds per generation batch, ratios to hapo DAPO."""
+           console=None, lengths: dict[str, list[float]] | None = None) -> dict[str, float]:
+    """The table: medians of wall and CPU seconds per generation batch, ratios to hapo DAPO, and
+    for the project's sides the mean response length: HAPO and DAPO follow different
+    trajectories from the same policy, so part of a ratio can be longer responses, not cost."""
     from rich.console import Console
     from rich.table import Table
 
@@ -202,11 +215,13 @@ def report(times: dict[str, list[tuple[float, float]]], rounds: int, steps: int,
     cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
     table = Table(title=f"tiny job per generation batch (16x8, <=32 tokens, 2 optimizer steps): "
                         f"{rounds} alternating rounds x {steps} timed steps, medians, seconds")
-    for col in ("side", "CPU", "CPU / hapo DAPO", "wall", "wall / hapo DAPO"):
+    lengths = lengths or {}
+    for col in ("side", "CPU", "CPU / hapo DAPO", "wall", "wall / hapo DAPO", "mean length"):
         table.add_column(col)
     for k in times:
+        mean_len = f"{statistics.fmean(lengths[k]):.1f}" if lengths.get(k) else "-"
         table.add_row(k, f"{cpu[k]:.3f}", f"{cpu[k] / cpu['hapo DAPO']:.2f}", f"{wall[k]:.3f}",
-                      f"{wall[k] / wall['hapo DAPO']:.2f}")
+                      f"{wall[k] / wall['hapo DAPO']:.2f}", mean_len)
     console.print(table)
     out = {**{f"cpu {k}": v for k, v in cpu.items()}, **{f"wall {k}": v for k, v in wall.items()}}
     ratios = {"HAPO/DAPO": ("hapo HAPO", "hapo DAPO"), "TRL/DAPO": ("TRL GRPOTrainer", "hapo DAPO")}
@@ -215,6 +230,10 @@ def report(times: dict[str, list[tuple[float, float]]], rounds: int, steps: int,
         if a in cpu:
             out[name] = cpu[a] / cpu[b]
             parts.append(f"{name} {cpu[a] / cpu[b]:.2f} (wall {wall[a] / wall[b]:.2f})")
+    if lengths.get("hapo HAPO") and lengths.get("hapo DAPO"):
+        rel = statistics.fmean(lengths["hapo HAPO"]) / statistics.fmean(lengths["hapo DAPO"])
+        out["HAPO/DAPO length"] = rel
+        parts.append(f"mean response length HAPO/DAPO {rel:.2f}")
     console.print("CPU-time ratios: " + "  ".join(parts))
     return out
 
