@@ -75,7 +75,7 @@ class ModelConfig(_Section):
     )
     tiny: TinyModelConfig | None = Field(
         None, description="init=warmup only: the embedded tiny model (its defaults when left "
-        "out; dropped, null, for init=pretrained)."
+        "out; an error for init=pretrained)."
     )
     warmup: WarmupConfig | None = Field(
         None, description="init=warmup only: the supervised warm-up (as `tiny`)."
@@ -93,16 +93,17 @@ class ModelConfig(_Section):
     @classmethod
     def _says_what_it_is(cls, data: Any) -> Any:
         """The section holds what its `init` uses: tiny and warmup for the embedded model,
-        neither for a pretrained one (a resolved paper recipe names no tiny model; settings
-        of a tiny recipe switched to `init=pretrained` are dropped)."""
+        neither for a pretrained one (a resolved paper recipe names no tiny model). Settings
+        for the tiny model given to a pretrained one are an error, not silently dropped."""
         if not isinstance(data, dict):
             return data
         if data.get("init", "pretrained") == "warmup":
             return {"tiny": {}, "warmup": {}, **{k: v for k, v in data.items()
                                                   if v is not None or k not in ("tiny", "warmup")}}
-        # a tiny recipe switched to a pretrained model (--set model.init=pretrained): its
-        # tiny/warmup settings do not apply and are dropped, null in the resolved recipe
-        return {**data, "tiny": None, "warmup": None}
+        given = [k for k in ("tiny", "warmup") if data.get(k) is not None]
+        if given:
+            raise ValueError(f"model.{given[0]} applies only to model.init=warmup (this model is "
+                             f"pretrained: model.path); --set model.{given[0]}=null drops it")
         return data
 
     @model_validator(mode="after")

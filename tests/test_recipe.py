@@ -155,15 +155,23 @@ def test_tiny_heads_default_and_vllm_head_dim():
 
 
 def test_the_model_section_says_what_it_is():
-    """A pretrained model's resolved recipe names no tiny model or warm-up (a tiny recipe
-    switched to a pretrained model drops them); the embedded model gets both, defaults filled."""
-    from hapo_cli.recipe import load_recipe
+    """A pretrained model's resolved recipe names no tiny model or warm-up; giving one (even a
+    tiny recipe's, switched to a pretrained model) is a one-line error, not a silent drop; the
+    embedded model gets both, defaults filled."""
+    from hapo_cli.recipe import RecipeError, load_recipe
 
     paper = load_recipe("paper/qwen2.5-math-7b-hapo", ["model.path=/models/x"])
     assert paper.model.tiny is None and paper.model.warmup is None
     tiny = load_recipe("tiny/hapo")
     assert tiny.model.tiny.hidden_size > 0 and tiny.model.warmup.steps > 0
-    switched = load_recipe("tiny/dapo", ["model.init=pretrained", "model.path=/x",
-                                         "model.warmup.steps=150"])
+    with pytest.raises(RecipeError, match="model.tiny applies only to model.init=warmup"):
+        load_recipe("paper/qwen2.5-math-7b-hapo", ["model.path=/x", "model.tiny.num_heads=2"])
+    with pytest.raises(RecipeError, match="model.warmup applies only .* model.warmup=null"):
+        load_recipe("tiny/dapo", ["model.init=pretrained", "model.path=/x",
+                                  "model.warmup.steps=150"])
+    # a tiny recipe without tiny/warmup settings switches as it is; one with them, after =null
+    switched = load_recipe("tiny/dapo", ["model.init=pretrained", "model.path=/x"])
     assert switched.model.tiny is None and switched.model.warmup is None
-    assert "tiny: null" in switched.to_yaml()
+    steps = load_recipe("tiny/steps_dapo", ["model.init=pretrained", "model.path=/x",
+                                           "model.warmup=null"])
+    assert steps.model.warmup is None

@@ -119,8 +119,9 @@ def test_overwrite_with_invalid_input_leaves_the_old_run_intact(tmp_path, cache_
     bad_model.mkdir()
     (bad_model / "config.json").write_text("{}")
     for extra in (["train.betas=[2,3]"], ["algo.eps_high=5"], ["train.lr=.inf"],
-                  ["model.init=pretrained", f"model.path={bad_model}"],
-                  ["model.init=pretrained", f"model.path={tmp_path / 'nowhere'}"]):
+                  ["model.init=pretrained", "model.warmup=null", f"model.path={bad_model}"],
+                  ["model.init=pretrained", "model.warmup=null",
+                   f"model.path={tmp_path / 'nowhere'}"]):
         res = runner.invoke(app, [*train_args(run, cache_dir, 1, *extra), "--overwrite"])
         assert res.exit_code == 2, (extra, res.output)
         one_error_line(res)
@@ -410,9 +411,9 @@ def test_broken_model_folders_are_one_line(tmp_path, model_dir, cache_dir, how):
     assert str(d) in one_error_line(res)
     out = tmp_path / "run"
     res = runner.invoke(app, train_args(out, cache_dir, 1, "model.init=pretrained",
-                                        f"model.path={d}"))
+                                        "model.warmup=null", f"model.path={d}"))
     assert res.exit_code == 2, res.output
-    one_error_line(res)
+    assert str(d) in one_error_line(res)  # the broken folder, not the recipe, is the error
     assert not out.exists()  # no run left marked `running`
 
 
