@@ -24,6 +24,7 @@ import torch
 from .data import TASKS, Example, SyntheticStream, heldout_examples
 from .data.synthetic import HELDOUT_SEED
 from .errors import HapoError, first_line
+from .recipe import stable_hash
 from .rewards.verify import verify
 
 # Bump when the warm-up procedure, the tokenizer or a synthetic task changes: it is part of the
@@ -140,8 +141,6 @@ def warmup_key(model_cfg: Any, data_cfg: Any) -> str:
     frac = direct_fraction(model_cfg.warmup, data_cfg.task)
     if frac > 0:  # only then: warm-ups without direct answers keep the keys they always had
         parts["direct_fraction"] = frac
-    from .recipe import stable_hash
-
     return stable_hash(parts)
 
 
