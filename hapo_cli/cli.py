@@ -196,6 +196,10 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Sequences per generation batch.")] = 256,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     limit: Annotated[Optional[int], typer.Option(help="Prompts per benchmark at most.")] = None,
+    threads: Annotated[
+        Optional[int],
+        typer.Option(help="torch CPU threads (default: torch's, all cores); 1 beside another job."),
+    ] = None,
     critical_entropy: Annotated[
         Optional[float],
         typer.Option(help="Entropy threshold for critical tokens (default: p80 at T=1)."),
@@ -220,7 +224,8 @@ def evaluate(
         target=target, benchmarks=tuple(benchmarks or ()), checkpoints=checkpoints, n=n,
         temperatures=temperature, tau=tau, top_p=top_p, top_k=top_k,
         max_new_tokens=max_new_tokens, greedy=greedy, engine=engine, batch_size=batch_size,
-        seed=seed, limit=limit, critical_entropy=critical_entropy, out=out, name=name,
+        seed=seed, limit=limit, threads=threads, critical_entropy=critical_entropy, out=out,
+        name=name,
         vllm_options=tuple(vllm or ()),
     )
     rows = _guard(run_evaluate, request, console=console)

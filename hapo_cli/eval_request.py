@@ -45,7 +45,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 def check_options(*, n, tau, top_p, top_k, max_new_tokens, batch_size, limit, critical_entropy,
-                  name) -> None:
+                  name, threads=None) -> None:
     """One HapoError (exit 2) for the first option out of range, naming it and the rule."""
     rules = [
         (n >= 1, f"--n {n}: must be >= 1"),
@@ -56,6 +56,7 @@ def check_options(*, n, tau, top_p, top_k, max_new_tokens, batch_size, limit, cr
          f"--max-new-tokens {max_new_tokens}: must be >= 1"),
         (batch_size >= 1, f"--batch-size {batch_size}: must be >= 1"),
         (limit is None or limit >= 1, f"--limit {limit}: must be >= 1"),
+        (threads is None or threads >= 1, f"--threads {threads}: must be >= 1"),
         (critical_entropy is None or (math.isfinite(critical_entropy) and critical_entropy >= 0),
          f"--critical-entropy {critical_entropy}: must be finite and >= 0"),
         (bool(_NAME.fullmatch(name)) and name not in (".", ".."),
@@ -118,6 +119,7 @@ class EvalRequest:
     batch_size: int = 256
     seed: int = 0
     limit: int | None = None
+    threads: int | None = None  # torch CPU threads (None: torch's default)
     critical_entropy: float | None = None  # the algo.critical_quantile entropy at T = 1
     out: Path | None = None
     name: str = "eval"
@@ -149,7 +151,8 @@ def resolve_request(req: EvalRequest) -> _Resolved:
 
     check_options(n=req.n, tau=0.0 if req.tau is None else req.tau, top_p=req.top_p,
                   top_k=req.top_k, max_new_tokens=req.max_new_tokens, batch_size=req.batch_size,
-                  limit=req.limit, critical_entropy=req.critical_entropy, name=req.name)
+                  limit=req.limit, critical_entropy=req.critical_entropy, name=req.name,
+                  threads=req.threads)
     if req.engine not in engine_names():
         raise HapoError(f"--engine {req.engine!r}: use one of: {', '.join(engine_names())}")
     run_dir, models = _targets(req.target, req.checkpoints)

@@ -3,6 +3,7 @@ over fixed temperatures and adaptive temperature. `hapo train` reuses it for val
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections import Counter
@@ -273,7 +274,8 @@ def result_table(rows: list[dict[str, Any]], n: int):
     return table
 
 
-def run_evaluate(req: EvalRequest, console=None) -> list[dict[str, Any]]:
+def _sample_models(req: EvalRequest, res, settings, console) -> tuple[list, list]:
+    """(result rows, sample rows) of every checkpoint x benchmark x setting."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from .algo import EntropyStats, entropy_stats, quantile_1d
@@ -282,8 +284,6 @@ def run_evaluate(req: EvalRequest, console=None) -> list[dict[str, Any]]:
     from .models import load_policy
     from .rollout import build_engine
 
-    settings = Setting.parse(req.temperatures, req.greedy)
-    res = resolve_request(req)
     n, tau, seed, max_new = req.n, res.tau, req.seed, res.max_new
     data_cfg, models, benchmarks = res.data, res.models, res.benchmarks
 
@@ -353,14 +353,24 @@ def run_evaluate(req: EvalRequest, console=None) -> list[dict[str, Any]]:
                             "critical_tokens": [int((e >= threshold).sum())
                                                 for e in r["entropies"]],
                         })
+    return rows, samples
+
+
+def run_evaluate(req: EvalRequest, console=None) -> list[dict[str, Any]]:
+    from .models import num_threads
     from .runlog import atomic_write_text
 
+    settings = Setting.parse(req.temperatures, req.greedy)
+    res = resolve_request(req)
+    threads = num_threads(req.threads) if req.threads else contextlib.nullcontext()
+    with threads:  # --threads: torch's intra-op threads for this evaluation, restored after
+        rows, samples = _sample_models(req, res, settings, console)
     out_dir, name = res.out_dir, req.name
     atomic_write_text(out_dir / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     atomic_write_text(out_dir / f"{name}-samples.jsonl",
                       "".join(json.dumps(r) + "\n" for r in samples))
     if console is not None:
-        table = result_table(rows, n)
+        table = result_table(rows, req.n)
         console.print(table)
         console.print(f"wrote {out_dir / (name + '.jsonl')}")
     return rows

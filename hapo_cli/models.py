@@ -310,13 +310,13 @@ def warmup_policy(model_cfg: Any, data_cfg: Any, progress: Progress | None = Non
         if (final / "warmup.json").is_file():
             return final
         quiet_transformers()
-        with torch.random.fork_rng(devices=[]), _num_threads(WARMUP_THREADS):
+        with torch.random.fork_rng(devices=[]), num_threads(WARMUP_THREADS):
             _build_warmup(model_cfg, data_cfg, final, progress)  # caller's RNG left untouched
     return final
 
 
 @contextlib.contextmanager
-def _num_threads(n: int) -> Iterator[None]:
+def num_threads(n: int) -> Iterator[None]:
     """torch's intra-op thread count set to `n` inside, restored after."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)

@@ -112,6 +112,32 @@ def test_temperature_sweep_end_to_end(trained_run):
     assert again == rows
 
 
+def test_threads_apply_to_the_evaluation_and_are_restored(trained_run, monkeypatch):
+    import torch
+
+    from hapo_cli import evaluate as ev
+
+    seen = []
+    inner = ev._sample_models
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "_sample_models", spy)
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2  # a count that differs from the session's
+    res = runner.invoke(app, ["evaluate", str(trained_run), "--bench", "arith", "--n", "1",
+                              "--limit", "4", "--temperature", "1.0", "--threads", str(want),
+                              "--name", "threads"])
+    assert res.exit_code == 0, res.output
+    assert seen == [want] and torch.get_num_threads() == before
+    res = runner.invoke(app, ["evaluate", str(trained_run), "--bench", "arith", "--n", "1",
+                              "--limit", "4", "--temperature", "1.0", "--name", "threads"])
+    assert res.exit_code == 0, res.output
+    assert seen == [want, before]  # no --threads: torch's own count, untouched
+
+
 def test_evaluate_errors(tmp_path, trained_run):
     res = runner.invoke(app, ["evaluate", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "no such run directory" in res.output

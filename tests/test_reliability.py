@@ -374,6 +374,7 @@ def test_cache_dir_that_is_a_file(tmp_path):
     (["--top-p", "2"], "--top-p"),
     (["--limit", "0"], "--limit"),
     (["--batch-size", "0"], "--batch-size"),
+    (["--threads", "0"], "--threads"),
     (["--max-new-tokens", "0"], "--max-new-tokens"),
     (["--n", "0"], "--n"),
     (["--tau", "nan"], "--tau"),
