@@ -225,8 +225,7 @@ def evaluate(
         temperatures=temperature, tau=tau, top_p=top_p, top_k=top_k,
         max_new_tokens=max_new_tokens, greedy=greedy, engine=engine, batch_size=batch_size,
         seed=seed, limit=limit, threads=threads, critical_entropy=critical_entropy, out=out,
-        name=name,
-        vllm_options=tuple(vllm or ()),
+        name=name, vllm_options=tuple(vllm or ()),
     )
     rows = _guard(run_evaluate, request, console=console)
     if rows is None:

@@ -3,7 +3,6 @@ over fixed temperatures and adaptive temperature. `hapo train` reuses it for val
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from collections import Counter
@@ -362,8 +361,7 @@ def run_evaluate(req: EvalRequest, console=None) -> list[dict[str, Any]]:
 
     settings = Setting.parse(req.temperatures, req.greedy)
     res = resolve_request(req)
-    threads = num_threads(req.threads) if req.threads else contextlib.nullcontext()
-    with threads:  # --threads: torch's intra-op threads for this evaluation, restored after
+    with num_threads(req.threads):  # --threads: for this evaluation only
         rows, samples = _sample_models(req, res, settings, console)
     out_dir, name = res.out_dir, req.name
     atomic_write_text(out_dir / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))

@@ -316,8 +316,11 @@ def warmup_policy(model_cfg: Any, data_cfg: Any, progress: Progress | None = Non
 
 
 @contextlib.contextmanager
-def num_threads(n: int) -> Iterator[None]:
-    """torch's intra-op thread count set to `n` inside, restored after."""
+def num_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to `n` inside, restored after (None: left as it is)."""
+    if n is None:
+        yield
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
