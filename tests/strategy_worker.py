@@ -140,8 +140,42 @@ def run_case(out: Path, kind: str, dtype: str, lr: float) -> None:
         dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
         res["optim_reload_max_diff"], res["optim_local_absmax"] = diffs.tolist()
     if got_kind == "deepspeed":
-        res["global_steps"] = int(acc.deepspeed_engine_wrapped.engine.global_steps)
+        engine = acc.deepspeed_engine_wrapped.engine
+        res["global_steps"] = int(engine.global_steps)
         got_kind = f"zero{stage}"
+        # each rank's partition through a checkpoint folder (hapo_cli/learner/zero_state.py):
+        # moments and fp32 masters wiped, then reloaded
+        import torch.distributed as dist
+
+        folder = out / f"{got_kind}-ckpt"
+        if rank == 0:
+            folder.mkdir(exist_ok=True)
+        dist.barrier()
+        strategy.save_rank_optimizer(folder)
+        dist.barrier()
+        zopt = engine.optimizer
+
+        def partition():  # fp32 masters (ZeRO-1/2 or ZeRO-3), then the Adam moments
+            masters = list(getattr(zopt, "single_partition_of_fp32_groups", None)
+                           or zopt.fp32_partitioned_groups_flat)
+            moments = [v for st in zopt.optimizer.state.values() for v in st.values()
+                       if isinstance(v, torch.Tensor) and v.dim() > 0]
+            return masters, moments
+
+        masters, moments = partition()
+        before = [t.detach().clone() for t in masters + moments]
+        for t in masters + moments:
+            t.data.add_(1.0)
+        strategy.load_checkpoint_optimizer(folder)
+        after = sum(partition(), [])  # torch's load_state_dict makes new moment tensors
+        diffs = torch.tensor([max(float((a - b).abs().max()) for a, b in zip(after, before)),
+                              float(len(moments)), float(sum(t.numel() for t in masters))])
+        every = [torch.zeros_like(diffs) for _ in range(world)]
+        dist.all_gather(every, diffs)
+        res["zero_reload_max_diff"] = max(float(d[0]) for d in every)
+        res["zero_moment_tensors"] = [int(d[1]) for d in every]
+        res["zero_master_numel"] = [int(d[2]) for d in every]
+        res["zero_files"] = sorted(p.name for p in folder.iterdir())
     if rank == 0:
         tag = f"{got_kind}-{dtype}-{world}"
         torch.save(full1, out / f"{tag}.pt")

@@ -169,7 +169,8 @@ def _bad_pickle(path: Path) -> None:
     torch.save({"state": datetime.datetime(2026, 1, 1)}, path)
 
 
-@pytest.mark.parametrize("corruption", ["state-json", "safetensors", "pickle", "config"])
+@pytest.mark.parametrize("corruption", ["state-json", "safetensors", "pickle", "config",
+                                        "zero-pickle"])
 def test_usable_checkpoint_skips_each_kind_of_corrupt_latest(tmp_path, done_run, corruption):
     from hapo_cli.learner.resume import usable_checkpoint
 
@@ -182,6 +183,8 @@ def test_usable_checkpoint_skips_each_kind_of_corrupt_latest(tmp_path, done_run,
         (latest / "model.safetensors").write_bytes(data[: len(data) // 2])
     elif corruption == "pickle":
         _bad_pickle(latest / "optimizer.pt")
+    elif corruption == "zero-pickle":  # a ZeRO partition file allows DeepSpeed's classes only
+        _bad_pickle(latest / "zero-optim-rank00000-of-00001.pt")
     else:
         (latest / "config.json").write_text("{}")
     ckpt, skipped = usable_checkpoint(run)

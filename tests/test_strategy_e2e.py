@@ -6,7 +6,6 @@ transformers."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -39,8 +38,9 @@ def _train_args(out: Path, cache: Path, *extra: str) -> list[str]:
 def _launch(strategy: str) -> list[str]:
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     assert accelerate, "accelerate CLI not installed next to the interpreter"
-    if strategy == "fsdp":
-        return [accelerate, "launch", "--config_file", str(ROOT / "recipes/accelerate/fsdp.yaml"),
+    if strategy in ("fsdp", "zero2"):
+        return [accelerate, "launch", "--config_file",
+                str(ROOT / f"recipes/accelerate/{strategy}.yaml"),
                 "--num_processes", "2", "--mixed_precision", "no"]
     # NB: on a machine without CUDA `--multi_gpu` starts two gloo processes (see CALIBRATION.md)
     return [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -129,11 +129,29 @@ def test_fsdp_checkpoint_is_a_full_hf_model(runs):
     assert n_full == sum(p.numel() for p in mf.parameters())  # every rank's shard is in it
 
 
-@pytest.mark.slow
-def test_fsdp_sigkill_then_resume_matches_uninterrupted(runs):
-    root, cache, out = runs
-    killed = root / "killed"
-    cmd = [*_launch("fsdp"), *_train_args(killed, cache)]
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every process under it, as a machine failure would. torchrun
+    starts each rank in its own session, so killing the launcher's process group alone leaves
+    the ranks training on (and a resume would race them)."""
+    import psutil
+
+    launcher = psutil.Process(proc.pid)
+    procs = [launcher, *launcher.children(recursive=True)]
+    assert len(procs) >= 3, procs  # launcher (+ torchrun's agent) and two ranks
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    _, alive = psutil.wait_procs(procs, timeout=30)
+    assert not alive, alive
+
+
+def _kill_at_step_2_and_resume(root: Path, cache: Path, strategy: str) -> Path:
+    """Start a run, SIGKILL the launcher and both ranks once checkpoint 2 exists, resume it."""
+    killed = root / f"killed-{strategy}"
+    cmd = [*_launch(strategy), *_train_args(killed, cache)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, cwd=ROOT)
     deadline = time.time() + 400
@@ -144,13 +162,84 @@ def test_fsdp_sigkill_then_resume_matches_uninterrupted(runs):
         if proc.poll() is not None:
             break
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # launcher and both ranks
-    proc.wait()
+    _kill_tree(proc)
+
     assert json.loads((killed / schema.MANIFEST).read_text())["status"] == "running"
     assert max(r["step"] for r in _rows(killed)) < STEPS
 
     res = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600,
                          cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert json.loads((killed / schema.MANIFEST).read_text())["status"] == "done"
+    manifest = json.loads((killed / schema.MANIFEST).read_text())
+    assert manifest["status"] == "done" and manifest["resumed_from"] == "step-000002"
+    return killed
+
+
+@pytest.mark.slow
+def test_fsdp_sigkill_then_resume_matches_uninterrupted(runs):
+    root, cache, out = runs
+    killed = _kill_at_step_2_and_resume(root, cache, "fsdp")
     assert _no_times(_rows(killed)) == _no_times(_rows(out["fsdp"]))
+
+
+@pytest.fixture(scope="module")
+def zero2_run(runs):
+    pytest.importorskip("deepspeed", reason="deepspeed is an extra: pip install -e '.[deepspeed]'")
+    root, cache, _ = runs
+    res = subprocess.run([*_launch("zero2"), *_train_args(root / "zero2", cache)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return root / "zero2"
+
+
+@pytest.mark.slow
+def test_zero2_run_matches_ddp_and_writes_each_ranks_partition(runs, zero2_run):
+    _, _, out = runs
+    m = json.loads((zero2_run / schema.MANIFEST).read_text())
+    assert m["status"] == "done"
+    assert (m["strategy"], m["world_size"], m["zero_stage"]) == ("deepspeed", 2, 2)
+    a, b = _rows(out["ddp"]), _rows(zero2_run)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    compared = 0
+    for ra, rb in zip(a, b):
+        if ra["step"] != 1:
+            continue
+        for k, va in ra.items():
+            if k.startswith("time/") or not isinstance(va, float):
+                continue
+            if k == "actor/behaviour_logp_gap":
+                assert abs(va - rb[k]) < 1e-5  # float noise on both (see the FSDP test)
+            else:
+                assert rb[k] == pytest.approx(va, rel=1e-3, abs=1e-6), k
+            compared += 1
+    assert compared > 30
+    ck = zero2_run / schema.CHECKPOINTS_DIR / f"step-{STEPS:06d}"
+    names = sorted(p.name for p in ck.iterdir())
+    assert "optimizer.pt" not in names  # no rank-0-only partition posing as the whole state
+    assert [n for n in names if n.startswith("zero-optim-")] == [
+        "zero-optim-rank00000-of-00002.pt", "zero-optim-rank00001-of-00002.pt"]
+
+
+@pytest.mark.slow
+def test_zero2_sigkill_then_resume_matches_uninterrupted(runs, zero2_run):
+    root, cache, _ = runs
+    killed = _kill_at_step_2_and_resume(root, cache, "zero2")
+    assert _no_times(_rows(killed)) == _no_times(_rows(zero2_run))
+
+
+@pytest.mark.slow
+def test_zero2_checkpoint_refuses_another_world_size_or_strategy(runs, zero2_run):
+    """Resuming ZeRO partitions on 1 process (or under DDP) is one line, exit 2, and the run's
+    rows and checkpoints stay as they were."""
+    root, cache, _ = runs
+    run = root / "zero2-copy"
+    shutil.copytree(zero2_run, run)
+    before = (run / schema.METRICS).read_bytes()
+    res = subprocess.run([sys.executable, *_train_args(run, cache), "--resume"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 2, res.stderr[-3000:]
+    err = [ln for ln in res.stderr.splitlines() if "ZeRO" in ln]
+    assert err and "for 2 ranks" in err[-1] and "--num_processes 2" in err[-1], res.stderr[-2000:]
+    assert (run / schema.METRICS).read_bytes() == before
+    assert sorted(p.name for p in (run / schema.CHECKPOINTS_DIR).iterdir()) == \
+        sorted(p.name for p in (zero2_run / schema.CHECKPOINTS_DIR).iterdir())

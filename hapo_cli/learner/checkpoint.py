@@ -38,19 +38,36 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, stream, state, keep=2,
-                    model_state=None, optim_state=None):
-    """`model_state` / `optim_state`: full (gathered) states of a sharded model and optimizer,
-    saved instead of the module's and optimizer's own (which hold this rank's shard only)."""
+def temporary_dir(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of `step` is written before its rename."""
     final = checkpoint_dir(run_dir, step)
-    tmp = final.with_name(f".{final.name}.tmp")
+    return final.with_name(f".{final.name}.tmp")
+
+
+def fresh_temporary_dir(run_dir: Path, step: int) -> Path:
+    """An empty `temporary_dir` (a killed run's leftover removed): main process only."""
+    tmp = temporary_dir(run_dir, step)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    return tmp
+
+
+def save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, stream, state, keep=2,
+                    model_state=None, optim_state=None, ranks_wrote_optimizer=False):
+    """`model_state` / `optim_state`: full (gathered) states of a sharded model and optimizer,
+    saved instead of the module's and optimizer's own (which hold this rank's shard only).
+    `ranks_wrote_optimizer`: every rank has already written its optimizer partition into
+    `temporary_dir` (DeepSpeed ZeRO, `zero_state.py`), so that folder is kept and no
+    `optimizer.pt` is written."""
+    final = checkpoint_dir(run_dir, step)
+    tmp = temporary_dir(run_dir, step) if ranks_wrote_optimizer else fresh_temporary_dir(run_dir,
+                                                                                          step)
     model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
     tokenizer.save_pretrained(tmp)
-    torch.save(optim_state if optim_state is not None else optimizer.state_dict(),
-               tmp / OPTIM_FILE)
+    if not ranks_wrote_optimizer:
+        torch.save(optim_state if optim_state is not None else optimizer.state_dict(),
+                   tmp / OPTIM_FILE)
     torch.save(scheduler.state_dict(), tmp / SCHED_FILE)
     torch.save({"torch": torch.get_rng_state()}, tmp / RNG_FILE)
     meta = {
@@ -70,16 +87,16 @@ def save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, strea
 
 
 def load_trainer_state(ckpt: Path, optimizer, scheduler, stream):
-    """`optimizer`: a torch optimizer, or a learner `Strategy` (every rank loads the full state
-    and keeps its own shard)."""
+    """`optimizer`: a torch optimizer, or a learner `Strategy` (which reads the checkpoint's
+    optimizer files itself: the full state, every rank keeping its shard, or under DeepSpeed
+    each rank's own partition)."""
     from .state import LoopState
 
     meta = json.loads((ckpt / STATE_FILE).read_text())
-    optim_state = torch.load(ckpt / OPTIM_FILE, weights_only=True)
-    if hasattr(optimizer, "load_optimizer_state"):
-        optimizer.load_optimizer_state(optim_state)
+    if hasattr(optimizer, "load_checkpoint_optimizer"):
+        optimizer.load_checkpoint_optimizer(ckpt)
     else:
-        optimizer.load_state_dict(optim_state)
+        optimizer.load_state_dict(torch.load(ckpt / OPTIM_FILE, weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / SCHED_FILE, weights_only=True))
     rng = torch.load(ckpt / RNG_FILE, weights_only=True)
     torch.set_rng_state(rng["torch"])

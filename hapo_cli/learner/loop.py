@@ -16,7 +16,7 @@ from analysis import schema
 
 from ..baselines import get_baseline
 from ..runlog import RunLog
-from .checkpoint import save_checkpoint
+from .checkpoint import fresh_temporary_dir, save_checkpoint, temporary_dir
 from .forward import unwrap
 from .ranks import Ranks
 from .sampling import DynamicSamplingExhausted, sample_batch
@@ -177,11 +177,18 @@ class Loop:
         # sharded strategies gather the full model and optimizer state on every rank first
         model_state = self.strategy.full_model_state()
         optim_state = self.strategy.optimizer_state()
+        per_rank = self.strategy.ranks_write_optimizer
+        if per_rank:  # DeepSpeed: each rank's ZeRO partition into the folder being written
+            if acc.is_main_process:
+                fresh_temporary_dir(self.run_dir, step)
+            acc.wait_for_everyone()
+            self.strategy.save_rank_optimizer(temporary_dir(self.run_dir, step))
+            acc.wait_for_everyone()
         if acc.is_main_process:
             save_checkpoint(
                 self.run_dir, step, acc.unwrap_model(self.model), self.tokenizer,
                 self.optimizer, self.scheduler, self.stream, self.state,
                 keep=self.recipe.log.keep_checkpoints, model_state=model_state,
-                optim_state=optim_state,
+                optim_state=optim_state, ranks_wrote_optimizer=per_rank,
             )
         acc.wait_for_everyone()

@@ -8,6 +8,7 @@ first, and reports the ones it skipped so the CLI can say so.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 
 from ..errors import first_line
 from ..models import ModelError, check_model_dir
+from . import zero_state
 from .checkpoint import STATE_FILE, list_checkpoints
 
 
@@ -26,9 +28,16 @@ def probe_checkpoint(ckpt: Path) -> None:
     if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
         raise ValueError(f"{STATE_FILE}: no integer 'step'")
     check_model_dir(ckpt)
+    zero_files = zero_state.written_world(ckpt) is not None
+    if zero_files and importlib.util.find_spec("deepspeed") is None:
+        raise ValueError("holds DeepSpeed ZeRO optimizer partitions, and deepspeed is not "
+                         "installed (pip install 'hapo[deepspeed]')")
     for f in sorted(ckpt.rglob("*.pt")):
         try:
-            torch.load(f, weights_only=True, map_location="cpu", mmap=True)
+            if zero_state.PATTERN.match(f.name):
+                zero_state.load_file(f)  # DeepSpeed's own classes allowed, nothing else
+            else:
+                torch.load(f, weights_only=True, map_location="cpu", mmap=True)
         except Exception as exc:  # UnpicklingError (refused pickle), RuntimeError (corrupt zip)
             raise ValueError(f"{f.name}: cannot be loaded safely ({first_line(exc)})") from None
 

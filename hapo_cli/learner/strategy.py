@@ -29,6 +29,7 @@ import copy
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -195,11 +196,11 @@ class Strategy:
     # ---- setup ----
     def prepare(self, model: nn.Module, make_optimizer, *, engine: str = "hf",
                 micro_batch_size: int = 1, grad_clip: float = 1.0):
-        from ..rollout.factory import samples_with_learner_module
-
         """(model, optimizer) ready to train. `make_optimizer(params)` builds the torch optimizer
         on the parameters it must own (the fp32 shards under FSDP2). DeepSpeed needs the
         micro-batch size (no dataloader is prepared) and does the clipping itself."""
+        from ..rollout.factory import samples_with_learner_module
+
         if self.kind == "deepspeed":
             cfg = self.accelerator.state.deepspeed_plugin.deepspeed_config
             cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
@@ -313,15 +314,40 @@ class Strategy:
             options=StateDictOptions(full_state_dict=True, cpu_offload=True),
         )
 
+    @property
+    def ranks_write_optimizer(self) -> bool:
+        """Whether every rank writes its own optimizer file into a checkpoint (DeepSpeed: the
+        ZeRO partitions, `zero_state.py`) instead of the main process writing one full state."""
+        return self.kind == "deepspeed"
+
+    def save_rank_optimizer(self, folder: Path) -> None:
+        """This rank's optimizer partition into the checkpoint folder being written (every
+        rank calls it; only under `ranks_write_optimizer`)."""
+        from . import zero_state
+
+        zero_state.save(self.accelerator.deepspeed_engine_wrapped.engine, folder,
+                        self.accelerator.process_index, self.world)
+
+    def load_checkpoint_optimizer(self, ckpt: Path) -> None:
+        """Restore the optimizer from a checkpoint folder (every rank calls it)."""
+        from . import zero_state
+        from .checkpoint import OPTIM_FILE
+
+        if self.kind == "deepspeed":
+            zero_state.load(self.accelerator.deepspeed_engine_wrapped.engine, ckpt,
+                            self.accelerator.process_index, self.world)
+            return
+        written = zero_state.written_world(ckpt)
+        if written is not None:
+            raise HapoError(
+                f"{ckpt}: holds DeepSpeed ZeRO optimizer partitions for {written} ranks; resume "
+                f"it under DeepSpeed (accelerate launch --config_file "
+                f"recipes/accelerate/zero2.yaml or zero3.yaml --num_processes {written})")
+        self.load_optimizer_state(torch.load(ckpt / OPTIM_FILE, weights_only=True))
+
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         """Load a state from `optimizer_state` (every rank reads the same full file and keeps
         its own shard)."""
-        if self.kind == "deepspeed":
-            raise HapoError(
-                "--resume is not supported under DeepSpeed yet: ZeRO partitions the optimizer "
-                "state and the checkpoint holds rank 0's partition only (resume with FSDP2, "
-                "which saves and reloads the full state)"
-            )
         if self.kind != "fsdp2":
             self.optimizer.load_state_dict(state)
             return
