@@ -1,7 +1,7 @@
-"""`accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes 2 -m hapo_cli
-train --recipe tiny/hapo` on CPU: it shards (FSDP2 over gloo), matches the 2-process DDP run, and
-a `kill -9` + `--resume` reproduces the uninterrupted FSDP run; its checkpoints load in
-transformers."""
+"""`accelerate launch --config_file recipes/accelerate/{fsdp,zero2,zero3}.yaml --num_processes 2
+-m hapo_cli train --recipe tiny/hapo` on CPU (gloo): each shards as it should, matches the
+2-process DDP run at step 1, a `kill -9` of the launcher and its ranks + `--resume` reproduces
+the uninterrupted run, and the checkpoints load in transformers."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def _train_args(out: Path, cache: Path, *extra: str) -> list[str]:
 def _launch(strategy: str) -> list[str]:
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     assert accelerate, "accelerate CLI not installed next to the interpreter"
-    if strategy in ("fsdp", "zero2"):
+    if strategy in ("fsdp", "zero2", "zero3"):
         return [accelerate, "launch", "--config_file",
                 str(ROOT / f"recipes/accelerate/{strategy}.yaml"),
                 "--num_processes", "2", "--mixed_precision", "no"]
@@ -182,23 +182,39 @@ def test_fsdp_sigkill_then_resume_matches_uninterrupted(runs):
     assert _no_times(_rows(killed)) == _no_times(_rows(out["fsdp"]))
 
 
+ZERO = ["zero2", "zero3"]
+
+
 @pytest.fixture(scope="module")
-def zero2_run(runs):
+def zero_runs(runs):
+    """`hapo train` under recipes/accelerate/zero2.yaml and zero3.yaml (ZeRO-3 with the HF
+    engine sampling from an unsharded copy)."""
     pytest.importorskip("deepspeed", reason="deepspeed is an extra: pip install -e '.[deepspeed]'")
     root, cache, _ = runs
-    res = subprocess.run([*_launch("zero2"), *_train_args(root / "zero2", cache)],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return root / "zero2"
+    out = {}
+    for stage in ZERO:
+        res = subprocess.run([*_launch(stage), *_train_args(root / stage, cache)],
+                             capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert res.returncode == 0, res.stderr[-3000:]
+        out[stage] = root / stage
+    return out
 
 
 @pytest.mark.slow
-def test_zero2_run_matches_ddp_and_writes_each_ranks_partition(runs, zero2_run):
+@pytest.mark.parametrize("stage", ZERO)
+def test_zero_run_matches_ddp_and_writes_each_ranks_partition(runs, zero_runs, stage):
     _, _, out = runs
-    m = json.loads((zero2_run / schema.MANIFEST).read_text())
+    run = zero_runs[stage]
+    m = json.loads((run / schema.MANIFEST).read_text())
+    m_ddp = json.loads((out["ddp"] / schema.MANIFEST).read_text())
     assert m["status"] == "done"
-    assert (m["strategy"], m["world_size"], m["zero_stage"]) == ("deepspeed", 2, 2)
-    a, b = _rows(out["ddp"]), _rows(zero2_run)
+    assert (m["strategy"], m["world_size"], m["zero_stage"]) == ("deepspeed", 2, int(stage[-1]))
+    full = m_ddp["param_bytes_per_rank"]
+    if stage == "zero3":  # half per rank, up to ZeRO-3's padding of each partition
+        assert abs(m["param_bytes_per_rank"] - full / 2) <= 0.01 * full
+    else:
+        assert m["param_bytes_per_rank"] == full
+    a, b = _rows(out["ddp"]), _rows(run)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     compared = 0
     for ra, rb in zip(a, b):
@@ -213,7 +229,7 @@ def test_zero2_run_matches_ddp_and_writes_each_ranks_partition(runs, zero2_run):
                 assert rb[k] == pytest.approx(va, rel=1e-3, abs=1e-6), k
             compared += 1
     assert compared > 30
-    ck = zero2_run / schema.CHECKPOINTS_DIR / f"step-{STEPS:06d}"
+    ck = run / schema.CHECKPOINTS_DIR / f"step-{STEPS:06d}"
     names = sorted(p.name for p in ck.iterdir())
     assert "optimizer.pt" not in names  # no rank-0-only partition posing as the whole state
     assert [n for n in names if n.startswith("zero-optim-")] == [
@@ -221,19 +237,36 @@ def test_zero2_run_matches_ddp_and_writes_each_ranks_partition(runs, zero2_run):
 
 
 @pytest.mark.slow
-def test_zero2_sigkill_then_resume_matches_uninterrupted(runs, zero2_run):
-    root, cache, _ = runs
-    killed = _kill_at_step_2_and_resume(root, cache, "zero2")
-    assert _no_times(_rows(killed)) == _no_times(_rows(zero2_run))
+def test_zero3_checkpoint_is_the_gathered_model(runs, zero_runs):
+    """ZeRO-3's checkpoint holds every parameter in full (gathered), 4 steps close to DDP's."""
+    from transformers import AutoModelForCausalLM
+
+    _, _, out = runs
+    ck = lambda run: run / schema.CHECKPOINTS_DIR / f"step-{STEPS:06d}"  # noqa: E731
+    m3 = AutoModelForCausalLM.from_pretrained(ck(zero_runs["zero3"]), local_files_only=True)
+    md = AutoModelForCausalLM.from_pretrained(ck(out["ddp"]), local_files_only=True)
+    s3, sd = m3.state_dict(), md.state_dict()
+    assert s3.keys() == sd.keys()
+    for k in sd:
+        assert s3[k].dtype == torch.float32 and s3[k].shape == sd[k].shape
+        torch.testing.assert_close(s3[k], sd[k], rtol=0, atol=2e-5, msg=k)  # as FSDP's test
 
 
 @pytest.mark.slow
-def test_zero2_checkpoint_refuses_another_world_size_or_strategy(runs, zero2_run):
+@pytest.mark.parametrize("stage", ZERO)
+def test_zero_sigkill_then_resume_matches_uninterrupted(runs, zero_runs, stage):
+    root, cache, _ = runs
+    killed = _kill_at_step_2_and_resume(root, cache, stage)
+    assert _no_times(_rows(killed)) == _no_times(_rows(zero_runs[stage]))
+
+
+@pytest.mark.slow
+def test_zero_checkpoint_refuses_another_world_size_or_strategy(runs, zero_runs):
     """Resuming ZeRO partitions on 1 process (or under DDP) is one line, exit 2, and the run's
     rows and checkpoints stay as they were."""
     root, cache, _ = runs
     run = root / "zero2-copy"
-    shutil.copytree(zero2_run, run)
+    shutil.copytree(zero_runs["zero2"], run)
     before = (run / schema.METRICS).read_bytes()
     res = subprocess.run([sys.executable, *_train_args(run, cache), "--resume"],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -242,4 +275,4 @@ def test_zero2_checkpoint_refuses_another_world_size_or_strategy(runs, zero2_run
     assert err and "for 2 ranks" in err[-1] and "--num_processes 2" in err[-1], res.stderr[-2000:]
     assert (run / schema.METRICS).read_bytes() == before
     assert sorted(p.name for p in (run / schema.CHECKPOINTS_DIR).iterdir()) == \
-        sorted(p.name for p in (zero2_run / schema.CHECKPOINTS_DIR).iterdir())
+        sorted(p.name for p in (zero_runs["zero2"] / schema.CHECKPOINTS_DIR).iterdir())

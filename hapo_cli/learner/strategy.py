@@ -128,6 +128,33 @@ def build_accelerator(precision: Precision, **kwargs) -> tuple[Any, str]:
     return acc, kind
 
 
+def unsharded_copy(model: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """A full copy of `model` in `dtype` on `device`, for the HF engine. Under ZeRO-3
+    transformers builds the model inside `deepspeed.zero.Init` (its parameters are empty
+    partitions from the start): the copy is then built empty from the config (a plain
+    constructor, outside zero.Init) and each parameter is gathered into it (collective: every
+    rank calls this); buffers are never partitioned and are copied as they are."""
+    params = list(model.named_parameters())
+    if not any(hasattr(p, "ds_id") for _, p in params):
+        return copy.deepcopy(model).to(dtype).to(device)
+    import deepspeed
+
+    with torch.device("meta"):
+        fresh = type(model)(copy.deepcopy(model.config))
+    fresh.to_empty(device=device)
+    fresh.tie_weights()  # the meta-device construction leaves lm_head untied
+    mine = dict(fresh.named_parameters())
+    if mine.keys() != {n for n, _ in params}:  # every entry of the copy is written below
+        raise RuntimeError(f"ZeRO-3 engine copy: parameters differ, {sorted(mine.keys() ^ {n for n, _ in params})}")
+    with torch.no_grad():
+        for name, p in params:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                mine[name].copy_(p.data)
+        for name, b in fresh.named_buffers():
+            b.copy_(model.get_buffer(name))
+    return fresh.to(dtype)
+
+
 def _is_dtensor(p: Tensor) -> bool:
     return hasattr(p, "full_tensor") and hasattr(p, "to_local")
 
@@ -207,12 +234,13 @@ class Strategy:
             cfg["gradient_accumulation_steps"] = 1  # boundaries: `micro_batch` sets them
             cfg["train_batch_size"] = micro_batch_size * self.world
             cfg["gradient_clipping"] = grad_clip
+        if self.sharded and samples_with_learner_module(engine):
+            # the HF engine decodes token by token on each rank with different lengths, which a
+            # sharded forward (FSDP2, ZeRO-3: a collective per layer) cannot: it samples from an
+            # unsharded copy in the compute dtype, synced after each step (`HFEngine.sync_from`)
+            self._engine_model = unsharded_copy(model, self.precision.compute,
+                                                self.accelerator.device)
         if self.kind == "fsdp2":
-            if samples_with_learner_module(engine):
-                # the HF engine decodes token by token on each rank with different lengths: it
-                # samples from an unsharded copy in the compute dtype, synced after each step
-                self._engine_model = copy.deepcopy(model).to(self.precision.compute)
-                self._engine_model.to(self.accelerator.device)
             model = apply_fsdp2(
                 model, self.precision, self.accelerator.device,
                 reshard_after_forward=_env_true("FSDP_RESHARD_AFTER_FORWARD", "true"),
@@ -226,6 +254,11 @@ class Strategy:
             model, optimizer = self.accelerator.prepare(model, optimizer)
         self.model, self.optimizer = model, optimizer
         return model, optimizer
+
+    @property
+    def engine_copy(self) -> bool:
+        """Whether the HF engine samples from an unsharded copy rather than the learner's module."""
+        return self._engine_model is not None
 
     def engine_model(self) -> nn.Module:
         """The module the HF rollout engine samples from."""

@@ -11,10 +11,11 @@ __all__ = ["check_engine_sharding", "full_named_parameters", "sharding_of"]
 
 def check_engine_sharding(engine_name: str, accelerator, strategy=None) -> None:
     """The HF engine samples with the learner's own module: it needs full parameters. Under
-    FSDP2 the learner gives it an unsharded copy (`Strategy.engine_model`); ZeRO-3 is refused."""
+    FSDP2 and ZeRO-3 the learner gives it an unsharded copy (`Strategy.engine_model`); without
+    a strategy to make one, a sharded accelerator is refused."""
     sharding = sharding_of(accelerator)
     if strategy is not None:
-        sharding = {"fsdp2": "none"}.get(strategy.kind, "zero3" if strategy.sharded else "none")
+        sharding = "none" if strategy.engine_copy or not strategy.sharded else sharding
     from ..rollout.factory import samples_with_learner_module
 
     if samples_with_learner_module(engine_name) and sharding != "none":

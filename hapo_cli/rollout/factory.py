@@ -11,7 +11,7 @@ from ..recipe import RolloutConfig
 from .base import RolloutEngine
 
 # `rollout.engine` -> whether the engine samples with the learner's own module. Such an engine
-# needs full parameters on each rank (FSDP2 gives it an unsharded copy; ZeRO-3 is refused) and
+# needs full parameters on each rank (under FSDP2 and ZeRO-3 it gets an unsharded copy) and
 # takes new weights by reference; the others load them (`sync_weights`).
 ENGINES: dict[str, bool] = {"hf": True, "vllm": False}
 
