@@ -200,3 +200,21 @@ def test_deepspeed_optimizer_partitions_round_trip_per_rank(zero, stage):
     assert res["zero_master_numel"] == [n_params // 2, n_params // 2]
     assert res["zero_moment_tensors"] == [2, 2]  # exp_avg, exp_avg_sq of the flat partition
     assert res["zero_reload_max_diff"] == 0.0
+
+
+def test_fsdp2_loading_makes_every_rank_load_the_weights(monkeypatch):
+    """`fsdp_cpu_ram_efficient_loading: true` would leave ranks > 0 with unloaded weights
+    (transformers expects an FSDP1 broadcast): while the policy loads under FSDP2 it is off,
+    and afterwards as it was; other strategies leave it alone."""
+    import os
+    from types import SimpleNamespace
+
+    from hapo_cli.learner.strategy import Strategy
+
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    acc = SimpleNamespace(num_processes=2)
+    with Strategy("fsdp2", acc, None).loading():
+        assert os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "false"
+    assert os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true"
+    with Strategy("ddp", acc, None).loading():
+        assert os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true"

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from analysis import schema
 
+ROOT = Path(__file__).resolve().parent.parent
 GAP = "actor/behaviour_logp_gap"
 SMALL = [
     "model.warmup.steps=150", "train.prompts_per_step=4", "train.mini_batch_prompts=2",
@@ -174,18 +175,36 @@ def test_evaluate_greedy_vllm_equals_hf(dapo_run):
         assert v[k] == pytest.approx(h[k], abs=1e-9), k
 
 
-def test_two_processes_match_one(tmp_path, cache, dapo_run):
+LAUNCH = {  # strategy -> (accelerate launch arguments, the manifest's strategy)
+    "ddp": (["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no"], "ddp"),
+    "fsdp": (["--config_file", "recipes/accelerate/fsdp.yaml"], "fsdp2"),
+    "zero2": (["--config_file", "recipes/accelerate/zero2.yaml"], "deepspeed"),
+    "zero3": (["--config_file", "recipes/accelerate/zero3.yaml"], "deepspeed"),
+}
+
+
+@pytest.mark.parametrize("strategy", list(LAUNCH))
+def test_two_processes_match_one(tmp_path, cache, dapo_run, strategy):
     """A 2-process `accelerate launch` (gloo on CPU), each rank with its own vLLM engine
-    (external_launcher), matches the 1-process run step by step."""
+    (external_launcher) fed the learner's gathered weights after every step (FSDP2: DTensor
+    `full_tensor`; ZeRO-3: `GatheredParameters`), matches the 1-process run step by step.
+    FSDP2 here caught rank 1 training from unloaded weights under transformers 5.19
+    (`Strategy.loading`)."""
+    if strategy.startswith("zero"):
+        pytest.importorskip("deepspeed", reason="make test-vllm installs the deepspeed extra")
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     assert accelerate, "accelerate CLI not installed next to the interpreter"
     two = tmp_path / "two"
-    res = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2",
-                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
-                          "no", "-m", "hapo_cli.cli", *train_args("tiny/dapo", two, cache)],
-                         capture_output=True, text=True, timeout=900)
+    launch, kind = LAUNCH[strategy]
+    res = subprocess.run([accelerate, "launch", *launch, "--num_processes", "2",
+                          "--mixed_precision", "no", "-m", "hapo_cli.cli",
+                          *train_args("tiny/dapo", two, cache)],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert json.loads((two / schema.MANIFEST).read_text())["world_size"] == 2
+    manifest = json.loads((two / schema.MANIFEST).read_text())
+    assert (manifest["world_size"], manifest["strategy"]) == (2, kind)
+    if strategy == "zero3":
+        assert manifest["zero_stage"] == 3 and manifest["sharded"]
     a, b = rows(dapo_run), rows(two)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     compared = 0

@@ -215,6 +215,20 @@ class Strategy:
             return plugin is not None and getattr(plugin, "zero_stage", 0) == 3
         return False
 
+    @contextmanager
+    def loading(self):
+        """Context for loading the policy (or a checkpoint) on every rank. Under FSDP2 each rank
+        loads the whole model itself: with accelerate's `fsdp_cpu_ram_efficient_loading`
+        transformers (`is_fsdp_enabled`) leaves every rank but 0 with unloaded weights, for an
+        FSDP1 broadcast (`sync_module_states`) that `fully_shard` does not do; under
+        transformers 5.19 (what vLLM's CPU build pins) rank 1 then trained from uninitialised
+        memory."""
+        if self.kind == "fsdp2":
+            with _env("FSDP_CPU_RAM_EFFICIENT_LOADING", "false"):
+                yield
+        else:
+            yield
+
     @property
     def load_dtype(self) -> torch.dtype:
         """The dtype to load the policy in: the master dtype (fp32)."""

@@ -97,8 +97,9 @@ def train(
         _warn(accelerator, "--resume: no checkpoint yet; the run restarts from step 0")
     source = ckpt or policy_path
     check_model_dir(source)
-    model, tokenizer = _load(load_policy, source, strategy.load_dtype,
-                             recipe.model.trust_remote_code)
+    with strategy.loading():
+        model, tokenizer = _load(load_policy, source, strategy.load_dtype,
+                                 recipe.model.trust_remote_code)
     stream = build_streams(recipe.data, tokenizer, recipe.seed)
     val_sets = build_val_sets(recipe.data, tokenizer)
 
