@@ -196,6 +196,13 @@ def test_two_processes_match_one(tmp_path, cache, dapo_run, strategy):
     assert accelerate, "accelerate CLI not installed next to the interpreter"
     two = tmp_path / "two"
     launch, kind = LAUNCH[strategy]
+    if strategy == "fsdp":  # a user's config with transformers' rank-0-only loading on
+        cfg = tmp_path / "fsdp.yaml"
+        text = (ROOT / launch[1]).read_text()
+        assert "fsdp_cpu_ram_efficient_loading: false" in text
+        cfg.write_text(text.replace("fsdp_cpu_ram_efficient_loading: false",
+                                    "fsdp_cpu_ram_efficient_loading: true"))
+        launch = ["--config_file", str(cfg)]
     res = subprocess.run([accelerate, "launch", *launch, "--num_processes", "2",
                           "--mixed_precision", "no", "-m", "hapo_cli.cli",
                           *train_args("tiny/dapo", two, cache)],
