@@ -43,6 +43,16 @@ def batch(rows: int = 8, P: int = 5, T: int = 7):
     return ids, am, T, adv
 
 
+def zero_partition(engine) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """This rank's ZeRO partition: the fp32 masters (ZeRO-1/2 or ZeRO-3), the Adam moments."""
+    zopt = engine.optimizer
+    masters = list(getattr(zopt, "single_partition_of_fp32_groups", None)
+                   or zopt.fp32_partitioned_groups_flat)
+    moments = [v for st in zopt.optimizer.state.values() for v in st.values()
+               if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return masters, moments
+
+
 def run_case(out: Path, kind: str, dtype: str, lr: float) -> None:
     from accelerate.state import AcceleratorState
 
@@ -70,6 +80,9 @@ def run_case(out: Path, kind: str, dtype: str, lr: float) -> None:
         model, lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=0.0), engine="vllm",
         micro_batch_size=2, grad_clip=1e9)  # no clipping: compare raw steps
     world, rank = acc.num_processes, acc.process_index
+    if got_kind == "deepspeed":  # the fp32 masters before the step (the module may be bf16)
+        masters0 = [t.detach().clone()
+                    for t in zero_partition(acc.deepspeed_engine_wrapped.engine)[0]]
 
     # the gather the rollout engine gets, before any step: the unsharded initial weights
     full0 = {k: v.detach().cpu().clone() for k, v in full_named_parameters(model, acc)}
@@ -142,6 +155,8 @@ def run_case(out: Path, kind: str, dtype: str, lr: float) -> None:
     if got_kind == "deepspeed":
         engine = acc.deepspeed_engine_wrapped.engine
         res["global_steps"] = int(engine.global_steps)
+        moved = [int((a != b).sum()) for a, b in zip(zero_partition(engine)[0], masters0)]
+        res["master_changed_frac_rank"] = sum(moved) / sum(t.numel() for t in masters0)
         got_kind = f"zero{stage}"
         # each rank's partition through a checkpoint folder (hapo_cli/learner/zero_state.py):
         # moments and fp32 masters wiped, then reloaded
@@ -153,21 +168,12 @@ def run_case(out: Path, kind: str, dtype: str, lr: float) -> None:
         dist.barrier()
         strategy.save_rank_optimizer(folder)
         dist.barrier()
-        zopt = engine.optimizer
-
-        def partition():  # fp32 masters (ZeRO-1/2 or ZeRO-3), then the Adam moments
-            masters = list(getattr(zopt, "single_partition_of_fp32_groups", None)
-                           or zopt.fp32_partitioned_groups_flat)
-            moments = [v for st in zopt.optimizer.state.values() for v in st.values()
-                       if isinstance(v, torch.Tensor) and v.dim() > 0]
-            return masters, moments
-
-        masters, moments = partition()
+        masters, moments = zero_partition(engine)
         before = [t.detach().clone() for t in masters + moments]
         for t in masters + moments:
             t.data.add_(1.0)
         strategy.load_checkpoint_optimizer(folder)
-        after = sum(partition(), [])  # torch's load_state_dict makes new moment tensors
+        after = sum(zero_partition(engine), [])  # load_state_dict makes new moment tensors
         diffs = torch.tensor([max(float((a - b).abs().max()) for a, b in zip(after, before)),
                               float(len(moments)), float(sum(t.numel() for t in masters))])
         every = [torch.zeros_like(diffs) for _ in range(world)]
