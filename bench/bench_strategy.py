@@ -22,6 +22,7 @@ halved. RSS peaks include building the full model on every rank before `fully_sh
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -32,6 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+NAMES = {"ddp": "DDP", "fsdp2": "FSDP2", "zero2": "ZeRO-2", "zero3": "ZeRO-3"}
 
 
 def worker(args) -> None:
@@ -47,6 +49,11 @@ def worker(args) -> None:
     torch.set_num_threads(1)
     os.environ["ACCELERATE_USE_FSDP"] = "true" if args.kind == "fsdp2" else "false"
     os.environ["FSDP_VERSION"] = "2"
+    stage = {"zero2": "2", "zero3": "3"}.get(args.kind)
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true" if stage else "false"
+    if stage:  # what `accelerate launch --config_file recipes/accelerate/zero{2,3}.yaml` sets
+        os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"] = stage
+        os.environ["ACCELERATE_DEEPSPEED_ZERO3_INIT"] = "false"
     precision = resolve_precision(args.dtype, "no")
     acc, kind = build_accelerator(precision)
     strategy = Strategy(kind, acc, precision)
@@ -84,7 +91,7 @@ def worker(args) -> None:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
     desc = strategy.describe()
-    row = {"kind": kind, "rank": rank, "world": world, "peak_mb": peak,
+    row = {"kind": args.kind, "rank": rank, "world": world, "peak_mb": peak,
            "step_s": statistics.median(times[1:]), "param_mb": desc["param_bytes_per_rank"] / 2**20,
            "num_parameters": desc["num_parameters"], "device": acc.device.type}
     Path(args.out).with_suffix(f".{rank}.json").write_text(json.dumps(row))
@@ -127,23 +134,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from rich.console import Console
     from rich.table import Table
 
+    kinds = ["ddp", "fsdp2"]
+    if importlib.util.find_spec("deepspeed") is not None:
+        kinds += ["zero2", "zero3"]
+    else:
+        print("deepspeed not installed: the ZeRO rows are skipped (pip install -e '.[deepspeed]')")
     with tempfile.TemporaryDirectory() as tmp:
-        res = {k: run(k, args, Path(tmp)) for k in ("ddp", "fsdp2")}
+        res = {k: run(k, args, Path(tmp)) for k in kinds}
     n = res["ddp"][0]["num_parameters"]
     table = Table(title=f"learner update, {args.nproc} processes, Qwen2 hidden {args.hidden}, "
                         f"vocab {args.vocab}, {args.layers} layer(s), {n / 1e6:.0f} M parameters, "
                         f"{args.dtype} compute, fp32 masters ({res['ddp'][0]['device']})")
-    for col in ("rank", "DDP peak MB", "FSDP2 peak MB", "ratio", "DDP params MB",
-                "FSDP2 params MB", "DDP step s", "FSDP2 step s", "ratio "):
+    for col in ("strategy", "rank", "peak MB", "vs DDP", "params MB", "step s", "vs DDP "):
         table.add_column(col)
     rows = []
-    for d, f in zip(res["ddp"], res["fsdp2"]):
-        rows.append({"rank": d["rank"], "ddp_peak_mb": d["peak_mb"], "fsdp2_peak_mb": f["peak_mb"],
-                     "ddp_step_s": d["step_s"], "fsdp2_step_s": f["step_s"]})
-        table.add_row(str(d["rank"]), f"{d['peak_mb']:.0f}", f"{f['peak_mb']:.0f}",
-                      f"{f['peak_mb'] / d['peak_mb']:.2f}", f"{d['param_mb']:.0f}",
-                      f"{f['param_mb']:.0f}", f"{d['step_s']:.2f}", f"{f['step_s']:.2f}",
-                      f"{f['step_s'] / d['step_s']:.2f}")
+    for kind in kinds:
+        for d, r in zip(res["ddp"], res[kind]):
+            rows.append({"strategy": kind, "rank": r["rank"], "peak_mb": r["peak_mb"],
+                         "param_mb": r["param_mb"], "step_s": r["step_s"]})
+            table.add_row(NAMES[kind], str(r["rank"]), f"{r['peak_mb']:.0f}",
+                          f"{r['peak_mb'] / d['peak_mb']:.2f}", f"{r['param_mb']:.0f}",
+                          f"{r['step_s']:.2f}", f"{r['step_s'] / d['step_s']:.2f}")
     Console().print(table)
     return rows
 
