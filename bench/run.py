@@ -22,7 +22,8 @@ def main() -> None:
                       ("training step", bench_train),
                       ("tiny job: hapo DAPO / HAPO vs TRL GRPOTrainer", bench_trl),
                       ("rollout: vLLM vs HF", bench_vllm),
-                      ("DDP vs FSDP2, 2 processes, large vocabulary", bench_strategy)):
+                      ("DDP, FSDP2, ZeRO-2, ZeRO-3: 2 processes, large vocabulary",
+                       bench_strategy)):
         print(f"\n=== {name} ===", flush=True)
         mod.main()
 

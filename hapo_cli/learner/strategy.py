@@ -144,8 +144,9 @@ def unsharded_copy(model: nn.Module, dtype: torch.dtype, device: torch.device) -
     fresh.to_empty(device=device)
     fresh.tie_weights()  # the meta-device construction leaves lm_head untied
     mine = dict(fresh.named_parameters())
-    if mine.keys() != {n for n, _ in params}:  # every entry of the copy is written below
-        raise RuntimeError(f"ZeRO-3 engine copy: parameters differ, {sorted(mine.keys() ^ {n for n, _ in params})}")
+    differ = sorted(mine.keys() ^ {n for n, _ in params})
+    if differ:  # every entry of the copy must be written below
+        raise RuntimeError(f"ZeRO-3 engine copy: parameter names differ: {differ}")
     with torch.no_grad():
         for name, p in params:
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
