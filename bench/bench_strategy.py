@@ -1,22 +1,25 @@
-"""Per-rank peak memory and step time of one learner update, DDP vs FSDP2, 2 processes (gloo on
-CPU, NCCL on GPUs), on a model with a large vocabulary: Qwen2 hidden 1536, vocab 151,936 (the
-Qwen2.5-1.5B head, tied embeddings), 1 decoder layer by default.
+"""Per-rank peak memory and step time of one learner update, DDP vs FSDP2 vs DeepSpeed ZeRO-2 and
+ZeRO-3, 2 processes (gloo on CPU, NCCL on GPUs), on a model with a large vocabulary: Qwen2 hidden
+1536, vocab 151,936 (the Qwen2.5-1.5B head, tied embeddings), 1 decoder layer by default.
 
 Each strategy runs in its own `torchrun` so peak memory is its own. Every rank builds the model
 (fp32 masters), the learner's `Strategy` prepares it (DDP via accelerate, FSDP2 via
-`fully_shard`), then it runs `--steps` updates of the learner's path: fused log-probs
+`fully_shard`, ZeRO through accelerate's DeepSpeed plugin as recipes/accelerate/zero{2,3}.yaml
+set it), then it runs `--steps` updates of the learner's path: fused log-probs
 (`response_logprobs`), backward over 2 micro-batches, clip, AdamW step. Reported per rank: peak
 RSS (CPU; `ru_maxrss`) or peak allocated CUDA memory, parameter bytes held, and the median step
-time after one warm-up step.
+time after one warm-up step. The ZeRO rows need deepspeed (skipped without it).
 
     python bench/bench_strategy.py [--hidden 1536] [--vocab 151936] [--layers 1] [--steps 3]
 
-Measured (2 shared CPU cores, gloo, 258 M parameters, fp32, 4 x 128 tokens per rank, --steps 2):
-peak RSS per rank DDP 7256 MB, FSDP2 5886 MB (0.81); parameter bytes per rank 983 vs 492 MB;
-step 37.3 s vs 57.2 s (1.53: gloo all-gathers on CPU). The saving is modest because the tied
+Measured in one run (2 CPU cores, gloo, 258 M parameters, fp32, 4 x 128 tokens per rank,
+--steps 2), rank 0: peak RSS DDP 7227 MB, FSDP2 5808 (0.80), ZeRO-2 5945 (0.82), ZeRO-3 7178
+(0.99) MB; parameter bytes per rank 983 MB (DDP, ZeRO-2) vs 492 (FSDP2, ZeRO-3); step 22.9 s,
+39.1 s (1.71), 31.6 s (1.38), 33.5 s (1.47). FSDP2's saving is modest because the tied
 151,936 x 1536 embedding (90 % of the parameters) sits in the root FSDP group, which is
 unsharded for the whole forward/backward with its full gradient; the optimizer state is
-halved. RSS peaks include building the full model on every rank before `fully_shard`.
+halved (ZeRO-2 halves it too). ZeRO-3 gathers that embedding for the whole forward as well, and
+its RSS peak keeps the full model every rank builds before partitioning (zero3_init off).
 """
 
 from __future__ import annotations
