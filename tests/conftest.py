@@ -4,6 +4,7 @@ the whole session (every test that trains builds the same 150-step warm-up polic
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,28 @@ def read_metrics(run: Path) -> list[dict]:
 
 def strip_times(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+# The lines of a failed multi-process run's output that say what happened: Python errors and
+# tracebacks (accelerate prefixes them "[rankN]:"), C++ aborts ("terminate called ...",
+# "what(): ..."), faulthandler's stacks ("File ..."); not torchrun's own traceback (it only says
+# that a rank failed) nor deprecation warnings.
+CAUSE = re.compile(r"Error|Exception|Traceback|terminate called|what\(\)|Fatal Python|"
+                   r"^(\[rank\d+\]:)?\s*File \"|Thread 0x|Current thread")
+LAUNCHER = re.compile(r"torch/distributed/(run|launcher|elastic)|frozen runpy|ChildFailedError|"
+                      r"FutureWarning|accelerate/commands")
+
+
+def failure_report(res, done_marker: str | None = None) -> str:
+    """The tail of a failed `torchrun` / `accelerate launch`, then the lines naming the cause,
+    last (CI shows the end of the output). `done_marker`: a line a worker prints per rank once
+    its results are written ("<marker> rank N"), to tell a crash from a teardown abort."""
+    out = (res.stdout or "") + (res.stderr or "")
+    cause = [ln for ln in out.splitlines()
+             if (CAUSE.search(ln) or (done_marker and done_marker in ln))
+             and not LAUNCHER.search(ln)]
+    tail = f"\n--- exit {res.returncode}"
+    if done_marker:
+        finished = sorted(int(m) for m in re.findall(re.escape(done_marker) + r" rank (\d+)", out))
+        tail += f"; ranks that wrote every case: {finished}"
+    return f"{out[-1500:]}\n--- the lines naming the cause ---\n" + "\n".join(cause[-40:]) + tail

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import failure_report
 
 from analysis import schema
 
@@ -44,7 +45,7 @@ def test_two_processes_match_one(tmp_path):
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
                           "no", "-m", "hapo_cli.cli", *_args(two, cache)],
                          capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.returncode == 0, failure_report(res)
     manifest = json.loads((two / schema.MANIFEST).read_text())
     assert manifest["world_size"] == 2 and manifest["status"] == "done"
     a, b = _rows(one), _rows(two)
@@ -84,6 +85,6 @@ def test_two_processes_with_an_empty_warmup_cache(tmp_path):
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
                           "no", "-m", "hapo_cli.cli", *args],
                          capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.returncode == 0, failure_report(res)
     assert json.loads((out / schema.MANIFEST).read_text())["status"] == "done"
     assert len(list(cache.glob("warmup-*/config.json"))) == 1

@@ -5,43 +5,24 @@ process, DDP and FSDP2 (2 gloo processes, via tests/strategy_worker.py), compare
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import failure_report
 from strategy_worker import DONE  # tests/ is on sys.path (pytest's rootdir-less import)
 from torch.testing import assert_close
 
 WORKER = Path(__file__).with_name("strategy_worker.py")
 
 
-# the lines of a failed worker's output that say what happened: Python errors and tracebacks,
-# C++ aborts ("terminate called ...", "what(): ..."), faulthandler's stacks ("File ..."), the
-# worker's own "every case written" lines
-CAUSE = re.compile(r"Error|Exception|Traceback|terminate called|what\(\)|Fatal Python|"
-                   r"^\s*File \"|Thread 0x|Current thread|" + re.escape(DONE))
-# ...but not torchrun's own traceback (it only says that a rank failed) or deprecation warnings
-LAUNCHER = re.compile(r"torch/distributed/(run|launcher|elastic)|frozen runpy|ChildFailedError|"
-                      r"FutureWarning")
-
-
-def failure_report(res: subprocess.CompletedProcess) -> str:
-    """torchrun's tail, then the lines naming the cause, last: CI shows the end of the output."""
-    out = res.stdout + res.stderr
-    cause = [ln for ln in out.splitlines() if CAUSE.search(ln) and not LAUNCHER.search(ln)]
-    finished = sorted(int(m) for m in re.findall(re.escape(DONE) + r" rank (\d+)", out))
-    return (f"{out[-1500:]}\n--- the lines naming the cause ---\n" + "\n".join(cause[-40:])
-            + f"\n--- worker exit {res.returncode}; ranks that wrote every case: {finished}")
-
-
 def _run_worker(out: Path, nproc: int, *cases: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--standalone", str(WORKER), str(out), *cases]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, failure_report(res)
+    assert res.returncode == 0, failure_report(res, DONE)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import failure_report
 
 from analysis import schema
 
@@ -67,7 +68,7 @@ def runs(tmp_path_factory):
     for name in ("ddp", "fsdp"):
         res = subprocess.run([*_launch(name), *_train_args(root / name, cache)],
                              capture_output=True, text=True, timeout=600, cwd=ROOT)
-        assert res.returncode == 0, res.stderr[-3000:]
+        assert res.returncode == 0, failure_report(res)
         out[name] = root / name
     return root, cache, out
 
@@ -169,7 +170,7 @@ def _kill_at_step_2_and_resume(root: Path, cache: Path, strategy: str) -> Path:
 
     res = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600,
                          cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, failure_report(res)
     manifest = json.loads((killed / schema.MANIFEST).read_text())
     assert manifest["status"] == "done" and manifest["resumed_from"] == "step-000002"
     return killed
@@ -195,7 +196,7 @@ def zero_runs(runs):
     for stage in ZERO:
         res = subprocess.run([*_launch(stage), *_train_args(root / stage, cache)],
                              capture_output=True, text=True, timeout=600, cwd=ROOT)
-        assert res.returncode == 0, res.stderr[-3000:]
+        assert res.returncode == 0, failure_report(res)
         out[stage] = root / stage
     return out
 
