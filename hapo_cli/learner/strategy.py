@@ -128,29 +128,28 @@ def build_accelerator(precision: Precision, **kwargs) -> tuple[Any, str]:
     return acc, kind
 
 
-def unsharded_copy(model: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """A full copy of `model` in `dtype` on `device`, for the HF engine. Under ZeRO-3
-    transformers builds the model inside `deepspeed.zero.Init` (its parameters are empty
+def unsharded_copy(model: nn.Module, dtype: torch.dtype, accelerator) -> nn.Module:
+    """A full copy of `model` in `dtype` on the accelerator's device, for the HF engine. Under
+    ZeRO-3 transformers builds the model inside `deepspeed.zero.Init` (its parameters are empty
     partitions from the start): the copy is then built empty from the config (a plain
-    constructor, outside zero.Init) and each parameter is gathered into it (collective: every
+    constructor, outside zero.Init) and filled from `full_named_parameters` (collective: every
     rank calls this); buffers are never partitioned and are copied as they are."""
-    params = list(model.named_parameters())
-    if not any(hasattr(p, "ds_id") for _, p in params):
-        return copy.deepcopy(model).to(dtype).to(device)
-    import deepspeed
+    from ..sharded import full_named_parameters, sharding_of
 
+    device = accelerator.device
+    if sharding_of(accelerator) != "zero3":
+        return copy.deepcopy(model).to(dtype).to(device)
     with torch.device("meta"):
         fresh = type(model)(copy.deepcopy(model.config))
     fresh.to_empty(device=device)
     fresh.tie_weights()  # the meta-device construction leaves lm_head untied
     mine = dict(fresh.named_parameters())
-    differ = sorted(mine.keys() ^ {n for n, _ in params})
+    differ = sorted(mine.keys() ^ {n for n, _ in model.named_parameters()})
     if differ:  # every entry of the copy must be written below
         raise RuntimeError(f"ZeRO-3 engine copy: parameter names differ: {differ}")
     with torch.no_grad():
-        for name, p in params:
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                mine[name].copy_(p.data)
+        for name, full in full_named_parameters(model, accelerator):
+            mine[name].copy_(full)
         for name, b in fresh.named_buffers():
             b.copy_(model.get_buffer(name))
     return fresh.to(dtype)
@@ -253,8 +252,7 @@ class Strategy:
             # the HF engine decodes token by token on each rank with different lengths, which a
             # sharded forward (FSDP2, ZeRO-3: a collective per layer) cannot: it samples from an
             # unsharded copy in the compute dtype, synced after each step (`HFEngine.sync_from`)
-            self._engine_model = unsharded_copy(model, self.precision.compute,
-                                                self.accelerator.device)
+            self._engine_model = unsharded_copy(model, self.precision.compute, self.accelerator)
         if self.kind == "fsdp2":
             model = apply_fsdp2(
                 model, self.precision, self.accelerator.device,
