@@ -77,6 +77,34 @@ def test_stepper_logits_match_the_models_forward(kind, kv, prompts):
             nxt = nxt + 1
 
 
+@pytest.mark.parametrize("kind,kv", MODELS)
+def test_stepper_under_bf16_autocast_matches_the_models_forward(kind, kv):
+    """fp32 master weights computing in bf16 (`train.mixed_precision=bf16`, or `model.dtype=
+    bfloat16` on one process): accelerate runs the model's forward under CPU autocast, and the
+    engine runs the stepper under the same autocast. The prefill's cache then holds fp32 keys
+    (rotated by fp32 cos/sin) and bf16 values; the step must do what the forward does (SDPA casts
+    both to bf16), not hand SDPA mixed dtypes (the crash of issue 23). Same ops on the same
+    shapes: equal to float32 tolerance although the arithmetic is bf16."""
+    model = _model(kind, kv)
+    ids, attn, pos = left_pad(PADDED, 0, "cpu")
+    fed = torch.randint(2, 24, (len(PADDED), 4), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+        ref_cache = out.past_key_values
+        assert ref_cache.layers[0].values.dtype == torch.bfloat16
+        stepper = KVStepper(model, ref_cache, attn, max_new=5)
+        a, nxt = attn, pos[:, -1] + 1
+        for t in range(4):
+            got = stepper.step(fed[:, t], nxt)
+            a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
+            ref = model(input_ids=fed[:, t : t + 1], attention_mask=a,
+                        position_ids=nxt.unsqueeze(1), use_cache=True,
+                        **{_cache_kwarg(model): ref_cache})
+            ref_cache = ref.past_key_values
+            assert_close(got, ref.logits[:, -1].float())
+            nxt = nxt + 1
+
+
 def _first_near_tie(model, prompt, row_tokens, temps, spec, key, upto):
     """First position t < upto where the reference's perturbed scores have a top-2 gap < TIE."""
     _, chain = sampling_processors(1.0, 0.0, None, spec.top_k, spec.top_p)

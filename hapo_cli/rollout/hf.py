@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -323,7 +324,7 @@ class HFEngine:
         model.eval()
         parts = []
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self._autocast():
                 for start in range(0, len(seqs), self.batch_size):
                     chunk = seqs[start : start + self.batch_size]
                     keys = row_keys[start : start + self.batch_size]
@@ -358,6 +359,16 @@ class HFEngine:
         from ..sharded import full_named_parameters
 
         self.sync_weights(full_named_parameters(model, accelerator))
+
+    def _autocast(self):
+        """The autocast the learner's forward runs under (accelerate wraps the prepared model's
+        `forward` in it; with `train.mixed_precision=bf16` or `model.dtype=bfloat16` the fp32
+        master weights compute in bf16). `KVStepper` calls the model's submodules directly, so
+        the whole decode runs under it too: without it the prefill's cache holds bf16 values and
+        fp32 keys, and the fast step computes in fp32 what the generic loop computes in bf16."""
+        if self.accelerator is None:
+            return nullcontext()
+        return self.accelerator.autocast()
 
     def sleep(self) -> None:
         """Nothing to free: the engine owns no memory beyond the learner's model."""
