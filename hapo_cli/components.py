@@ -26,9 +26,15 @@ LETTERS = "ABCD"
 
 
 def parse_components(spec: str) -> str:
-    """'abd' / 'A,B,D' / 'none' / '' -> canonical 'ABD' or 'none'."""
+    """'abd' / 'A,B,D' / 'none' -> canonical 'ABD' or 'none'. An empty string is an error, not
+    the baseline: `--components "$UNSET"` must not train something nobody chose."""
     s = spec.strip().upper().replace(",", "").replace(" ", "")
-    if s in ("", "NONE", "-"):
+    if not s:
+        raise RecipeError(
+            f"--components {spec!r}: empty; use letters of ABCD (e.g. ABCD) or 'none' for the "
+            "baseline"
+        )
+    if s in ("NONE", "-"):
         return "none"
     bad = sorted(set(s) - set(LETTERS))
     if bad:

@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from .errors import RecipeError
 from .sections import (  # noqa: F401 - the sections are part of the recipe's API
+    MAX_SEED,
     AlgoConfig,
     DataConfig,
     DynamicSamplingConfig,
@@ -37,7 +38,8 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 class Recipe(_Section):
     name: str = Field("custom", description="Recipe name (default run directory name).")
-    seed: int = Field(1, description="RL seed: data order, sampling, initialisation of RNGs.")
+    seed: int = Field(1, ge=0, le=MAX_SEED,
+                      description="RL seed: data order, sampling, initialisation of RNGs.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)

@@ -44,11 +44,16 @@ class TinyModelConfig(_Section):
         return self
 
 
+# Seeds reach numpy's legacy seeding (through accelerate's set_seed), which takes 0..2**32-1.
+MAX_SEED = 2**32 - 1
+
+
 class WarmupConfig(_Section):
     steps: int = Field(1500, ge=0, description="Supervised warm-up optimizer steps at most.")
     batch_size: int = Field(128, gt=0, description="Warm-up batch size (examples).")
     lr: float = Field(2e-3, gt=0, le=1, description="Warm-up AdamW learning rate.")
-    seed: int = Field(0, description="Warm-up seed; part of the cache key, not the RL seed.")
+    seed: int = Field(0, ge=0, le=MAX_SEED,
+                      description="Warm-up seed; part of the cache key, not the RL seed.")
     target_acc: float | None = Field(
         0.3, ge=0, le=1,
         description="Stop the warm-up once held-out greedy accuracy (a probe set) reaches this; "

@@ -128,7 +128,9 @@ def test_parse_seeds():
     assert parse_seeds("1,2,3") == [1, 2, 3]
     assert parse_seeds(" 3, 1,3") == [3, 1]
     assert parse_seeds([2, 2, 0]) == [2, 0]
-    for bad, msg in (("1,x", "'x' is not an integer"), ("-1", "must be >= 0"),
+    assert parse_seeds(str(2**32 - 1)) == [2**32 - 1]
+    for bad, msg in (("1,x", "'x' is not an integer"), ("-1", r"must be in 0\.\.4294967295"),
+                     ("4294967296", r"must be in 0\.\.4294967295, got 4294967296"),
                      ("", "'' is not an integer")):
         with pytest.raises(HapoError, match=msg):
             parse_seeds(bad)

@@ -16,6 +16,7 @@ from analysis import schema
 
 from ..components import LETTERS, parse_components
 from ..errors import HapoError, RecipeError
+from ..sections import MAX_SEED
 
 GRIDS: tuple[str, ...] = ("paper", "single", "leave-one-out", "all")
 BASELINE = schema.BASELINE_VARIANT  # "none"
@@ -156,6 +157,8 @@ def expand_variants(
     `--variants` already names it; `--variants` can also name any '<letters>-released'.
     """
     letters = parse_letters(components)
+    if grid not in GRIDS:  # even when --variants chooses: a typo is never ignored
+        raise HapoError(f"--grid {grid!r} is not one of: {', '.join(GRIDS)}")
     names = parse_variants(variants, letters) if variants is not None else grid_variants(
         letters, grid
     )
@@ -167,7 +170,8 @@ def expand_variants(
 
 
 def parse_seeds(spec: str | Sequence[int]) -> list[int]:
-    """`--seeds 1,2,3` -> [1, 2, 3]: non-negative integers, duplicates dropped, order kept."""
+    """`--seeds 1,2,3` -> [1, 2, 3]: integers in 0..MAX_SEED (the recipe's `seed` range),
+    duplicates dropped, order kept."""
     if not isinstance(spec, str):
         spec = ",".join(str(s) for s in spec)
     out: list[int] = []
@@ -179,8 +183,8 @@ def parse_seeds(spec: str | Sequence[int]) -> list[int]:
             raise HapoError(
                 f"--seeds {spec!r}: {raw!r} is not an integer; expected e.g. --seeds 1,2,3"
             ) from None
-        if seed < 0:
-            raise HapoError(f"--seeds {spec!r}: seeds must be >= 0, got {seed}")
+        if not 0 <= seed <= MAX_SEED:
+            raise HapoError(f"--seeds {spec!r}: a seed must be in 0..{MAX_SEED}, got {seed}")
         if seed not in out:
             out.append(seed)
     return out
