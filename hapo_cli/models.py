@@ -474,4 +474,36 @@ def check_model_dir(path: str | Path) -> None:
                 f.keys()
         except Exception as exc:  # SafetensorError, OSError: corrupt or truncated file
             raise ModelError(f"{w}: not a readable safetensors file ({first_line(exc)})") from None
+    check_tokenizer(path)
+
+
+# Characters every math model's vocabulary holds (the tiny character tokenizer's too).
+TOKENIZER_PROBE = "1+2=3"
+
+
+def check_tokenizer(path: str | Path) -> None:
+    """ModelError unless the folder's tokenizer loads and knows TOKENIZER_PROBE. Without its
+    vocabulary file (tokenizer.json), transformers still builds a tokenizer from
+    tokenizer_config.json alone, one of a few special tokens that encodes every prompt to
+    nothing; a folder is loadable only if what it needs loads. A tokenizer that needs
+    remote code is left to `load_policy`, which knows `model.trust_remote_code`."""
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # OSError, ValueError, KeyError, tokenizers' own Exception
+        if "trust_remote_code" in str(exc):
+            return
+        raise ModelError(
+            f"{path}: the tokenizer does not load ({type(exc).__name__}: {first_line(exc)})"
+        ) from None
+    ids = tok(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    if not ids or all(i == tok.unk_token_id for i in ids):
+        missing = [f for f in ("tokenizer.json",) if not (Path(path) / f).is_file()]
+        why = f" (no {missing[0]})" if missing else ""
+        raise ModelError(
+            f"{path}: the tokenizer has no vocabulary{why}: it encodes {TOKENIZER_PROBE!r} to "
+            f"{len(ids)} known tokens ({len(tok)} tokens in all); restore its tokenizer files"
+        )
 

@@ -106,6 +106,7 @@ def run_ablation(
     ablation_dir = Path(output) if output is not None else (
         Path(base.log.output_dir) / f"{base.name}-ablation"
     )
+    check_output(ablation_dir)
     plan = build_plan(variant_list, seed_list)
     planned = AblationSpec(ablation_dir.name, str(recipe), recipe_hash(base), user_overrides, plan)
     # Resolve every run's recipe now: a bad --set fails before anything is written.
@@ -113,7 +114,13 @@ def run_ablation(
         run_recipe(recipe, user_overrides, e)
     spec = merge_plan(read_ablation(ablation_dir), planned)
 
-    ablation_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        ablation_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file on the way, a read-only parent
+        from ..runlog import os_error_line
+
+        raise HapoError(f"--output: cannot create the ablation directory: "
+                        f"{os_error_line(err, ablation_dir)}") from None
     lock_fd = take_lock(ablation_dir)
     try:
         spec = merge_plan(read_ablation(ablation_dir), planned)  # again, under the lock
@@ -132,6 +139,18 @@ def run_ablation(
         )
     finally:
         os.close(lock_fd)
+
+
+def check_output(ablation_dir: Path) -> None:
+    """HapoError unless `--output` can hold an ablation: a new path, or a folder that is not a
+    file and not a training run (its manifest.json with no ablation.json beside it)."""
+    if ablation_dir.exists() and not ablation_dir.is_dir():
+        raise HapoError(f"--output {ablation_dir}: is a file; expected an ablation directory")
+    if (ablation_dir / schema.MANIFEST).is_file() and not (ablation_dir / schema.ABLATION).exists():
+        raise HapoError(
+            f"--output {ablation_dir}: holds a training run ({schema.MANIFEST}), not an "
+            "ablation; choose another --output (nothing was changed)"
+        )
 
 
 def _run_locked(
@@ -186,6 +205,10 @@ def _run_locked(
     failed = [e.run_dir for e in plan if spec.state(e.run_dir).status == FAILED]
     for name in failed:
         console.print(f"[red]failed[/red] {name}: {spec.state(name).error}", highlight=False)
+    for e in plan:
+        if spec.state(e.run_dir).status == INTERRUPTED:
+            console.print(f"[yellow]interrupted[/yellow] {e.run_dir}: {spec.state(e.run_dir).error}"
+                          "; run the same command again to resume it", highlight=False)
     return ok
 
 
@@ -259,6 +282,11 @@ def _schedule(
         st.rc, st.ended, st.step = rc, time.time(), a.tail.step
         if rc == 0 and manifest.get("status") == schema.STATUS_DONE:
             st.status, st.error = DONE, None
+        elif manifest.get("status") == INTERRUPTED:
+            # stopped from outside (SIGTERM, a preemption) while the ablation goes on: the run
+            # wrote `interrupted` and exited 130; it is resumable, so a rerun continues it
+            st.status = INTERRUPTED
+            st.error = manifest.get("message") or exit_error(rc, ablation_dir / (st.log or ""))
         else:
             st.status = FAILED
             st.error = (

@@ -129,6 +129,26 @@ def _parse_answer(value: Any, where: str, key: str) -> str:
     return str(value).strip()
 
 
+def check_prompt_content(prompt: str | list[dict[str, str]], text: str, ids: tuple[int, ...],
+                         tokenizer: Any, where: str, key: str) -> None:
+    """DataError unless the prompt asks something: not empty or whitespace only, and at least
+    one of its tokens known to the tokenizer (not all `<unk>`). Checked at load, so such a row
+    is one line naming the file and row, not a `generate` error steps into training."""
+    content = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+    if not content.strip():
+        shown = "empty" if not content else f"whitespace only ({content!r:.40})"
+        raise DataError(f"{where}: '{key}' is {shown}; expected a question")
+    if text != content:  # a chat template (or message joining) added tokens: judge the content
+        ids = tuple(tokenizer(content, add_special_tokens=False)["input_ids"])
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if not ids or (unk is not None and all(i == unk for i in ids)):
+        got = "encodes to 0 tokens" if not ids else f"is {len(ids)} unknown tokens"
+        raise DataError(
+            f"{where}: '{key}' ({content!r:.40}) {got}: none is in the tokenizer's "
+            "vocabulary; expected text the model can read"
+        )
+
+
 def row_verifier(choice: str, record: dict) -> Literal["math", "dapo"]:
     """The verifier of one row: `choice` itself, or for "source" verl's dispatch on the row's
     `data_source` (`verl/utils/reward_score/__init__.py`, `default_compute_score`): a source
@@ -195,6 +215,7 @@ def load_examples(
         prompt = _parse_prompt(raw_prompt, where)
         answer = _parse_answer(raw_answer, where, data_cfg.answer_key)
         text, ids = encode_prompt(tokenizer, prompt, data_cfg.apply_chat_template)
+        check_prompt_content(prompt, text, ids, tokenizer, where, data_cfg.prompt_key)
         try:
             cut = truncate_prompt(ids, data_cfg.max_prompt_length, side)
         except DataError as err:
