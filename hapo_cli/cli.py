@@ -152,6 +152,12 @@ def train(
     from .interrupts import interrupt_once
     from .learner import train as run_train
 
+    if resume:  # the run's manifest and checkpoints name its recipe, recipe.yaml or not
+        from .learner.resume import check_resume_recipe
+        from .learner.trainer import run_dir_of
+
+        _guard(check_resume_recipe, run_dir_of(rec, output), rec)
+
     with interrupt_once():  # a second Ctrl-C or SIGTERM cannot cut the clean-up short
         summary = _guard(run_train, rec, output_dir=output, resume=resume, overwrite=overwrite)
         if summary is not None and summary.status == "interrupted":

@@ -304,15 +304,45 @@ def warmup_policy(model_cfg: Any, data_cfg: Any, progress: Progress | None = Non
     cache = Path(model_cfg.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     final = cache / f"warmup-{warmup_key(model_cfg, data_cfg)}"
-    if (final / "warmup.json").is_file():
-        return final
-    with _file_lock(cache / f"{final.name}.lock"):
-        if (final / "warmup.json").is_file():
-            return final
-        quiet_transformers()
-        with torch.random.fork_rng(devices=[]), num_threads(WARMUP_THREADS):
-            _build_warmup(model_cfg, data_cfg, final, progress)  # caller's RNG left untouched
+    if not (final / "warmup.json").is_file():
+        with _file_lock(cache / f"{final.name}.lock"):
+            if not (final / "warmup.json").is_file():
+                quiet_transformers()
+                with torch.random.fork_rng(devices=[]), num_threads(WARMUP_THREADS):
+                    _build_warmup(model_cfg, data_cfg, final, progress)  # caller's RNG kept
+    line = warmup_shortfall(final)
+    if line is not None and os.environ.get("RANK", "0") == "0":  # once per launch, not per rank
+        from rich.console import Console
+        from rich.markup import escape
+
+        Console(stderr=True).print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False,
+                                   soft_wrap=True)
     return final
+
+
+def warmup_shortfall(policy_dir: Path) -> str | None:
+    """One line when the warm-up policy in `policy_dir` stopped at its step cap before its
+    probe accuracy reached `model.warmup.target_acc` (None when it did, or had no target).
+
+    Warned about, not refused, every time the policy is used, built or cached: the target is
+    where a warm-up aims, `model.warmup.steps` only caps it, and short warm-ups are
+    deliberate in CPU tests and demos. What must not happen is that an RL run starts from a
+    policy that answers nothing, and so may get no reward signal, without a word."""
+    try:
+        info = json.loads((Path(policy_dir) / "warmup.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    target, probe = info.get("target_acc"), info.get("probe_acc")
+    if not isinstance(target, (int, float)) or (isinstance(probe, (int, float)) and probe >= target):
+        return None
+    acc = info.get("heldout_greedy_acc")
+    shown = f"{acc:.3f}" if isinstance(acc, (int, float)) else "unknown"
+    cap = (info.get("warmup") or {}).get("steps")
+    return (
+        f"the warm-up policy missed model.warmup.target_acc={target}: held-out greedy accuracy "
+        f"{shown} after {info.get('steps_run')} steps (model.warmup.steps={cap} is the cap; "
+        f"{policy_dir}); raise model.warmup.steps, or RL may see no reward"
+    )
 
 
 @contextlib.contextmanager

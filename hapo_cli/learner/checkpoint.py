@@ -53,6 +53,29 @@ def fresh_temporary_dir(run_dir: Path, step: int) -> Path:
     return tmp
 
 
+def recipe_fingerprint(recipe: dict) -> str:
+    """Hash of a resolved recipe (as a dict) less train.max_steps, which a resume may raise."""
+    from ..recipe import stable_hash
+
+    train = {k: v for k, v in (recipe.get("train") or {}).items() if k != "max_steps"}
+    return stable_hash({**recipe, "train": train})
+
+
+def recorded_recipe(run_dir: Path) -> dict:
+    """{"recipe": the run's resolved recipe, "recipe_hash": its fingerprint}, from the run's
+    recipe.yaml (written before the first step), for trainer_state.json: a checkpoint then
+    says what it was trained with even when recipe.yaml is gone. {} without a readable one."""
+    import yaml
+
+    try:
+        recipe = yaml.safe_load((Path(run_dir) / schema.RECIPE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    if not isinstance(recipe, dict):
+        return {}
+    return {"recipe": recipe, "recipe_hash": recipe_fingerprint(recipe)}
+
+
 def save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, stream, state, keep=2,
                     model_state=None, optim_state=None, ranks_wrote_optimizer=False):
     """`model_state` / `optim_state`: full (gathered) states of a sharded model and optimizer,
@@ -72,6 +95,7 @@ def save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, strea
     torch.save({"torch": torch.get_rng_state()}, tmp / RNG_FILE)
     meta = {
         "step": step,
+        **recorded_recipe(run_dir),
         "stream": stream.state_dict(),
         "entropy_stats": state.entropy_stats.to_dict() if state.entropy_stats else None,
         "critical_threshold": state.critical_threshold,

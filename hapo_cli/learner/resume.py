@@ -42,6 +42,53 @@ def probe_checkpoint(ckpt: Path) -> None:
             raise ValueError(f"{f.name}: cannot be loaded safely ({first_line(exc)})") from None
 
 
+# What the manifest records of the recipe (every run writes these): key -> the recipe's value.
+MANIFEST_FIELDS = {
+    "seed": lambda r: r.seed,
+    "components": lambda r: r.components,
+    "algo": lambda r: r.algo.baseline,
+}
+
+
+def check_resume_recipe(run_dir: Path, recipe) -> None:
+    """RunDirError unless `recipe` is the one the run in `run_dir` was trained with, as its
+    manifest (seed, components, baseline) and every checkpoint's recorded recipe say
+    (train.max_steps may grow). recipe.yaml is compared by `RunLog.prepare`; these still hold
+    when it was deleted, which would otherwise let any recipe continue the run. Reads only."""
+    import yaml
+
+    from analysis import schema
+
+    from ..errors import RunDirError
+    from ..runlog import _recipe_diff
+    from .checkpoint import recipe_fingerprint
+
+    manifest = schema.read_manifest(run_dir)
+    if not manifest:
+        return  # not a run (RunLog.prepare says so), or nothing recorded to compare with
+    gone = "" if (run_dir / schema.RECIPE).exists() else f"{schema.RECIPE} is missing; "
+    diffs = [f"{k}: {manifest[k]!r} -> {get(recipe)!r}" for k, get in MANIFEST_FIELDS.items()
+             if k in manifest and manifest[k] != get(recipe)]
+    source = schema.MANIFEST
+    if not diffs:
+        new = recipe.model_dump(mode="json")
+        for ckpt in reversed(list_checkpoints(run_dir)):
+            try:
+                meta = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                continue  # a corrupt checkpoint: usable_checkpoint skips it
+            old = meta.get("recipe") if isinstance(meta, dict) else None
+            if isinstance(old, dict) and meta.get("recipe_hash") != recipe_fingerprint(new):
+                diff = _recipe_diff(yaml.safe_dump(old), yaml.safe_dump(new))
+                diffs, source = [diff or "its recorded recipe hash"], f"checkpoint {ckpt.name}"
+                break
+    if diffs:
+        raise RunDirError(
+            f"{run_dir}: --resume with a different recipe ({gone}{source}: {', '.join(diffs)}); "
+            "nothing was changed; use the run's recipe or a new --output"
+        )
+
+
 def usable_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
     """(newest checkpoint that probes clean or None, ['step-000040: reason', ...] skipped)."""
     skipped: list[str] = []
