@@ -56,9 +56,20 @@ class Precision:
         return _MP_OF[self.compute]
 
 
-def resolve_precision(model_dtype: str, mixed_precision: str) -> Precision:
+def resolve_precision(model_dtype: str, mixed_precision: str, *,
+                      cuda: bool | None = None) -> Precision:
     """fp32 masters always; compute in `model.dtype`, or in `train.mixed_precision` when the
-    model dtype is float32. A bf16 model with fp16 mixed precision (or the reverse) is refused."""
+    model dtype is float32. A bf16 model with fp16 mixed precision (or the reverse) is refused,
+    and so is float16 compute without CUDA: accelerate does not autocast fp16 on CPU, so such a
+    run would compute in fp32 while its manifest said float16 (`cuda`: None = ask torch)."""
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    if not cuda and "float16" in (model_dtype, {"fp16": "float16"}.get(mixed_precision)):
+        field = (f"model.dtype={model_dtype}" if model_dtype == "float16"
+                 else f"train.mixed_precision={mixed_precision}")
+        raise HapoError(f"{field}: float16 compute needs a CUDA GPU (without one accelerate "
+                        "computes in fp32); use model.dtype=bfloat16 or "
+                        "train.mixed_precision=bf16")
     compute = _DTYPES[model_dtype]
     if mixed_precision != "no":
         mp = {"bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
