@@ -80,6 +80,12 @@ class Recipe(_Section):
                 f"train.micro_batch_size={t.micro_batch_size} must divide the mini-batch of "
                 f"{mini_responses} responses (mini_batch_prompts x rollout.n)"
             )
+        budget, longest = t.max_tokens_per_micro_batch, self.data.max_prompt_length + r.max_new_tokens
+        if budget is not None and budget < longest:
+            raise ValueError(
+                f"train.max_tokens_per_micro_batch={budget} must be at least the longest "
+                f"sequence, data.max_prompt_length + rollout.max_new_tokens = {longest}"
+            )
         if self.model.init == "pretrained" and not self.model.path:
             raise ValueError("model.path is required when model.init='pretrained'")
         if self.data.source == "files" and not self.data.train_files:

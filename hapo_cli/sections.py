@@ -392,6 +392,26 @@ class TrainConfig(_Section):
         True, description="Chunked fused LM-head log-probs/entropy (never full fp32 logits)."
     )
     logprob_chunk_size: int = Field(1024, gt=0, description="Tokens per fused chunk.")
+    packing: bool = Field(
+        False,
+        description="Padding-free learner forwards: each micro-batch's prompt+response rows are "
+        "concatenated into one row of real tokens, position ids restarting at every sequence and "
+        "attention kept inside each sequence (transformers detects packed rows from the position "
+        "ids: block-diagonal masks for sdpa/eager, varlen kernels for flash-attention), as verl's "
+        "use_remove_padding and OpenRLHF's packing_samples. Same loss and gradients as the padded "
+        "path up to float rounding; the FLOPs and memory of padding are gone.",
+    )
+    max_tokens_per_micro_batch: int | None = Field(
+        None, gt=0,
+        description="Token budget (prompt + response tokens) of one forward/backward. Set: each "
+        "mini-batch is split into the fewest micro-batches whose tokens fit the budget, balanced "
+        "by Karmarkar-Karp (verl's use_dynamic_bsz / ppo_max_token_len_per_gpu, "
+        "seqlen_balancing.py), ranks running the same number; the old-log-prob pass uses the "
+        "same grouping and train.micro_batch_size is ignored for the update. The loss "
+        "normaliser stays global over the mini-batch and ranks. Must be at least "
+        "data.max_prompt_length + rollout.max_new_tokens. None: micro-batches of "
+        "train.micro_batch_size responses.",
+    )
     dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
     overlong: OverlongConfig = Field(default_factory=OverlongConfig)
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch default).")

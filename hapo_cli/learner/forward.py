@@ -12,11 +12,13 @@ entropies of the N valid response tokens.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..algo import fused_logprobs_and_entropy, logprobs_and_entropy
+from ..errors import HapoError
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -41,6 +43,94 @@ def _head_forward(head, fn):
         del head.forward
 
 
+# attention implementations that keep packed sequences apart, given only position ids:
+# transformers' masking_utils builds a block-diagonal causal mask from them (sdpa, eager,
+# flex) or the flash-attention kernels run varlen from them
+PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3",
+                     "flash_attention_4", "flex_attention")
+
+
+@dataclass
+class Packed:
+    """A micro-batch as one row of real tokens (N of them; N_r of them response tokens)."""
+
+    input_ids: Tensor  # (1, N) each row's prompt then response, padding dropped
+    position_ids: Tensor  # (1, N) 0 at each sequence's first token
+    predict_at: Tensor  # (N_r,) packed index of the hidden state predicting each response token
+    targets: Tensor  # (N_r,) the response tokens, row-major (row b's tokens in order)
+    response_mask: Tensor  # (B, T) bool: where the N_r results go
+
+
+def pack_rows(input_ids: Tensor, attention_mask: Tensor, response_len: int) -> Packed:
+    """(B, P+T) left-padded prompt | right-padded response rows -> one packed row.
+
+    Response token t of row b sits at packed index start_b + p_b + t (start_b: where row b
+    begins, p_b: its prompt length) and is predicted by the hidden state just before it; every
+    row needs a non-empty prompt, so that index is inside its own sequence."""
+    B, L = input_ids.shape
+    P = L - response_len
+    keep = attention_mask.bool()  # (B, P+T)
+    lens = keep.sum(-1)  # (B,)
+    prompt_len = keep[:, :P].sum(-1)  # (B,)
+    resp = keep[:, P:]  # (B, T)
+    if bool(((prompt_len == 0) & resp.any(-1)).any()):
+        raise ValueError("pack_rows: a row with a response has an empty prompt")
+    starts = lens.cumsum(0) - lens  # (B,)
+    t = torch.arange(response_len, device=input_ids.device)
+    predict_at = (starts[:, None] + prompt_len[:, None] + t[None, :] - 1)[resp]  # (N_r,)
+    pos = (keep.long().cumsum(-1) - 1)[keep]  # (N,) restarts at 0 for every row
+    return Packed(input_ids[keep][None], pos[None], predict_at, input_ids[:, P:][resp], resp)
+
+
+def check_packing(model) -> None:
+    """Refuse, in one line, a model whose attention cannot keep packed sequences apart."""
+    cfg = getattr(unwrap(model), "config", None)
+    impl = getattr(cfg, "_attn_implementation", None)
+    if impl not in PACKING_ATTENTION:
+        name = getattr(cfg, "model_type", type(unwrap(model)).__name__)
+        raise HapoError(f"train.packing: model {name} with attn_implementation={impl!r} cannot "
+                         f"pack sequences (supported: {', '.join(PACKING_ATTENTION)}); set "
+                         "train.packing=false")
+
+
+def _packed_logprobs(model, input_ids, attention_mask, T, temperature, *, fused, chunk_size,
+                     entropy) -> tuple[Tensor, Tensor | None]:
+    """`response_logprobs` over one packed row (see `pack_rows`)."""
+    pk = pack_rows(input_ids, attention_mask, T)
+    B = input_ids.shape[0]
+    temp = temperature
+    if isinstance(temp, Tensor):
+        temp = temp.float()[pk.response_mask]  # (N_r,)
+    elif temp is not None and float(temp) == 1.0:
+        temp = None
+    kw = dict(input_ids=pk.input_ids, position_ids=pk.position_ids, attention_mask=None,
+              use_cache=False, logits_to_keep=pk.predict_at)
+    if fused:
+        head = unwrap(model).get_output_embeddings()
+
+        def fused_head(hidden: Tensor) -> Tensor:  # (1, N_r, d): the predicting positions
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            if hidden.dtype != head.weight.dtype:  # as in the padded path
+                hidden = hidden.to(head.weight.dtype)
+            lp, en = fused_logprobs_and_entropy(
+                hidden, head.weight, pk.targets, temperature=temp, chunk_size=chunk_size,
+                bias=getattr(head, "bias", None), compute_entropy=entropy,
+            )
+            return torch.stack([lp, en] if entropy else [lp])  # (2 or 1, N_r)
+
+        with _head_forward(head, fused_head):
+            res = model(**kw).logits.float()
+        lp, en = res[0], (res[1] if entropy else None)
+    else:
+        logits = model(**kw).logits[0]  # (N_r, V)
+        lp, en = logprobs_and_entropy(logits, pk.targets, temperature=temp,
+                                      chunk_size=chunk_size)
+    T_mask = pk.response_mask
+    logp = lp.new_zeros(B, T).masked_scatter(T_mask, lp)
+    ent = lp.new_zeros(B, T).masked_scatter(T_mask, en) if entropy else None
+    return logp, ent
+
+
 def response_logprobs(
     model,
     input_ids: Tensor,  # (B, P+T) left-padded prompt | right-padded response
@@ -51,9 +141,14 @@ def response_logprobs(
     fused: bool = True,
     chunk_size: int = 1024,
     entropy: bool = True,
+    packed: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """log pi(y_t | prompt, y_<t) for the T response tokens, and the entropy of the same
-    (tempered) distribution: (B, T) each, float32."""
+    (tempered) distribution: (B, T) each, float32. `packed`: one padding-free row (`pack_rows`)
+    instead of the (B, P+T) padded batch; the same numbers up to float rounding."""
+    if packed:
+        return _packed_logprobs(model, input_ids, attention_mask, response_len, temperature,
+                                fused=fused, chunk_size=chunk_size, entropy=entropy)
     B, L = input_ids.shape
     T = response_len
     P = L - T

@@ -72,8 +72,10 @@ class Loop:
             return {**row, schema.TIME_STEP: time.perf_counter() - t0, schema.SKIPPED: 1}
 
         t1 = time.perf_counter()
+        plan = self.updater.plan(batch)  # micro-batches: the old-log-prob pass and the update
         old_logp, entropy = score_old_policy(r, self.model, self.strategy, self.engine, batch,
-                                             stats_used, self.ranks.device)
+                                             stats_used, self.ranks.device,
+                                             [rows for _, micros in plan for rows in micros])
         row[schema.TIME_OLD_LOGP] = time.perf_counter() - t1
 
         micro_rows = [rows for _, micros in self.updater.mini_batches(len(batch.scores))
@@ -82,7 +84,7 @@ class Loop:
                                   micro_rows)
 
         t2 = time.perf_counter()
-        upd = self.updater.run(batch, old_logp, targets)
+        upd = self.updater.run(batch, old_logp, targets, plan)
         if r.train.warmup_unit == "training":  # verl: once per update_actor call
             self.scheduler.step()
         row[schema.TIME_TRAIN] = time.perf_counter() - t2

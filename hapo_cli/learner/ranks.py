@@ -40,6 +40,12 @@ class Ranks:
             return x
         return self.accelerator.gather(x.to(self.device).reshape(1)).min().cpu()
 
+    def max(self, x: Tensor) -> Tensor:
+        """Elementwise maximum over ranks."""
+        if self.world == 1:
+            return x
+        return self.accelerator.reduce(x.to(self.device), reduction="max").cpu()
+
     def count(self, x: float) -> float:
         """A local count summed over ranks."""
         return float(self.sum(torch.tensor(float(x))))

@@ -19,29 +19,37 @@ def policy_temperature(recipe, batch: TrainBatch, rows, device):
     return recipe.rollout.temperature
 
 
-def old_policy_scores(recipe, model, batch: TrainBatch, stats_used, device) -> tuple[Tensor, Tensor]:
+def old_policy_scores(recipe, model, batch: TrainBatch, stats_used, device,
+                      micros: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """(old log-probs at the policy temperature, untempered entropy), both (B, T) on the CPU.
 
     One untempered pass gives the entropy (and the log-probs when the policy temperature is
     1). Engines that cannot record T_t at decode time (vLLM) get it here, from the learner's
-    entropy and the stats the rollout used; then a tempered pass gives the log-probs."""
+    entropy and the stats the rollout used; then a tempered pass gives the log-probs.
+    `micros`: the row indices of each forward, the update's grouping (an empty one is a
+    stand-in forward that keeps this rank in step with the others); None: consecutive
+    `train.micro_batch_size` rows."""
     r = recipe
-    mb = r.train.micro_batch_size
-    T = batch.response_ids.shape[1]
+    B, T = batch.response_ids.shape
+    if micros is None:
+        mb = r.train.micro_batch_size
+        micros = [torch.arange(s, min(s + mb, B)) for s in range(0, B, mb)]
 
     def run(temp_of) -> tuple[Tensor, Tensor]:
-        lps, ens = [], []
+        logp, ent = torch.zeros(B, T), torch.zeros(B, T)
         with torch.no_grad():
-            for s in range(0, len(batch.scores), mb):
-                rows = slice(s, s + mb)
+            for rows in micros:
+                stand_in = rows.numel() == 0
+                run_rows = torch.tensor([0]) if stand_in else rows
                 lp, en = response_logprobs(
-                    model, batch.input_ids[rows].to(device),
-                    batch.attention_mask[rows].to(device), T, temp_of(rows),
+                    model, batch.input_ids[run_rows].to(device),
+                    batch.attention_mask[run_rows].to(device), T, temp_of(run_rows),
                     fused=r.train.fused_logprobs, chunk_size=r.train.logprob_chunk_size,
+                    packed=r.train.packing,
                 )
-                lps.append(lp.float().cpu())
-                ens.append(en.float().cpu())
-        return torch.cat(lps), torch.cat(ens)
+                if not stand_in:
+                    logp[rows], ent[rows] = lp.float().cpu(), en.float().cpu()
+        return logp, ent
 
     logp1, entropy = run(lambda rows: None)
     entropy = entropy.masked_fill(~batch.mask, 0.0)
@@ -59,8 +67,8 @@ def old_policy_scores(recipe, model, batch: TrainBatch, stats_used, device) -> t
     return logp, entropy
 
 
-def score_old_policy(recipe, model, strategy, engine, batch: TrainBatch, stats_used, device
-                     ) -> tuple[Tensor, Tensor]:
+def score_old_policy(recipe, model, strategy, engine, batch: TrainBatch, stats_used, device,
+                     micros: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """(old log-probs, entropy), (B, T): the HF engine's behaviour log-probs when it sampled
     with these weights at the policy temperature (`oldlogp.py` lists the conditions), else a
     scoring pass (`old_policy_scores`)."""
@@ -68,4 +76,4 @@ def score_old_policy(recipe, model, strategy, engine, batch: TrainBatch, stats_u
 
     reused = reuse_behaviour_logp(recipe, strategy, engine, batch)
     return reused if reused is not None else old_policy_scores(recipe, model, batch,
-                                                               stats_used, device)
+                                                               stats_used, device, micros)

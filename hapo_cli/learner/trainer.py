@@ -51,6 +51,9 @@ def train(
 
     from .strategy import Strategy, build_accelerator, resolve_precision
 
+    # fp32 master weights and optimizer state; model.dtype / train.mixed_precision set the
+    # compute dtype (checked before the run directory is touched: fp16 needs CUDA)
+    precision = resolve_precision(recipe.model.dtype, recipe.train.mixed_precision)
     run_dir = run_dir_of(recipe, output_dir)
     recipe_yaml = recipe.to_yaml()
     mode = RunLog.prepare(run_dir, recipe_yaml, resume=resume, overwrite=overwrite)
@@ -60,9 +63,7 @@ def train(
 
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
-    # fp32 master weights and optimizer state; model.dtype / train.mixed_precision set the
-    # compute dtype. The strategy (single, DDP, FSDP2, DeepSpeed) comes from `accelerate launch`.
-    precision = resolve_precision(recipe.model.dtype, recipe.train.mixed_precision)
+    # The strategy (single, DDP, FSDP2, DeepSpeed) comes from `accelerate launch`.
     accelerator, kind = build_accelerator(precision, project_dir=str(run_dir))
     strategy = Strategy(kind, accelerator, precision)
     set_seed(recipe.seed)
@@ -103,6 +104,10 @@ def train(
     stream = build_streams(recipe.data, tokenizer, recipe.seed)
     val_sets = build_val_sets(recipe.data, tokenizer)
 
+    if recipe.train.packing:
+        from .forward import check_packing
+
+        check_packing(model)
     if recipe.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()

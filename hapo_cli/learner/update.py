@@ -16,6 +16,7 @@ from analysis import schema
 from .. import algo
 from .batch import TrainBatch
 from .forward import response_logprobs, unwrap
+from .microbatch import plan_micro_batches
 from .reduce import MetricSums
 from .scoring import policy_temperature
 from .targets import Targets
@@ -71,9 +72,27 @@ class Updater:
         self.on_first_step = on_first_step  # called once optimizer state exists
 
     def mini_batches(self, B: int) -> list[tuple[slice, list[slice]]]:
+        """Mini-batches of `train.micro_batch_size`-row micro-batches (the grouping the
+        released code's per-micro-batch entropy stats use, whatever the update runs)."""
         t = self.recipe.train
         return mini_batches(B, t.mini_batch_prompts, self.recipe.rollout.n, t.micro_batch_size,
                             self.ranks.world)
+
+    def plan(self, batch: TrainBatch) -> list[tuple[slice, list[Tensor]]]:
+        """The update's (mini-batch rows, its micro-batches' row indices): by count, or by
+        `train.max_tokens_per_micro_batch` (the same number of micro-batches on every rank)."""
+        t = self.recipe.train
+        minis = [m for m, _ in self.mini_batches(len(batch.scores))]
+        tokens = batch.attention_mask.sum(-1)  # (B,) prompt + response tokens
+
+        def max_over_ranks(counts: list[int]) -> list[int]:
+            if self.ranks.world == 1:
+                return counts
+            return [int(c) for c in self.ranks.max(torch.tensor(counts, dtype=torch.long))]
+
+        micros = plan_micro_batches(tokens, minis, t.micro_batch_size,
+                                    t.max_tokens_per_micro_batch, max_over_ranks)
+        return list(zip(minis, micros))
 
     def normalizer(self, norm_mask: Tensor) -> float:
         """The mini-batch's global loss denominator: tokens (token-mean) or sequences."""
@@ -83,15 +102,17 @@ class Updater:
             local = (norm_mask.sum(-1) > 0).sum()
         return float(self.ranks.sum(local.float()))
 
-    def micro_step(self, batch: TrainBatch, rows: slice, old_logp: Tensor, tg: Targets,
-                   normalizer: float):
-        """Forward and backward of one micro-batch: (ratio, advantage after C, loss metrics)."""
+    def micro_step(self, batch: TrainBatch, rows: Tensor, old_logp: Tensor, tg: Targets,
+                   normalizer: float, *, weight: float = 1.0):
+        """Forward and backward of one micro-batch (`rows`: row indices): (ratio, advantage
+        after C, loss metrics, loss mask). `weight` 0: a stand-in micro-batch that only keeps
+        this rank in step with the others' collectives (its gradient is zero)."""
         r, a, dev = self.recipe, self.recipe.algo, self.ranks.device
         T = batch.response_ids.shape[1]
         logp, _ = response_logprobs(
             self.model, batch.input_ids[rows].to(dev), batch.attention_mask[rows].to(dev), T,
             policy_temperature(r, batch, rows, dev), fused=r.train.fused_logprobs,
-            chunk_size=r.train.logprob_chunk_size, entropy=False,
+            chunk_size=r.train.logprob_chunk_size, entropy=False, packed=r.train.packing,
         )
         old = old_logp[rows].to(dev)
         loss_mask = tg.loss_mask[rows].to(dev)
@@ -109,12 +130,12 @@ class Updater:
         )
         if not torch.isfinite(loss) and r.train.nonfinite_grad == "abort":
             raise NonFiniteError(
-                f"non-finite loss at micro-batch rows {rows.start}-{rows.stop}: "
+                f"non-finite loss at micro-batch rows {rows.tolist()[:8]}: "
                 f"logp finite={bool(torch.isfinite(logp[loss_mask]).all())}, "
                 f"adv finite={bool(torch.isfinite(adv_c[loss_mask]).all())}; "
                 "last good checkpoint kept"
             )
-        self.strategy.backward(loss * self.ranks.world)
+        self.strategy.backward(loss * (self.ranks.world * weight))
         return ratio, adv_c, m, loss_mask
 
     def optimizer_step(self, n_done: int) -> float | None:
@@ -137,7 +158,11 @@ class Updater:
         self.optimizer.zero_grad(set_to_none=True)
         return gn
 
-    def run(self, batch: TrainBatch, old_logp: Tensor, tg: Targets) -> UpdateResult:
+    def run(self, batch: TrainBatch, old_logp: Tensor, tg: Targets,
+            plan: list[tuple[slice, list[Tensor]]] | None = None) -> UpdateResult:
+        """The PPO epochs over `plan` (default: `self.plan(batch)`)."""
+        if plan is None:
+            plan = self.plan(batch)
         unwrap(self.model).train()
         B, T = batch.response_ids.shape
         sums = MetricSums()  # on the device, read once per update (reduce.py)
@@ -146,15 +171,20 @@ class Updater:
         grad_norms: list[float] = []
         n_skipped = 0
         for _epoch in range(self.recipe.train.ppo_epochs):
-            for m_rows, micros in self.mini_batches(B):
+            for m_rows, micros in plan:
                 normalizer = self.normalizer(tg.norm_mask[m_rows])
                 if normalizer == 0:
                     continue
                 for i, rows in enumerate(micros):
+                    stand_in = rows.numel() == 0  # more micro-batches on another rank
+                    run_rows = torch.tensor([m_rows.start]) if stand_in else rows
                     # gradients reduced (DeepSpeed: the engine steps) on the last micro-batch only
                     with self.strategy.micro_batch(i, len(micros)):
-                        ratio, adv_c, m, loss_mask = self.micro_step(batch, rows, old_logp, tg,
-                                                                     normalizer)
+                        ratio, adv_c, m, loss_mask = self.micro_step(
+                            batch, run_rows, old_logp, tg, normalizer,
+                            weight=0.0 if stand_in else 1.0)
+                    if stand_in:
+                        continue
                     ratio_all[rows] = ratio.cpu()
                     adv_c_all[rows] = adv_c.detach().cpu()
                     sums.add(m, loss_mask)
