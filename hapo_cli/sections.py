@@ -438,3 +438,12 @@ class LogConfig(_Section):
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list, description="Extra accelerate trackers besides metrics.jsonl."
     )
+
+    @field_validator("trackers")
+    @classmethod
+    def _trackers_once(cls, v: list[str]) -> list[str]:
+        twice = sorted({t for t in v if v.count(t) > 1})
+        if twice:  # each would log every scalar twice
+            raise ValueError(f"{', '.join(twice)} listed more than once; name each tracker once, "
+                             f"e.g. [{', '.join(dict.fromkeys(v))}]")
+        return v

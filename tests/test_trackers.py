@@ -1,6 +1,6 @@
-"""TensorBoard, wandb (offline) and MLflow (local file store) for real: a 3-step run logs the
-flattened recipe and every metrics.jsonl row at its step, read back with each tracker's own
-reader; `--resume` continues the same tracker run; a missing package is one line, exit 2."""
+"""TensorBoard, wandb (offline) and MLflow (the run's own SQLite store) for real: a 3-step run
+logs the flattened recipe and every metrics.jsonl row at its step, read back with each tracker's
+own reader; `--resume` continues the same tracker run; a missing package is one line, exit 2."""
 
 from __future__ import annotations
 
@@ -22,15 +22,21 @@ runner = CliRunner()
 def offline(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
-    # mlflow 3 keeps the file store behind this opt-in; a file store needs no server
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    # no MLFLOW_TRACKING_URI: the run's own store, <run>/mlflow/mlflow.db
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", f"hapo-test-{tmp_path.name}")
-    import mlflow
-
-    # an earlier test's mlflow.set_tracking_uri is process-global and beats the env variable
-    mlflow.set_tracking_uri((tmp_path / "mlruns").as_uri())
     return tmp_path
+
+
+def mlflow_runs(run: Path, experiment: str):
+    """(client, runs) of the run's own MLflow store (a client: mlflow.set_tracking_uri would
+    change the process's URI, and MLFLOW_TRACKING_URI, for every later test)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id])
 
 
 def train(out: Path, cache: Path, trackers: str, steps: int, *flags: str):
@@ -146,19 +152,16 @@ def test_wandb_offline_run_holds_recipe_and_metrics(offline, cache_dir):
     assert sorted(series["reward/acc"]) == [1, 2, 3, 4, 5]
 
 
-def test_mlflow_file_store_run_holds_recipe_and_metrics(offline, cache_dir):
-    import mlflow
-
+def test_mlflow_own_store_run_holds_recipe_and_metrics(offline, cache_dir):
     run = offline / "run"
     train(run, cache_dir, "mlflow", 3)
-    mlflow.set_tracking_uri((offline / "mlruns").as_uri())
     exp = f"hapo-test-{offline.name}"
-    runs = mlflow.search_runs(experiment_names=[exp])
-    assert len(runs) == 1 and runs["status"][0] == "FINISHED"
-    run_id = runs["run_id"][0]
-    assert json.loads((run / schema.MANIFEST).read_text())["trackers"]["mlflow"] == run_id
-    assert float(runs["params.train.lr"][0]) == pytest.approx(2e-4)
-    client = mlflow.tracking.MlflowClient()
+    client, runs = mlflow_runs(run, exp)
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    run_id = runs[0].info.run_id
+    assert json.loads((run / schema.MANIFEST).read_text())["trackers"] == {
+        "mlflow": run_id, "mlflow_uri": "mlflow/mlflow.db"}
+    assert float(runs[0].data.params["train.lr"]) == pytest.approx(2e-4)
     for key in KEYS:
         got = {m.step: m.value for m in client.get_metric_history(run_id, mlflow_name(key))}
         want = jsonl_series(run, key)
@@ -166,8 +169,8 @@ def test_mlflow_file_store_run_holds_recipe_and_metrics(offline, cache_dir):
         for step, v in want.items():
             assert got[step] == pytest.approx(v, rel=1e-12), (key, step)
     train(run, cache_dir, "mlflow", 5, "--resume")
-    runs = mlflow.search_runs(experiment_names=[exp])
-    assert list(runs["run_id"]) == [run_id]  # continued, not a second run
+    client, runs = mlflow_runs(run, exp)
+    assert [r.info.run_id for r in runs] == [run_id]  # continued, not a second run
     steps = [m.step for m in client.get_metric_history(run_id, "reward/acc")]
     assert sorted(steps) == [1, 2, 3, 4, 5]
 
@@ -187,8 +190,6 @@ def test_missing_tracker_package_is_one_line_before_anything_starts(tmp_path, mo
 
 
 def test_failed_run_closes_mlflow_as_failed(offline, cache_dir, monkeypatch):
-    import mlflow
-
     from hapo_cli.learner import trainer
 
     def boom(self, step):
@@ -198,6 +199,5 @@ def test_failed_run_closes_mlflow_as_failed(offline, cache_dir, monkeypatch):
     out = offline / "run"
     runner.invoke(app, ["train", "--recipe", "tiny/hapo", "--max-steps", "2", "--output", str(out),
                         *sets(cache_dir, "log.trackers=[mlflow]")])
-    mlflow.set_tracking_uri((offline / "mlruns").as_uri())
-    runs = mlflow.search_runs(experiment_names=[f"hapo-test-{offline.name}"])
-    assert list(runs["status"]) == ["FAILED"]
+    _, runs = mlflow_runs(out, f"hapo-test-{offline.name}")
+    assert [r.info.status for r in runs] == ["FAILED"]

@@ -59,7 +59,7 @@ def train(
     mode = RunLog.prepare(run_dir, recipe_yaml, resume=resume, overwrite=overwrite)
     from ..trackers import Trackers, check_trackers
 
-    check_trackers(recipe.log.trackers)
+    check_trackers(recipe.log.trackers, run_dir, resume=mode == "resume")
 
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
