@@ -218,6 +218,8 @@ def analyze(paths: list[Path], out: Path | None = None,
     written: dict[str, list[Path]] = {}
     pngs: dict[str, bytes] = {}
     notes = list(coll.warnings)
+    notes += [f"{name}: {df.attrs['steps_note']}" for name, df in summaries.items()
+              if df.attrs.get("unequal_steps")]
     for spec in specs:
         try:
             fig = spec.build()
@@ -271,9 +273,11 @@ def _blocks(coll, specs, written, skipped, dual, evals, summaries, notes, out) -
     if len(final.columns):
         b.append(("h", 2, "Final values per label (mean ± std and 95% CI over seeds)"))
         shown = summary_display(final).rename(columns={"variant": "label"})
+        b.append(("p", _steps_line(final)))
         b.append(("table", shown, to_markdown(shown)))
     for name, df in summaries.items():
         b.append(("h", 2, f"Ablation summary: {name}"))
+        b.append(("p", _steps_line(df)))
         b.append(("p", summary_note(df.attrs.get("baseline"))))
         b.append(("table", summary_display(df), summary_markdown(df)))
         refs = reference_display(df)
@@ -303,6 +307,12 @@ def _blocks(coll, specs, written, skipped, dual, evals, summaries, notes, out) -
         b.append(("list", notes[:50] + ([f"... and {len(notes) - 50} more"]
                                         if len(notes) > 50 else [])))
     return b
+
+
+def _steps_line(df: pd.DataFrame) -> str:
+    """The step a summary compares, as a warning when the runs' budgets differ."""
+    note = df.attrs.get("steps_note", "")
+    return f"Warning: {note}" if df.attrs.get("unequal_steps") else note
 
 
 def _render_md(blocks: list[tuple]) -> str:

@@ -31,6 +31,7 @@ TOKENS_FILE = "step-{step:06d}.parquet"
 TOKENS_GLOB = "step-*.parquet"
 EVAL_DIR = "eval"
 EVAL_GLOB = "*.jsonl"
+EVAL_SAMPLES_SUFFIX = "-samples"  # eval/<name>-samples.jsonl: one row per prompt, not a result
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_NAME = "step-{step:06d}"
 ABLATION = "ablation.json"

@@ -38,6 +38,23 @@ def _se(std: float, n: int) -> float:
     return std / math.sqrt(n) if n > 1 and not math.isnan(std) else math.nan
 
 
+def _seed_steps(members: list[Run], finals: pd.DataFrame) -> dict[int, float]:
+    """{seed: last logged step}; NaN for a seed whose runs ended at different steps."""
+    by_seed: dict[int, set[float]] = {}
+    for r, v in zip(members, finals["last_step"], strict=True):
+        if r.seed is not None:
+            by_seed.setdefault(int(r.seed), set()).add(float(v))
+    return {s: next(iter(v)) if len(v) == 1 else math.nan for s, v in by_seed.items()}
+
+
+def _same_step(values: dict[int, float], steps: dict[int, float],
+               other: dict[int, float]) -> dict[int, float]:
+    """``values`` of the seeds whose step equals the other side's step of that seed."""
+    return {s: v for s, v in values.items()
+            if s in other and not math.isnan(steps.get(s, math.nan))
+            and steps.get(s) == other[s]}
+
+
 def _seed_values(members: list[Run], finals: pd.DataFrame, col: str) -> dict[int, float]:
     """{seed: value of ``col``} (mean over runs sharing a seed); runs without a seed and
     NaN values are left out."""
@@ -83,6 +100,7 @@ def summarize_runs(
         groups.setdefault(key(r), []).append(r)
     rows: dict[str, dict[str, object]] = {}
     per_seed: dict[str, dict[str, dict[int, float]]] = {}
+    seed_steps: dict[str, dict[int, float]] = {}
     for name, members in groups.items():
         finals = pd.DataFrame([_run_finals(r) for r in members])
         row: dict[str, object] = {
@@ -91,7 +109,9 @@ def summarize_runs(
             "status": ", ".join(f"{n} {s}" for s, n in
                                 pd.Series([r.status for r in members]).value_counts().items()),
             "last_step": finals["last_step"].max() if "last_step" in finals else math.nan,
+            "steps": ",".join(str(int(x)) for x in sorted(finals["last_step"].dropna().unique())),
         }
+        seed_steps[name] = _seed_steps(members, finals)
         per_seed[name] = {}
         for col in finals.columns:
             if col == "last_step":
@@ -105,8 +125,10 @@ def summarize_runs(
     for name, row in rows.items():
         for col in per_seed[name]:
             paired = None
-            if have_base and name != baseline:
-                paired = paired_difference(per_seed[name][col], per_seed[baseline].get(col, {}))
+            if have_base and name != baseline:  # pairs at the same step only
+                paired = paired_difference(
+                    _same_step(per_seed[name][col], seed_steps[name], seed_steps[baseline]),
+                    per_seed[baseline].get(col, {}))
             for stat in PAIR_STATS:
                 row[f"{col}_pair_{stat}"] = _pair_value(paired, stat)
     refs = {v: r for v, r in (references or {}).items() if v in rows and r in rows and v != r}
@@ -114,25 +136,49 @@ def summarize_runs(
         for name, row in rows.items():
             row["reference"] = refs.get(name, "")
             for col in per_seed[name]:
-                paired = (paired_difference(per_seed[name][col], per_seed[refs[name]].get(col, {}))
-                          if name in refs else None)
+                paired = (paired_difference(
+                    _same_step(per_seed[name][col], seed_steps[name], seed_steps[refs[name]]),
+                    per_seed[refs[name]].get(col, {})) if name in refs else None)
                 for stat in PAIR_STATS:
                     row[f"{col}_ref_{stat}"] = _pair_value(paired, stat)
     df = pd.DataFrame.from_dict(rows, orient="index")
     df.index.name = "variant"
+    # the unpaired deltas compare means: only between groups whose runs all ended at one step
+    same = (df["steps"] == df.at[baseline, "steps"]) & ~df["steps"].str.contains(",") \
+        if have_base else pd.Series(False, index=df.index)
     for b in benchmarks(df):
         for what in ("final", "best"):
             base = df.at[baseline, f"{b}/{what}_mean"] if have_base else math.nan
-            df[f"{b}/delta_{what}"] = df[f"{b}/{what}_mean"] - base
+            df[f"{b}/delta_{what}"] = (df[f"{b}/{what}_mean"] - base).where(same)
         if have_base:
             se_b = _se(df.at[baseline, f"{b}/final_std"], int(df.at[baseline, f"{b}/final_n"]))
             err = [_combine(_se(s, int(n)), se_b)
                    for s, n in zip(df[f"{b}/final_std"], df[f"{b}/final_n"], strict=True)]
-            df[f"{b}/delta_final_err"] = err
+            df[f"{b}/delta_final_err"] = pd.Series(err, index=df.index).where(same)
         else:
             df[f"{b}/delta_final_err"] = math.nan
     df.attrs["baseline"] = baseline if have_base else None
+    df.attrs["steps_note"], df.attrs["unequal_steps"] = steps_note(df)
     return df
+
+
+def steps_note(df: pd.DataFrame) -> tuple[str, bool]:
+    """(one line stating the step the summary compares, whether the budgets differ). Every
+    value of a run is its value at its last logged step; when runs ended at different steps
+    the line names them, and Δ pairs only seeds at the same step."""
+    steps = df["steps"].astype(str)
+    distinct = {x for v in steps for x in v.split(",") if x}
+    if not distinct:
+        return "No step logged yet.", False
+    if len(distinct) == 1:
+        return f"Compared at step {distinct.pop()} (the last logged step of every run).", False
+    by_steps: dict[str, list[str]] = {}
+    for name, v in steps.items():
+        by_steps.setdefault(v, []).append(str(name))
+    parts = "; ".join(f"{', '.join(names)} at step{'s' if ',' in v else ''} {v}"
+                      for v, names in sorted(by_steps.items(), key=lambda kv: kv[0]))
+    return (f"Unequal budgets, not compared at one step: {parts}. Δ pairs only seeds at the "
+            "same step (none: —); rerun the shorter runs with the same --max-steps."), True
 
 
 PAIR_STATS = ("n", "delta", "ci_low", "ci_high", "p", "sig")
@@ -239,6 +285,8 @@ def summary_display(df: pd.DataFrame) -> pd.DataFrame:
     table = pd.DataFrame(index=df.index)
     table["seeds"] = df["n_seeds"]
     table["status"] = df["status"]
+    if df.attrs.get("unequal_steps"):
+        table["step"] = df["steps"].str.replace(",", ", ")
     base = df.attrs.get("baseline")
     groups: dict[str, list[str]] = {}
     for m, label, fmt in display_metrics(df):
@@ -328,6 +376,9 @@ def write_summary(df: pd.DataFrame, out_dir: Path) -> tuple[Path, Path]:
     title = df.attrs.get("ablation")
     base = df.attrs.get("baseline")
     head = f"# Ablation summary: {title}\n\n" if title else "# Summary\n\n"
+    steps = df.attrs.get("steps_note")
+    if steps:
+        head += ("**Warning: " + steps + "**" if df.attrs.get("unequal_steps") else steps) + "\n\n"
     note = summary_note(base) + "\n\n"
     text = head + note + summary_markdown(df)
     refs = reference_display(df)

@@ -211,7 +211,13 @@ def evaluate(
         typer.Option(help="Entropy threshold for critical tokens (default: p80 at T=1)."),
     ] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output dir (bare model).")] = None,
-    name: Annotated[str, typer.Option(help="Name of the eval output files.")] = "eval",
+    name: Annotated[
+        str, typer.Option(help="Name of the output files: <out>/<name>.jsonl and "
+                          "<name>-samples.jsonl (an existing name is refused).")
+    ] = "eval",
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace <name>.jsonl of an earlier evaluation.")
+    ] = False,
     vllm: Annotated[
         Optional[list[str]],
         typer.Option("--vllm", help="vLLM option KEY=VALUE (rollout.vllm.*), e.g. "
@@ -231,9 +237,12 @@ def evaluate(
         temperatures=temperature, tau=tau, top_p=top_p, top_k=top_k,
         max_new_tokens=max_new_tokens, greedy=greedy, engine=engine, batch_size=batch_size,
         seed=seed, limit=limit, threads=threads, critical_entropy=critical_entropy, out=out,
-        name=name, vllm_options=tuple(vllm or ()),
+        name=name, overwrite=overwrite, vllm_options=tuple(vllm or ()),
     )
-    rows = _guard(run_evaluate, request, console=console)
+    from .interrupts import interrupt_once
+
+    with interrupt_once():  # SIGTERM as Ctrl-C: one line saying what was kept, exit 130
+        rows = _guard(run_evaluate, request, console=console)
     if rows is None:
         raise typer.Exit(1)
 
@@ -344,6 +353,15 @@ def analyze(
         raise fail(f"cannot write the analysis: {os_error_line(exc)}") from None
     for line in getattr(result, "skipped_lines", lambda: [])():
         console.print(f"[yellow]skipped[/yellow] {line}", highlight=False)
+    from rich.markup import escape
+
+    warnings = list(getattr(result, "warnings", []))  # one line each; all in the report too
+    for line in warnings[:20]:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False,
+                          soft_wrap=True)
+    if len(warnings) > 20:
+        err_console.print(f"[yellow]warning:[/yellow] ... and {len(warnings) - 20} more (see "
+                          "the report)", highlight=False)
     console.print(f"report: {getattr(result, 'report_md', out)}")
 
 

@@ -42,6 +42,9 @@ def vllm_config(base: Any, options: list[str]) -> Any:
 # --name becomes `<out>/<name>.jsonl`: a plain file name, never a path out of the folder
 # (`../metrics` would replace the run's own metrics.jsonl).
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+# How long a failing checkpoint of a live run may take to vanish (the learner's rotation
+# removes it with rmtree: its config.json can be gone a moment before the folder is).
+VANISH_WAIT_S = 5.0
 
 
 def check_options(*, n, tau, top_p, top_k, max_new_tokens, batch_size, limit, critical_entropy,
@@ -61,6 +64,9 @@ def check_options(*, n, tau, top_p, top_k, max_new_tokens, batch_size, limit, cr
          f"--critical-entropy {critical_entropy}: must be finite and >= 0"),
         (bool(_NAME.fullmatch(name)) and name not in (".", ".."),
          f"--name {name!r}: must be a plain file name (letters, digits, . _ -), not a path"),
+        (not name.endswith(schema.EVAL_SAMPLES_SUFFIX),
+         f"--name {name!r}: must not end in {schema.EVAL_SAMPLES_SUFFIX!r} (that names the "
+         "per-sample file of another evaluation)"),
     ]
     for ok, message in rules:
         if not ok:
@@ -123,6 +129,7 @@ class EvalRequest:
     critical_entropy: float | None = None  # the algo.critical_quantile entropy at T = 1
     out: Path | None = None
     name: str = "eval"
+    overwrite: bool = False  # replace <out>/<name>.jsonl (and -samples) if they exist
     vllm_options: tuple[str, ...] = ()
 
 
@@ -141,6 +148,8 @@ class _Resolved:
     adaptive_base: float  # base T of 'adaptive' (the run's eval.temperature)
     out_dir: Path
     trust_remote_code: bool  # the run's model.trust_remote_code
+    live: bool = False  # the run's manifest says `running`: its checkpoints may rotate away
+    skipped: tuple[str, ...] = ()  # one line per checkpoint that vanished before it was read
 
 
 def resolve_request(req: EvalRequest) -> _Resolved:
@@ -156,8 +165,22 @@ def resolve_request(req: EvalRequest) -> _Resolved:
     if req.engine not in engine_names():
         raise HapoError(f"--engine {req.engine!r}: use one of: {', '.join(engine_names())}")
     run_dir, models = _targets(req.target, req.checkpoints)
-    for _, model_dir in models:  # every checkpoint, before hours of sampling
-        check_model_dir(model_dir)
+    live = run_dir is not None and schema.read_manifest(run_dir).get("status") == \
+        schema.STATUS_RUNNING
+    kept, skipped = [], []
+    for step, model_dir in models:  # every checkpoint, before hours of sampling
+        try:
+            check_model_dir(model_dir)
+        except HapoError:
+            if run_dir is None or not vanished(model_dir, live):
+                raise
+            skipped.append(vanished_line(model_dir, "listed"))
+            continue
+        kept.append((step, model_dir))
+    if not kept:
+        raise HapoError(f"{req.target}: every checkpoint asked for was removed before it was "
+                        "read (a live run rotates them); try --checkpoints latest")
+    models = kept
     has_recipe = run_dir is not None and (run_dir / schema.RECIPE).exists()
     # a bare model directory: the sections' defaults
     rec = load_recipe(run_dir / schema.RECIPE) if has_recipe else SimpleNamespace(
@@ -173,6 +196,8 @@ def resolve_request(req: EvalRequest) -> _Resolved:
         raise HapoError("--out DIR is required when evaluating a bare model directory")
     if out_dir.exists() and not out_dir.is_dir():
         raise HapoError(f"--out {out_dir}: is a file; expected a directory")
+    if not req.overwrite:
+        refuse_existing(out_dir, req.name)
     rollout = RolloutConfig(engine=req.engine, batch_size=req.batch_size,
                             vllm=vllm_config(rec.rollout.vllm, list(req.vllm_options)))
     return _Resolved(
@@ -181,7 +206,69 @@ def resolve_request(req: EvalRequest) -> _Resolved:
         max_new=req.max_new_tokens or rec.rollout.max_new_tokens,
         critical_quantile=rec.algo.critical_quantile,
         adaptive_base=rec.eval.temperature if has_recipe else 1.0, out_dir=out_dir,
-        trust_remote_code=has_recipe and rec.model.trust_remote_code,
+        trust_remote_code=has_recipe and rec.model.trust_remote_code, live=live,
+        skipped=tuple(skipped),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# earlier results are never replaced unasked
+# ---------------------------------------------------------------------------------------------
+
+
+def output_files(out_dir: Path, name: str) -> tuple[Path, Path]:
+    """(`<name>.jsonl`, `<name>-samples.jsonl`) in `out_dir`."""
+    return (out_dir / f"{name}.jsonl",
+            out_dir / f"{name}{schema.EVAL_SAMPLES_SUFFIX}.jsonl")
+
+
+def free_name(out_dir: Path, name: str) -> str:
+    """`name` if neither of its files exists in `out_dir`, else the first free `name-2`, ..."""
+    candidate, k = name, 1
+    while any(p.exists() for p in output_files(out_dir, candidate)):
+        k += 1
+        candidate = f"{name}-{k}"
+    return candidate
+
+
+def refuse_existing(out_dir: Path, name: str) -> None:
+    """One line (exit 2) when an earlier evaluation wrote `name` in `out_dir`: its file, its
+    row count, and the two ways on (a free --name, or --overwrite)."""
+    for path in output_files(out_dir, name):
+        if path.exists():
+            try:
+                rows = sum(1 for line in path.read_text(errors="replace").splitlines()
+                           if line.strip())
+                what = f"{rows} row{'s' if rows != 1 else ''} from an earlier evaluation"
+            except OSError as exc:
+                what = f"unreadable: {exc.strerror or type(exc).__name__}"
+            raise HapoError(
+                f"{path}: exists ({what}); pass --name {free_name(out_dir, name)} to keep both, "
+                "or --overwrite to replace it"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints that a live run rotates away
+# ---------------------------------------------------------------------------------------------
+
+
+def vanished(model_dir: Path, live: bool, wait_s: float = VANISH_WAIT_S) -> bool:
+    """True when `model_dir` is gone, or (a live run) goes within `wait_s`: the learner's
+    rotation removed it. A broken folder that stays is not vanished (its error stands)."""
+    import time
+
+    deadline = time.monotonic() + (wait_s if live else 0.0)
+    while True:
+        if not Path(model_dir).exists():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
+def vanished_line(model_dir: Path, when: str) -> str:
+    """The note printed for a checkpoint skipped because it vanished."""
+    return f"{Path(model_dir).name}: removed after it was {when} (the run rotates its checkpoints)"
 
 

@@ -273,14 +273,35 @@ def result_table(rows: list[dict[str, Any]], n: int):
     return table
 
 
-def _sample_models(req: EvalRequest, res, settings, console) -> tuple[list, list]:
-    """(result rows, sample rows) of every checkpoint x benchmark x setting."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    from .algo import EntropyStats, entropy_stats, quantile_1d
-    from .data import load_benchmark
+def _load_checkpoint(model_dir, res):
+    """(model, tokenizer, the run's entropy stats or None) of one model directory; None when
+    it vanished meanwhile (a live run's rotation: `eval_request.vanished`)."""
+    from .algo import EntropyStats
+    from .eval_request import vanished
     from .learner.checkpoint import STATE_FILE
     from .models import load_policy
+
+    try:
+        model, tok = load_policy(model_dir, "float32", res.trust_remote_code)
+        state_file = model_dir / STATE_FILE
+        st = json.loads(state_file.read_text()).get("entropy_stats") if state_file.exists() \
+            else None
+    except Exception:
+        if res.run_dir is not None and vanished(model_dir, res.live):
+            return None
+        raise
+    return model, tok, (EntropyStats.from_dict(st) if st else None)
+
+
+def _sample_models(req: EvalRequest, res, settings, console,
+                   skipped: list[str]) -> tuple[list, list]:
+    """(result rows, sample rows) of every checkpoint x benchmark x setting; a checkpoint that
+    vanishes before it is loaded is left out with a line in `skipped`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from .algo import entropy_stats, quantile_1d
+    from .data import load_benchmark
+    from .eval_request import vanished_line
     from .rollout import build_engine
 
     n, tau, seed, max_new = req.n, res.tau, req.seed, res.max_new
@@ -294,7 +315,14 @@ def _sample_models(req: EvalRequest, res, settings, console) -> tuple[list, list
     samples: list[dict[str, Any]] = []
     eng = None
     for step, model_dir in models:
-        model, tok = load_policy(model_dir, "float32", res.trust_remote_code)
+        loaded = _load_checkpoint(model_dir, res)
+        if loaded is None:
+            skipped.append(vanished_line(model_dir, "checked"))
+            if console is not None:
+                console.print(f"[yellow]skipped[/yellow] {skipped[-1]}", highlight=False,
+                              soft_wrap=True)
+            continue
+        model, tok, run_stats = loaded
         model.eval()
         if eng is None:
             eng = build_engine(res.rollout, model, tok, str(model_dir), None,
@@ -303,11 +331,6 @@ def _sample_models(req: EvalRequest, res, settings, console) -> tuple[list, list
                                trust_remote_code=res.trust_remote_code)
         else:  # one engine per process (vLLM: one per process at most): later checkpoints
             eng.sync_weights(model)  # go in by weight sync
-        run_stats = None
-        state_file = model_dir / STATE_FILE
-        if state_file.exists():
-            st = json.loads(state_file.read_text()).get("entropy_stats")
-            run_stats = EntropyStats.from_dict(st) if st else None
         for bench in benchmarks:
             bench_name, examples = load_benchmark(bench, data_cfg, tok, limit=req.limit)
             common = dict(top_p=req.top_p, top_k=req.top_k, max_new_tokens=max_new, tau=tau,
@@ -340,7 +363,8 @@ def _sample_models(req: EvalRequest, res, settings, console) -> tuple[list, list
                         "benchmark": bench_name, "setting": s.label,
                         "temperature": s.temperature, "adaptive": s.adaptive, "tau": tau
                         if s.adaptive else None, "checkpoint_step": step, "model": str(model_dir),
-                        "top_p": req.top_p, "sampling_seed": seed, **summ,
+                        "top_p": req.top_p, "top_k": req.top_k, "max_new_tokens": max_new,
+                        "limit": req.limit, "engine": req.engine, "sampling_seed": seed, **summ,
                     })
                     for r in recs:
                         ent = [float(e.mean()) if e.numel() else None for e in r["entropies"]]
@@ -356,19 +380,81 @@ def _sample_models(req: EvalRequest, res, settings, console) -> tuple[list, list
 
 
 def run_evaluate(req: EvalRequest, console=None) -> list[dict[str, Any]]:
+    """Sample, score and write `<out>/<name>.jsonl` and `<name>-samples.jsonl`. Earlier files
+    of that name are refused before sampling (`--overwrite` replaces them); if they appear
+    while sampling (another evaluation), the rows go under the next free name instead."""
     from .models import num_threads
-    from .runlog import atomic_write_text
 
     settings = Setting.parse(req.temperatures, req.greedy)
     res = resolve_request(req)
-    with num_threads(req.threads):  # --threads: for this evaluation only
-        rows, samples = _sample_models(req, res, settings, console)
-    out_dir, name = res.out_dir, req.name
-    atomic_write_text(out_dir / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    atomic_write_text(out_dir / f"{name}-samples.jsonl",
-                      "".join(json.dumps(r) + "\n" for r in samples))
+    skipped = list(res.skipped)
+    if console is not None:
+        for line in skipped:
+            console.print(f"[yellow]skipped[/yellow] {line}", highlight=False, soft_wrap=True)
+    try:
+        with num_threads(req.threads):  # --threads: for this evaluation only
+            rows, samples = _sample_models(req, res, settings, console, skipped)
+    except KeyboardInterrupt:
+        where = res.out_dir / f"{req.name}.jsonl"
+        raise EvalInterrupted(f"interrupted; nothing was written to {where} (an evaluation "
+                              "does not resume): run the same command again to start it over"
+                              ) from None
+    if not rows:
+        raise HapoError(f"{req.target}: every checkpoint asked for was removed before it was "
+                        "read (a live run rotates them); try --checkpoints latest")
+    main = _write_results(res.out_dir, req.name, rows, samples, req.overwrite, console)
     if console is not None:
         table = result_table(rows, req.n)
         console.print(table)
-        console.print(f"wrote {out_dir / (name + '.jsonl')}")
+        console.print(f"wrote {main}", highlight=False, soft_wrap=True)
     return rows
+
+
+class EvalInterrupted(HapoError):
+    """Ctrl-C or SIGTERM during sampling: one line, exit 130."""
+
+    exit_code = 130
+
+
+def _write_results(out_dir, name, rows, samples, overwrite, console) -> Any:
+    """Write the rows and samples; returns the results file. Without `overwrite` the results
+    file is created exclusively (a hard link of a finished temporary file), so another
+    evaluation's file that appeared meanwhile is never replaced."""
+    import os
+    import tempfile
+
+    from .eval_request import free_name, output_files
+    from .runlog import atomic_write_text
+
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    sample_text = "".join(json.dumps(r) + "\n" for r in samples)
+    main, side = output_files(out_dir, name)
+    if overwrite:
+        atomic_write_text(main, text)
+        atomic_write_text(side, sample_text)
+        return main
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        wanted = name
+        while True:
+            main, side = output_files(out_dir, name)
+            try:
+                if side.exists():
+                    raise FileExistsError(side)
+                os.link(tmp, main)
+                break
+            except FileExistsError:
+                name = free_name(out_dir, wanted)
+        if name != wanted and console is not None:
+            console.print(f"[yellow]note[/yellow] {out_dir / (wanted + '.jsonl')} appeared while "
+                          f"sampling (another evaluation); these results are in {main}",
+                          highlight=False, soft_wrap=True)
+    finally:
+        os.unlink(tmp)
+    atomic_write_text(side, sample_text)
+    return main

@@ -133,7 +133,8 @@ def test_threads_apply_to_the_evaluation_and_are_restored(trained_run, monkeypat
     assert res.exit_code == 0, res.output
     assert seen == [want] and torch.get_num_threads() == before
     res = runner.invoke(app, ["evaluate", str(trained_run), "--bench", "arith", "--n", "1",
-                              "--limit", "4", "--temperature", "1.0", "--name", "threads"])
+                              "--limit", "4", "--temperature", "1.0", "--name", "threads",
+                              "--overwrite"])
     assert res.exit_code == 0, res.output
     assert seen == [want, before]  # no --threads: torch's own count, untouched
 

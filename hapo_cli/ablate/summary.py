@@ -14,12 +14,18 @@ from ..errors import HapoError
 
 def show_summary(ablation_dir: Path, console: Any = None):
     """Print the per-variant summary table of an ablation directory and write it as
-    ``summary.csv`` and ``summary.md`` there. Returns the summary DataFrame."""
+    ``summary.csv`` and ``summary.md`` there, unless another process runs the ablation (its
+    lock is held): then only print, and say so; the ablation writes them when it ends. The
+    line above the table states the step compared and flags unequal budgets. Returns the
+    summary DataFrame."""
     from rich.console import Console
+    from rich.markup import escape
 
     from analysis.summary import (
         REFERENCE_NOTE,
         REFERENCE_TITLE,
+        SUMMARY_CSV,
+        SUMMARY_MD,
         ablation_summary,
         reference_display,
         summary_display,
@@ -41,7 +47,15 @@ def show_summary(ablation_dir: Path, console: Any = None):
     if df.empty:
         console.print(f"{ablation_dir}: no run has started yet; nothing to summarise")
         return df
-    csv_path, md_path = write_summary(df, ablation_dir)
+    live = _running_elsewhere(ablation_dir)
+    if not live:
+        csv_path, md_path = write_summary(df, ablation_dir)
+    steps = df.attrs.get("steps_note", "")
+    if df.attrs.get("unequal_steps"):
+        console.print(f"[yellow]warning:[/yellow] {escape(steps)}", highlight=False,
+                      soft_wrap=True)
+    elif steps:
+        console.print(steps, highlight=False, soft_wrap=True)
     shown = summary_display(df)
     title = f"ablation {df.attrs.get('ablation') or ablation_dir.name}"
     caption = summary_note(df.attrs.get("baseline"))
@@ -51,8 +65,60 @@ def show_summary(ablation_dir: Path, console: Any = None):
     if len(refs):
         for table in _summary_tables(refs, REFERENCE_TITLE, REFERENCE_NOTE, console.width):
             console.print(table)
-    console.print(f"written: {csv_path}, {md_path}", highlight=False)
+    if live:
+        console.print(f"{ablation_dir}: the ablation is still running (its lock is held): "
+                      f"{SUMMARY_CSV} and {SUMMARY_MD} not written; they are when it ends",
+                      highlight=False, soft_wrap=True)
+    else:
+        console.print(f"written: {csv_path}, {md_path}", highlight=False)
     return df
+
+
+def _running_elsewhere(ablation_dir: Path) -> bool:
+    """True when another process holds the ablation's lock (a live `hapo ablate` or its
+    training processes). This process may hold it itself (the ablation's own summary at its
+    end): flock conflicts between two descriptors of one process, so a lock file this process
+    already has open counts as its own."""
+    import fcntl
+    import os
+
+    from .plan import LOCK_FILE
+
+    path = Path(ablation_dir) / LOCK_FILE
+    if not path.exists():
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return not _open_here(path, exclude=fd)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # releases the probe's lock, if it got it
+    return False
+
+
+def _open_here(path: Path, exclude: int) -> bool:
+    """True when this process has `path` open on a descriptor other than `exclude`."""
+    import os
+
+    target = os.stat(path)
+    fds = os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else range(4096)
+    for raw in fds:
+        fd = int(raw)
+        if fd == exclude:
+            continue
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+            return True
+    return False
 
 
 def _summary_tables(shown, title: str, caption: str, width: int) -> list:
