@@ -170,7 +170,7 @@ def _bad_pickle(path: Path) -> None:
 
 
 @pytest.mark.parametrize("corruption", ["state-json", "safetensors", "pickle", "config",
-                                        "zero-pickle"])
+                                        "zero-pickle", "no-tokenizer-json"])
 def test_usable_checkpoint_skips_each_kind_of_corrupt_latest(tmp_path, done_run, corruption):
     from hapo_cli.learner.resume import usable_checkpoint
 
@@ -185,6 +185,8 @@ def test_usable_checkpoint_skips_each_kind_of_corrupt_latest(tmp_path, done_run,
         _bad_pickle(latest / "optimizer.pt")
     elif corruption == "zero-pickle":  # a ZeRO partition file allows DeepSpeed's classes only
         _bad_pickle(latest / "zero-optim-rank00000-of-00001.pt")
+    elif corruption == "no-tokenizer-json":  # transformers would build an empty tokenizer
+        (latest / "tokenizer.json").unlink()
     else:
         (latest / "config.json").write_text("{}")
     ckpt, skipped = usable_checkpoint(run)
