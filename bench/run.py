@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import (  # noqa: E402
     bench_algo,
     bench_fused,
+    bench_packing,
     bench_strategy,
     bench_train,
     bench_trl,
@@ -20,6 +21,7 @@ from bench import (  # noqa: E402
 def main() -> None:
     for name, mod in (("algo", bench_algo), ("fused log-probs", bench_fused),
                       ("training step", bench_train),
+                      ("learner update: padded vs packed vs token budget", bench_packing),
                       ("tiny job: hapo DAPO / HAPO vs TRL GRPOTrainer", bench_trl),
                       ("rollout: vLLM vs HF", bench_vllm),
                       ("DDP, FSDP2, ZeRO-2, ZeRO-3: 2 processes, large vocabulary",

@@ -146,11 +146,12 @@ def _grads(model, ids, am, T, temp, *, fused, packed):
 @settings(max_examples=12, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 9), st.integers(0, 24)), min_size=1, max_size=7),
        st.sampled_from([True, False]), st.sampled_from(["none", "scalar", "per-token"]),
-       st.integers(0, 3))
-def test_packed_equals_padded_on_random_length_mixes(rows, fused, temp_kind, seed):
+       st.integers(0, 3), st.sampled_from(["sdpa", "eager"]))
+def test_packed_equals_padded_on_random_length_mixes(rows, fused, temp_kind, seed, attn):
     """Prompts of 1-9 tokens (never empty), responses of 0 to 24 (a row with no response token
-    still sits in the batch, as an all-masked row does)."""
-    model = _model()
+    still sits in the batch, as an all-masked row does). sdpa models run `varlen_sdpa`
+    (per-sequence causal attention), eager ones transformers' block-diagonal packed mask."""
+    model = _model(attn)
     ids, am, T = _batch([p for p, _ in rows], [r for _, r in rows], seed)
     temp = {"none": None, "scalar": 0.7,
             "per-token": 0.5 + torch.rand(len(rows), T, generator=torch.Generator().manual_seed(

@@ -93,9 +93,60 @@ def check_packing(model) -> None:
                          "train.packing=false")
 
 
+VARLEN = "hapo_varlen_sdpa"
+
+
+def varlen_sdpa(module, query: Tensor, key: Tensor, value: Tensor, attention_mask,
+                scaling: float | None = None, dropout: float = 0.0, **kwargs):
+    """Causal SDPA within each packed sequence: q (1, H, N, D), k/v (1, H_kv, N, D) ->
+    ((1, N, H, D), None), as a transformers attention function.
+
+    Sequences start where `position_ids` is 0. What flash-attention's varlen kernel does on GPUs:
+    the cost is sum_i L_i^2, not the N^2 of a dense block-diagonal mask over the packed row
+    (transformers' sdpa path for packed rows), and no (N, N) mask is built."""
+    pos = kwargs["position_ids"].reshape(-1)  # (N,)
+    n = pos.shape[0]
+    bounds = (pos == 0).nonzero().flatten().tolist() + [n]
+    gqa = key.shape[1] != query.shape[1]
+    outs = [torch.nn.functional.scaled_dot_product_attention(
+                query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
+                scale=scaling, enable_gqa=gqa)
+            for s, e in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None  # (1, N, H, D)
+
+
+@contextmanager
+def _varlen_attention(model):
+    """Within the block, an sdpa model runs `varlen_sdpa` (registered with transformers'
+    AttentionInterface; the mask builder skips names it does not know, so no mask is built).
+    Not under gradient checkpointing, whose backward re-runs the forward after the block."""
+    core = unwrap(model)
+    cfg = getattr(core, "config", None)
+    if (getattr(cfg, "_attn_implementation", None) != "sdpa"
+            or getattr(core, "is_activation_checkpointing",
+                       getattr(core, "is_gradient_checkpointing", False))):
+        yield
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN, varlen_sdpa)
+    cfg._attn_implementation = VARLEN
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = "sdpa"
+
+
 def _packed_logprobs(model, input_ids, attention_mask, T, temperature, *, fused, chunk_size,
                      entropy) -> tuple[Tensor, Tensor | None]:
     """`response_logprobs` over one packed row (see `pack_rows`)."""
+    with _varlen_attention(model):
+        return _packed_forward(model, input_ids, attention_mask, T, temperature, fused=fused,
+                               chunk_size=chunk_size, entropy=entropy)
+
+
+def _packed_forward(model, input_ids, attention_mask, T, temperature, *, fused, chunk_size,
+                    entropy) -> tuple[Tensor, Tensor | None]:
     pk = pack_rows(input_ids, attention_mask, T)
     B = input_ids.shape[0]
     temp = temperature
