@@ -75,7 +75,7 @@ def _json_default(x: Any) -> Any:
 # there (the user's notes, sources, tracker folders) is left alone.
 RUN_FILES = (schema.RECIPE, schema.MANIFEST, schema.METRICS)
 RUN_DIRS = (schema.TOKENS_DIR, schema.EVAL_DIR, schema.CHECKPOINTS_DIR, "analysis",
-            "tensorboard", "wandb")  # the last two: hapo_cli.trackers
+            "tensorboard", "wandb", "mlflow")  # the last three: hapo_cli.trackers
 LOCK_FILE = ".hapo.lock"
 
 
