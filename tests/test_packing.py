@@ -179,3 +179,14 @@ def test_packed_attention_never_crosses_a_sequence():
         other, _ = response_logprobs(model, ids2, am, T, None, packed=True)
     assert_close(both[1], alone[0])
     assert_close(other[1], both[1])
+
+
+def test_a_budget_below_the_longest_sequence_is_a_load_time_error():
+    from hapo_cli.errors import RecipeError
+    from hapo_cli.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match=r"train.max_tokens_per_micro_batch=100 must be at "
+                                          r"least .* = 544"):
+        load_recipe("tiny/hapo", ["train.max_tokens_per_micro_batch=100"])
+    r = load_recipe("tiny/hapo", ["train.max_tokens_per_micro_batch=544", "train.packing=true"])
+    assert (r.train.max_tokens_per_micro_batch, r.train.packing) == (544, True)
