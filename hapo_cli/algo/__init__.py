@@ -10,7 +10,8 @@ Glossary (used in every shape comment):
     h  normalised entropy in [-1, 1]; `scores` one reward per response; `adv` advantages
 
 Components: A adaptive temperature (entropy.py), B token-level group advantages
-(advantages.py), C advantage redistribution and D adaptive clipping (loss.py).
+(advantages.py), C advantage redistribution and D adaptive clipping (loss.py). The
+baselines' other objectives (GSPO, CISPO) and the KL penalty: objectives.py.
 """
 
 from .advantages import grpo_advantages, token_level_group_advantages
@@ -37,9 +38,15 @@ from .loss import (
     redistribute_advantages,
     tis_weights,
 )
+from .objectives import KL_ESTIMATORS, aggregate, cispo_policy_loss, gspo_policy_loss, kl_penalty
 
 __all__ = [
     "ADV_SIGN_TOL",
+    "KL_ESTIMATORS",
+    "aggregate",
+    "cispo_policy_loss",
+    "gspo_policy_loss",
+    "kl_penalty",
     "clip_sides",
     "importance_ratio",
     "EntropyStats",

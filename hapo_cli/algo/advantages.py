@@ -29,11 +29,14 @@ def _segment_sum(values: Tensor, index: Tensor, num_groups: int) -> Tensor:
     return out.index_add_(0, index, values)
 
 
-def grpo_advantages(scores: Tensor, group_ids: Tensor, eps: float = 1e-6) -> Tensor:
+def grpo_advantages(scores: Tensor, group_ids: Tensor, eps: float = 1e-6, *,
+                    scale_by_std: bool = True) -> Tensor:
     """Sequence-level GRPO advantage A_i = (r_i - mean_g) / (std_g + eps).
 
     scores (B,), group_ids (B,) -> (B,). std is the unbiased (n-1) std of the group, as verl;
     a group of one uses mean 0 and std 1 (verl), i.e. A_i = r_i / (1 + eps).
+    `scale_by_std=False`: A_i = r_i - mean_g, Dr. GRPO (arXiv 2503.20783, Sec. 3.2; verl's
+    norm_adv_by_std_in_grpo=False); a group of one then gives A_i = r_i.
     Naive: for each group g: s = scores[ids == g]; A = (s - s.mean()) / (s.std() + eps).
     """
     if scores.dim() != 1:
@@ -51,6 +54,8 @@ def grpo_advantages(scores: Tensor, group_ids: Tensor, eps: float = 1e-6) -> Ten
     single = count == 1
     mean = torch.where(single, torch.zeros_like(mean), mean)
     std = torch.where(single, torch.ones_like(std), std)
+    if not scale_by_std:
+        return (r - mean[inverse]).to(_out_dtype(scores))
     return ((r - mean[inverse]) / (std[inverse] + eps)).to(_out_dtype(scores))
 
 
