@@ -158,10 +158,18 @@ def train(
 
         _guard(check_resume_recipe, run_dir_of(rec, output), rec)
 
-    with interrupt_once():  # a second Ctrl-C or SIGTERM cannot cut the clean-up short
-        summary = _guard(run_train, rec, output_dir=output, resume=resume, overwrite=overwrite)
+    from .interrupts import exit_code
+
+    # a second Ctrl-C or SIGTERM cannot cut the clean-up short; SIGTERM/USR1/USR2 (preemption,
+    # a time limit) end after a checkpointed step with exit code 75, Ctrl-C with 130
+    with interrupt_once():
+        try:
+            summary = _guard(run_train, rec, output_dir=output, resume=resume,
+                             overwrite=overwrite)
+        except typer.Exit as exc:  # interrupted before the first step: nothing to checkpoint
+            raise typer.Exit(exit_code() if exc.exit_code == 130 else exc.exit_code) from None
         if summary is not None and summary.status == "interrupted":
-            raise fail(summary.message if summary.is_main else "interrupted", 130)
+            raise fail(summary.message if summary.is_main else "interrupted", exit_code())
     if summary is not None:
         if summary.is_main:
             console.print(summary.line())

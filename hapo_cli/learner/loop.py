@@ -15,6 +15,7 @@ from typing import Any
 from analysis import schema
 
 from ..baselines import get_baseline
+from ..interrupts import interrupt_reason, stop_after_step, stop_requested
 from ..runlog import RunLog
 from .checkpoint import fresh_temporary_dir, save_checkpoint, temporary_dir
 from .forward import unwrap
@@ -113,8 +114,11 @@ class Loop:
         r = self.recipe
         main = self.accelerator.is_main_process
         status, message = "done", ""
+        reason_kw: dict[str, str] = {}
         last_row: dict[str, Any] = {}
-        with step_progress("train", r.train.max_steps, disable=not (progress and main)) as bar:
+        # stop_after_step: SIGTERM/USR1/USR2 end the run after the step it is on, checkpointed
+        with step_progress("train", r.train.max_steps, disable=not (progress and main)) as bar, \
+                stop_after_step():
             task = bar.add_task("train", total=r.train.max_steps, completed=self.state.step,
                                 info="")
             if self.state.step == 0 and r.eval.at_start and self.val_sets:
@@ -132,13 +136,36 @@ class Loop:
                 if (r.eval.every and step % r.eval.every == 0) or last:
                     row.update(self._validate(step))
                 self._log(row)
-                if (r.log.checkpoint_every and step % r.log.checkpoint_every == 0) or last:
+                saved = (r.log.checkpoint_every and step % r.log.checkpoint_every == 0) or last
+                if saved:
                     self.checkpoint(step)
                 last_row = row
                 bar.update(task, completed=step, info=self._bar_info(row))
-        self.runlog.finish(status, message=message or None, final_step=self.state.step)
+                reason = self._stop_reason()
+                if reason and not last:
+                    if not saved:
+                        self.checkpoint(step)
+                    status, reason_kw = "interrupted", {"reason": reason}
+                    sig = interrupt_reason()  # None on a rank the signal did not reach
+                    how = f"{reason}, {sig[1]}" if sig else reason
+                    message = (f"interrupted at step {step} ({how}); checkpoint written; "
+                               "continue with --resume")
+                    break
+        self.runlog.finish(status, message=message or None, final_step=self.state.step,
+                           **reason_kw)
         return TrainSummary(self.run_dir, status, self.state.step, self._final(last_row),
                             message, is_main=main)
+
+    def _stop_reason(self) -> str | None:
+        """A stop asked of any rank (a preemption signal), agreed on by all: every rank ends
+        after the same step."""
+        import torch
+
+        reason = stop_requested()
+        if self.ranks.world > 1:
+            asked = self.ranks.max(torch.tensor([1.0 if reason else 0.0]))
+            reason = (reason or "preempted") if float(asked[0]) > 0 else None
+        return reason
 
     def _log(self, row: dict[str, Any]) -> None:
         self.runlog.log_metrics(row)

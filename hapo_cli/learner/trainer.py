@@ -168,7 +168,7 @@ def train(
                 val_sets, runlog, run_dir, state, strategy=strategy)
     loop.trackers = trackers
     final_status = "failed"
-    from ..interrupts import interrupt_once
+    from ..interrupts import interrupt_once, interrupt_reason
 
     try:
         # One interrupt: a second signal (Ctrl-C reaches the whole process group, then an
@@ -182,10 +182,13 @@ def train(
                 summary = loop.run(progress=progress)
                 final_status = summary.status
                 return summary
-            except KeyboardInterrupt:
+            except KeyboardInterrupt:  # Ctrl-C, or a preemption signal outside the steps
                 final_status = "interrupted"
-                message = f"interrupted at step {loop.state.step}; continue with --resume"
-                _finish_quietly(runlog, "interrupted", message, loop.state.step)
+                why = interrupt_reason()
+                how = f" ({why[0]}, {why[1]})" if why and why[0] != "interrupted" else ""
+                message = f"interrupted at step {loop.state.step}{how}; continue with --resume"
+                _finish_quietly(runlog, "interrupted", message, loop.state.step,
+                                **({"reason": why[0]} if why else {}))
                 return TrainSummary(run_dir, "interrupted", loop.state.step, message=message,
                                     is_main=accelerator.is_main_process)
             except BaseException as exc:
@@ -229,10 +232,10 @@ def _load(fn, path, *args):
         raise ModelError(f"{path}: cannot be loaded ({type(exc).__name__}: {first_line(exc)})") from None
 
 
-def _finish_quietly(runlog: RunLog, status: str, message: str, step: int) -> None:
+def _finish_quietly(runlog: RunLog, status: str, message: str, step: int, **extra) -> None:
     """Mark the manifest; if even that write fails (disk still full), the run is no worse off."""
     try:
-        runlog.finish(status, message=message, final_step=step)
+        runlog.finish(status, message=message, final_step=step, **extra)
     except OSError:
         pass
 
