@@ -118,13 +118,15 @@ class Setting:
 def sample_benchmark(
     engine, tokenizer, examples, *, n, temperature, top_p, top_k, max_new_tokens, greedy,
     adaptive, tau, stats, seed, batch_size, progress=None, task=None, offset=0, scorer=None,
+    rewards=None,
 ) -> list[dict[str, Any]]:
     """Generate n samples per prompt and score them: one record per prompt. Sample j of
     prompt i depends on (seed, offset + i, j) only, not on batching.
 
     Engines that record no decode-time entropy or T_t (vLLM) get both from `scorer`, the HF
     model, as training does; without a scorer their records hold `entropies=None` and
-    `temperature_mean=None` (never NaN)."""
+    `temperature_mean=None` (never NaN). `rewards` (a `RewardSet`, the run's data.rewards):
+    `correct` is its accuracy and `rewards` its total per response."""
     from .rewards import extract_answer, verify
     from .rollout import SamplingSpec
 
@@ -149,12 +151,17 @@ def sample_benchmark(
             by_prompt.setdefault(p, []).append(row)
         for p, rows in sorted(by_prompt.items()):
             ex = chunk[p]
-            correct = [bool(verify(ex.verifier, texts[i], ex.answer)) for i in rows]
+            if rewards is None:
+                correct = [bool(verify(ex.verifier, texts[i], ex.answer)) for i in rows]
+            else:
+                got = rewards.score([ex] * len(rows), [texts[i] for i in rows])
+                correct, totals = [bool(a > 0) for a in got.acc.tolist()], got.total.tolist()
             ents = [out.entropy[i][mask[i]].float() for i in rows] if out.decode_stats else None
             records.append({
                 "uid": ex.uid, "prompt": ex.prompt, "answer": ex.answer,
                 "responses": [texts[i] for i in rows], "correct": correct,
                 "answers": [extract_answer(ex.verifier, texts[i]) for i in rows],
+                **({"rewards": totals} if rewards is not None else {}),
                 "lengths": [int(mask[i].sum()) for i in rows],
                 "truncated": [out.finish_reason[i] == "length" for i in rows],
                 "entropies": ents,
@@ -165,6 +172,15 @@ def sample_benchmark(
         if progress is not None and task is not None:
             progress.update(task, advance=len(chunk))
     return records
+
+
+def _rewards_of(data_cfg, incorrect_score: float = 0.0):
+    """The process's RewardSet of `data.rewards` (None without: each row's own grader)."""
+    if not data_cfg.rewards:
+        return None
+    from .rewards.custom import reward_set
+
+    return reward_set(data_cfg, incorrect_score)
 
 
 def _with_scorer_stats(out, scorer, prompt_ids, spec, stats):
@@ -198,6 +214,9 @@ def summarize(records, n: int, critical_threshold: float | None) -> dict[str, An
         counts = [int((e >= critical_threshold).sum()) for r in records for e in r["entropies"]]
         out["critical_tokens_mean"] = sum(counts) / len(counts)
         out["critical_entropy_threshold"] = critical_threshold
+    if "rewards" in records[0]:  # data.rewards: the mean total reward per response
+        totals = [x for r in records for x in r["rewards"]]
+        out["reward_mean"] = sum(totals) / len(totals)
     temps = [t for r in records for t in r["temperature_mean"] if t is not None]
     out["temperature_mean"] = sum(temps) / len(temps) if temps else None
     return out
@@ -231,7 +250,8 @@ def validation_metrics(engine, tokenizer, val_sets, recipe, step: int, rank: int
         per = -(-len(examples) // world)
         lo, hi = min(rank * per, len(examples)), min((rank + 1) * per, len(examples))
         common = dict(top_p=ev.top_p, top_k=0, max_new_tokens=max_new, adaptive=False,
-                      tau=0.0, stats=None, batch_size=recipe.rollout.batch_size, offset=lo)
+                      tau=0.0, stats=None, batch_size=recipe.rollout.batch_size, offset=lo,
+                      rewards=_rewards_of(recipe.data, recipe.train.incorrect_score))
         mine = examples[lo:hi]
         recs = sample_benchmark(engine, tokenizer, mine, n=ev.n, temperature=ev.temperature,
                                 greedy=False, seed=1_000_000 + step, **common)
@@ -333,8 +353,11 @@ def _sample_models(req: EvalRequest, res, settings, console,
             eng.sync_weights(model)  # go in by weight sync
         for bench in benchmarks:
             bench_name, examples = load_benchmark(bench, data_cfg, tok, limit=req.limit)
+            rewards = _rewards_of(data_cfg)
+            if rewards is not None:  # the run's data.rewards, checked on this benchmark's row
+                rewards.probe(examples[0])
             common = dict(top_p=req.top_p, top_k=req.top_k, max_new_tokens=max_new, tau=tau,
-                          batch_size=req.batch_size, scorer=model)
+                          batch_size=req.batch_size, scorer=model, rewards=rewards)
             # calibration pass at T = 1: the critical-entropy threshold and, if needed, the stats
             cal = sample_benchmark(eng, tok, examples, n=1, temperature=1.0, greedy=False,
                                    adaptive=False, stats=None, seed=seed + 7, **{**common,
@@ -372,6 +395,7 @@ def _sample_models(req: EvalRequest, res, settings, console,
                             "benchmark": bench_name, "setting": s.label, "checkpoint_step": step,
                             "uid": r["uid"], "prompt": r["prompt"], "answer": r["answer"],
                             "responses": r["responses"], "correct": r["correct"],
+                            **({"rewards": r["rewards"]} if "rewards" in r else {}),
                             "lengths": r["lengths"], "entropy_mean": ent,
                             "critical_tokens": [int((e >= threshold).sum())
                                                 for e in r["entropies"]],

@@ -123,6 +123,52 @@ class ModelConfig(_Section):
 # ---------------------------------------------------------------------------------------------
 
 
+class RewardConfig(_Section):
+    function: str = Field(
+        description="A built-in grader (exact: the synthetic tasks' own, also spelt by a task's "
+        "name; math; dapo; source: per row by data_source, as data.train_verifier), or a Python "
+        "function 'path/to/file.py:name' / 'package.module:name' (rewards/plugins.py)."
+    )
+    weight: float = Field(1.0, description="Its weight in the total: score = sum weight x reward.")
+    style: Literal["verl", "trl"] = Field(
+        "verl",
+        description="Calling convention of a Python function. verl: compute_score(data_source, "
+        "solution_str, ground_truth, extra_info) -> float | {'score': float, ...} per response "
+        "(other numeric keys are logged). trl: (prompts, completions, **columns) -> "
+        "list[float | None] per batch (None counts 0). Ignored for built-in graders.",
+    )
+    name: str | None = Field(
+        None, description="Name in the logs (reward/<name>/mean); None: the grader's or the "
+        "function's name."
+    )
+
+    @field_validator("function")
+    @classmethod
+    def _known_function(cls, v: str) -> str:
+        from .data.synthetic import TASKS
+        from .rewards.plugins import BUILTIN, is_file_ref, split_ref
+
+        if v in BUILTIN or v in TASKS:
+            return v
+        where, _ = split_ref(v)  # ValueError: not name-shaped
+        if is_file_ref(where) and not Path(where).is_file():
+            raise ValueError(f"no such file: {where} (give a path relative to where hapo runs)")
+        return v
+
+    @property
+    def builtin(self) -> str | None:
+        """The built-in grader this names ("exact" for a task's name), or None for user code."""
+        from .rewards.plugins import BUILTIN
+
+        return self.function if self.function in BUILTIN else (
+            None if ":" in self.function else "exact")
+
+    @property
+    def label(self) -> str:
+        return self.name or (self.function if ":" not in self.function
+                             else self.function.rpartition(":")[2])
+
+
 class DataConfig(_Section):
     source: Literal["synthetic", "files"] = Field(
         "synthetic", description="Built-in synthetic task or local parquet/jsonl files."
@@ -166,10 +212,43 @@ class DataConfig(_Section):
     apply_chat_template: bool = Field(
         True, description="Apply the tokenizer's chat template when it has one."
     )
+    rewards: list[RewardConfig] = Field(
+        default_factory=list,
+        description="The reward as a weighted sum of graders and Python functions, each logged "
+        "as reward/<name>/mean (and /errors). Empty: each row's grader (data.train_verifier, "
+        "data.val_verifier, the task's own), 1 if correct else train.incorrect_score. A "
+        "built-in entry scores the same 1/incorrect_score. Accuracy (reward/acc, dynamic "
+        "sampling on acc, evaluate's avg@k) is the first built-in entry's, else a verl "
+        "function's 'acc' key, else whether the first entry's reward is > 0.",
+    )
+    reward_timeout: float = Field(
+        10.0, gt=0, description="Seconds one call of a Python reward function may take (a batch "
+        "for trl-style); past it the call scores data.reward_on_error and its worker restarts."
+    )
+    reward_workers: int = Field(
+        1, ge=1, description="Worker processes running Python reward functions (per rank)."
+    )
+    reward_on_error: float = Field(
+        0.0, description="Reward of a call that timed out, raised or returned the wrong shape "
+        "(counted in reward/<name>/errors)."
+    )
+    reward_errors: Literal["score", "raise"] = Field(
+        "score", description="score: a failed call scores data.reward_on_error. raise: it stops "
+        "the run with the function's error."
+    )
     shuffle: bool = Field(True, description="Shuffle the training file order each epoch (by seed).")
     val_size: int = Field(
         200, gt=0, description="Held-out synthetic prompts per validation set (fixed seed)."
     )
+
+    @field_validator("rewards")
+    @classmethod
+    def _names_once(cls, v: list[RewardConfig]) -> list[RewardConfig]:
+        labels = [r.label for r in v]
+        twice = sorted({x for x in labels if labels.count(x) > 1})
+        if twice:
+            raise ValueError(f"two rewards are named {twice[0]!r}; give one a 'name'")
+        return v
 
     @model_validator(mode="after")
     def _known_task(self) -> DataConfig:

@@ -17,7 +17,14 @@ import random
 from pathlib import Path
 from typing import Any
 
-from .files import SUPPORTED_SUFFIXES, DataError, Example, encode_prompt, load_examples
+from .files import (
+    SUPPORTED_SUFFIXES,
+    DataError,
+    Example,
+    encode_prompt,
+    first_record_example,
+    load_examples,
+)
 from .synthetic import HELDOUT_SEED, HELDOUT_SPLIT, TASKS, check_task, synthetic_item
 
 __all__ = [
@@ -29,6 +36,7 @@ __all__ = [
     "SyntheticStream",
     "build_train_stream",
     "build_val_sets",
+    "first_example",
     "heldout_examples",
     "load_benchmark",
     "load_examples",
@@ -51,7 +59,8 @@ def synthetic_example(
     item = synthetic_item(task, difficulty, split, seed, index, direct_fraction)
     text, ids = encode_prompt(tokenizer, item.prompt, apply_chat_template)
     uid = f"{task}:{difficulty}:{split}:{seed}:{index}"
-    return Example(uid, text, ids, item.answer, "exact", item.target, task)
+    row = {"data_source": task, "prompt": item.prompt, "answer": item.answer}
+    return Example(uid, text, ids, item.answer, "exact", item.target, task, row)
 
 
 def heldout_examples(
@@ -178,6 +187,18 @@ def build_train_stream(data_cfg: Any, tokenizer: Any, seed: int) -> PromptStream
         for ex in load_examples(f, data_cfg, tokenizer, data_cfg.train_verifier)
     ]
     return FileStream(examples, seed, data_cfg.shuffle)
+
+
+def first_example(data_cfg: Any, seed: int = 0) -> Example:
+    """The first row of the training data (else the first validation file), untokenized
+    (`prompt_ids` empty): what `data.rewards`' load-time probe calls the functions on."""
+    if data_cfg.source == "synthetic":
+        item = synthetic_item(data_cfg.task, data_cfg.difficulty, "train", seed, 0)
+        row = {"data_source": data_cfg.task, "prompt": item.prompt, "answer": item.answer}
+        return Example(f"{data_cfg.task}:probe", item.prompt, (), item.answer, "exact",
+                       item.target, data_cfg.task, row)
+    source = (list(data_cfg.train_files) + list(data_cfg.val_files))[0]
+    return first_record_example(source, data_cfg)
 
 
 def build_val_sets(data_cfg: Any, tokenizer: Any) -> dict[str, list[Example]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +37,8 @@ class Example:
     verifier: Literal["exact", "math", "dapo"]
     target: str | None  # reference response for the supervised warm-up (synthetic only)
     task: str  # synthetic task name or file stem
+    # the dataset row (columns for data.rewards functions: data_source, extra_info, ...)
+    row: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
 def has_chat_template(tokenizer: Any) -> bool:
@@ -177,6 +179,25 @@ def truncate_prompt(ids: tuple[int, ...], max_len: int, side: str) -> tuple[int,
     )
 
 
+def first_record_example(path: str | Path, data_cfg: Any) -> Example:
+    """The first row of a data file as an untokenized Example (`prompt_ids` empty)."""
+    path = Path(path)
+    records = _read_records(path)
+    if not records:
+        raise DataError(f"{path}: no records")
+    where, record = records[0]
+    try:
+        raw_prompt, raw_answer = (_lookup(record, data_cfg.prompt_key),
+                                  _lookup(record, data_cfg.answer_key))
+    except KeyError as err:
+        raise DataError(f"{path} {where}: missing key '{err.args[0]}'") from None
+    prompt = _parse_prompt(raw_prompt, f"{path} {where}")
+    text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+    answer = _parse_answer(raw_answer, f"{path} {where}", data_cfg.answer_key)
+    return Example(f"{path.stem}:probe", text, (), answer,
+                   row_verifier(data_cfg.train_verifier, record), None, path.stem, record)
+
+
 def load_examples(
     path: str | Path, data_cfg: Any, tokenizer: Any, verifier: str = "math"
 ) -> list[Example]:
@@ -228,7 +249,7 @@ def load_examples(
             text, ids = tokenizer.decode(list(cut), skip_special_tokens=False), cut
         row = where.rsplit(" ", 1)[-1]
         examples.append(Example(f"{path.stem}:{row}", text, ids, answer,
-                                row_verifier(verifier, record), None, path.stem))
+                                row_verifier(verifier, record), None, path.stem, record))
     if too_long:
         logger.warning(
             "%s: %s %d of %d prompts longer than data.max_prompt_length=%d tokens",

@@ -41,19 +41,41 @@ def rollout_seed(seed: int, step: int, gen_batch: int) -> int:
 
 
 def generate_scored(recipe, engine, tokenizer, examples, spec, stats, seed: int,
-                    prompt_offset: list[int], pad_id: int) -> TrainBatch:
-    """One generation batch: sample `spec.n` responses per prompt, decode, score."""
-    from ..rewards import score_responses
+                    prompt_offset: list[int], pad_id: int,
+                    reward_log: _RewardLog | None = None) -> TrainBatch:
+    """One generation batch: sample `spec.n` responses per prompt, decode, score (with
+    `data.rewards` when set: the per-reward values go to `reward_log`)."""
+    from ..rewards import overlong_penalty, score_responses
 
     out = engine.generate([list(e.prompt_ids) for e in examples], spec, stats, seed=seed,
                           prompt_offset=prompt_offset).to("cpu")
     texts = out.decode(tokenizer)
     per_response = [examples[i] for i in out.prompt_index.tolist()]
-    scores, acc = score_responses(
-        per_response, texts, out.response_len, recipe.rollout.max_new_tokens,
-        recipe.train.overlong, incorrect_score=recipe.train.incorrect_score,
-    )
-    return build_train_batch(examples, out, scores, acc, texts, pad_id)
+    if not recipe.data.rewards:
+        scores, acc = score_responses(
+            per_response, texts, out.response_len, recipe.rollout.max_new_tokens,
+            recipe.train.overlong, incorrect_score=recipe.train.incorrect_score,
+        )
+        return build_train_batch(examples, out, scores, acc, texts, pad_id)
+    from ..rewards.custom import reward_set
+
+    got = reward_set(recipe.data, recipe.train.incorrect_score).score(per_response, texts)
+    scores, ov = got.total, recipe.train.overlong
+    if ov.enabled:
+        scores = scores + overlong_penalty(out.response_len, recipe.rollout.max_new_tokens,
+                                           ov.buffer_len, ov.penalty)
+    if reward_log is not None:
+        reward_log.parts.append(got.parts)
+        reward_log.errors.append(got.errors)
+    return build_train_batch(examples, out, scores, got.acc, texts, pad_id)
+
+
+@dataclass
+class _RewardLog:
+    """data.rewards' per-reward values of the generation batches of one step."""
+
+    parts: list[dict[str, Tensor]] = field(default_factory=list)
+    errors: list[dict[str, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -95,6 +117,7 @@ def sample_batch(recipe, engine, tokenizer, stream, ranks: Ranks, step: int, sta
     mine = shard_indices(r.train.prompts_per_step, r.train.mini_batch_prompts, ranks.world,
                          ranks.rank)
     kept = _Kept()
+    reward_log = _RewardLog()
     gen_batches = 0
     while True:
         gen_batches += 1
@@ -104,7 +127,7 @@ def sample_batch(recipe, engine, tokenizer, stream, ranks: Ranks, step: int, sta
             r, engine, tokenizer, [full[i] for i in mine], spec, stats,
             seed=rollout_seed(r.seed, step, gen_batches),
             prompt_offset=mine,  # global indices: the same samples however prompts are sharded
-            pad_id=pad_id,
+            pad_id=pad_id, reward_log=reward_log,
         )
         kept.add(batch, ds.metric, keep_all=not ds.enabled)
         # all ranks vote: stop once every rank has its share
@@ -134,6 +157,10 @@ def sample_batch(recipe, engine, tokenizer, stream, ranks: Ranks, step: int, sta
         schema.REWARD_ALL_ACC: float(ranks.cat(torch.cat(kept.acc)).mean()),
         schema.REWARD_ALL_MEAN: float(ranks.cat(torch.cat(kept.scores)).mean()),
     }
+    if r.data.rewards:
+        from ..rewards.custom import mean_metrics
+
+        info.update(mean_metrics(reward_log.parts, reward_log.errors, ranks))
     if n_use == 0:
         return None, info
     batch = concat_batches(kept.batches, pad_id)

@@ -73,6 +73,9 @@ def train(
     # Everything that can be validated is, before anything in the run directory changes:
     # data files, the model folder, the checkpoint to resume from, optimizer construction.
     _check_data_files(recipe)
+    from ..rewards.custom import probe_rewards
+
+    probe_rewards(recipe.data, recipe.train.incorrect_score, recipe.seed)
     # the main process builds (or finds) the warm-up policy; the others then read it from the
     # cache, never racing the build
     with accelerator.main_process_first(), \
