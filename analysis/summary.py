@@ -177,6 +177,8 @@ def steps_note(df: pd.DataFrame) -> tuple[str, bool]:
         by_steps.setdefault(v, []).append(str(name))
     parts = "; ".join(f"{', '.join(names)} at step{'s' if ',' in v else ''} {v}"
                       for v, names in sorted(by_steps.items(), key=lambda kv: kv[0]))
+    if df.attrs.get("baseline") is None and "reference" not in df.columns:  # no Δ to qualify
+        return f"Runs ended at different steps, each value is at its run's last: {parts}.", True
     return (f"Unequal budgets, not compared at one step: {parts}. Δ pairs only seeds at the "
             "same step (none: —); rerun the shorter runs with the same --max-steps."), True
 

@@ -281,6 +281,11 @@ def ablate(
     ] = None,
     workers: Annotated[int, typer.Option(help="Variants run in parallel.")] = 1,
     retry_failed: Annotated[bool, typer.Option(help="Rerun failed runs.")] = False,
+    baselines: Annotated[
+        Optional[str],
+        typer.Option(help="Comma list of baselines (dapo,grpo,gspo,...): every variant on each, "
+                     "with the baseline's published settings; runs named <baseline>-<variant>."),
+    ] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Override train.max_steps.")] = None,
     summary: Annotated[
         Optional[Path], typer.Option(help="Only print the summary of an ablation directory.")
@@ -299,6 +304,8 @@ def ablate(
         return
     from .interrupts import interrupt_once
 
+
+    Baselines (Table 1): hapo ablate --baselines dapo,grpo,gspo --variants none,AB,ABCD
     with interrupt_once():
         ok = _guard(
             run_ablation,
@@ -316,6 +323,7 @@ def ablate(
             console=console,
         )
     if not ok:
+            baselines=baselines,
         raise typer.Exit(1)
 
 

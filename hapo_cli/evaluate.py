@@ -470,7 +470,7 @@ def _write_results(out_dir, name, rows, samples, overwrite, console) -> Any:
             try:
                 if side.exists():
                     raise FileExistsError(side)
-                os.link(tmp, main)
+                _link_or_create(tmp, main, text)
                 break
             except FileExistsError:
                 name = free_name(out_dir, wanted)
@@ -482,3 +482,17 @@ def _write_results(out_dir, name, rows, samples, overwrite, console) -> Any:
         os.unlink(tmp)
     atomic_write_text(side, sample_text)
     return main
+
+
+def _link_or_create(tmp, path, text: str) -> None:
+    """`path` made from the finished `tmp` only if it does not exist (FileExistsError if it
+    does): a hard link, or where the filesystem has none, an exclusive create."""
+    import os
+
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (some network filesystems)
+        with open(path, "x") as f:
+            f.write(text)

@@ -91,6 +91,13 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Parameter dtype of the learner's model."
     )
+    reference: str = Field(
+        "initial",
+        description="The frozen reference policy of the KL penalty (used when algo.kl_coef > 0): "
+        "'initial', the policy the run starts from (the warm-up policy or model.path, also on "
+        "--resume), or a local HF model directory. Scored in the old-policy pass with the same "
+        "micro-batches and packing, sharded like the policy under FSDP2.",
+    )
     gradient_checkpointing: bool = Field(False, description="Enable HF gradient checkpointing.")
     trust_remote_code: bool = Field(False, description="Passed to from_pretrained.")
 
@@ -313,10 +320,14 @@ class RolloutConfig(_Section):
 class AlgoConfig(_Section):
     baseline: str = Field(
         "dapo",
-        description="What the letters are added to (hapo_cli/baselines). dapo: token-mean loss, "
-        "dynamic sampling, overlong shaping. grpo: sequence-level advantages, "
-        "seq-mean-token-mean. forking: DAPO with gradient only on the top-q entropy tokens of "
-        "the batch.",
+        description="What the letters are added to: a baseline owns its advantages, token masks, "
+        "loss and aggregation, and fills in its published settings where the recipe leaves them "
+        "out (hapo_cli/baselines; README, 'Baselines'). dapo: token-mean PPO, dynamic sampling, "
+        "overlong shaping. grpo (DeepSeekMath): std-normalised sequence advantages, "
+        "seq-mean-token-mean, k3 KL to the reference with kl_coef 0.04, no dynamic sampling. "
+        "dr-grpo: no std, token sums over a constant. gspo: sequence-level ratio and clipping. "
+        "cispo: clipped stop-gradient importance weight times log-prob. forking: DAPO with "
+        "gradient only on the top-q entropy tokens of the batch.",
     )
 
     @field_validator("baseline")
@@ -334,7 +345,9 @@ class AlgoConfig(_Section):
     tau: float = Field(0.05, ge=0, description="A: temperature scale, T_t = T(1 + tau h).")
     beta: float = Field(1.0, ge=0, description="C: redistribution strength, A' = A(1 + beta h).")
     alpha: float = Field(1.0, ge=0, description="D: clip-bound adaptation strength.")
-    eps_low: float = Field(0.2, gt=0, lt=1, description="PPO clip lower epsilon.")
+    eps_low: float = Field(
+        0.2, gt=0, le=1, description="PPO clip lower epsilon (1: no lower bound, as CISPO)."
+    )
     eps_high: float = Field(0.2, gt=0, le=1, description="PPO clip upper epsilon.")
     clip_c: float = Field(10.0, gt=1, description="Dual-clip constant c for negative advantages.")
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = Field(
@@ -363,6 +376,24 @@ class AlgoConfig(_Section):
     forking_quantile: float = Field(
         0.2, gt=0, le=1,
         description="forking: fraction q of highest-entropy tokens trained; the threshold is the "
+    kl_coef: float = Field(
+        0.0, ge=0,
+        description="Weight of the KL penalty to the reference policy (model.reference) in the "
+        "loss, aggregated like the policy loss (verl's use_kl_loss / kl_loss_coef, TRL's beta). "
+        "0: no reference model is loaded. GRPO as published: 0.04.",
+    )
+    kl_estimator: Literal["k1", "k2", "k3", "k3+"] = Field(
+        "k3",
+        description="Per-token KL estimator (algo.kl_penalty): k1 logp - ref; k2 (logp - ref)^2/2; "
+        "k3 e^(ref - logp) - (ref - logp) - 1 (DeepSeekMath's, verl's low_var_kl); k3+ k3's "
+        "value with k2's gradient (verl's 'k3+').",
+    )
+    entropy_coef: float = Field(
+        0.0, ge=0,
+        description="Entropy bonus: the loss minus this times the entropy of the current policy "
+        "over the loss tokens (aggregated like the policy loss; verl's entropy_coeff), from the "
+        "same fused log-prob pass. 0: off (the HAPO authors' recipes).",
+    )
         "(1 - q) entropy quantile over the whole batch, all ranks together.",
     )
     forking_normalizer: Literal["all", "forking"] = Field(

@@ -29,9 +29,21 @@ from .token_rows import token_rows
 from .update import NonFiniteError, Updater
 
 
+def kl_old(old_logp, ref_logp, mask, estimator: str, ranks) -> float:
+    """Mean per-token KL estimate of the old policy to the reference over all ranks' valid
+    tokens (0 at step 1 when the reference is the initial policy)."""
+    from .. import algo
+
+    kl = algo.kl_penalty(old_logp, ref_logp, estimator).masked_fill(~mask, 0.0)
+    tot = ranks.sum(kl.sum().double())
+    n = ranks.sum(mask.sum().double())
+    return float(tot) / max(float(n), 1.0)
+
+
 class Loop:
     def __init__(self, recipe, accelerator, model, optimizer, scheduler, engine, tokenizer,
-                 stream, val_sets, runlog: RunLog, run_dir, state: LoopState, strategy=None):
+                 stream, val_sets, runlog: RunLog, run_dir, state: LoopState, strategy=None,
+                 reference=None):
         self.recipe, self.accelerator, self.model = recipe, accelerator, model
         self.optimizer, self.scheduler, self.engine = optimizer, scheduler, engine
         self.tokenizer, self.stream, self.val_sets = tokenizer, stream, val_sets
@@ -47,6 +59,7 @@ class Loop:
                                 Precision(torch.float32))
             strategy.model, strategy.optimizer = model, optimizer
         self.strategy = strategy
+        self.reference = reference  # learner/reference.py: the KL's frozen policy, or None
         self.baseline = get_baseline(recipe.algo.baseline)
         self.updater = Updater(recipe, model, optimizer, scheduler, strategy, self.ranks,
                                self.baseline, on_first_step=self._describe_optimizer)
@@ -75,14 +88,21 @@ class Loop:
         t1 = time.perf_counter()
         plan = self.updater.plan(batch)  # micro-batches: the old-log-prob pass and the update
         old_logp, entropy = score_old_policy(r, self.model, self.strategy, self.engine, batch,
-                                             stats_used, self.ranks.device,
-                                             [rows for _, micros in plan for rows in micros])
+        micros = [rows for _, micros in plan for rows in micros]
+                                             stats_used, self.ranks.device, micros)
         row[schema.TIME_OLD_LOGP] = time.perf_counter() - t1
 
+        ref_logp = None
+        if self.reference is not None:  # the KL's reference, on the same micro-batches
+            t_ref = time.perf_counter()
+            ref_logp = self.reference.score(batch, micros)
+            row[schema.TIME_REF] = time.perf_counter() - t_ref
+            row[schema.KL_OLD] = kl_old(old_logp, ref_logp, batch.mask, a.kl_estimator,
+                                        self.ranks)
         micro_rows = [rows for _, micros in self.updater.mini_batches(len(batch.scores))
                       for rows in micros]
         targets = compute_targets(batch, old_logp, entropy, a, self.baseline, self.ranks,
-                                  micro_rows)
+                                  micro_rows, ref_logp)
 
         t2 = time.perf_counter()
         upd = self.updater.run(batch, old_logp, targets, plan)

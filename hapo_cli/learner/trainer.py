@@ -168,12 +168,18 @@ def train(
     trackers = Trackers(recipe.log.trackers, run_dir, enabled=accelerator.is_main_process)
 
     loop = Loop(recipe, accelerator, model, optimizer, scheduler, engine, tokenizer, stream,
-                val_sets, runlog, run_dir, state, strategy=strategy)
+                val_sets, runlog, run_dir, state, strategy=strategy, reference=reference)
     loop.trackers = trackers
     final_status = "failed"
     from ..interrupts import interrupt_once, interrupt_reason
 
     try:
+    from .reference import build_reference
+
+    reference = build_reference(  # algo.kl_coef > 0: the frozen policy of the KL penalty
+        recipe, strategy, policy_path,
+        lambda path: _load(load_policy, path, strategy.load_dtype,
+                           recipe.model.trust_remote_code)[0])
         # One interrupt: a second signal (Ctrl-C reaches the whole process group, then an
         # ablation also asks its children to stop) cannot cut the `interrupted` manifest short.
         with interrupt_once():
