@@ -94,6 +94,9 @@ OPTIMIZER_STEPS = "actor/optimizer_steps"  # optimizer steps taken in this train
 SKIPPED_STEPS = "actor/skipped_steps"  # optimizer steps dropped for a non-finite gradient
 RATIO_MEAN = "actor/ratio_mean"  # mean importance ratio pi_theta / pi_old
 VALID_TOKENS = "actor/valid_tokens"  # loss tokens, summed over PPO epochs and micro-batches
+KL = "actor/kl"  # mean per-token KL estimate (algo.kl_estimator) to the reference, in the update
+KL_OLD = "actor/kl_old"  # the same, of the old policy (the scoring pass, before the update)
+ENTROPY_BONUS = "actor/entropy_bonus"  # mean entropy the entropy_coef term rewarded
 # the advantage mass the loss saw (after C and TIS), summed over PPO epochs and micro-batches;
 # adv/* below is the mass of the batch before C, once
 ADV_C_POS_TOKEN_SUM = "actor/adv_c_pos_token_sum"
@@ -138,6 +141,7 @@ REWARD_ALL_ACC = "reward/all_acc"
 # time (seconds)
 TIME_GEN = "time/gen_s"
 TIME_OLD_LOGP = "time/old_logp_s"
+TIME_REF = "time/ref_logp_s"  # the reference policy's scoring pass (algo.kl_coef > 0)
 TIME_TRAIN = "time/train_s"
 TIME_STEP = "time/step_s"
 
@@ -167,6 +171,7 @@ METRICS_NAMES: tuple[str, ...] = (
     REWARD_ALL_MEAN, REWARD_ALL_ACC, ENTROPY_STATS_EXACT, ENTROPY_STATS_BIN_ERROR,
     SKIPPED_STEPS, RATIO_MEAN, VALID_TOKENS, ADV_C_POS_TOKEN_SUM, ADV_C_NEG_TOKEN_SUM,
     ADV_C_POS_TOKEN_COUNT, ADV_C_NEG_TOKEN_COUNT, REFILL_BATCHES, PARTIAL_BATCH, TRIMMED_GROUPS,
+    KL, KL_OLD, ENTROPY_BONUS, TIME_REF,
 )  # fmt: skip
 """Every fixed metric name (the per-benchmark ``val/...`` names are built by the helpers)."""
 ROW_KEYS: tuple[str, ...] = (STEP, SKIPPED, ERROR)

@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import (  # noqa: E402
     bench_algo,
     bench_fused,
+    bench_kl,
     bench_packing,
     bench_strategy,
     bench_train,
@@ -22,6 +23,7 @@ def main() -> None:
     for name, mod in (("algo", bench_algo), ("fused log-probs", bench_fused),
                       ("training step", bench_train),
                       ("learner update: padded vs packed vs token budget", bench_packing),
+                      ("tiny job: the KL's reference pass, on vs off", bench_kl),
                       ("tiny job: hapo DAPO / HAPO vs TRL GRPOTrainer", bench_trl),
                       ("rollout: vLLM vs HF", bench_vllm),
                       ("DDP, FSDP2, ZeRO-2, ZeRO-3: 2 processes, large vocabulary",

@@ -114,6 +114,10 @@ def recipes_show(
     name: Annotated[str, typer.Argument(help="Recipe name or YAML path.")],
     set_: SetOpt = None,
     components: ComponentsOpt = None,
+    prompt: Annotated[bool, typer.Option(
+        "--prompt", help="Also print the first training prompt as the model gets it (chat "
+        "template, data.system_prompt, prompt_template, chat_template_kwargs), as YAML comments.",
+    )] = False,
 ) -> None:
     """Print the fully resolved recipe as YAML.
 
@@ -121,6 +125,12 @@ def recipes_show(
     """
     recipe = _guard(load_recipe, name, set_ or [], components)
     typer.echo(recipe.to_yaml(), nl=False)
+    if prompt:
+        from .data.preview import first_prompt
+
+        text, n = _guard(first_prompt, recipe)
+        typer.echo(f"# first training prompt, {n} tokens, decoded from its token ids:")
+        typer.echo("\n".join(f"#   {line}" for line in text.split("\n")))
 
 
 # ---------------------------------------------------------------------------------------------

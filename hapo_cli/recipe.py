@@ -66,9 +66,54 @@ class Recipe(_Section):
             return data  # the field's own validation reports it
         return {**data, "model": {**model, "tiny": {**tiny, "num_heads": max(hidden // 32, 1)}}}
 
+    @model_validator(mode="before")
+    @classmethod
+    def _baseline_defaults(cls, data: Any) -> Any:
+        """The named baseline's published settings (`Baseline.defaults`) where the recipe leaves
+        them out; an explicit value contradicting one of its `fixed` settings is an error, so
+        `--set algo.baseline=grpo` on a DAPO recipe does not train DAPO under GRPO's name."""
+        if not isinstance(data, dict):
+            return data
+        algo = data.get("algo") or {}
+        name = algo.get("baseline", "dapo") if isinstance(algo, dict) else None
+        from .baselines import REGISTRY, baseline_names
+
+        baseline_names()  # finds the registered baselines
+        if name not in REGISTRY:
+            return data  # the field's validator names the choices
+        bl = REGISTRY[name]
+        out = json.loads(json.dumps(data))
+        for path, value in bl.defaults.items():
+            *parents, leaf = path.split(".")
+            node = out
+            for p in parents:
+                if not isinstance(node.get(p, {}), dict):
+                    return data  # a section given as a value: its own validation reports it
+                node = node.setdefault(p, {})
+                if node is None:
+                    return data
+            if leaf not in node or node[leaf] is None and value is not None:
+                node[leaf] = value
+            elif path in bl.fixed and node[leaf] != value:
+                raise ValueError(
+                    f"algo.baseline={name}: {path}={node[leaf]!r} is not {name} ({bl.source} "
+                    f"uses {value!r}); drop {path} (or set it to {value!r}), or choose "
+                    "another baseline"
+                )
+        return out
+
     @model_validator(mode="after")
     def _cross_field(self) -> Recipe:
         t, r = self.train, self.rollout
+        from .baselines import get_baseline
+
+        refused = get_baseline(self.algo.baseline).check(self)
+        if refused:
+            raise ValueError(refused)
+        ref = self.model.reference
+        if self.algo.kl_coef > 0 and ref != "initial" and not Path(ref).is_dir():
+            raise ValueError(f"model.reference={ref!r}: not a directory; expected 'initial' or a "
+                             "local HF model directory")
         if t.prompts_per_step % t.mini_batch_prompts:
             raise ValueError(
                 f"train.prompts_per_step={t.prompts_per_step} must be a multiple of "

@@ -183,10 +183,14 @@ class DataConfig(_Section):
     task: str = Field("arith", description="Synthetic task name (source=synthetic).")
     difficulty: int = Field(2, ge=1, le=5, description="Synthetic task difficulty knob (1-5).")
     train_files: list[str] = Field(
-        default_factory=list, description="Training parquet/jsonl files (source=files)."
+        default_factory=list, description="Training data (source=files): parquet/jsonl files, "
+        "folders written by datasets' save_to_disk (folder@split for a DatasetDict), or "
+        "hf:NAME[:CONFIG][@SPLIT] through datasets.load_dataset (split default train; offline "
+        "from the local cache with HF_DATASETS_OFFLINE=1). Needs the datasets extra for the last two."
     )
     val_files: list[str] = Field(
-        default_factory=list, description="Validation files; benchmark name = file stem."
+        default_factory=list, description="Validation data, as data.train_files; benchmark name = "
+        "file stem, folder name or dataset name."
     )
     prompt_key: str = Field("prompt", description="Column with the prompt (string or chat messages).")
     answer_key: str = Field(
@@ -219,6 +223,20 @@ class DataConfig(_Section):
     apply_chat_template: bool = Field(
         True, description="Apply the tokenizer's chat template when it has one."
     )
+    system_prompt: str | None = Field(
+        None, description="A system message put first in every prompt (replacing a row's own). "
+        "Without a chat template, its text and the prompt joined by a newline."
+    )
+    prompt_template: str | None = Field(
+        None, description="The user message as a template: every '{prompt}' is replaced by the "
+        "row's prompt (its last user message); other braces stay as written, e.g. "
+        "'{prompt}\\nPlease reason step by step, and put your final answer within \\boxed{}.'."
+    )
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra arguments of the tokenizer's "
+        "apply_chat_template, e.g. {enable_thinking: false} for Qwen3. See the rendered first "
+        "prompt with `hapo recipes show NAME --prompt`."
+    )
     rewards: list[RewardConfig] = Field(
         default_factory=list,
         description="The reward as a weighted sum of graders and Python functions, each logged "
@@ -247,6 +265,14 @@ class DataConfig(_Section):
     val_size: int = Field(
         200, gt=0, description="Held-out synthetic prompts per validation set (fixed seed)."
     )
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_placeholder(cls, v: str | None) -> str | None:
+        if v is not None and "{prompt}" not in v:
+            raise ValueError("must contain '{prompt}' where the row's prompt goes, e.g. "
+                             "'{prompt} Answer with a number.'")
+        return v
 
     @field_validator("rewards")
     @classmethod

@@ -165,10 +165,11 @@ def test_baselines_are_registered_by_name():
     from hapo_cli.baselines import baseline_names, get_baseline
     from hapo_cli.recipe import RecipeError, load_recipe
 
-    assert baseline_names() == ("dapo", "grpo", "forking")
+    assert baseline_names() == ("dapo", "cispo", "dr-grpo", "forking", "grpo", "gspo")
     assert [get_baseline(n).name for n in baseline_names()] == list(baseline_names())
-    with pytest.raises(RecipeError, match="algo.baseline.*expected one of: dapo, grpo, forking"):
-        load_recipe("tiny/hapo", ["algo.baseline=gspo"])
+    with pytest.raises(RecipeError, match="algo.baseline.*expected one of: dapo, cispo, "
+                                          "dr-grpo, forking, grpo, gspo"):
+        load_recipe("tiny/hapo", ["algo.baseline=ppo"])
 
 
 def test_algo_imports_only_torch_and_the_names():

@@ -189,3 +189,53 @@ def parse_seeds(spec: str | Sequence[int]) -> list[int]:
             out.append(seed)
     return out
 
+
+
+# `--baselines`: each variant on each baseline (the paper's Table 1: HAPO against several
+# baselines, paired by seed). Names are '<baseline>-<variant>' ('grpo-none', 'gspo-AB',
+# 'dapo-ABCD-released'); the run gets `algo.baseline=<baseline>` and the baseline's published
+# settings, except those the user's --set gives.
+def parse_baselines(spec: str) -> list[str]:
+    """`--baselines dapo,grpo,gspo` -> registered names in the given order, no duplicates."""
+    from ..baselines import baseline_names
+
+    known = baseline_names()
+    out: list[str] = []
+    for raw in spec.split(","):
+        name = raw.strip()
+        if name not in known:
+            raise HapoError(f"--baselines {spec!r}: {name!r} is not a baseline; expected a comma "
+                            f"list of: {', '.join(known)}")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def cross_baselines(variants: Sequence[Variant], spec: str, user_overrides: Sequence[str] = ()
+                    ) -> tuple[list[Variant], list[str]]:
+    """(every variant on every baseline of `spec`, one line per combination left out because
+    the baseline does not define one of its letters, e.g. C and D on GSPO)."""
+    from ..baselines import baseline_class
+
+    user_keys = {item.split("=", 1)[0].strip() for item in user_overrides}
+    out: list[Variant] = []
+    left_out: list[str] = []
+    for name in parse_baselines(spec):
+        cls = baseline_class(name)
+        published = tuple(f"{k}={_yaml(v)}" for k, v in cls.defaults.items() if k not in user_keys)
+        for v in variants:
+            refused = [c for c in v.letters if c in cls.refuses]
+            if refused and v.letters != BASELINE:
+                left_out.append(f"{name}-{v.name}: {cls.refuses[refused[0]]} "
+                                f"(component {refused[0]})")
+                continue
+            out.append(Variant(f"{name}-{v.name}", v.letters,
+                               (f"algo.baseline={name}", *published, *v.overrides)))
+    if not out:
+        raise HapoError(f"--baselines {spec!r}: no variant is defined on these baselines")
+    return out, left_out
+
+
+def _yaml(value) -> str:
+    """A recipe value as `--set` writes it (booleans lower case, YAML-parsed back)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)

@@ -19,7 +19,7 @@ from analysis import schema
 from ..errors import HapoError
 from ..recipe import Recipe, load_recipe
 from .display import Display
-from .grid import BASELINE, RELEASED_OVERRIDE, expand_variants, parse_seeds
+from .grid import BASELINE, RELEASED_OVERRIDE, cross_baselines, expand_variants, parse_seeds
 from .plan import (
     DONE,
     FAILED,
@@ -65,6 +65,7 @@ def run_ablation(
     components: str = "ABCD",
     grid: str = "paper",
     variants: str | None = None,
+    baselines: str | None = None,
     seeds: str | Sequence[int] = "1",
     overrides: Sequence[str] = (),
     compare_released: bool = False,
@@ -94,6 +95,10 @@ def run_ablation(
             raise HapoError(f"--max-steps must be >= 0, got {max_steps}")
         user_overrides.append(f"train.max_steps={max_steps}")
     slots = slot_resources(workers, available_cores(), visible_gpus())
+    if baselines is not None:  # each variant on each baseline (grid.cross_baselines)
+        variant_list, left_out = cross_baselines(variant_list, baselines, user_overrides)
+        for line in left_out:
+            console.print(f"[yellow]left out[/yellow] {line}", highlight=False)
 
     base = load_recipe(recipe, user_overrides, components=BASELINE, seed=0)
     released = [v.name for v in variant_list if RELEASED_OVERRIDE in v.overrides]

@@ -1,34 +1,62 @@
 """Baselines: what HAPO's letters (A-D) are added to, chosen by `algo.baseline`.
 
-A baseline is one object (`base.Baseline`) with three parts: the per-token advantages, the
-token selection (which tokens the loss counts, and which the token-mean divides by), and the
-loss aggregation. The learner calls only these; it never branches on a baseline's name.
+A baseline owns its objective: the per-token advantages, the token selection (which tokens
+the loss counts, and which the token-mean divides by), the loss and its aggregation, and its
+published defaults (recipe values filled in when a recipe leaves them out). The learner asks
+the object; it never compares a baseline's name.
 
-Adding one (say GSPO): a file here with a `Baseline` subclass, and its line in BASELINES
-(module:class, imported only when chosen, so loading a recipe stays free of torch).
+Adding one: a module in this package with a `Baseline` subclass decorated with
+`@register_baseline("name")` (see `base.py` and README, "Baselines"). Modules are found by
+listing the package; they import torch only inside their methods, so loading a recipe (which
+reads a baseline's defaults) stays free of torch.
 """
 
 from __future__ import annotations
 
+import pkgutil
 from importlib import import_module
 
-BASELINES: dict[str, str] = {
-    "dapo": "base:Baseline",
-    "grpo": "grpo:Grpo",
-    "forking": "forking:Forking",
-}
+DEFAULT = "dapo"
+REGISTRY: dict[str, type] = {}
+_found = False
+
+
+def register_baseline(name: str):
+    """Class decorator: register a `Baseline` subclass as `algo.baseline=name`."""
+    def deco(cls):
+        if name in REGISTRY and REGISTRY[name] is not cls:
+            raise RuntimeError(f"baseline {name!r} registered twice: {REGISTRY[name]} and {cls}")
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+    return deco
+
+
+def _discover() -> None:
+    global _found
+    if not _found:
+        for info in pkgutil.iter_modules(__path__):
+            import_module(f"{__name__}.{info.name}")
+        _found = True
 
 
 def baseline_names() -> tuple[str, ...]:
-    return tuple(BASELINES)
+    """The registered names, the default (dapo) first, then alphabetically."""
+    _discover()
+    return tuple(sorted(REGISTRY, key=lambda n: (n != DEFAULT, n)))
+
+
+def baseline_class(name: str) -> type:
+    """The class registered as `name` (ValueError naming the choices if none)."""
+    _discover()
+    if name not in REGISTRY:
+        raise ValueError(f"algo.baseline={name!r} is not one of: {', '.join(baseline_names())}")
+    return REGISTRY[name]
 
 
 def get_baseline(name: str):
-    """The baseline object registered as `name` (ValueError naming the choices if none)."""
-    if name not in BASELINES:
-        raise ValueError(f"algo.baseline={name!r} is not one of: {', '.join(BASELINES)}")
-    module, cls = BASELINES[name].split(":")
-    return getattr(import_module(f"{__name__}.{module}"), cls)()
+    """An instance of the baseline registered as `name`."""
+    return baseline_class(name)()
 
 
-__all__ = ["BASELINES", "baseline_names", "get_baseline"]
+__all__ = ["REGISTRY", "baseline_class", "baseline_names", "get_baseline", "register_baseline"]

@@ -25,6 +25,7 @@ from .files import (
     first_record_example,
     load_examples,
 )
+from .sources import is_dataset_source, source_name
 from .synthetic import HELDOUT_SEED, HELDOUT_SPLIT, TASKS, check_task, synthetic_item
 
 __all__ = [
@@ -53,11 +54,13 @@ def synthetic_example(
     tokenizer: Any,
     apply_chat_template: bool = True,
     direct_fraction: float = 0.0,
+    shape: Any = None,
 ) -> Example:
     """Example `index` of a synthetic stream, tokenized (verifier "exact", target set; the
-    direct answer with probability `direct_fraction`, see `synthetic_item`)."""
+    direct answer with probability `direct_fraction`, see `synthetic_item`; prompt shaped by
+    `shape`, a DataConfig, see `encode_prompt`)."""
     item = synthetic_item(task, difficulty, split, seed, index, direct_fraction)
-    text, ids = encode_prompt(tokenizer, item.prompt, apply_chat_template)
+    text, ids = encode_prompt(tokenizer, item.prompt, apply_chat_template, shape)
     uid = f"{task}:{difficulty}:{split}:{seed}:{index}"
     row = {"data_source": task, "prompt": item.prompt, "answer": item.answer}
     return Example(uid, text, ids, item.answer, "exact", item.target, task, row)
@@ -70,10 +73,12 @@ def heldout_examples(
     tokenizer: Any,
     apply_chat_template: bool = True,
     seed: int = HELDOUT_SEED,
+    shape: Any = None,
 ) -> list[Example]:
     """The first `n` held-out prompts of a task (reserved seed; never in a training stream)."""
     return [
-        synthetic_example(task, difficulty, HELDOUT_SPLIT, seed, i, tokenizer, apply_chat_template)
+        synthetic_example(task, difficulty, HELDOUT_SPLIT, seed, i, tokenizer, apply_chat_template,
+                          shape=shape)
         for i in range(n)
     ]
 
@@ -118,8 +123,10 @@ class SyntheticStream(PromptStream):
         split: str = "train",
         apply_chat_template: bool = True,
         direct_fraction: float = 0.0,
+        shape: Any = None,
     ) -> None:
         super().__init__()
+        self.shape = shape
         check_task(task, difficulty)
         if split == HELDOUT_SPLIT:
             raise ValueError(f"SyntheticStream: split '{split}' is reserved for validation")
@@ -137,6 +144,7 @@ class SyntheticStream(PromptStream):
             self.tokenizer,
             self.apply_chat_template,
             self.direct_fraction,
+            self.shape,
         )
         self.index += 1
         return ex
@@ -178,6 +186,7 @@ def build_train_stream(data_cfg: Any, tokenizer: Any, seed: int) -> PromptStream
             tokenizer,
             "train",
             data_cfg.apply_chat_template,
+            shape=data_cfg,
         )
     if not data_cfg.train_files:
         raise DataError("data.train_files is empty (data.source='files')")
@@ -202,7 +211,8 @@ def first_example(data_cfg: Any, seed: int = 0) -> Example:
 
 
 def build_val_sets(data_cfg: Any, tokenizer: Any) -> dict[str, list[Example]]:
-    """Synthetic: {task: val_size held-out prompts}. Files: {file stem: rows of each val file}."""
+    """Synthetic: {task: val_size held-out prompts}. Files: {name: rows of each val source}
+    (a file's stem, a folder's name, an hf dataset's name; `sources.source_name`)."""
     if data_cfg.source == "synthetic":
         return {
             data_cfg.task: heldout_examples(
@@ -211,11 +221,12 @@ def build_val_sets(data_cfg: Any, tokenizer: Any) -> dict[str, list[Example]]:
                 data_cfg.val_size,
                 tokenizer,
                 data_cfg.apply_chat_template,
+                shape=data_cfg,
             )
         }
     out: dict[str, list[Example]] = {}
     for f in data_cfg.val_files:
-        stem = Path(f).stem
+        stem = source_name(f)
         if stem in out:
             raise DataError(f"data.val_files: two files are named '{stem}' (names must differ)")
         out[stem] = load_examples(f, data_cfg, tokenizer, data_cfg.val_verifier)
@@ -225,12 +236,16 @@ def build_val_sets(data_cfg: Any, tokenizer: Any) -> dict[str, list[Example]]:
 def load_benchmark(
     name_or_path: str, data_cfg: Any, tokenizer: Any, limit: int | None = None
 ) -> tuple[str, list[Example]]:
-    """A benchmark for `hapo evaluate`: a data file (name = stem) or a synthetic task,
-    "arith"/"steps" (difficulty from data_cfg) or "arith:3"; synthetic sets hold `limit` (else
-    data.val_size) held-out prompts, file sets are truncated to `limit`."""
+    """A benchmark for `hapo evaluate`: a data file (name = stem), a save_to_disk folder or
+    hf:NAME[:CONFIG][@SPLIT] (`sources.py`), or a synthetic task, "arith"/"steps" (difficulty
+    from data_cfg) or "arith:3"; synthetic sets hold `limit` (else data.val_size) held-out
+    prompts, the others are truncated to `limit`."""
     if limit is not None and limit <= 0:
         raise ValueError(f"load_benchmark: limit={limit} must be > 0")
     path = Path(name_or_path)
+    if is_dataset_source(name_or_path):
+        examples = load_examples(name_or_path, data_cfg, tokenizer, data_cfg.val_verifier)
+        return source_name(name_or_path), examples[:limit] if limit else examples
     if path.suffix in SUPPORTED_SUFFIXES or path.is_file():
         examples = load_examples(path, data_cfg, tokenizer, data_cfg.val_verifier)
         return path.stem, examples[:limit] if limit else examples
@@ -244,9 +259,10 @@ def load_benchmark(
                 f"benchmark '{name_or_path}': difficulty must be an integer in 1-5"
             ) from None
         n = limit or data_cfg.val_size
-        examples = heldout_examples(task, difficulty, n, tokenizer, data_cfg.apply_chat_template)
+        examples = heldout_examples(task, difficulty, n, tokenizer, data_cfg.apply_chat_template,
+                                    shape=data_cfg)
         return name_or_path, examples
     raise DataError(
-        f"unknown benchmark '{name_or_path}': not a .parquet/.jsonl file and not a synthetic "
-        f"task (known: {', '.join(sorted(TASKS))}, optionally with ':<difficulty>')"
+        f"unknown benchmark '{name_or_path}': not a .parquet/.jsonl file, a save_to_disk "
+        f"folder or hf:NAME[:CONFIG][@SPLIT], and not a synthetic task (known: {', '.join(sorted(TASKS))}, optionally with ':<difficulty>')"
     )

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import HapoError
+from .sources import SUPPORTED_SUFFIXES, is_dataset_source, read_dataset_rows, source_name
 
 logger = logging.getLogger("hapo.data")
-
-SUPPORTED_SUFFIXES = (".parquet", ".jsonl")
 
 
 class DataError(HapoError):
@@ -45,17 +44,39 @@ def has_chat_template(tokenizer: Any) -> bool:
     return getattr(tokenizer, "chat_template", None) is not None
 
 
+def shape_messages(prompt: str | list[dict[str, str]], shape: Any = None) -> list[dict[str, str]]:
+    """The chat messages of a prompt after `data.prompt_template` (every "{prompt}" in it
+    replaced by the last user message; other braces, e.g. \\boxed{}, stay as written) and
+    `data.system_prompt` (a system message first, replacing the row's own). `shape` is a
+    `DataConfig` or None (no shaping)."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    template = getattr(shape, "prompt_template", None)
+    if template:
+        last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+        if last is not None:
+            content = template.replace("{prompt}", messages[last]["content"])
+            messages[last] = {**messages[last], "content": content}
+    system = getattr(shape, "system_prompt", None)
+    if system:
+        messages = [{"role": "system", "content": system},
+                    *(m for m in messages if m["role"] != "system")]
+    return messages
+
+
 def encode_prompt(
-    tokenizer: Any, prompt: str | list[dict[str, str]], apply_chat_template: bool
+    tokenizer: Any, prompt: str | list[dict[str, str]], apply_chat_template: bool,
+    shape: Any = None,
 ) -> tuple[str, tuple[int, ...]]:
-    """(text, ids) of a prompt: the chat template with a generation prompt when asked for and
-    the tokenizer has one; otherwise the string itself, or the messages' contents joined by
-    newlines."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    """(text, ids) of a prompt shaped by `shape` (see `shape_messages`): the chat template
+    with a generation prompt (and `data.chat_template_kwargs`) when asked for and the tokenizer
+    has one; otherwise the string itself, or the messages' contents joined by newlines."""
+    messages = shape_messages(prompt, shape)
     if apply_chat_template and has_chat_template(tokenizer):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    elif isinstance(prompt, str):
-        text = prompt
+        kwargs = dict(getattr(shape, "chat_template_kwargs", None) or {})
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             **kwargs)
+    elif isinstance(prompt, str) and len(messages) == 1:
+        text = messages[0]["content"]
     else:
         text = "\n".join(m["content"] for m in messages)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -74,8 +95,12 @@ def _lookup(record: dict, key: str) -> Any:
     return node
 
 
-def _read_records(path: Path) -> list[tuple[str, dict]]:
-    """[(where, record)] with `where` like "line 3" (jsonl) or "row 3" (parquet), 1-based."""
+def _read_records(path: Path | str) -> list[tuple[str, dict]]:
+    """[(where, record)] with `where` like "line 3" (jsonl) or "row 3" (parquet, datasets),
+    1-based."""
+    if is_dataset_source(path):
+        return read_dataset_rows(path)
+    path = Path(path)
     if path.suffix == ".jsonl":
         out = []
         try:
@@ -181,7 +206,6 @@ def truncate_prompt(ids: tuple[int, ...], max_len: int, side: str) -> tuple[int,
 
 def first_record_example(path: str | Path, data_cfg: Any) -> Example:
     """The first row of a data file as an untokenized Example (`prompt_ids` empty)."""
-    path = Path(path)
     records = _read_records(path)
     if not records:
         raise DataError(f"{path}: no records")
@@ -194,30 +218,29 @@ def first_record_example(path: str | Path, data_cfg: Any) -> Example:
     prompt = _parse_prompt(raw_prompt, f"{path} {where}")
     text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
     answer = _parse_answer(raw_answer, f"{path} {where}", data_cfg.answer_key)
-    return Example(f"{path.stem}:probe", text, (), answer,
-                   row_verifier(data_cfg.train_verifier, record), None, path.stem, record)
+    stem = source_name(path)
+    return Example(f"{stem}:probe", text, (), answer,
+                   row_verifier(data_cfg.train_verifier, record), None, stem, record)
 
 
 def load_examples(
     path: str | Path, data_cfg: Any, tokenizer: Any, verifier: str = "math"
 ) -> list[Example]:
-    """Read a .parquet or .jsonl file into Examples graded by `verifier` ("math", "dapo", or
-    "source": per row, see `row_verifier`).
+    """Read a .parquet or .jsonl file, a save_to_disk folder or an hf: dataset (`sources.py`)
+    into Examples graded by `verifier` ("math", "dapo", or "source": per row, see
+    `row_verifier`).
 
-    `data_cfg` is a `DataConfig`: prompt_key, answer_key, apply_chat_template,
-    max_prompt_length and truncation are read. Prompts longer than max_prompt_length tokens are
+    `data_cfg` is a `DataConfig`: prompt_key, answer_key, apply_chat_template, the prompt
+    shaping (system_prompt, prompt_template, chat_template_kwargs), max_prompt_length and
+    truncation are read. Prompts longer than max_prompt_length tokens are
     truncated or dropped (data.truncation) and the count logged on the "hapo.data" logger.
     Errors name the file and the 1-based row.
     """
-    path = Path(path)
-    if path.suffix not in SUPPORTED_SUFFIXES:
-        raise DataError(
-            f"{path}: unsupported data file type '{path.suffix}' "
-            f"(expected one of: {', '.join(SUPPORTED_SUFFIXES)})"
-        )
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    records = _read_records(path)
+    stem = source_name(path)
+    if is_dataset_source(path):
+        records = _read_records(path)
+    else:
+        records = _read_file_records(Path(path))
     if not records:
         raise DataError(f"{path}: no records")
     side = data_cfg.truncation
@@ -235,7 +258,7 @@ def load_examples(
             ) from None
         prompt = _parse_prompt(raw_prompt, where)
         answer = _parse_answer(raw_answer, where, data_cfg.answer_key)
-        text, ids = encode_prompt(tokenizer, prompt, data_cfg.apply_chat_template)
+        text, ids = encode_prompt(tokenizer, prompt, data_cfg.apply_chat_template, data_cfg)
         check_prompt_content(prompt, text, ids, tokenizer, where, data_cfg.prompt_key)
         try:
             cut = truncate_prompt(ids, data_cfg.max_prompt_length, side)
@@ -248,8 +271,8 @@ def load_examples(
             too_long += 1
             text, ids = tokenizer.decode(list(cut), skip_special_tokens=False), cut
         row = where.rsplit(" ", 1)[-1]
-        examples.append(Example(f"{path.stem}:{row}", text, ids, answer,
-                                row_verifier(verifier, record), None, path.stem, record))
+        examples.append(Example(f"{stem}:{row}", text, ids, answer,
+                                row_verifier(verifier, record), None, stem, record))
     if too_long:
         logger.warning(
             "%s: %s %d of %d prompts longer than data.max_prompt_length=%d tokens",
@@ -265,3 +288,14 @@ def load_examples(
             f"{data_cfg.max_prompt_length} tokens"
         )
     return examples
+
+
+def _read_file_records(path: Path) -> list[tuple[str, dict]]:
+    if path.suffix not in SUPPORTED_SUFFIXES:
+        raise DataError(
+            f"{path}: unsupported data file type '{path.suffix}' "
+            f"(expected one of: {', '.join(SUPPORTED_SUFFIXES)})"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    return _read_records(path)

@@ -92,13 +92,7 @@ class Loop:
                                              stats_used, self.ranks.device, micros)
         row[schema.TIME_OLD_LOGP] = time.perf_counter() - t1
 
-        ref_logp = None
-        if self.reference is not None:  # the KL's reference, on the same micro-batches
-            t_ref = time.perf_counter()
-            ref_logp = self.reference.score(batch, micros)
-            row[schema.TIME_REF] = time.perf_counter() - t_ref
-            row[schema.KL_OLD] = kl_old(old_logp, ref_logp, batch.mask, a.kl_estimator,
-                                        self.ranks)
+        ref_logp = self._reference_logp(batch, micros, old_logp, row)  # KL's, or None
         micro_rows = [rows for _, micros in self.updater.mini_batches(len(batch.scores))
                       for rows in micros]
         targets = compute_targets(batch, old_logp, entropy, a, self.baseline, self.ranks,
@@ -128,6 +122,18 @@ class Loop:
         return row
 
     # ---- the run ----
+    def _reference_logp(self, batch, micros, old_logp, row: dict[str, Any]):
+        """The KL's reference log-probs on the old pass's micro-batches (None without a
+        reference); logs its time and the old policy's KL to it."""
+        if self.reference is None:
+            return None
+        t0 = time.perf_counter()
+        ref_logp = self.reference.score(batch, micros)
+        row[schema.TIME_REF] = time.perf_counter() - t0
+        row[schema.KL_OLD] = kl_old(old_logp, ref_logp, batch.mask,
+                                    self.recipe.algo.kl_estimator, self.ranks)
+        return ref_logp
+
     def run(self, progress: bool = True) -> TrainSummary:
         from ..progress import step_progress
 

@@ -26,6 +26,7 @@ class Targets:
     tis: Tensor | None  # (B, T) truncated importance weights, or None
     stats: algo.EntropyStats  # batch-scope stats (A uses them at the next step)
     stats_info: dict[str, Any]
+    ref_logp: Tensor | None = None  # (B, T) reference log-probs (algo.kl_coef > 0)
 
 
 def normalised_entropy(entropy: Tensor, mask: Tensor, cfg, micro_rows: list[slice]):
@@ -52,7 +53,8 @@ def clip_bounds(h: Tensor, cfg) -> tuple[Tensor, Tensor]:
 
 
 def compute_targets(batch: TrainBatch, old_logp: Tensor, entropy: Tensor, cfg,
-                    baseline: Baseline, ranks, micro_rows: list[slice]) -> Targets:
+                    baseline: Baseline, ranks, micro_rows: list[slice],
+                    ref_logp: Tensor | None = None) -> Targets:
     mask = batch.mask
     h, stats, info = normalised_entropy(entropy, mask, cfg, micro_rows)
     adv = baseline.advantages(batch.scores, batch.group_ids, mask, cfg)
@@ -61,4 +63,4 @@ def compute_targets(batch: TrainBatch, old_logp: Tensor, entropy: Tensor, cfg,
     tis = None
     if cfg.tis_cap is not None:
         tis = algo.tis_weights(old_logp, batch.behaviour_logp, cfg.tis_cap)
-    return Targets(h, adv, loss_mask, norm_mask, eps_low, eps_high, tis, stats, info)
+    return Targets(h, adv, loss_mask, norm_mask, eps_low, eps_high, tis, stats, info, ref_logp)

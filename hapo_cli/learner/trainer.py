@@ -260,14 +260,13 @@ def _remove_temporaries(run_dir: Path) -> None:
 
 
 def _check_data_files(recipe: Recipe) -> None:
-    from ..errors import HapoError
+    from ..data.sources import check_source
 
     if recipe.data.source != "files":
         return
     for field_name in ("train_files", "val_files"):
         for f in getattr(recipe.data, field_name):
-            if not Path(f).is_file():
-                raise HapoError(f"data.{field_name}: {f}: no such file (expected parquet or jsonl)")
+            check_source(f, f"data.{field_name}")
 
 
 @contextmanager

@@ -1,6 +1,6 @@
 """Stage 4: the PPO update. Epochs over mini-batches (one optimizer step each) of
 micro-batches (one forward/backward each); C redistributes advantages from the current ratio;
-the loss is `algo.policy_loss`. Returns the update's metrics and, per token, the last ratio
+the loss is the baseline's (`baseline.loss`) plus the KL and entropy terms (`regularisers`). Returns the update's metrics and, per token, the last ratio
 and the advantage the loss saw (for the token rows)."""
 
 from __future__ import annotations
@@ -95,11 +95,9 @@ class Updater:
         return list(zip(minis, micros))
 
     def normalizer(self, norm_mask: Tensor) -> float:
-        """The mini-batch's global loss denominator: tokens (token-mean) or sequences."""
-        if self.baseline.loss_agg(self.recipe.algo) == "token-mean":
-            local = norm_mask.sum()
-        else:
-            local = (norm_mask.sum(-1) > 0).sum()
+        """The mini-batch's global loss denominator, the baseline's (tokens for token-mean,
+        sequences otherwise), summed over ranks."""
+        local = self.baseline.local_normalizer(norm_mask, self.recipe)
         return float(self.ranks.sum(local.float()))
 
     def micro_step(self, batch: TrainBatch, rows: Tensor, old_logp: Tensor, tg: Targets,
@@ -109,10 +107,11 @@ class Updater:
         this rank in step with the others' collectives (its gradient is zero)."""
         r, a, dev = self.recipe, self.recipe.algo, self.ranks.device
         T = batch.response_ids.shape[1]
-        logp, _ = response_logprobs(
+        logp, ent = response_logprobs(
             self.model, batch.input_ids[rows].to(dev), batch.attention_mask[rows].to(dev), T,
             policy_temperature(r, batch, rows, dev), fused=r.train.fused_logprobs,
-            chunk_size=r.train.logprob_chunk_size, entropy=False, packed=r.train.packing,
+            chunk_size=r.train.logprob_chunk_size, entropy=a.entropy_coef > 0,
+            packed=r.train.packing,
         )
         old = old_logp[rows].to(dev)
         loss_mask = tg.loss_mask[rows].to(dev)
@@ -124,10 +123,10 @@ class Updater:
                  if a.redistribute else adv)
         if tg.tis is not None:
             adv_c = adv_c * tg.tis[rows].to(dev)
-        loss, m = algo.policy_loss(
-            logp, old, adv_c, loss_mask, eps_low, eps_high, clip_c=a.clip_c,
-            agg=self.baseline.loss_agg(a), normalizer=normalizer, h=h, adv_before=adv,
-        )
+        loss, m = self.baseline.loss(logp, old, adv_c, loss_mask, eps_low, eps_high, a,
+                                     normalizer=normalizer, h=h, adv_before=adv)
+        if tg.ref_logp is not None or a.entropy_coef > 0:
+            loss = loss + self.regularisers(logp, ent, tg, rows, loss_mask, normalizer, m)
         if not torch.isfinite(loss) and r.train.nonfinite_grad == "abort":
             raise NonFiniteError(
                 f"non-finite loss at micro-batch rows {rows.tolist()[:8]}: "
@@ -137,6 +136,23 @@ class Updater:
             )
         self.strategy.backward(loss * (self.ranks.world * weight))
         return ratio, adv_c, m, loss_mask
+
+    def regularisers(self, logp: Tensor, ent: Tensor | None, tg: Targets, rows: Tensor,
+                     loss_mask: Tensor, normalizer: float, m: dict[str, Tensor]) -> Tensor:
+        """kl_coef x KL(pi || pi_ref) - entropy_coef x entropy, each per token aggregated like
+        the policy loss (same aggregation and normaliser); their means go into `m`."""
+        a, dev = self.recipe.algo, logp.device
+        agg = self.baseline.loss_agg(a)
+        n = loss_mask.sum().clamp_min(1)
+        extra = torch.zeros((), device=dev)
+        if tg.ref_logp is not None:
+            kl = algo.kl_penalty(logp, tg.ref_logp[rows].to(dev), a.kl_estimator)  # (B, T)
+            extra = extra + a.kl_coef * algo.aggregate(kl, loss_mask, agg, normalizer)
+            m[schema.KL] = kl.detach().masked_fill(~loss_mask, 0.0).sum() / n
+        if a.entropy_coef > 0:
+            extra = extra - a.entropy_coef * algo.aggregate(ent, loss_mask, agg, normalizer)
+            m[schema.ENTROPY_BONUS] = ent.detach().masked_fill(~loss_mask, 0.0).sum() / n
+        return extra
 
     def optimizer_step(self, n_done: int) -> float | None:
         """Clip, step, zero; the gradient norm, or None when a non-finite step was skipped."""
