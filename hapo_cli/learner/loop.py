@@ -87,17 +87,15 @@ class Loop:
 
         t1 = time.perf_counter()
         plan = self.updater.plan(batch)  # micro-batches: the old-log-prob pass and the update
-        old_logp, entropy = score_old_policy(r, self.model, self.strategy, self.engine, batch,
         micros = [rows for _, micros in plan for rows in micros]
+        old_logp, entropy = score_old_policy(r, self.model, self.strategy, self.engine, batch,
                                              stats_used, self.ranks.device, micros)
         row[schema.TIME_OLD_LOGP] = time.perf_counter() - t1
-
         ref_logp = self._reference_logp(batch, micros, old_logp, row)  # KL's, or None
         micro_rows = [rows for _, micros in self.updater.mini_batches(len(batch.scores))
                       for rows in micros]
         targets = compute_targets(batch, old_logp, entropy, a, self.baseline, self.ranks,
                                   micro_rows, ref_logp)
-
         t2 = time.perf_counter()
         upd = self.updater.run(batch, old_logp, targets, plan)
         if r.train.warmup_unit == "training":  # verl: once per update_actor call
@@ -121,7 +119,6 @@ class Loop:
         self.engine.sync_from(self.model, self.accelerator)  # HF on the learner's module: no-op
         return row
 
-    # ---- the run ----
     def _reference_logp(self, batch, micros, old_logp, row: dict[str, Any]):
         """The KL's reference log-probs on the old pass's micro-batches (None without a
         reference); logs its time and the old policy's KL to it."""
@@ -134,6 +131,7 @@ class Loop:
                                     self.recipe.algo.kl_estimator, self.ranks)
         return ref_logp
 
+    # ---- the run ----
     def run(self, progress: bool = True) -> TrainSummary:
         from ..progress import step_progress
 
