@@ -281,6 +281,11 @@ def ablate(
         Optional[str],
         typer.Option(help="Explicit variants: none,B,AB,ABCD,ABCD-released (overrides --grid)."),
     ] = None,
+    baselines: Annotated[
+        Optional[str],
+        typer.Option(help="Comma list of baselines (dapo,grpo,gspo,...): every variant on each, "
+                     "with the baseline's published settings; runs named <baseline>-<variant>."),
+    ] = None,
     seeds: Annotated[str, typer.Option(help="Comma list of seeds.")] = "1",
     set_: SetOpt = None,
     compare_released: Annotated[
@@ -291,11 +296,6 @@ def ablate(
     ] = None,
     workers: Annotated[int, typer.Option(help="Variants run in parallel.")] = 1,
     retry_failed: Annotated[bool, typer.Option(help="Rerun failed runs.")] = False,
-    baselines: Annotated[
-        Optional[str],
-        typer.Option(help="Comma list of baselines (dapo,grpo,gspo,...): every variant on each, "
-                     "with the baseline's published settings; runs named <baseline>-<variant>."),
-    ] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Override train.max_steps.")] = None,
     summary: Annotated[
         Optional[Path], typer.Option(help="Only print the summary of an ablation directory.")
@@ -304,6 +304,8 @@ def ablate(
     """Run HAPO's component ablation grid, resumable, with a summary table.
 
     Example: hapo ablate --recipe tiny/hapo --grid paper --seeds 1,2,3 --workers 2
+
+    Baselines (Table 1): hapo ablate --baselines dapo,grpo,gspo --variants none,AB,ABCD
     """
     try:
         from .ablate import run_ablation, show_summary
@@ -314,8 +316,6 @@ def ablate(
         return
     from .interrupts import interrupt_once
 
-
-    Baselines (Table 1): hapo ablate --baselines dapo,grpo,gspo --variants none,AB,ABCD
     with interrupt_once():
         ok = _guard(
             run_ablation,
@@ -323,6 +323,7 @@ def ablate(
             components=components,
             grid=grid,
             variants=variants,
+            baselines=baselines,
             seeds=seeds,
             overrides=list(set_ or []),
             compare_released=compare_released,
@@ -333,7 +334,6 @@ def ablate(
             console=console,
         )
     if not ok:
-            baselines=baselines,
         raise typer.Exit(1)
 
 

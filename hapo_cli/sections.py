@@ -376,6 +376,24 @@ class AlgoConfig(_Section):
     )
     eps_high: float = Field(0.2, gt=0, le=1, description="PPO clip upper epsilon.")
     clip_c: float = Field(10.0, gt=1, description="Dual-clip constant c for negative advantages.")
+    kl_coef: float = Field(
+        0.0, ge=0,
+        description="Weight of the KL penalty to the reference policy (model.reference) in the "
+        "loss, aggregated like the policy loss (verl's use_kl_loss / kl_loss_coef, TRL's beta). "
+        "0: no reference model is loaded. GRPO as published: 0.04.",
+    )
+    kl_estimator: Literal["k1", "k2", "k3", "k3+"] = Field(
+        "k3",
+        description="Per-token KL estimator (algo.kl_penalty): k1 logp - ref; k2 (logp - ref)^2/2; "
+        "k3 e^(ref - logp) - (ref - logp) - 1 (DeepSeekMath's, verl's low_var_kl); k3+ k3's "
+        "value with k2's gradient (verl's 'k3+').",
+    )
+    entropy_coef: float = Field(
+        0.0, ge=0,
+        description="Entropy bonus: the loss minus this times the entropy of the current policy "
+        "over the loss tokens (aggregated like the policy loss; verl's entropy_coeff), from the "
+        "same fused log-prob pass. 0: off (the HAPO authors' recipes).",
+    )
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = Field(
         "token-mean", description="Loss aggregation; token-mean divides by the global token count."
     )
@@ -402,24 +420,6 @@ class AlgoConfig(_Section):
     forking_quantile: float = Field(
         0.2, gt=0, le=1,
         description="forking: fraction q of highest-entropy tokens trained; the threshold is the "
-    kl_coef: float = Field(
-        0.0, ge=0,
-        description="Weight of the KL penalty to the reference policy (model.reference) in the "
-        "loss, aggregated like the policy loss (verl's use_kl_loss / kl_loss_coef, TRL's beta). "
-        "0: no reference model is loaded. GRPO as published: 0.04.",
-    )
-    kl_estimator: Literal["k1", "k2", "k3", "k3+"] = Field(
-        "k3",
-        description="Per-token KL estimator (algo.kl_penalty): k1 logp - ref; k2 (logp - ref)^2/2; "
-        "k3 e^(ref - logp) - (ref - logp) - 1 (DeepSeekMath's, verl's low_var_kl); k3+ k3's "
-        "value with k2's gradient (verl's 'k3+').",
-    )
-    entropy_coef: float = Field(
-        0.0, ge=0,
-        description="Entropy bonus: the loss minus this times the entropy of the current policy "
-        "over the loss tokens (aggregated like the policy loss; verl's entropy_coeff), from the "
-        "same fused log-prob pass. 0: off (the HAPO authors' recipes).",
-    )
         "(1 - q) entropy quantile over the whole batch, all ranks together.",
     )
     forking_normalizer: Literal["all", "forking"] = Field(

@@ -167,6 +167,12 @@ def train(
         runlog.truncate_metrics(state.step if ckpt is not None else -1)
     trackers = Trackers(recipe.log.trackers, run_dir, enabled=accelerator.is_main_process)
 
+    from .reference import build_reference
+
+    reference = build_reference(  # algo.kl_coef > 0: the frozen policy of the KL penalty
+        recipe, strategy, policy_path,
+        lambda path: _load(load_policy, path, strategy.load_dtype,
+                           recipe.model.trust_remote_code)[0])
     loop = Loop(recipe, accelerator, model, optimizer, scheduler, engine, tokenizer, stream,
                 val_sets, runlog, run_dir, state, strategy=strategy, reference=reference)
     loop.trackers = trackers
@@ -174,12 +180,6 @@ def train(
     from ..interrupts import interrupt_once, interrupt_reason
 
     try:
-    from .reference import build_reference
-
-    reference = build_reference(  # algo.kl_coef > 0: the frozen policy of the KL penalty
-        recipe, strategy, policy_path,
-        lambda path: _load(load_policy, path, strategy.load_dtype,
-                           recipe.model.trust_remote_code)[0])
         # One interrupt: a second signal (Ctrl-C reaches the whole process group, then an
         # ablation also asks its children to stop) cannot cut the `interrupted` manifest short.
         with interrupt_once():
