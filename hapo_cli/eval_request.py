@@ -1,6 +1,7 @@
 """What `hapo evaluate` was asked (`EvalRequest`), checked and completed from the run's
 recipe: tau, response length, the critical-token quantile, benchmarks, data and vLLM settings
-come from the run unless given."""
+come from the run unless given. Also where its results go: an existing `<name>.jsonl` is never
+replaced unasked, and checkpoints that a live run rotates away are skipped, not errors."""
 
 from __future__ import annotations
 
@@ -246,6 +247,64 @@ def refuse_existing(out_dir: Path, name: str) -> None:
                 f"{path}: exists ({what}); pass --name {free_name(out_dir, name)} to keep both, "
                 "or --overwrite to replace it"
             )
+
+
+def write_results(out_dir, name, rows, samples, overwrite, console) -> Any:
+    """Write the rows and samples; returns the results file. Without `overwrite` the results
+    file is created exclusively (a hard link of a finished temporary file), so another
+    evaluation's file that appeared meanwhile is never replaced."""
+    import json
+    import os
+    import tempfile
+
+    from .runlog import atomic_write_text
+
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    sample_text = "".join(json.dumps(r) + "\n" for r in samples)
+    main, side = output_files(out_dir, name)
+    if overwrite:
+        atomic_write_text(main, text)
+        atomic_write_text(side, sample_text)
+        return main
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        wanted = name
+        while True:
+            main, side = output_files(out_dir, name)
+            try:
+                if side.exists():
+                    raise FileExistsError(side)
+                _link_or_create(tmp, main, text)
+                break
+            except FileExistsError:
+                name = free_name(out_dir, wanted)
+        if name != wanted and console is not None:
+            console.print(f"[yellow]note[/yellow] {out_dir / (wanted + '.jsonl')} appeared while "
+                          f"sampling (another evaluation); these results are in {main}",
+                          highlight=False, soft_wrap=True)
+    finally:
+        os.unlink(tmp)
+    atomic_write_text(side, sample_text)
+    return main
+
+
+def _link_or_create(tmp, path, text: str) -> None:
+    """`path` made from the finished `tmp` only if it does not exist (FileExistsError if it
+    does): a hard link, or where the filesystem has none, an exclusive create."""
+    import os
+
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (some network filesystems)
+        with open(path, "x") as f:
+            f.write(text)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -407,6 +407,7 @@ def run_evaluate(req: EvalRequest, console=None) -> list[dict[str, Any]]:
     """Sample, score and write `<out>/<name>.jsonl` and `<name>-samples.jsonl`. Earlier files
     of that name are refused before sampling (`--overwrite` replaces them); if they appear
     while sampling (another evaluation), the rows go under the next free name instead."""
+    from .eval_request import write_results
     from .models import num_threads
 
     settings = Setting.parse(req.temperatures, req.greedy)
@@ -426,7 +427,7 @@ def run_evaluate(req: EvalRequest, console=None) -> list[dict[str, Any]]:
     if not rows:
         raise HapoError(f"{req.target}: every checkpoint asked for was removed before it was "
                         "read (a live run rotates them); try --checkpoints latest")
-    main = _write_results(res.out_dir, req.name, rows, samples, req.overwrite, console)
+    main = write_results(res.out_dir, req.name, rows, samples, req.overwrite, console)
     if console is not None:
         table = result_table(rows, req.n)
         console.print(table)
@@ -438,61 +439,3 @@ class EvalInterrupted(HapoError):
     """Ctrl-C or SIGTERM during sampling: one line, exit 130."""
 
     exit_code = 130
-
-
-def _write_results(out_dir, name, rows, samples, overwrite, console) -> Any:
-    """Write the rows and samples; returns the results file. Without `overwrite` the results
-    file is created exclusively (a hard link of a finished temporary file), so another
-    evaluation's file that appeared meanwhile is never replaced."""
-    import os
-    import tempfile
-
-    from .eval_request import free_name, output_files
-    from .runlog import atomic_write_text
-
-    text = "".join(json.dumps(r) + "\n" for r in rows)
-    sample_text = "".join(json.dumps(r) + "\n" for r in samples)
-    main, side = output_files(out_dir, name)
-    if overwrite:
-        atomic_write_text(main, text)
-        atomic_write_text(side, sample_text)
-        return main
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        wanted = name
-        while True:
-            main, side = output_files(out_dir, name)
-            try:
-                if side.exists():
-                    raise FileExistsError(side)
-                _link_or_create(tmp, main, text)
-                break
-            except FileExistsError:
-                name = free_name(out_dir, wanted)
-        if name != wanted and console is not None:
-            console.print(f"[yellow]note[/yellow] {out_dir / (wanted + '.jsonl')} appeared while "
-                          f"sampling (another evaluation); these results are in {main}",
-                          highlight=False, soft_wrap=True)
-    finally:
-        os.unlink(tmp)
-    atomic_write_text(side, sample_text)
-    return main
-
-
-def _link_or_create(tmp, path, text: str) -> None:
-    """`path` made from the finished `tmp` only if it does not exist (FileExistsError if it
-    does): a hard link, or where the filesystem has none, an exclusive create."""
-    import os
-
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        raise
-    except OSError:  # no hard links here (some network filesystems)
-        with open(path, "x") as f:
-            f.write(text)
