@@ -270,8 +270,13 @@ def evaluate(
 # ---------------------------------------------------------------------------------------------
 
 
-@app.command()
+ablate_app = typer.Typer(help="Run HAPO's component ablation grid; `hapo ablate status DIR`.")
+app.add_typer(ablate_app, name="ablate")
+
+
+@ablate_app.callback(invoke_without_command=True)
 def ablate(
+    ctx: typer.Context,
     recipe: RecipeOpt = "tiny/hapo",
     components: Annotated[str, typer.Option(help="Letters to ablate.")] = "ABCD",
     grid: Annotated[
@@ -300,13 +305,35 @@ def ablate(
     summary: Annotated[
         Optional[Path], typer.Option(help="Only print the summary of an ablation directory.")
     ] = None,
+    launcher: Annotated[
+        str, typer.Option(help="Where the runs go: local (subprocesses here), slurm "
+                          "(submitit job array) or ray (Ray Jobs).")
+    ] = "local",
+    launcher_config: Annotated[
+        Optional[Path], typer.Option(help="cluster.yaml: a slurm: and/or ray: section "
+                                     "(partition, account, time, nodes, GPUs, setup, sbatch "
+                                     "options; Ray address and resources).")
+    ] = None,
+    detach: Annotated[
+        bool, typer.Option(help="Submit and return (slurm, ray); `hapo ablate status DIR` "
+                           "shows the runs, the same command reconciles and resubmits.")
+    ] = False,
+    max_attempts: Annotated[
+        Optional[int], typer.Option(help="Starts of one run at most (preempted, time limit, "
+                                    "lost node) before it counts as failed; default 3 on a "
+                                    "cluster.")
+    ] = None,
 ) -> None:
     """Run HAPO's component ablation grid, resumable, with a summary table.
+
+    On Slurm: hapo ablate --launcher slurm --launcher-config cluster.yaml --detach
 
     Example: hapo ablate --recipe tiny/hapo --grid paper --seeds 1,2,3 --workers 2
 
     Baselines (Table 1): hapo ablate --baselines dapo,grpo,gspo --variants none,AB,ABCD
     """
+    if ctx.invoked_subcommand is not None:
+        return
     try:
         from .ablate import run_ablation, show_summary
     except ImportError:
@@ -332,9 +359,27 @@ def ablate(
             retry_failed=retry_failed,
             max_steps=max_steps,
             console=console,
+            launcher=launcher,
+            launcher_config=launcher_config,
+            detach=detach,
+            max_attempts=max_attempts,
         )
     if not ok:
         raise typer.Exit(1)
+
+
+@ablate_app.command("status")
+def ablate_status(
+    directory: Annotated[Path, typer.Argument(help="The ablation directory.")],
+) -> None:
+    """Each run's live state (queued / running / done / failed / interrupted), attempt and
+    job id.
+
+    Example: hapo ablate status results/tiny-hapo-ablation
+    """
+    from .ablate import show_status
+
+    _guard(show_status, directory, console=console)
 
 
 # ---------------------------------------------------------------------------------------------

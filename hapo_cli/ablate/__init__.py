@@ -9,7 +9,8 @@ Modules, each with one job (imports only go down this list, no cycles):
 grid (variant names, seeds), plan (plan entries, ablation.json, lock, each run's recipe
 through the recipe loader, resume decisions), runner (subprocess, environment, threads,
 GPUs, progress of a run), display (live table), summary (the per-variant table), scheduler
-(`run_ablation`).
+(`run_ablation`), launchers (where runs go: this machine, Slurm, Ray), cluster (reconcile,
+submit and watch cluster jobs; `hapo ablate status`).
 
 An ablation directory ``results/<name>/`` holds ``ablation.json`` (analysis.schema.ABLATION:
 the plan and each run's status and error), one run directory per variant x seed
@@ -21,6 +22,7 @@ failed unless ``retry_failed``. The directory is locked (fcntl) while the ablati
 its training processes lives, so two ablations never write the same run.
 """
 
+from .cluster import show_status
 from .grid import (
     BASELINE,
     GRIDS,
@@ -80,5 +82,5 @@ __all__ = [
     "expand_variants", "grid_variants", "last_error_line", "latest_checkpoint_step",
     "merge_plan", "parse_letters", "parse_seeds", "parse_variants", "read_ablation",
     "read_manifest", "recipe_hash", "run_ablation", "run_recipe", "show_summary",
-    "slot_resources", "train_command", "visible_gpus", "write_ablation",
+    "show_status", "slot_resources", "train_command", "visible_gpus", "write_ablation",
 ]  # fmt: skip

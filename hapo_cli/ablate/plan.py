@@ -30,6 +30,7 @@ FORMAT_VERSION = 1
 
 # ablation.json run statuses: the run-directory ones plus the ablation's own bookkeeping.
 PLANNED, RUNNING, DONE, FAILED, INTERRUPTED = "planned", "running", "done", "failed", "interrupted"
+QUEUED = "queued"  # submitted to a cluster, not started yet
 
 _SWITCH_KEYS = {f"algo.{f}" for f in SWITCHES.values()}
 # Fields that may change between invocations of one ablation without making it another one.
@@ -93,6 +94,13 @@ class RunState:
     started: float | None = None
     ended: float | None = None
     log: str | None = None
+    job_id: str | None = None  # the cluster's job of the latest attempt (Slurm, Ray)
+    restarts: int = 0  # requeues of that job by the cluster itself (Slurm's Restarts)
+
+    @property
+    def attempt(self) -> int:
+        """Starts so far: the ablation's submissions plus the cluster's own requeues."""
+        return self.attempts + self.restarts
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RunState:
@@ -112,10 +120,12 @@ class AblationSpec:
     runs: dict[str, RunState] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
     updated: float | None = None
+    launcher: dict[str, Any] | None = None  # name + config of the launcher the runs went to
 
     def to_json(self) -> dict[str, Any]:
         return {
             "version": FORMAT_VERSION,
+            "launcher": self.launcher,
             "name": self.name,
             "recipe": self.recipe,
             "recipe_hash": self.recipe_hash,
@@ -137,6 +147,7 @@ class AblationSpec:
             runs={k: RunState.from_json(v) for k, v in (d.get("runs") or {}).items()},
             created=float(d.get("created") or time.time()),
             updated=d.get("updated"),
+            launcher=d.get("launcher") if isinstance(d.get("launcher"), dict) else None,
         )
 
     def state(self, run_dir: str) -> RunState:
@@ -212,20 +223,25 @@ def latest_checkpoint_step(run_dir: Path) -> int | None:
 
 
 def decide(
-    manifest: dict[str, Any], recorded: RunState, max_steps: int, retry_failed: bool
+    manifest: dict[str, Any], recorded: RunState, max_steps: int, retry_failed: bool,
+    max_attempts: int | None = None,
 ) -> str:
     """'done' (skip: finished), 'failed' (skip: failed, not retried) or 'run' (start fresh
     or resume from the last checkpoint: `train --resume` does either).
 
     Finished = the run directory's manifest says done and reached `max_steps` (a larger
     --max-steps extends it). Failed = the ablation recorded a failure or the manifest says
-    failed. Anything else (planned, running when killed, interrupted) runs.
+    failed. Anything else (planned, running when killed, interrupted: preempted, time limit,
+    a lost node) runs, unless it has used `max_attempts` starts: then it failed (the error
+    says so; --retry-failed starts the count again).
     """
     status = manifest.get("status")
     final_step = manifest.get("final_step")
     if status == schema.STATUS_DONE and (final_step is None or int(final_step) >= max_steps):
         return DONE
     if (recorded.status == FAILED or status == schema.STATUS_FAILED) and not retry_failed:
+        return FAILED
+    if max_attempts is not None and recorded.attempt >= max_attempts and not retry_failed:
         return FAILED
     return "run"
 

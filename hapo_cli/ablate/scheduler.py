@@ -77,11 +77,16 @@ def run_ablation(
     runner: Runner | None = None,
     poll_interval: float = 0.5,
     summary: bool = True,
+    launcher: str = "local",
+    launcher_config: Path | dict | None = None,
+    detach: bool = False,
+    max_attempts: int | None = None,
 ) -> bool:
     """Plan, run (resumably) and summarise an ablation. True when every planned run is done.
 
-    Validates everything (grid, seeds, every variant's recipe, the stored plan) before
-    writing anything. `runner` defaults to `SubprocessRunner()` (tests inject a fake).
+    Validates everything (grid, seeds, every variant's recipe, the stored plan, the launcher
+    and its cluster) before writing anything. `runner` defaults to `SubprocessRunner()` (tests
+    inject a fake). `launcher` 'slurm' or 'ray' hands the runs to a cluster (cluster.py).
     """
     from rich.console import Console
 
@@ -90,15 +95,15 @@ def run_ablation(
     seed_list = parse_seeds(seeds)
     user_overrides = list(overrides)
     check_overrides(user_overrides)
+    if baselines is not None:  # each variant on each baseline (grid.cross_baselines)
+        variant_list, left_out = cross_baselines(variant_list, baselines, user_overrides)
+        for line in left_out:
+            console.print(f"[yellow]left out[/yellow] {line}", highlight=False)
     if max_steps is not None:
         if max_steps < 0:
             raise HapoError(f"--max-steps must be >= 0, got {max_steps}")
         user_overrides.append(f"train.max_steps={max_steps}")
     slots = slot_resources(workers, available_cores(), visible_gpus())
-    if baselines is not None:  # each variant on each baseline (grid.cross_baselines)
-        variant_list, left_out = cross_baselines(variant_list, baselines, user_overrides)
-        for line in left_out:
-            console.print(f"[yellow]left out[/yellow] {line}", highlight=False)
 
     base = load_recipe(recipe, user_overrides, components=BASELINE, seed=0)
     released = [v.name for v in variant_list if RELEASED_OVERRIDE in v.overrides]
@@ -112,6 +117,7 @@ def run_ablation(
         Path(base.log.output_dir) / f"{base.name}-ablation"
     )
     check_output(ablation_dir)
+    cluster = _cluster(launcher, launcher_config, ablation_dir, detach, max_attempts)
     plan = build_plan(variant_list, seed_list)
     planned = AblationSpec(ablation_dir.name, str(recipe), recipe_hash(base), user_overrides, plan)
     # Resolve every run's recipe now: a bad --set fails before anything is written.
@@ -133,11 +139,21 @@ def run_ablation(
         # began with, else the user's --set train.threads, else the worker's fair share; every
         # slot has the same share), from the recipe loader: what is validated is what runs.
         user_threads = user_sets_threads(user_overrides)
+        share = (cluster.threads() if cluster else None) or slots[0][0]
         resolved = {
             e.run_dir: run_recipe(recipe, user_overrides, e,
-                                  threads_for(ablation_dir / e.run_dir, slots[0][0], user_threads))
+                                  threads_for(ablation_dir / e.run_dir, share, user_threads))
             for e in plan
         }
+        if cluster is not None:
+            from .cluster import run_cluster
+
+            ok = run_cluster(spec, plan, resolved, ablation_dir, cluster, retry_failed,
+                             max_attempts, detach, console, poll_interval,
+                             _prepare_shared_policy)
+            _report(spec, plan, ablation_dir, console, summary and not detach)
+            return ok
+        spec.launcher = {"name": "local"}
         return _run_locked(
             spec, plan, resolved, ablation_dir, slots, retry_failed, lock_fd,
             runner or SubprocessRunner(), console, poll_interval, summary,
@@ -202,6 +218,37 @@ def _run_locked(
                   console, poll_interval)
 
     ok = all(spec.state(e.run_dir).status == DONE for e in plan)
+    _report(spec, plan, ablation_dir, console, summary)
+    return ok
+
+
+def _cluster(name: str, config: Path | dict | None, ablation_dir: Path, detach: bool,
+             max_attempts: int | None):
+    """The cluster launcher, checked (sbatch, munge, the Ray address) before anything is
+    written; None for `local`."""
+    from .launchers import load_launcher
+
+    if max_attempts is not None and max_attempts < 1:
+        raise HapoError(f"--max-attempts must be >= 1, got {max_attempts}")
+    cluster = load_launcher(name, config, ablation_dir)
+    if cluster is None and detach:
+        raise HapoError("--detach needs a cluster: --launcher slurm or ray (a local ablation "
+                        "lives as long as its command)")
+    stored = read_ablation(ablation_dir) if ablation_dir.is_dir() else None
+    before = (stored.launcher or {}).get("name", "local") if stored else name
+    live = [st.job_id for st in (stored.runs.values() if stored else ())
+            if st.job_id and st.status in ("queued", "running")]
+    if before != name and live:
+        raise HapoError(f"{ablation_dir}: runs are queued or running on {before} (jobs "
+                        f"{', '.join(live[:3])}); rerun with --launcher {before}")
+    if cluster is not None:
+        cluster.check()
+    return cluster
+
+
+def _report(spec: AblationSpec, plan: list[PlanEntry], ablation_dir: Path, console: Any,
+            summary: bool) -> None:
+    """The summary table (if `summary`), then one line per failed or interrupted run."""
     if summary:
         try:
             show_summary(ablation_dir, console=console)
@@ -214,7 +261,6 @@ def _run_locked(
         if spec.state(e.run_dir).status == INTERRUPTED:
             console.print(f"[yellow]interrupted[/yellow] {e.run_dir}: {spec.state(e.run_dir).error}"
                           "; run the same command again to resume it", highlight=False)
-    return ok
 
 
 def _prepare_shared_policy(recipe: Recipe, console: Any) -> None:
