@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	else \
 		$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0; \
 	fi
-	$(BIN)/pip install -q -e '.[dev,trackers,deepspeed,bench,datasets,lora]'
+	$(BIN)/pip install -q -e '.[dev,trackers,deepspeed,bench,datasets,lora,cluster]'
 	touch $(STAMP)
 
 demo: $(STAMP)
