@@ -165,22 +165,30 @@ def resolve_request(req: EvalRequest) -> _Resolved:
                   threads=req.threads)
     if req.engine not in engine_names():
         raise HapoError(f"--engine {req.engine!r}: use one of: {', '.join(engine_names())}")
-    run_dir, models = _targets(req.target, req.checkpoints)
-    live = run_dir is not None and schema.read_manifest(run_dir).get("status") == \
-        schema.STATUS_RUNNING
-    kept, skipped = [], []
-    for step, model_dir in models:  # every checkpoint, before hours of sampling
-        try:
-            check_model_dir(model_dir)
-        except HapoError:
-            if run_dir is None or not vanished(model_dir, live):
-                raise
-            skipped.append(vanished_line(model_dir, "listed"))
-            continue
-        kept.append((step, model_dir))
+    # 'latest' and 'all' mean what is there: when a live run rotated every listed checkpoint
+    # away before it was checked (a slow first check), list again, a few times
+    relist = req.checkpoints in ("latest", "all")
+    skipped: list[str] = []
+    for _attempt in range(3 if relist else 1):
+        run_dir, models = _targets(req.target, req.checkpoints)
+        live = run_dir is not None and schema.read_manifest(run_dir).get("status") == \
+            schema.STATUS_RUNNING
+        kept = []
+        for step, model_dir in models:  # every checkpoint, before hours of sampling
+            try:
+                check_model_dir(model_dir)
+            except HapoError:
+                if run_dir is None or not vanished(model_dir, live):
+                    raise
+                skipped.append(vanished_line(model_dir, "listed"))
+                continue
+            kept.append((step, model_dir))
+        if kept:
+            break
     if not kept:
         raise HapoError(f"{req.target}: every checkpoint asked for was removed before it was "
-                        "read (a live run rotates them); try --checkpoints latest")
+                        "read (a live run rotates them faster than they are checked)"
+                        + ("" if relist else "; try --checkpoints latest"))
     models = kept
     has_recipe = run_dir is not None and (run_dir / schema.RECIPE).exists()
     # a bare model directory: the sections' defaults

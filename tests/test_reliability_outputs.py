@@ -167,18 +167,30 @@ def test_signal_during_sampling_says_what_was_kept(tmp_path, run2, monkeypatch, 
 # ---------------------------------------------------------------------------------------------
 
 
+def _rotate_after_listing(monkeypatch, remove, add=None):
+    """The learner's rotation right after `hapo evaluate` lists the checkpoints (first listing
+    only): `remove` folders go, an `add` (src, dst) folder appears."""
+    import hapo_cli.learner.checkpoint as ckpt
+
+    real, calls = ckpt.list_checkpoints, []
+
+    def listing(run_dir):
+        out = real(run_dir)
+        if not calls:
+            if add:
+                shutil.copytree(*add)
+            for d in remove:
+                shutil.rmtree(d)
+        calls.append(1)
+        return out
+
+    monkeypatch.setattr(ckpt, "list_checkpoints", listing)
+    return calls
+
+
 def test_checkpoint_removed_after_listing_is_skipped(tmp_path, run2, monkeypatch):
-    import hapo_cli.models as models
-
     run = copy_run(run2, tmp_path / "run")
-    real = models.check_model_dir
-
-    def rotated(path):
-        if Path(path).name == "step-000001":
-            shutil.rmtree(path)  # the learner's rotation, between listing and checking
-        return real(path)
-
-    monkeypatch.setattr(models, "check_model_dir", rotated)
+    _rotate_after_listing(monkeypatch, [run / schema.checkpoint_dir(1)])
     res = runner.invoke(app, ["evaluate", str(run), *QUICK, "--checkpoints", "all"])
     assert res.exit_code == 0, res.output
     assert lines_starting(res, "skipped") == [
@@ -186,18 +198,32 @@ def test_checkpoint_removed_after_listing_is_skipped(tmp_path, run2, monkeypatch
     assert [r["checkpoint_step"] for r in eval_rows(run / "eval" / "eval.jsonl")] == [2]
 
 
+def test_all_listed_checkpoints_removed_lists_again(tmp_path, run2, monkeypatch):
+    """`--checkpoints all` means what is there: when rotation took every listed one (a live
+    run at seconds per step), the checkpoints written meanwhile are evaluated."""
+    run = copy_run(run2, tmp_path / "run")
+    c1, c2 = run / schema.checkpoint_dir(1), run / schema.checkpoint_dir(2)
+    calls = _rotate_after_listing(monkeypatch, [c1, c2],
+                                  add=(c2, run / schema.checkpoint_dir(3)))
+    res = runner.invoke(app, ["evaluate", str(run), *QUICK, "--checkpoints", "all"])
+    assert res.exit_code == 0, res.output
+    assert len(calls) == 2
+    assert [x.split(":")[0] for x in lines_starting(res, "skipped")] == [
+        "skipped step-000001", "skipped step-000002"]
+    assert [r["checkpoint_step"] for r in eval_rows(run / "eval" / "eval.jsonl")] == [3]
+
+
 def test_checkpoint_removed_while_evaluating_is_skipped(tmp_path, run2, monkeypatch):
-    import hapo_cli.models as models
+    from hapo_cli import evaluate as ev_mod
 
     run = copy_run(run2, tmp_path / "run")
-    real = models.load_policy
+    real = ev_mod.sample_benchmark
 
-    def rotated(path, *args, **kwargs):
-        if Path(path).name == "step-000002":
-            shutil.rmtree(path)  # removed while step 1 was being sampled
-        return real(path, *args, **kwargs)
+    def rotating(*args, **kwargs):
+        shutil.rmtree(run / schema.checkpoint_dir(2), ignore_errors=True)  # while step 1 samples
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(models, "load_policy", rotated)
+    monkeypatch.setattr(ev_mod, "sample_benchmark", rotating)
     res = runner.invoke(app, ["evaluate", str(run), *QUICK, "--checkpoints", "all"])
     assert res.exit_code == 0, res.output
     assert lines_starting(res, "skipped") == [
@@ -236,19 +262,14 @@ def test_broken_checkpoint_of_a_finished_run_is_still_an_error(tmp_path, run2):
 
 
 def test_every_checkpoint_removed_is_one_line(tmp_path, run2, monkeypatch):
-    import hapo_cli.models as models
-
     run = copy_run(run2, tmp_path / "run")
-    real = models.check_model_dir
-
-    def rotated(path):
-        shutil.rmtree(path)
-        return real(path)
-
-    monkeypatch.setattr(models, "check_model_dir", rotated)
-    res = runner.invoke(app, ["evaluate", str(run), *QUICK, "--checkpoints", "all"])
+    _rotate_after_listing(monkeypatch, [run / schema.checkpoint_dir(1),
+                                        run / schema.checkpoint_dir(2)])
+    res = runner.invoke(app, ["evaluate", str(run), *QUICK, "--checkpoints", "1,2"])
     assert res.exit_code == 2, res.output
-    assert "every checkpoint asked for was removed" in one_error_line(res)
+    assert one_error_line(res) == (
+        f"error: {run}: every checkpoint asked for was removed before it was read (a live run "
+        "rotates them faster than they are checked); try --checkpoints latest")
     assert not (run / schema.EVAL_DIR).exists()
 
 
