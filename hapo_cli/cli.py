@@ -202,6 +202,10 @@ def evaluate(
     checkpoints: Annotated[
         str, typer.Option(help="Run dirs: 'latest', 'all' or steps '10,20'.")
     ] = "latest",
+    step: Annotated[
+        Optional[int], typer.Option(help="Run dirs: the checkpoint of this step (same as "
+                                    "--checkpoints N).")
+    ] = None,
     n: Annotated[int, typer.Option(help="Samples per prompt (k of avg@k).")] = 8,
     temperature: Annotated[
         str, typer.Option(help="Comma list of temperatures; may include 'adaptive'.")
@@ -250,6 +254,10 @@ def evaluate(
         from .evaluate import EvalRequest, run_evaluate
     except ImportError:
         raise fail("`hapo evaluate` is not available yet in this build") from None
+    if step is not None:
+        if checkpoints != "latest":
+            raise fail("--step and --checkpoints both name checkpoints; give one")
+        checkpoints = str(step)
     request = EvalRequest(
         target=target, benchmarks=tuple(benchmarks or ()), checkpoints=checkpoints, n=n,
         temperatures=temperature, tau=tau, top_p=top_p, top_k=top_k,
@@ -263,6 +271,33 @@ def evaluate(
         rows = _guard(run_evaluate, request, console=console)
     if rows is None:
         raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="A run directory (with checkpoints/).")],
+    out: Annotated[Path, typer.Option("--out", help="New folder for the save_pretrained model.")],
+    step: Annotated[
+        Optional[int], typer.Option(help="The checkpoint's step (default: the newest).")
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option(help="Weights' dtype: float32 (the trained masters), bfloat16 or "
+                          "float16.")
+    ] = "float32",
+) -> None:
+    """Write a checkpoint (DCP shards or HF) as a Hugging Face save_pretrained folder.
+
+    Example: hapo export results/demo --step 40 --dtype bfloat16 --out models/demo-40
+    """
+    from .export import export_checkpoint
+
+    folder = _guard(export_checkpoint, run, out, step, dtype)
+    console.print(f"exported {folder}")
 
 
 # ---------------------------------------------------------------------------------------------

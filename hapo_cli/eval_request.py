@@ -155,7 +155,7 @@ class _Resolved:
 
 def resolve_request(req: EvalRequest) -> _Resolved:
     """Validate the options (one line, exit 2) and fill the defaults from the run's recipe."""
-    from .models import check_model_dir
+    from .export import check_checkpoint_dir
     from .recipe import AlgoConfig, DataConfig, EvalConfig, RolloutConfig, load_recipe
     from .rollout.factory import engine_names
 
@@ -176,7 +176,7 @@ def resolve_request(req: EvalRequest) -> _Resolved:
         kept = []
         for step, model_dir in models:  # every checkpoint, before hours of sampling
             try:
-                check_model_dir(model_dir)
+                check_checkpoint_dir(model_dir)  # a DCP checkpoint or an HF folder
             except HapoError:
                 if run_dir is None or not vanished(model_dir, live):
                     raise

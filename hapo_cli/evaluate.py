@@ -298,11 +298,11 @@ def _load_checkpoint(model_dir, res):
     it vanished meanwhile (a live run's rotation: `eval_request.vanished`)."""
     from .algo import EntropyStats
     from .eval_request import vanished
+    from .export import load_checkpoint_model
     from .learner.checkpoint import STATE_FILE
-    from .models import load_policy
 
-    try:
-        model, tok = load_policy(model_dir, "float32", res.trust_remote_code)
+    try:  # a DCP checkpoint through its shards, an HF folder as it is
+        model, tok = load_checkpoint_model(model_dir, "float32", res.trust_remote_code)
         state_file = model_dir / STATE_FILE
         st = json.loads(state_file.read_text()).get("entropy_stats") if state_file.exists() \
             else None
@@ -345,7 +345,12 @@ def _sample_models(req: EvalRequest, res, settings, console,
         model, tok, run_stats = loaded
         model.eval()
         if eng is None:
-            eng = build_engine(res.rollout, model, tok, str(model_dir), None,
+            from .export import engine_folder
+            from .rollout.factory import samples_with_learner_module
+
+            path = model_dir if samples_with_learner_module(res.rollout.engine) else \
+                engine_folder(model_dir)  # vLLM loads a save_pretrained folder
+            eng = build_engine(res.rollout, model, tok, str(path), None,
                                max_prompt_length=data_cfg.max_prompt_length,
                                max_new_tokens=max_new, dtype="float32", seed=seed,
                                trust_remote_code=res.trust_remote_code)

@@ -299,8 +299,14 @@ class RunLog:
                 f.write(json.dumps(row, default=_json_default) + "\n")
 
 
+# Fields a --resume may change: runs may extend; how checkpoints are written (a run from before
+# log.checkpoint_format existed resumes under the new default) changes no step's result.
+RESUMABLE_FIELDS = ("train.max_steps", "log.checkpoint_format", "log.async_save",
+                    "log.export_every")
+
+
 def _recipe_diff(old_yaml: str, new_yaml: str) -> str:
-    """Fields that differ between two resolved recipes, ignoring train.max_steps (runs may extend)."""
+    """Fields that differ between two resolved recipes, ignoring RESUMABLE_FIELDS."""
     import yaml
 
     def flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -312,5 +318,5 @@ def _recipe_diff(old_yaml: str, new_yaml: str) -> str:
         return {prefix[:-1]: d}
 
     a, b = flat(yaml.safe_load(old_yaml) or {}), flat(yaml.safe_load(new_yaml) or {})
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k != "train.max_steps")
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS)
     return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:3])

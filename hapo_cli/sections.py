@@ -571,6 +571,16 @@ class LogConfig(_Section):
     token_sample_responses: int = Field(32, gt=0, description="Responses sampled into token rows.")
     checkpoint_every: int = Field(20, ge=0, description="Checkpoint every N steps (0 = end only).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (oldest deleted).")
+    checkpoint_format: Literal["dcp", "hf"] = Field(
+        "dcp", description="dcp: torch.distributed.checkpoint, every rank writes its own shards "
+        "of model and optimizer, loadable on another world size or strategy; hf: a "
+        "save_pretrained folder + the whole optimizer in optimizer.pt, written by the main "
+        "process (DeepSpeed ZeRO always writes hf + its per-rank partitions).")
+    async_save: bool = Field(True, description="dcp: write checkpoints in a background thread "
+                             "(the next step starts while the shards are written).")
+    export_every: int = Field(0, ge=0, description="Write a Hugging Face save_pretrained folder "
+                              "to <run>/exports/step-N every N steps (0 = only at the end of "
+                              "the run, which always writes one).")
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list, description="Extra accelerate trackers besides metrics.jsonl."
     )

@@ -49,9 +49,12 @@ def one_error_line(res) -> str:
 
 @pytest.fixture(scope="module")
 def done_run(tmp_path_factory, cache_dir) -> Path:
-    """A finished 2-step run with checkpoints at steps 1 and 2."""
+    """A finished 2-step run with checkpoints at steps 1 and 2, in the HF format (an HF
+    folder + optimizer.pt, what runs wrote before DCP): its resumes below write DCP
+    checkpoints and must continue exactly (tests/test_dcp_e2e.py has the DCP kinds)."""
     out = tmp_path_factory.mktemp("done") / "run"
-    res = runner.invoke(app, train_args(out, cache_dir, 2, "log.checkpoint_every=1"))
+    res = runner.invoke(app, train_args(out, cache_dir, 2, "log.checkpoint_every=1",
+                                        "log.checkpoint_format=hf"))
     assert res.exit_code == 0, res.output
     return out
 
@@ -282,7 +285,8 @@ def test_disk_full_is_one_line_manifest_failed_no_temporaries(tmp_path, cache_di
 
     monkeypatch.setattr(loop, "save_checkpoint", full_disk)
     out = tmp_path / "run"
-    res = runner.invoke(app, train_args(out, cache_dir, 3, "log.checkpoint_every=1"))
+    res = runner.invoke(app, train_args(out, cache_dir, 3, "log.checkpoint_every=1",
+                                        "log.checkpoint_format=hf"))
     assert res.exit_code == 1, res.output
     line = one_error_line(res)
     assert "no space left on device" in line and "step 2" in line

@@ -54,11 +54,16 @@ def fresh_temporary_dir(run_dir: Path, step: int) -> Path:
 
 
 def recipe_fingerprint(recipe: dict) -> str:
-    """Hash of a resolved recipe (as a dict) less train.max_steps, which a resume may raise."""
+    """Hash of a resolved recipe (as a dict) less the fields a resume may change
+    (`runlog.RESUMABLE_FIELDS`: train.max_steps, how checkpoints are written)."""
     from ..recipe import stable_hash
+    from ..runlog import RESUMABLE_FIELDS
 
-    train = {k: v for k, v in (recipe.get("train") or {}).items() if k != "max_steps"}
-    return stable_hash({**recipe, "train": train})
+    out = dict(recipe)
+    for field in RESUMABLE_FIELDS:
+        section, key = field.split(".")
+        out[section] = {k: v for k, v in (out.get(section) or {}).items() if k != key}
+    return stable_hash(out)
 
 
 def recorded_recipe(run_dir: Path) -> dict:
@@ -87,14 +92,29 @@ def save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, strea
     tmp = temporary_dir(run_dir, step) if ranks_wrote_optimizer else fresh_temporary_dir(run_dir,
                                                                                           step)
     model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
+    if getattr(model_state, "adapters", None) is not None:  # model.lora: the adapters beside it
+        from ..lora import save_adapters
+
+        save_adapters(tmp, model_state.adapters, model_state.cfg)
     tokenizer.save_pretrained(tmp)
     if not ranks_wrote_optimizer:
         torch.save(optim_state if optim_state is not None else optimizer.state_dict(),
                    tmp / OPTIM_FILE)
+    write_trainer_files(tmp, run_dir, step, scheduler, stream, state)
+    publish(tmp, final, run_dir, keep)
+    return final
+
+
+def write_trainer_files(tmp: Path, run_dir: Path, step: int, scheduler, stream, state,
+                        **extra) -> None:
+    """The small, rank-independent part of a checkpoint (main process): scheduler, the torch
+    RNG, and trainer_state.json (step, recorded recipe, data stream, entropy stats; `extra`
+    keys such as the checkpoint format)."""
     torch.save(scheduler.state_dict(), tmp / SCHED_FILE)
     torch.save({"torch": torch.get_rng_state()}, tmp / RNG_FILE)
     meta = {
         "step": step,
+        **extra,
         **recorded_recipe(run_dir),
         "stream": stream.state_dict(),
         "entropy_stats": state.entropy_stats.to_dict() if state.entropy_stats else None,
@@ -102,12 +122,16 @@ def save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, strea
         "last_val": state.last_val,
     }
     (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def publish(tmp: Path, final: Path, run_dir: Path, keep: int) -> None:
+    """The atomic marker of a complete checkpoint: rename its finished temporary folder to
+    `final`, then delete all but the newest `keep` checkpoints (main process)."""
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def load_trainer_state(ckpt: Path, optimizer, scheduler, stream):

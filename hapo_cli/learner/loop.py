@@ -66,6 +66,7 @@ class Loop:
         from ..trackers import Trackers
 
         self.trackers = Trackers([], run_dir)  # train() sets the recipe's
+        self.saver = None  # train() sets it under log.checkpoint_format=dcp (dcp_checkpoint.py)
 
     def _describe_optimizer(self) -> None:
         """Optimizer state exists after the first step: record its dtypes in the manifest."""
@@ -175,6 +176,8 @@ class Loop:
                     message = (f"interrupted at step {step} ({how}); checkpoint written; "
                                "continue with --resume")
                     break
+        if self.saver is not None:  # the last checkpoint is on disk before the run says so
+            self.saver.wait()
         self.runlog.finish(status, message=message or None, final_step=self.state.step,
                            **reason_kw)
         return TrainSummary(self.run_dir, status, self.state.step, self._final(last_row),
@@ -225,6 +228,9 @@ class Loop:
         return out
 
     def checkpoint(self, step: int) -> None:
+        if self.saver is not None:  # DCP: every rank writes its shards, asynchronously
+            self.saver.save(self, step)
+            return
         acc = self.accelerator
         acc.wait_for_everyone()
         # sharded strategies gather the full model and optimizer state on every rank first

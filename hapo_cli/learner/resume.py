@@ -18,6 +18,7 @@ from ..errors import first_line
 from ..models import ModelError, check_model_dir
 from . import zero_state
 from .checkpoint import STATE_FILE, list_checkpoints
+from .dcp_checkpoint import is_dcp, probe_dcp
 
 
 def probe_checkpoint(ckpt: Path) -> None:
@@ -27,7 +28,10 @@ def probe_checkpoint(ckpt: Path) -> None:
     meta = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
     if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
         raise ValueError(f"{STATE_FILE}: no integer 'step'")
-    check_model_dir(ckpt)
+    if is_dcp(ckpt):  # shards, index, config and tokenizer; then the small torch files
+        probe_dcp(ckpt)
+    else:
+        check_model_dir(ckpt)
     zero_files = zero_state.written_world(ckpt) is not None
     if zero_files and importlib.util.find_spec("deepspeed") is None:
         raise ValueError("holds DeepSpeed ZeRO optimizer partitions, and deepspeed is not "

@@ -347,7 +347,12 @@ class Strategy:
         if self.kind == "deepspeed" and self.sharded:  # ZeRO-3: gather each parameter
             from .weights import full_named_parameters
 
-            return {n: t.cpu().clone() for n, t in full_named_parameters(self.model, self.accelerator)}
+            # every rank takes part in each gather, only the writer keeps the (copied) tensors:
+            # a copy on every rank held the whole model world times
+            keep = self.accelerator.is_main_process
+            state = {n: t.cpu() for n, t in full_named_parameters(self.model, self.accelerator)
+                     if keep}
+            return state if keep else None
         if self.kind != "fsdp2":
             return None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -389,7 +394,10 @@ class Strategy:
         """Restore the optimizer from a checkpoint folder (every rank calls it)."""
         from . import zero_state
         from .checkpoint import OPTIM_FILE
+        from .dcp_checkpoint import is_dcp, load_into_strategy
 
+        if is_dcp(ckpt):  # model and optimizer, resharded to this run's layout
+            return load_into_strategy(ckpt, self)
         if self.kind == "deepspeed":
             zero_state.load(self.accelerator.deepspeed_engine_wrapped.engine, ckpt,
                             self.accelerator.process_index, self.world)

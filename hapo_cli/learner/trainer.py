@@ -99,7 +99,11 @@ def train(
         _warn(accelerator, f"--resume: continuing from {ckpt.name}")
     elif mode == "resume" and ckpt is None:
         _warn(accelerator, "--resume: no checkpoint yet; the run restarts from step 0")
-    source = ckpt or policy_path
+    from .dcp_checkpoint import is_dcp
+
+    # a DCP checkpoint's weights load after sharding (`load_trainer_state`): build from the policy
+    dcp_ckpt = ckpt is not None and is_dcp(ckpt)
+    source = policy_path if dcp_ckpt else (ckpt or policy_path)
     check_model_dir(source)
     with strategy.loading():
         model, tokenizer = _load(load_policy, source, strategy.load_dtype,
@@ -135,7 +139,8 @@ def train(
 
     # vLLM loads from disk: on --resume the checkpoint, the weights the learner just loaded
     # (the warm-up policy there would make the first resumed step sample off-policy)
-    engine_path = ckpt or policy_path
+    engine_path = (_engine_path(recipe, accelerator, run_dir, ckpt, policy_path) if dcp_ckpt
+                   else source)
     engine = build_engine(recipe.rollout, strategy.engine_model(), tokenizer, str(engine_path),
                           accelerator,
                           max_prompt_length=recipe.data.max_prompt_length,
@@ -145,6 +150,8 @@ def train(
     state = LoopState()
     if ckpt is not None:
         state = _load(load_trainer_state, ckpt, strategy, scheduler, stream)
+        if dcp_ckpt:  # the engine (an unsharded copy, vLLM) samples from the loaded weights
+            engine.sync_from(model, accelerator)
 
     runlog = RunLog(run_dir, enabled=accelerator.is_main_process)
     runlog.start(
@@ -176,6 +183,7 @@ def train(
     loop = Loop(recipe, accelerator, model, optimizer, scheduler, engine, tokenizer, stream,
                 val_sets, runlog, run_dir, state, strategy=strategy, reference=reference)
     loop.trackers = trackers
+    loop.saver = _saver(recipe, strategy, run_dir)
     final_status = "failed"
     from ..interrupts import interrupt_once, interrupt_reason
 
@@ -204,6 +212,8 @@ def train(
                 from ..errors import RunFailed, first_line
                 from ..runlog import disk_full, os_error_line
 
+                if loop.saver is not None:  # an asynchronous save still writing
+                    loop.saver.abandon()
                 _remove_temporaries(run_dir)  # first: a half-written checkpoint may hold space
                 if isinstance(exc, OSError) or disk_full(exc, run_dir):
                     # disk full, read-only filesystem, a folder removed under us: one line
@@ -217,8 +227,44 @@ def train(
                                 loop.state.step)
                 raise
     finally:
+        if loop.saver is not None:
+            loop.saver.abandon()  # Ctrl-C: a save in flight still completes
         trackers.close(final_status)
         runlog.unlock()
+
+
+def _saver(recipe: Recipe, strategy, run_dir: Path):
+    """DCP checkpoints (dcp_checkpoint.py) unless log.checkpoint_format=hf, DeepSpeed ZeRO
+    (whose flat partitions keep their per-rank format, zero_state.py) or a LoRA run (its
+    adapters are small; the HF folder holds them): None = the HF format."""
+    if recipe.log.checkpoint_format != "dcp" or strategy.kind == "deepspeed":
+        return None
+    if getattr(recipe.model, "lora", None):  # adapters: small, saved with the HF folder
+        return None
+    from .dcp_checkpoint import Checkpointer, LoopCheckpoints
+
+    saver = Checkpointer(run_dir, strategy.accelerator, keep=recipe.log.keep_checkpoints,
+                         async_save=recipe.log.async_save)
+    return LoopCheckpoints(saver, recipe.log.export_every, recipe.train.max_steps)
+
+
+def _engine_path(recipe: Recipe, accelerator, run_dir: Path, ckpt: Path, policy_path: Path):
+    """The folder an engine starts from on a DCP resume. The HF engine samples with the
+    learner's module (or its copy): the policy folder will do. vLLM loads from disk: the run's
+    HF export of that step, which the main process writes from the DCP shards if the run has
+    none (`sync_from` pushes the loaded weights afterwards either way)."""
+    from ..rollout.factory import samples_with_learner_module
+    from .dcp_checkpoint import export_dir
+
+    if samples_with_learner_module(recipe.rollout.engine):
+        return policy_path
+    out = export_dir(run_dir, schema.checkpoint_step(ckpt.name))
+    if accelerator.is_main_process and not out.is_dir():
+        from ..export import export_folder
+
+        export_folder(ckpt, out)
+    accelerator.wait_for_everyone()
+    return out
 
 
 def _warn(accelerator, message: str) -> None:
