@@ -68,6 +68,19 @@ class WarmupConfig(_Section):
     )
 
 
+class LoraConfig(_Section):
+    rank: int = Field(8, gt=0, description="LoRA rank r of every adapter (B A is out x r x in).")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha: the adapters add (alpha / rank) B A.")
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="Dropout on the adapters' input while training (0: the "
+        "learner and the HF engine compute the same log-probs)."
+    )
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Last names of the linear layers that get adapters (e.g. "
+        "[q_proj, v_proj]), or all-linear: every linear layer but the output embedding."
+    )
+
+
 class ModelConfig(_Section):
     init: Literal["pretrained", "warmup"] = Field(
         "pretrained",
@@ -97,6 +110,11 @@ class ModelConfig(_Section):
         "'initial', the policy the run starts from (the warm-up policy or model.path, also on "
         "--resume), or a local HF model directory. Scored in the old-policy pass with the same "
         "micro-batches and packing, sharded like the policy under FSDP2.",
+    )
+    lora: LoraConfig | None = Field(
+        None, description="Train LoRA adapters through PEFT (the lora extra) instead of every "
+        "weight: the base is frozen, adapters fp32, the optimizer holds only them; checkpoints "
+        "hold the merged model and the adapters (hapo_cli/lora.py). None: full training."
     )
     gradient_checkpointing: bool = Field(False, description="Enable HF gradient checkpointing.")
     trust_remote_code: bool = Field(False, description="Passed to from_pretrained.")

@@ -341,9 +341,25 @@ class Strategy:
         return gn
 
     # ---- checkpoints ----
+    lora = None  # model.lora (a LoraConfig) when the model carries adapters: set by the trainer
+
     def full_model_state(self) -> dict[str, Tensor] | None:
         """Gathered fp32 state dict on the CPU (collective: call on every rank); None when the
-        plain module's own state dict will do."""
+        plain module's own state dict will do. Under model.lora: the merged model's state,
+        carrying the adapters (`lora.LoraState`; None on ranks that keep no copy)."""
+        state = self._full_model_state()
+        if self.lora is None:
+            return state
+        from ..lora import checkpoint_state
+
+        if state is None and self.kind == "deepspeed" and self.sharded:
+            return None
+        if state is None:
+            state = {k: v.detach().cpu() for k, v in
+                     self.accelerator.unwrap_model(self.model).state_dict().items()}
+        return checkpoint_state(state, self.lora)
+
+    def _full_model_state(self) -> dict[str, Tensor] | None:
         if self.kind == "deepspeed" and self.sharded:  # ZeRO-3: gather each parameter
             from .weights import full_named_parameters
 

@@ -103,11 +103,20 @@ def train(
 
     # a DCP checkpoint's weights load after sharding (`load_trainer_state`): build from the policy
     dcp_ckpt = ckpt is not None and is_dcp(ckpt)
-    source = policy_path if dcp_ckpt else (ckpt or policy_path)
+    # model.lora: the base never changes, so a resumed run loads it again and the adapters on top
+    lora = recipe.model.lora
+    source = policy_path if dcp_ckpt or lora is not None else (ckpt or policy_path)
     check_model_dir(source)
     with strategy.loading():
         model, tokenizer = _load(load_policy, source, strategy.load_dtype,
                                  recipe.model.trust_remote_code)
+    if lora is not None:
+        from ..lora import apply_lora, load_adapters
+
+        model = apply_lora(model, lora)
+        strategy.lora = lora
+        if ckpt is not None and not dcp_ckpt:  # a DCP checkpoint restores them with the rest
+            load_adapters(model, ckpt)
     stream = build_streams(recipe.data, tokenizer, recipe.seed)
     val_sets = build_val_sets(recipe.data, tokenizer)
 
@@ -122,8 +131,9 @@ def train(
     t = recipe.train
     model, optimizer = strategy.prepare(
         model,
-        lambda params: torch.optim.AdamW(params, lr=t.lr, betas=t.betas,
-                                         weight_decay=t.weight_decay),
+        # only what trains (model.lora: the adapters) is in the optimizer
+        lambda params: torch.optim.AdamW([p for p in params if p.requires_grad], lr=t.lr,
+                                         betas=t.betas, weight_decay=t.weight_decay),
         engine=recipe.rollout.engine, micro_batch_size=t.micro_batch_size, grad_clip=t.grad_clip,
     )
     from .schedule import build_lr_scheduler
