@@ -430,8 +430,9 @@ def run_evaluate(req: EvalRequest, console=None) -> list[dict[str, Any]]:
                               "does not resume): run the same command again to start it over"
                               ) from None
     if not rows:
-        raise HapoError(f"{req.target}: every checkpoint asked for was removed before it was "
-                        "read (a live run rotates them); try --checkpoints latest")
+        raise HapoError(f"{req.target}: every checkpoint was removed while it loaded (the live "
+                        "run rotates them faster); copy one out of checkpoints/ and evaluate "
+                        "the copy, or raise log.keep_checkpoints")
     main = write_results(res.out_dir, req.name, rows, samples, req.overwrite, console)
     if console is not None:
         table = result_table(rows, req.n)
