@@ -129,13 +129,17 @@ def test_slurm_requeue_resumes_from_the_checkpoint(tmp_path, cache_dir, slurm, l
     wait_step(out / "ABCD-s1", 2)
     env = slurm.env
     subprocess.run(["scontrol", "requeue", job], env=env, check=True)
-    end = time.time() + 90
-    while time.time() < end:  # pending again (BeginTime): start it now
-        r = subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env,
-                           capture_output=True, text=True)
-        if r.returncode == 0:
+    end = time.time() + 120
+    while time.time() < end:  # once pending again (Reason=BeginTime, ~128 s): start it now
+        shown = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True,
+                               text=True).stdout
+        if "Reason=BeginTime" in shown:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env,
+                           check=True)
             break
-        time.sleep(1)
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"job {job} was not pending on BeginTime after the requeue")
     res = runner.invoke(app, ["ablate", "status", str(out)])
     assert res.exit_code == 0, res.output
     res = ablate(out, cache_dir, *args, steps=5, variants="ABCD")  # reconciles and watches
