@@ -111,23 +111,54 @@ def test_fsdp_config_shards_on_cpu_and_matches_ddp(runs):
 
 
 @pytest.mark.slow
-def test_fsdp_checkpoint_is_a_full_hf_model(runs):
+def test_fsdp_checkpoint_is_dcp_shards_and_the_export_a_full_hf_model(runs):
+    """Each rank wrote its own shards (no gather); the end-of-run export is a full HF model."""
     from transformers import AutoModelForCausalLM
+
+    from hapo_cli.learner.dcp_checkpoint import DCP_DIR
 
     _, _, out = runs
     ck_f = out["fsdp"] / schema.CHECKPOINTS_DIR / f"step-{STEPS:06d}"
-    ck_d = out["ddp"] / schema.CHECKPOINTS_DIR / f"step-{STEPS:06d}"
-    mf = AutoModelForCausalLM.from_pretrained(ck_f, local_files_only=True)
-    md = AutoModelForCausalLM.from_pretrained(ck_d, local_files_only=True)
+    assert sorted(p.name for p in (ck_f / DCP_DIR).iterdir()) == \
+        [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    ex = f"exports/step-{STEPS:06d}"
+    mf = AutoModelForCausalLM.from_pretrained(out["fsdp"] / ex, local_files_only=True)
+    md = AutoModelForCausalLM.from_pretrained(out["ddp"] / ex, local_files_only=True)
     sf, sd = mf.state_dict(), md.state_dict()
     assert sf.keys() == sd.keys()
     for k in sd:
         assert sf[k].dtype == torch.float32 and sf[k].shape == sd[k].shape
         # 4 steps apart only by reduction order (lr 2e-4 AdamW steps ~2e-4 per entry)
         torch.testing.assert_close(sf[k], sd[k], rtol=0, atol=2e-5, msg=k)
-    osd = torch.load(ck_f / "optimizer.pt", weights_only=True)
-    n_full = sum(v["exp_avg"].numel() for v in osd["state"].values())
-    assert n_full == sum(p.numel() for p in mf.parameters())  # every rank's shard is in it
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_resumes_on_one_process(runs, tmp_path):
+    """2 FSDP2 ranks -> 1 process: DCP reshards model and AdamW state; steps 3-4 then match
+    the uninterrupted 2-rank run as DDP matches FSDP2 (same math, another reduction order:
+    rel 1e-3, the behaviour log-prob gap absolutely)."""
+    _, cache, out = runs
+    run = tmp_path / "fsdp-to-1"
+    shutil.copytree(out["fsdp"], run, ignore=shutil.ignore_patterns(".hapo.lock"))
+    for s in (3, 4):
+        shutil.rmtree(run / schema.CHECKPOINTS_DIR / f"step-{s:06d}")
+    shutil.rmtree(run / "exports")
+    res = subprocess.run([sys.executable, *_train_args(run, cache), "--resume"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, failure_report(res)
+    m = json.loads((run / schema.MANIFEST).read_text())
+    assert (m["world_size"], m["resumed_from"]) == (1, "step-000002")
+    a = {r["step"]: r for r in _rows(out["fsdp"])}
+    b = {r["step"]: r for r in _rows(run)}
+    assert sorted(a) == sorted(b)
+    for step in (3, 4):
+        for k, va in a[step].items():
+            if k.startswith("time/") or not isinstance(va, float):
+                continue
+            if k == "actor/behaviour_logp_gap":
+                assert abs(va - b[step][k]) < 1e-5
+            else:
+                assert b[step][k] == pytest.approx(va, rel=1e-3, abs=1e-6), (step, k)
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
