@@ -84,6 +84,7 @@ class _Owner:
     """Starts processes in their own process groups; stops them all on exit."""
 
     def __init__(self, root: Path | None, prefix: str) -> None:
+        self.created = root is None
         self.root = Path(root or tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
         self.procs: list[subprocess.Popen] = []
         self._old: dict = {}
@@ -114,6 +115,8 @@ class _Owner:
         self.down()
         for s, h in self._old.items():
             signal.signal(s, h)
+        if exc[0] is None and self.created:  # kept after an error: its logs say what failed
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def up(self) -> None:
         raise NotImplementedError
