@@ -15,6 +15,7 @@ from rich.console import Console
 
 from .errors import HapoError
 from .recipe import RecipeError, list_recipes, load_recipe, resolve_recipe_path
+from .serve.command import serve_command
 
 app = typer.Typer(
     name="hapo",
@@ -298,6 +299,9 @@ def export(
 
     folder = _guard(export_checkpoint, run, out, step, dtype)
     console.print(f"exported {folder}")
+
+
+app.command("serve")(serve_command)  # hapo_cli/serve/command.py: a vLLM server for vllm-server
 
 
 # ---------------------------------------------------------------------------------------------

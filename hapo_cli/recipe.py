@@ -59,7 +59,7 @@ class Recipe(_Section):
         if not (isinstance(rollout, dict) and isinstance(model, dict)):
             return data
         tiny = model.get("tiny") or {}
-        if (rollout.get("engine") != "vllm" or model.get("init") != "warmup"
+        if (rollout.get("engine") not in ("vllm", "vllm-server") or model.get("init") != "warmup"
                 or not isinstance(tiny, dict) or "num_heads" in tiny):
             return data
         hidden = tiny.get("hidden_size", TinyModelConfig.model_fields["hidden_size"].default)
@@ -132,8 +132,8 @@ class Recipe(_Section):
                 f"train.max_tokens_per_micro_batch={budget} must be at least the longest "
                 f"sequence, data.max_prompt_length + rollout.max_new_tokens = {longest}"
             )
-        if self.model.lora is not None and r.engine == "vllm":
-            raise ValueError("model.lora with rollout.engine=vllm is not supported yet (vLLM "
+        if self.model.lora is not None and r.engine in ("vllm", "vllm-server"):
+            raise ValueError(f"model.lora with rollout.engine={r.engine} is not supported yet (vLLM "
                              "would need the merged weights after every step); use "
                              "rollout.engine=hf")
         if self.model.init == "pretrained" and not self.model.path:

@@ -343,8 +343,40 @@ class VllmConfig(_Section):
     )
 
 
+class ServerConfig(_Section):
+    urls: list[str] = Field(
+        default_factory=list, description="rollout.engine=vllm-server: base URLs of `hapo serve` "
+        "servers (http://host:port); each step's prompts are split across them. Empty: `hapo "
+        "train` starts `count` local servers on 127.0.0.1 and stops them when it ends."
+    )
+    count: int = Field(1, ge=1, description="Local servers started when `urls` is empty.")
+    weight_transfer: Literal["gloo", "nccl", "path"] = Field(
+        "gloo", description="How new weights reach the servers after every optimizer step. gloo: "
+        "broadcast over CPU (hapo's backend, `hapo serve` on vLLM's CPU build); nccl: vLLM's "
+        "backend (GPUs on both sides; untested in CI); path: a safetensors file under `path`, "
+        "which the servers must see (a shared filesystem), reloaded by each server."
+    )
+    path: str | None = Field(None, description="weight_transfer=path: the shared folder "
+                             "(None: <run>/weights-push).")
+    master_address: str | None = Field(
+        None, description="Address the servers reach the learner at for gloo/nccl (None: "
+        "127.0.0.1 for local servers, else this host's address on the route to each server)."
+    )
+    chunk_mib: float = Field(512, gt=0, description="Weights pushed per /update_weights call.")
+    max_inflight: int = Field(64, ge=1, description="Generate requests in flight per server.")
+    connect_timeout_s: float = Field(
+        60, gt=0, description="How long a server may take to answer /health before the run "
+        "fails with one line naming its URL."
+    )
+    start_timeout_s: float = Field(600, gt=0, description="Local servers: start-up deadline.")
+    request_timeout_s: float = Field(600, gt=0, description="Deadline of one HTTP request.")
+
+
 class RolloutConfig(_Section):
-    engine: Literal["hf", "vllm"] = Field("hf", description="Rollout engine.")
+    engine: Literal["hf", "vllm", "vllm-server"] = Field(
+        "hf", description="Rollout engine: hf (the learner's module), vllm (a colocated "
+        "vllm.LLM), vllm-server (vLLM servers, `rollout.server`)."
+    )
     n: int = Field(8, ge=1, description="Group size G: responses sampled per prompt.")
     temperature: float = Field(1.0, gt=0, description="Base sampling temperature T.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (1.0 = off).")
@@ -354,6 +386,7 @@ class RolloutConfig(_Section):
         256, gt=0, description="HF engine: sequences generated per forward batch."
     )
     vllm: VllmConfig = Field(default_factory=VllmConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -155,13 +155,15 @@ def train(
                           accelerator,
                           max_prompt_length=recipe.data.max_prompt_length,
                           dtype=recipe.model.dtype, seed=recipe.seed,
-                          trust_remote_code=recipe.model.trust_remote_code)
+                          trust_remote_code=recipe.model.trust_remote_code, run_dir=run_dir)
 
     state = LoopState()
     if ckpt is not None:
         state = _load(load_trainer_state, ckpt, strategy, scheduler, stream)
-        if dcp_ckpt:  # the engine (an unsharded copy, vLLM) samples from the loaded weights
-            engine.sync_from(model, accelerator)
+    # the engine (an unsharded copy, vLLM) samples from the loaded weights; servers may serve
+    # any weights of the model (vllm-server): they get the learner's before the first rollout
+    if (ckpt is not None and dcp_ckpt) or engine.push_before_first_rollout:
+        engine.sync_from(model, accelerator)
 
     runlog = RunLog(run_dir, enabled=accelerator.is_main_process)
     runlog.start(
@@ -241,6 +243,7 @@ def train(
             loop.saver.abandon()  # Ctrl-C: a save in flight still completes
         trackers.close(final_status)
         runlog.unlock()
+        engine.close()  # local vLLM servers (rollout.engine=vllm-server) stop here
 
 
 def _saver(recipe: Recipe, strategy, run_dir: Path):

@@ -284,9 +284,50 @@ def pad_right(rows: Sequence[Sequence[Any]], fill: Any, dtype: torch.dtype) -> T
     return out
 
 
+class EngineCapabilities:
+    """What an engine can do, as properties the learner asks (never its class or name).
+
+    samples_with_learner_module  it samples with the learner's own module (the HF engine): its
+                                 decode-time log-probs can be the old log-probs
+                                 (`learner/oldlogp.py`), and it needs full parameters per rank
+    records_decode_stats         its batches carry the decode-time T_t and entropy
+    records_base_logp            under A it can record the log-prob at the base T (`base_logp`)
+    needs_weight_push            the learner must send it new weights after every optimizer step
+    push_before_first_rollout    it may start from other weights than the learner's (servers)
+
+    The defaults are a separate engine loaded from disk (colocated vLLM).
+    """
+
+    samples_with_learner_module = False
+    records_decode_stats = False
+    records_base_logp = False
+    needs_weight_push = True
+    push_before_first_rollout = False
+
+    def close(self) -> None:
+        """Release what the engine started (servers); the default has nothing to release."""
+
+
+class LearnerModuleEngine(EngineCapabilities):
+    """The capabilities of an engine that samples with the learner's module (HF)."""
+
+    samples_with_learner_module = True
+    records_decode_stats = True
+    records_base_logp = True
+    needs_weight_push = False
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """Samples responses for the learner; the HF engine and the vLLM engine implement it."""
+    """Samples responses for the learner; the HF engine, the colocated vLLM
+    engine and the vLLM-server engine implement it; `EngineCapabilities` lists what the learner
+    may ask one."""
+
+    samples_with_learner_module: bool
+    records_decode_stats: bool
+    records_base_logp: bool
+    needs_weight_push: bool
+    push_before_first_rollout: bool
 
     def generate(
         self,
@@ -317,4 +358,8 @@ class RolloutEngine(Protocol):
 
     def wake_up(self) -> None:
         """Undo `sleep` before the next `generate`."""
+        ...
+
+    def close(self) -> None:
+        """Stop what the engine started (local servers); called once when the run ends."""
         ...

@@ -13,7 +13,7 @@ from .base import RolloutEngine
 # `rollout.engine` -> whether the engine samples with the learner's own module. Such an engine
 # needs full parameters on each rank (under FSDP2 and ZeRO-3 it gets an unsharded copy) and
 # takes new weights by reference; the others load them (`sync_weights`).
-ENGINES: dict[str, bool] = {"hf": True, "vllm": False}
+ENGINES: dict[str, bool] = {"hf": True, "vllm": False, "vllm-server": False}
 
 
 def engine_names() -> tuple[str, ...]:
@@ -38,6 +38,7 @@ def build_engine(
     dtype: str = "auto",
     seed: int = 0,
     trust_remote_code: bool = False,
+    run_dir: Any = None,
 ) -> RolloutEngine:
     """The engine named by `rollout_cfg.engine`.
 
@@ -46,6 +47,8 @@ def build_engine(
     `max_model_len` is `rollout.vllm.max_model_len` or `max_prompt_length + max_new_tokens`
     (`max_new_tokens` defaults to `rollout.max_new_tokens`); `trust_remote_code` as the
     learner loaded the model (`model.trust_remote_code`).
+    vllm-server: the servers of `rollout.server.urls`, or local servers started from
+    `model_path` (logs and process ids in `run_dir`); `model`'s config is checked against theirs.
     """
     if rollout_cfg.engine == "hf":
         from .hf import HFEngine
@@ -72,4 +75,12 @@ def build_engine(
             seed=seed,
             trust_remote_code=trust_remote_code,
         )
-    raise ValueError(f"rollout.engine={rollout_cfg.engine!r} is not one of: hf, vllm")
+    if rollout_cfg.engine == "vllm-server":
+        from .server_local import build_server_engine
+
+        max_len = rollout_cfg.vllm.max_model_len
+        if max_len is None and max_prompt_length is not None:
+            max_len = max_prompt_length + (max_new_tokens or rollout_cfg.max_new_tokens)
+        return build_server_engine(rollout_cfg, model, tokenizer, model_path, accelerator,
+                                   run_dir=run_dir, max_model_len=max_len, dtype=dtype, seed=seed)
+    raise ValueError(f"rollout.engine={rollout_cfg.engine!r} is not one of: {', '.join(ENGINES)}")

@@ -36,7 +36,7 @@ from transformers import LogitsProcessorList
 
 from hapo_cli.algo import EntropyStats
 
-from .base import RolloutBatch, SamplingSpec, check_prompts, clean_param_name
+from .base import LearnerModuleEngine, RolloutBatch, SamplingSpec, check_prompts, clean_param_name
 from .processors import sampling_processors
 
 
@@ -269,7 +269,7 @@ def gumbel_noise(keys: Tensor, step: int, vocab_size: int) -> Tensor:
     return -torch.log(-torch.log(u))
 
 
-class HFEngine:
+class HFEngine(LearnerModuleEngine):
     """`RolloutEngine` over a transformers causal LM (the learner's model object, unwrapped).
 
     Sequences are processed in chunks of `batch_size` (a prompt's n copies are adjacent, so a

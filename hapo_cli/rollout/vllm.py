@@ -55,7 +55,14 @@ from torch import Tensor, nn
 from hapo_cli.algo import EntropyStats
 from hapo_cli.errors import HapoError
 
-from .base import RolloutBatch, SamplingSpec, check_prompts, clean_param_name, pad_right
+from .base import (
+    EngineCapabilities,
+    RolloutBatch,
+    SamplingSpec,
+    check_prompts,
+    clean_param_name,
+    pad_right,
+)
 from .vllm_plugin import HapoRequestParams, plugin_class_for_runner
 
 if TYPE_CHECKING:
@@ -365,7 +372,7 @@ def _rng_kept() -> Iterator[None]:
         random.setstate(states[2])
 
 
-class VLLMEngine:
+class VLLMEngine(EngineCapabilities):
     """`RolloutEngine` over a colocated `vllm.LLM` (see the module docstring)."""
 
     def __init__(
