@@ -300,9 +300,10 @@ class RunLog:
 
 
 # Fields a --resume may change: runs may extend; how checkpoints are written (a run from before
-# log.checkpoint_format existed resumes under the new default) changes no step's result.
+# log.checkpoint_format existed resumes under the new default) changes no step's result; nor do
+# the rollout servers (rollout.server, a whole section: a resume may use new ones).
 RESUMABLE_FIELDS = ("train.max_steps", "log.checkpoint_format", "log.async_save",
-                    "log.export_every")
+                    "log.export_every", "rollout.server")
 
 
 def _recipe_diff(old_yaml: str, new_yaml: str) -> str:
@@ -318,5 +319,6 @@ def _recipe_diff(old_yaml: str, new_yaml: str) -> str:
         return {prefix[:-1]: d}
 
     a, b = flat(yaml.safe_load(old_yaml) or {}), flat(yaml.safe_load(new_yaml) or {})
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
+                  and not any(k == f or k.startswith(f + ".") for f in RESUMABLE_FIELDS))
     return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:3])

@@ -151,6 +151,8 @@ class VLLMServerEngine(EngineCapabilities):
         self.pad_id = int(pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0))
         self._groups: list[Any] | None = None
         self._version = 0
+        self.initial_weights: nn.Module | None = None  # pushed before a first generate that
+        # no push preceded (one process, e.g. `hapo evaluate`; training pushes first itself)
         self.push_seconds: list[float] = []
         for c in self.clients:
             c.wait_up(cfg.connect_timeout_s)
@@ -182,6 +184,8 @@ class VLLMServerEngine(EngineCapabilities):
                  stats: EntropyStats | None = None, seed: int = 0,
                  prompt_offset: int | Sequence[int] = 0) -> RolloutBatch:
         check_prompts(prompt_ids)
+        if self.initial_weights is not None and not self.push_seconds:
+            self.sync_weights(self.initial_weights)
         prompts, kwargs = build_requests(prompt_ids, spec, stats, seed, self.eos_ids,
                                          prompt_offset=prompt_offset)
         runs = split_evenly(len(prompts), len(self.clients))
@@ -245,8 +249,15 @@ class VLLMServerEngine(EngineCapabilities):
             info = c.call("/get_world_size", what="weight transfer set-up")
             world = int(info["world_size"]) + 1
             host = self.cfg.master_address or _local_address(c.url)
-            store = dist.TCPStore(host, 0, world, True, wait_for_workers=False)
-            init = {"master_address": host, "master_port": store.port, "world_size": world,
+            if backend == "nccl":  # vLLM's endpoint hosts its own store on the port
+                store = None
+                with socket.socket() as sock:
+                    sock.bind((host, 0))
+                    port = sock.getsockname()[1]
+            else:
+                store = dist.TCPStore(host, 0, world, True, wait_for_workers=False)
+                port = store.port
+            init = {"master_address": host, "master_port": port, "world_size": world,
                     "rank_offset": 1}
             with ThreadPoolExecutor(max_workers=1) as pool:
                 fut = pool.submit(c.call, "/init_weight_transfer_engine", {"init_info": init},
@@ -256,7 +267,7 @@ class VLLMServerEngine(EngineCapabilities):
 
                     groups.append(("nccl", trainer_init(init)))
                 else:
-                    groups.append(("gloo", gloo_group(host, store.port, 0, world,
+                    groups.append(("gloo", gloo_group(host, port, 0, world,
                                                       self.cfg.request_timeout_s, store=store)))
                 fut.result()
         return groups

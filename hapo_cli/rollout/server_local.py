@@ -92,6 +92,8 @@ def build_server_engine(rollout_cfg: Any, model: Any, tokenizer: Any, model_path
         engine = VLLMServerEngine(cfg, urls, tokenizer, is_sender=is_main, owned=owned)
         if model is not None and is_main:
             engine.check_model(model)
+        if accelerator is None:  # one process outside training (evaluate): push on first use
+            engine.initial_weights = model
     except BaseException:
         for s in owned:
             s.stop()
