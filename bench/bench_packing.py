@@ -16,7 +16,7 @@ RSS from `ru_maxrss`, less the RSS after the model and optimizer state exist):
 Then the longest response is doubled (one response at 2 x limit) for padded and packed + budget:
 the padded peak grows with the longest row, the budgeted one is set by the budget.
 
-    python bench/bench_packing.py [--responses 32] [--limit 1024] [--budget 2560]
+    python bench/bench_packing.py [--responses 32] [--limit 512] [--budget 1536] [--vocab V] [--layers L]
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def lengths(n: int, limit: int, seed: int = 0, double_longest: bool = False):
     return prompts, resp
 
 
-def _child(mode: str, n: int, limit: int, budget: int, double: bool) -> dict:
+def _child(mode: str, n: int, limit: int, budget: int, double: bool, vocab: int,
+           layers: int) -> dict:
     import resource
 
     import torch
@@ -64,7 +65,7 @@ def _child(mode: str, n: int, limit: int, budget: int, double: bool) -> dict:
     from hapo_cli.learner.microbatch import plan_micro_batches
 
     torch.manual_seed(0)
-    cfg = tf.Qwen2Config(vocab_size=151_936, hidden_size=512, num_hidden_layers=4,
+    cfg = tf.Qwen2Config(vocab_size=vocab, hidden_size=512, num_hidden_layers=layers,
                          num_attention_heads=8, num_key_value_heads=8, intermediate_size=1376,
                          tie_word_embeddings=True, attn_implementation="sdpa")
     model = tf.Qwen2ForCausalLM(cfg)
@@ -72,7 +73,7 @@ def _child(mode: str, n: int, limit: int, budget: int, double: bool) -> dict:
     prompts, resp = lengths(n, limit, double_longest=double)
     P, T = max(prompts), max(resp)
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 151_936, (n, P + T), generator=g)
+    ids = torch.randint(0, vocab, (n, P + T), generator=g)
     am = torch.zeros(n, P + T, dtype=torch.long)
     for b, (p, r) in enumerate(zip(prompts, resp)):
         am[b, P - p : P] = 1
@@ -112,7 +113,8 @@ def _child(mode: str, n: int, limit: int, budget: int, double: bool) -> dict:
 
 def _run(mode: str, args, double: bool) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--responses", str(args.responses),
-           "--limit", str(args.limit), "--budget", str(args.budget)]
+           "--limit", str(args.limit), "--budget", str(args.budget), "--vocab", str(args.vocab),
+           "--layers", str(args.layers)]
     if double:
         cmd.append("--double")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -123,9 +125,13 @@ def _run(mode: str, args, double: bool) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--responses", type=int, default=32)
-    ap.add_argument("--limit", type=int, default=1024)
-    ap.add_argument("--budget", type=int, default=2560)
+    ap.add_argument("--limit", type=int, default=512)
+    ap.add_argument("--budget", type=int, default=1536)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=None,
+                    help="default: two tables, vocabulary 151,936 x 4 layers (the LM head is "
+                         "~85%% of the FLOPs) and 8,192 x 8 layers (the body dominates, as in a 7B)")
+    ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--child", choices=["padded", "packed", "budget"])
     ap.add_argument("--double", action="store_true")
     args = ap.parse_args(argv)
@@ -134,8 +140,18 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(args.threads)
         print(json.dumps(_child(args.child, args.responses, args.limit, args.budget,
-                                args.double)))
+                                args.double, args.vocab, args.layers)))
         return
+    if args.vocab is None:
+        for vocab, layers in ((151_936, args.layers or 4), (8192, args.layers or 8)):
+            args.vocab, args.layers = vocab, layers
+            _table(args)
+        return
+    args.layers = args.layers or 4
+    _table(args)
+
+
+def _table(args) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -145,8 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     rows += [(m, True, _run(m, args, True)) for m in ("padded", "budget")]
     base = rows[0][2]
     t = Table(title=f"one update (old log-probs + PPO step), {args.responses} responses, "
-                    f"limit {args.limit}, {args.threads} threads")
-    for c in ("micro-batches", "longest", "tokens (real / in forwards)", "old-logp s",
+                    f"limit {args.limit}, vocabulary {args.vocab}, {args.layers} layers, "
+                    f"{args.threads} threads")
+    for c in ("case", "micro-batches", "longest", "tokens (real / in forwards)", "old-logp s",
               "update s", "step s", "x padded", "peak extra MB", "x padded"):
         t.add_column(c)
     for mode, double, r in rows:
