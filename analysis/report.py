@@ -38,6 +38,7 @@ FIGURES_DIR = "figures"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 DPI = 120
+DEFAULT_SMOOTH = 0.8  # EMA weight of per-step curves (about a 5-step window); 0 = raw
 
 
 @dataclass
@@ -92,44 +93,55 @@ def default_out(paths: list[Path]) -> Path:
     return common / "analysis"
 
 
+def _smooth_note(smooth: float) -> str:
+    if not smooth:
+        return " Per-step curves raw (--smooth 0)."
+    return (f" Per-step curves smoothed (EMA weight {smooth:g}, `--smooth`), raw values "
+            "faint behind.")
+
+
 def _figure_specs(coll: Collection, colors: dict, metrics: pd.DataFrame, tokens: pd.DataFrame,
                   evals: pd.DataFrame, dual: pd.DataFrame,
-                  summaries: dict[str, pd.DataFrame]) -> tuple[list[_FigureSpec], dict]:
+                  summaries: dict[str, pd.DataFrame],
+                  smooth: float = 0.0) -> tuple[list[_FigureSpec], dict]:
+    sm = _smooth_note(smooth)
     specs = [
         _FigureSpec("validation_accuracy", "1. Validation accuracy",
-                    "Validation accuracy per benchmark vs step (avg@k solid, greedy dashed).",
+                    "Validation accuracy per benchmark vs step (avg@k solid, greedy dashed; "
+                    "raw: each point is one evaluation).",
                     lambda: F.validation_accuracy(metrics, colors)),
         _FigureSpec("token_entropy", "2. Token entropy",
-                    "Mean token entropy vs step; the band spans the 20th-80th percentile.",
-                    lambda: F.token_entropy(metrics, colors)),
+                    "Mean token entropy vs step; the band spans the 20th-80th percentile." + sm,
+                    lambda: F.token_entropy(metrics, colors, smooth=smooth)),
         _FigureSpec("response_length", "3. Response length",
-                    "Mean response length vs step; correct (solid) vs incorrect (dashed).",
-                    lambda: F.response_length(metrics, colors)),
+                    "Mean response length vs step; correct (solid) vs incorrect (dashed)." + sm,
+                    lambda: F.response_length(metrics, colors, smooth=smooth)),
         _FigureSpec("reward_and_fill_rate", "4. Reward, training accuracy, fill rate",
                     "Reward and training accuracy vs step; dynamic-sampling fill rate and the "
-                    "fraction of groups with mixed rewards.",
-                    lambda: F.reward_and_fill_rate(metrics, colors)),
+                    "fraction of groups with mixed rewards." + sm,
+                    lambda: F.reward_and_fill_rate(metrics, colors, smooth=smooth)),
         _FigureSpec("clipping_patterns", "5. Clipping patterns",
                     "Low- and high-side clip fraction vs step for high-entropy (solid) and "
-                    "low-entropy (dashed) tokens; entropy histograms of clipped tokens.",
-                    lambda: F.clipping_patterns(metrics, tokens, colors)),
+                    "low-entropy (dashed) tokens; entropy histograms of clipped tokens." + sm,
+                    lambda: F.clipping_patterns(metrics, tokens, colors, smooth=smooth)),
         _FigureSpec("top_clipped_tokens", "6. Most clipped tokens",
                     "The 20 token strings most often clipped on each side (token samples).",
                     lambda: F.top_clipped_tokens(tokens, colors)),
         _FigureSpec("advantage_balance", "7. Advantage balance",
                     "Positive (solid) vs negative (dashed) token-advantage mass per step, "
-                    "sequence-level vs token-level normalisation, and the net mass.",
-                    lambda: F.advantage_balance(metrics, colors)),
+                    "sequence-level vs token-level normalisation, and the net mass." + sm,
+                    lambda: F.advantage_balance(metrics, colors, smooth=smooth)),
         _FigureSpec("ratio_vs_advantage", "8. Importance ratio vs advantage",
                     "Importance ratio against advantage for high- (h > 0) and low-entropy "
                     "tokens.",
                     lambda: F.ratio_vs_advantage(tokens, colors)),
         _FigureSpec("adaptive_temperature", "9. Adaptive temperature",
                     "Distribution of the per-token temperature and its relation to entropy.",
-                    lambda: F.adaptive_temperature(tokens, metrics, colors)),
+                    lambda: F.adaptive_temperature(tokens, metrics, colors, smooth=smooth)),
         _FigureSpec("temperature_sweep", "10. Temperature sweep",
                     "Accuracy and critical tokens vs sampling temperature, fixed vs adaptive "
-                    "(`hapo evaluate`, latest checkpoint).",
+                    "(`hapo evaluate`, latest checkpoint). A panel whose values vary by less "
+                    "than 10 % starts at zero.",
                     lambda: F.temperature_sweep(evals, colors)),
         _FigureSpec("dual_entropy_tokens", "11. Dual-entropy tokens",
                     "Token strings found among both the highest- and the lowest-entropy "
@@ -153,8 +165,8 @@ def _figure_specs(coll: Collection, colors: dict, metrics: pd.DataFrame, tokens:
                         "(paired t-test, p < 0.05); n = paired seeds.",
                         lambda s=summ, c=vcolors: F.ablation_deltas(s, c)),
             _FigureSpec(f"ablation_curves{suffix}", f"12. Ablation {abl.name}: training curves",
-                        "Training curves per variant, mean ± std over seeds.",
-                        lambda m=m: F.ablation_curves(m, colors)),
+                        "Training curves per variant, mean ± std over seeds." + sm,
+                        lambda m=m: F.ablation_curves(m, colors, smooth=smooth)),
         ]
     return specs, skipped
 
@@ -181,16 +193,22 @@ def _visible(s: object) -> str:
 
 
 def analyze(paths: list[Path], out: Path | None = None,
-            formats: list[str] | None = None) -> AnalyzeResult:
+            formats: list[str] | None = None, smooth: float | None = None) -> AnalyzeResult:
     """Write figures (``out/figures/<name>.<fmt>``), tables, ``report.md`` and ``report.html``.
 
     ``paths``: run directories, ablation directories, or folders of run directories.
     ``out``: default ``<dir>/analysis`` (one input) or ``<common parent>/analysis``.
     ``formats``: subset of png, pdf, svg (default png, pdf). A figure whose data is absent
-    is skipped with its reason in ``AnalyzeResult.skipped`` and in the report. Raises
-    ``ValueError`` for inputs that are not run or ablation directories, or a bad format.
+    is skipped with its reason in ``AnalyzeResult.skipped`` and in the report.
+    ``smooth``: EMA weight in [0, 1) for per-step curves (``None``: ``DEFAULT_SMOOTH``;
+    0: raw), the raw values drawn faintly behind. Raises ``ValueError`` for inputs that are
+    not run or ablation directories, a bad format or a smoothing weight outside [0, 1).
     """
     fmts = parse_formats(formats)
+    smooth = DEFAULT_SMOOTH if smooth is None else float(smooth)
+    if not 0.0 <= smooth < 1.0:
+        raise ValueError(f"--smooth {smooth:g}: expected an EMA weight in [0, 1) (0 = raw, "
+                         f"{DEFAULT_SMOOTH:g} = the default)")
     paths = [Path(p) for p in paths]
     coll = load_paths(paths)
     out = Path(out) if out is not None else default_out(paths)
@@ -213,7 +231,8 @@ def analyze(paths: list[Path], out: Path | None = None,
         csv_path, md_path = write_summary(df, where)
         tables[f"summary {abl.name} csv"], tables[f"summary {abl.name} md"] = csv_path, md_path
 
-    specs, not_applicable = _figure_specs(coll, colors, metrics, tokens, evals, dual, summaries)
+    specs, not_applicable = _figure_specs(coll, colors, metrics, tokens, evals, dual, summaries,
+                                          smooth)
     skipped: dict[str, str] = {}
     written: dict[str, list[Path]] = {}
     pngs: dict[str, bytes] = {}

@@ -145,7 +145,7 @@ TIME_REF = "time/ref_logp_s"  # the reference policy's scoring pass (algo.kl_coe
 TIME_TRAIN = "time/train_s"
 TIME_STEP = "time/step_s"
 
-# entropy stats of the batch (see DESIGN.md: rho, sigma, scale+, scale-)
+# entropy stats of the batch (rho, sigma, scale+, scale-: hapo_cli/algo/entropy.py docstring)
 ENTROPY_STATS_RHO = "entropy_stats/rho"
 ENTROPY_STATS_STD = "entropy_stats/std"
 ENTROPY_STATS_SCALE_POS = "entropy_stats/scale_pos"

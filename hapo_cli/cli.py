@@ -431,10 +431,11 @@ def analyze(
     paths: Annotated[list[Path], typer.Argument(help="Run or ablation directories.")],
     out: Annotated[Optional[Path], typer.Option(help="Output dir (default: <first>/analysis).")] = None,
     format: Annotated[str, typer.Option("--format", help="Figure formats: png,pdf.")] = "png,pdf",
+    smooth: Annotated[Optional[float], typer.Option(min=0.0, max=0.999, help="EMA weight of per-step curves, 0 = raw, <1; raw drawn faintly behind (unset: analysis.report.DEFAULT_SMOOTH)")] = None,
 ) -> None:
     """Draw the paper's figures and a report from logged runs (no torch needed).
 
-    Example: hapo analyze results/demo --format png
+    Example: hapo analyze results/demo --format png --smooth 0.9
     """
     for p in paths:
         if not p.is_dir():
@@ -450,7 +451,7 @@ def analyze(
     except ImportError:
         raise fail("`hapo analyze` is not available yet in this build") from None
     try:
-        result = _guard(run_analyze, list(paths), out, formats)
+        result = _guard(run_analyze, list(paths), out, formats, smooth)
     except ValueError as exc:  # analysis reports unreadable inputs as ValueError (no torch deps)
         if _STATE["debug"]:
             raise

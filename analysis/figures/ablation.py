@@ -1,5 +1,5 @@
-"""Ablation figures (figure 12 of issue 6): paired Δ accuracy bars with 95 % CIs and
-significance markers, and training curves per variant."""
+"""Ablation figures (figure 12 of the report, numbered as in ``analysis/report.py``): paired
+Δ accuracy bars with 95 % CIs and significance markers, and training curves per variant."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from analysis.figures._common import (
     has_values,
     panels,
     plot_curves,
+    reference_line,
 )
 from analysis.io import val_columns
 
@@ -31,7 +32,9 @@ def ablation_deltas(summary: pd.DataFrame, colors: Colors | None = None) -> Figu
     non-baseline variant (variant colours): height = mean over the paired seeds of
     ``v_s - b_s`` (``<bench>/final_pair_delta``), error bar = its 95 % confidence interval
     (``final_pair_ci_low``/``_high``; none with fewer than two pairs). Each x label carries
-    the number of paired seeds ("n=k"); a seed missing on either side is not paired.
+    the number of paired seeds ("n=k"); a seed missing on either side is not paired. A
+    variant without a paired Δ in a benchmark has no bar and says "no pairs" where it
+    would be (never a zero-height bar that reads as "no difference").
     """
     base = summary.attrs.get("baseline")
     if base is None:
@@ -58,7 +61,11 @@ def ablation_deltas(summary: pd.DataFrame, colors: Colors | None = None) -> Figu
                           np.where(np.isnan(high), 0.0, high - y)])
         yerr = np.nan_to_num(yerr)
         x = np.arange(len(others))
-        ax.bar(x, np.nan_to_num(y), yerr=yerr, capsize=4, color=[colors[v] for v in others])
+        ok = ~np.isnan(y)
+        ax.bar(x[ok], y[ok], yerr=yerr[:, ok], capsize=4,
+               color=[colors[v] for v, k in zip(others, ok, strict=True) if k])
+        for xi in x[~ok]:
+            ax.text(xi, 0.0, "no pairs", ha="center", va="bottom", rotation=90, color="0.3")
         ends = np.where(y >= 0, np.where(np.isnan(high), y, high),
                         np.where(np.isnan(low), y, low))  # the far end of each bar + CI
         scale = np.nanmax(np.abs(ends)) if np.isfinite(ends).any() else 0.0
@@ -70,16 +77,17 @@ def ablation_deltas(summary: pd.DataFrame, colors: Colors | None = None) -> Figu
                         va="bottom" if up else "top", fontsize="large")
         ax.set_xticks(x, [f"{v}\nn={int(k)}" if not np.isnan(k) else v
                           for v, k in zip(others, n, strict=True)])
-        ax.axhline(0.0, color="0.3", linewidth=0.8)
+        reference_line(ax, 0.0)
         finish(ax, xlabel="variant (paired seeds)", ylabel=f"Δ accuracy vs {base}", title=b,
-               legend=False)
+               legend=False, honest=False)  # a signed difference: its zero line is drawn
     return fig
 
 
 def ablation_curves(metrics: pd.DataFrame, colors: Colors | None = None, *,
-                    max_val: int = 3) -> Figure:
+                    max_val: int = 3, smooth: float = 0.0) -> Figure:
     """Training curves per variant: validation accuracy (up to ``max_val`` metrics), mean
-    entropy, response length and training accuracy; seed mean with a ±1 std band."""
+    entropy, response length and training accuracy; seed mean with a ±1 std band. The
+    per-step curves take ``smooth``; validation accuracy is drawn raw."""
     wanted = [c for c in val_columns(metrics.columns) if has_values(metrics, c)][:max_val]
     wanted += [c for c in (schema.ENTROPY_MEAN, schema.RESPONSE_LEN_MEAN, schema.REWARD_ACC)
                if has_values(metrics, c)]
@@ -88,7 +96,8 @@ def ablation_curves(metrics: pd.DataFrame, colors: Colors | None = None, *,
     colors = colors_for(metrics, colors)
     fig, axes = panels(len(wanted), ncols=min(len(wanted), 3),
                        title="Training curves per variant (mean ± std over seeds)")
+    vals = set(val_columns(metrics.columns))
     for ax, col in zip(axes, wanted, strict=True):
-        plot_curves(ax, metrics, col, colors)
+        plot_curves(ax, metrics, col, colors, smooth=0.0 if col in vals else smooth)
         finish(ax, xlabel="step", ylabel=col.split("/", 1)[-1], title=col)
     return fig

@@ -1,4 +1,5 @@
-"""Figures from ``hapo evaluate`` rows (figure 10 of issue 6)."""
+"""Figures from ``hapo evaluate`` rows (figure 10 of the report, numbered as in
+``analysis/report.py``)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ def temperature_sweep(evals: pd.DataFrame, colors: Colors | None = None) -> Figu
     temperature. Fixed temperatures: solid line with dots. Adaptive rows with a base
     temperature: dashed line with squares at that base temperature; adaptive rows without
     one: a dashed horizontal line. Top row accuracy (``avg@k``, else ``pass@1``), bottom row
-    mean critical tokens per response, one column per benchmark.
+    mean critical tokens per response, one column per benchmark. A panel whose values span
+    less than 10 % of their size includes zero (``_common.honest_ylim``): critical tokens
+    that move from 4.194 to 4.199 draw a flat line, not a steep trend.
     """
     if evals is None or not len(evals) or schema.EVAL_BENCHMARK not in evals.columns:
         raise MissingData(f"no eval rows ({schema.EVAL_DIR}/*.jsonl from `hapo evaluate`)")
@@ -63,5 +66,6 @@ def temperature_sweep(evals: pd.DataFrame, colors: Colors | None = None) -> Figu
                 if len(no_t):
                     ax.axhline(float(no_t.mean()), color=colors[label], linestyle="--",
                                label=f"{label} adaptive")
-            finish(ax, xlabel="sampling temperature", ylabel=ylabel, title=bench)
+            finish(ax, xlabel="sampling temperature", ylabel=ylabel, title=bench,
+                   empty=f"no {ylabel} for {bench} in the eval rows")
     return fig

@@ -1,4 +1,5 @@
-"""Token-level figures from ``tokens/step-*.parquet`` (figures 5, 6, 8, 9, 11 of issue 6).
+"""Token-level figures from ``tokens/step-*.parquet`` (figures 5, 6, 8, 9, 11 of the report,
+numbered as in ``analysis/report.py``).
 
 They take the long token table of ``analysis.io.stack_tokens`` (``run, label, seed`` plus
 ``schema.TOKEN_COLUMNS``). Token samples are a sample: counts are counts in the sample.
@@ -11,6 +12,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis import schema
+from analysis.colors import HIGH_ENTROPY, LOW_ENTROPY
 from analysis.figures._common import (
     Colors,
     MissingData,
@@ -20,6 +22,7 @@ from analysis.figures._common import (
     has_values,
     panels,
     plot_curves,
+    reference_line,
     stairs_hist,
     subsample,
 )
@@ -44,7 +47,8 @@ def _edges(values: np.ndarray, bins: int = 40) -> np.ndarray:
 
 
 def clipping_patterns(
-    metrics: pd.DataFrame, tokens: pd.DataFrame | None = None, colors: Colors | None = None
+    metrics: pd.DataFrame, tokens: pd.DataFrame | None = None, colors: Colors | None = None,
+    *, smooth: float = 0.0,
 ) -> Figure:
     """Figure 5: where the PPO clip binds.
 
@@ -52,47 +56,60 @@ def clipping_patterns(
     A > 0) clip fraction vs step, split into high-entropy (h > 0, solid) and low-entropy
     (h <= 0, dashed) tokens; the unsplit fraction (dotted) when the split was not logged.
     Bottom row, when token samples exist: density histograms of the entropy of the tokens
-    clipped on the low side and on the high side.
+    clipped on the low side and on the high side. Both sides are always drawn: a side with
+    nothing to show (no token clipped there) says so in its panel.
     """
     sides = {
         "low": (schema.CLIP_FRAC_LOW_HI_ENT, schema.CLIP_FRAC_LOW_LO_ENT, schema.CLIP_FRAC_LOW),
         "high": (schema.CLIP_FRAC_HIGH_HI_ENT, schema.CLIP_FRAC_HIGH_LO_ENT,
                  schema.CLIP_FRAC_HIGH),
     }
-    curve_sides = [s for s, cols in sides.items() if any(has_values(metrics, c) for c in cols)]
-    tok = pd.DataFrame()
+    curves = any(has_values(metrics, c) for cols in sides.values() for c in cols)
+    sampled = pd.DataFrame()
     if tokens is not None and len(tokens) and {"clip_side", "entropy"} <= set(tokens.columns):
-        tok = tokens[tokens["clip_side"].isin(["low", "high"])]
-        tok = tok[pd.to_numeric(tok["entropy"], errors="coerce").notna()]
-    hist_sides = [s for s in ("low", "high") if (tok["clip_side"] == s).any()] if len(tok) else []
-    if not curve_sides and not hist_sides:
+        sampled = tokens[pd.to_numeric(tokens["entropy"], errors="coerce").notna()]
+    tok = sampled[sampled["clip_side"].isin(["low", "high"])] if len(sampled) else sampled
+    if not curves and not len(tok):
         raise MissingData("no clip fractions (actor/clip_frac_*) and no clipped token samples")
     colors = colors_for(metrics, colors, tok)
-    fig, axes = panels(len(curve_sides) + len(hist_sides), ncols=2, title="Clipping patterns")
+    hists = bool(len(sampled))
+    fig, axes = panels(2 * (int(curves) + int(hists)), ncols=2, title="Clipping patterns")
     it = iter(axes)
     bound = {"low": "1 - eps_low (A < 0)", "high": "1 + eps_high (A > 0)"}
-    for side in curve_sides:
+    for side in ("low", "high") if curves else ():
         ax = next(it)
         hi_col, lo_col, all_col = sides[side]
         if has_values(metrics, hi_col) or has_values(metrics, lo_col):
-            plot_curves(ax, metrics, hi_col, colors, suffix=" high entropy")
-            plot_curves(ax, metrics, lo_col, colors, linestyle="--", suffix=" low entropy")
+            plot_curves(ax, metrics, hi_col, colors, suffix=" high entropy", smooth=smooth)
+            plot_curves(ax, metrics, lo_col, colors, linestyle="--", suffix=" low entropy",
+                        smooth=smooth)
         else:
-            plot_curves(ax, metrics, all_col, colors, linestyle=":", suffix=" all tokens")
+            plot_curves(ax, metrics, all_col, colors, linestyle=":", suffix=" all tokens",
+                        smooth=smooth)
         finish(ax, xlabel="step", ylabel="fraction of tokens clipped",
-               title=f"{side}-side clip at {bound[side]}")
-    if hist_sides:
-        ent = pd.to_numeric(tok["entropy"]).to_numpy(float)
-        edges = _edges(ent)
-        for side in hist_sides:
+               title=f"{side}-side clip at {bound[side]}",
+               empty=f"no {side}-side clip fraction logged\n({all_col}*)")
+    if hists:
+        edges = _edges(pd.to_numeric((tok if len(tok) else sampled)["entropy"]).to_numpy(float))
+        for side in ("low", "high"):
             ax = next(it)
-            d = tok[tok["clip_side"] == side]
+            d = tok[tok["clip_side"] == side] if len(tok) else tok
             for label, g in d.groupby("label", sort=False):
                 stairs_hist(ax, pd.to_numeric(g["entropy"]).to_numpy(float), edges,
                             color=colors[label], label=f"{label} (n={len(g)})")
             finish(ax, xlabel="token entropy (nats)", ylabel="density",
-                   title=f"entropy of {side}-side clipped tokens")
+                   title=f"entropy of {side}-side clipped tokens",
+                   empty=f"no sampled token was clipped on the {side} side\n"
+                         f"({_sampled_where(sampled)})")
     return fig
+
+
+def _sampled_where(tokens: pd.DataFrame) -> str:
+    """``"1024 tokens sampled at 4 steps of 4 runs"``."""
+    steps = tokens[schema.STEP].nunique() if schema.STEP in tokens.columns else 0
+    runs = tokens["run"].nunique() if "run" in tokens.columns else 1
+    return (f"{len(tokens)} tokens sampled at {steps} step{'s' * (steps != 1)} of {runs} "
+            f"run{'s' * (runs != 1)}")
 
 
 def top_clipped_tokens(tokens: pd.DataFrame, colors: Colors | None = None, *, top: int = 20,
@@ -120,10 +137,8 @@ def top_clipped_tokens(tokens: pd.DataFrame, colors: Colors | None = None, *, to
             ax.set_yticks(y, [display_token(t) for t in counts.index])
             ax.invert_yaxis()
             finish(ax, xlabel="times clipped", ylabel="token",
-                   title=f"{label}: {side}-side", legend=False)
-            if not len(counts):
-                ax.text(0.5, 0.5, f"no {side}-side clipped tokens", ha="center",
-                        transform=ax.transAxes)
+                   title=f"{label}: {side}-side", legend=False,
+                   empty=f"no {side}-side clipped tokens in {label}'s samples")
     return fig
 
 
@@ -149,13 +164,15 @@ def ratio_vs_advantage(tokens: pd.DataFrame, colors: Colors | None = None) -> Fi
             g = subsample(g, MAX_POINTS)
             ax.scatter(g["adv"].to_numpy(float), g["ratio"].to_numpy(float), s=4, alpha=0.4,
                        color=colors[label], label=f"{label} (n={len(g)})", rasterized=True)
-        ax.axhline(1.0, color="0.4", linestyle=":", linewidth=0.8)
-        finish(ax, xlabel="advantage (before C)", ylabel="importance ratio", title=name)
+        reference_line(ax, 1.0)
+        finish(ax, xlabel="advantage (before C)", ylabel="importance ratio", title=name,
+               empty=f"no sampled token with {name[name.index('(') + 1:-1]}", honest=False)
     return fig
 
 
 def adaptive_temperature(
-    tokens: pd.DataFrame, metrics: pd.DataFrame | None = None, colors: Colors | None = None
+    tokens: pd.DataFrame, metrics: pd.DataFrame | None = None, colors: Colors | None = None,
+    *, smooth: float = 0.0,
 ) -> Figure:
     """Figure 9: the per-token sampling temperature (component A).
 
@@ -184,9 +201,9 @@ def adaptive_temperature(
     finish(axes[0], xlabel="token temperature T_t", ylabel="density",
            title="distribution of T_t")
     finish(axes[1], xlabel="token entropy (nats)", ylabel="token temperature T_t",
-           title="T_t vs entropy")
+           title="T_t vs entropy", honest=False)  # a relation: its detail is the point
     if curve:
-        plot_curves(axes[2], metrics, schema.TEMPERATURE_MEAN, colors)
+        plot_curves(axes[2], metrics, schema.TEMPERATURE_MEAN, colors, smooth=smooth)
         finish(axes[2], xlabel="step", ylabel="mean T_t", title="mean sampling temperature")
     return fig
 
@@ -204,9 +221,9 @@ def dual_entropy_tokens(table: pd.DataFrame) -> Figure:
     fig, (ax,) = panels(1, size=(6.5, 0.3 * n + 1.5), title="Dual-entropy tokens")
     y = np.arange(n)
     pct = round(100 * float(table.attrs.get("frac", 0.2)))
-    ax.barh(y - 0.2, table["high_count"].to_numpy(), height=0.4, color="tab:red",
+    ax.barh(y - 0.2, table["high_count"].to_numpy(), height=0.4, color=HIGH_ENTROPY,
             label=f"high entropy (top {pct}%)")
-    ax.barh(y + 0.2, table["low_count"].to_numpy(), height=0.4, color="tab:blue",
+    ax.barh(y + 0.2, table["low_count"].to_numpy(), height=0.4, color=LOW_ENTROPY,
             label=f"low entropy (bottom {pct}%)")
     ax.set_yticks(y, [display_token(t) for t in table["token"]])
     ax.invert_yaxis()

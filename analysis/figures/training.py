@@ -1,8 +1,12 @@
-"""Training curves from ``metrics.jsonl`` (figures 1-4 and 7 of issue 6).
+"""Training curves from ``metrics.jsonl`` (figures 1-4 and 7 of the report, numbered as in
+``analysis/report.py``).
 
 Every function takes the long metrics table of ``analysis.io.stack_metrics`` (columns
 ``run, label, seed, step`` and the metric names of ``analysis.schema``) and draws one line
 per label: the mean over its seeds, with a ±1 std band where there are several seeds.
+Per-step metrics take ``smooth`` (an EMA weight in [0, 1), 0 = raw; see
+``_common.plot_curves``); validation accuracy is drawn raw: it is a measurement at a
+checkpoint, and its last point is the number the summary tables report.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ from analysis.figures._common import (
     Colors,
     MissingData,
     colors_for,
+    ema,
     finish,
     has_values,
     panels,
     plot_curves,
+    reference_line,
     require_columns,
 )
 from analysis.io import val_columns
@@ -46,23 +52,27 @@ def validation_accuracy(metrics: pd.DataFrame, colors: Colors | None = None) -> 
     return fig
 
 
-def token_entropy(metrics: pd.DataFrame, colors: Colors | None = None) -> Figure:
+def token_entropy(metrics: pd.DataFrame, colors: Colors | None = None, *,
+                  smooth: float = 0.0) -> Figure:
     """Figure 2: mean token entropy vs step, band from the 20th to the 80th percentile.
 
-    With several seeds the line and both band edges are seed means.
+    With several seeds the line and both band edges are seed means; ``smooth`` smooths the
+    line and both band edges alike.
     """
     require_columns(metrics, [schema.ENTROPY_MEAN], "token entropy")
     colors = colors_for(metrics, colors)
     fig, (ax,) = panels(1, size=(6.5, 4.0), title="Token entropy")
-    plot_curves(ax, metrics, schema.ENTROPY_MEAN, colors, band=False)
+    plot_curves(ax, metrics, schema.ENTROPY_MEAN, colors, band=False, smooth=smooth)
     if has_values(metrics, schema.ENTROPY_P20) and has_values(metrics, schema.ENTROPY_P80):
         lo = _seed_mean(metrics, schema.ENTROPY_P20)
         hi = _seed_mean(metrics, schema.ENTROPY_P80)
         band = lo.merge(hi, on=["label", schema.STEP], suffixes=("_lo", "_hi"))
         for label, d in band.groupby("label", sort=False):
-            ax.fill_between(d[schema.STEP].to_numpy(float), d["mean_lo"].to_numpy(float),
-                            d["mean_hi"].to_numpy(float), color=colors[label], alpha=0.2,
-                            linewidth=0, label=f"{label} p20-p80")
+            lo_y, hi_y = d["mean_lo"].to_numpy(float), d["mean_hi"].to_numpy(float)
+            if smooth > 0 and len(d) > 2:
+                lo_y, hi_y = ema(lo_y, smooth), ema(hi_y, smooth)
+            ax.fill_between(d[schema.STEP].to_numpy(float), lo_y, hi_y, color=colors[label],
+                            alpha=0.2, linewidth=0, label=f"{label} p20-p80")
     finish(ax, xlabel="step", ylabel="entropy (nats)", title="mean token entropy, p20-p80 band")
     return fig
 
@@ -73,7 +83,8 @@ def _seed_mean(metrics: pd.DataFrame, column: str) -> pd.DataFrame:
     return out.rename(columns={column: "mean"}).sort_values(["label", schema.STEP], kind="stable")
 
 
-def response_length(metrics: pd.DataFrame, colors: Colors | None = None) -> Figure:
+def response_length(metrics: pd.DataFrame, colors: Colors | None = None, *,
+                    smooth: float = 0.0) -> Figure:
     """Figure 3: mean response length vs step; correct (solid) and incorrect (dashed)."""
     split = [schema.RESPONSE_LEN_CORRECT_MEAN, schema.RESPONSE_LEN_INCORRECT_MEAN]
     require_columns(metrics, [schema.RESPONSE_LEN_MEAN, *split], "response length")
@@ -84,18 +95,20 @@ def response_length(metrics: pd.DataFrame, colors: Colors | None = None) -> Figu
     it = iter(axes)
     if show_all:
         ax = next(it)
-        plot_curves(ax, metrics, schema.RESPONSE_LEN_MEAN, colors)
+        plot_curves(ax, metrics, schema.RESPONSE_LEN_MEAN, colors, smooth=smooth)
         finish(ax, xlabel="step", ylabel="tokens", title="all responses")
     if show_split:
         ax = next(it)
-        plot_curves(ax, metrics, schema.RESPONSE_LEN_CORRECT_MEAN, colors, suffix=" correct")
+        plot_curves(ax, metrics, schema.RESPONSE_LEN_CORRECT_MEAN, colors, suffix=" correct",
+                    smooth=smooth)
         plot_curves(ax, metrics, schema.RESPONSE_LEN_INCORRECT_MEAN, colors, linestyle="--",
-                    suffix=" incorrect")
+                    suffix=" incorrect", smooth=smooth)
         finish(ax, xlabel="step", ylabel="tokens", title="correct (solid) vs incorrect (dashed)")
     return fig
 
 
-def reward_and_fill_rate(metrics: pd.DataFrame, colors: Colors | None = None) -> Figure:
+def reward_and_fill_rate(metrics: pd.DataFrame, colors: Colors | None = None, *,
+                         smooth: float = 0.0) -> Figure:
     """Figure 4: reward and training accuracy vs step, and the dynamic-sampling fill rate.
 
     The fill-rate panel also shows the fraction of groups with mixed rewards (dashed), the
@@ -117,12 +130,13 @@ def reward_and_fill_rate(metrics: pd.DataFrame, colors: Colors | None = None) ->
     fig, axes = panels(len(todo), title="Reward and training accuracy")
     for ax, (ylabel, title, series) in zip(axes, todo, strict=True):
         for col, style, suffix in series:
-            plot_curves(ax, metrics, col, colors, linestyle=style, suffix=suffix)
+            plot_curves(ax, metrics, col, colors, linestyle=style, suffix=suffix, smooth=smooth)
         finish(ax, xlabel="step", ylabel=ylabel, title=title)
     return fig
 
 
-def advantage_balance(metrics: pd.DataFrame, colors: Colors | None = None) -> Figure:
+def advantage_balance(metrics: pd.DataFrame, colors: Colors | None = None, *,
+                      smooth: float = 0.0) -> Figure:
     """Figure 7: positive vs negative token-advantage mass per step.
 
     Panels: sequence-level (GRPO) normalisation, token-level (component B) normalisation,
@@ -142,14 +156,15 @@ def advantage_balance(metrics: pd.DataFrame, colors: Colors | None = None) -> Fi
     fig, axes = panels(len(todo) + 1, title="Advantage balance")
     net = metrics.copy()
     for ax, (name, (pos, neg)) in zip(axes, todo, strict=False):
-        plot_curves(ax, metrics, pos, colors, suffix=" positive")
-        plot_curves(ax, metrics, neg, colors, linestyle="--", suffix=" negative")
-        ax.axhline(0.0, color="0.5", linewidth=0.8)
+        plot_curves(ax, metrics, pos, colors, suffix=" positive", smooth=smooth)
+        plot_curves(ax, metrics, neg, colors, linestyle="--", suffix=" negative", smooth=smooth)
+        reference_line(ax, 0.0)
         finish(ax, xlabel="step", ylabel="sum of token advantages", title=name)
         net[f"net {name}"] = pd.to_numeric(net[pos]) + pd.to_numeric(net[neg])
     ax = axes[-1]
     for (name, _), style in zip(todo, ["-", "--"], strict=False):
-        plot_curves(ax, net, f"net {name}", colors, linestyle=style, suffix=f" {name}")
-    ax.axhline(0.0, color="0.5", linewidth=0.8)
+        plot_curves(ax, net, f"net {name}", colors, linestyle=style, suffix=f" {name}",
+                    smooth=smooth)
+    reference_line(ax, 0.0)
     finish(ax, xlabel="step", ylabel="positive + negative", title="net advantage mass")
     return fig
