@@ -222,6 +222,10 @@ class VLLMServerEngine(EngineCapabilities):
         from ..sharded import full_named_parameters
 
         self.sync_weights(full_named_parameters(model, accelerator))
+        if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
+            # the other ranks finish their part (the gather) first: none may post a generate
+            # while rank 0's update is in flight (a server then runs a half-loaded model)
+            accelerator.wait_for_everyone()
 
     def _chunks(self, pairs: Iterable[tuple[str, Tensor]]):
         limit = int(self.cfg.chunk_mib * 2**20)
