@@ -50,7 +50,7 @@ def test_recipes_show_resolves_components_and_sets():
     [
         ("algo:\n  bogus: 1\n", "algo.bogus"),
         ("train:\n  lr: [1]\n", "train.lr"),
-        ("algo:\n  eps_low: 1.0\n", "algo.eps_low"),
+        ("algo:\n  eps_low: 1.5\n", "algo.eps_low"),  # <= 1 (1: no lower bound, CISPO)
         ("algo:\n  entropy_pivot: -0.1\n", "algo.entropy_pivot"),
         ("algo:\n  tau: -1\n", "algo.tau"),
     ],

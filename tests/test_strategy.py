@@ -116,9 +116,14 @@ def test_precision_resolution():
     assert resolve_precision("bfloat16", "bf16").mixed_precision == "bf16"
     assert resolve_precision("float32", "bf16").compute == torch.bfloat16
     for p in ("float32", "bfloat16", "float16"):
-        assert resolve_precision(p, "no").master == torch.float32
-    with pytest.raises(HapoError, match="train.mixed_precision"):
-        resolve_precision("bfloat16", "fp16")
+        assert resolve_precision(p, "no", cuda=True).master == torch.float32
+    with pytest.raises(HapoError, match="disagree on the compute dtype"):
+        resolve_precision("bfloat16", "fp16", cuda=True)
+    # without CUDA accelerate computes fp16 in fp32: refused, naming the field
+    with pytest.raises(HapoError, match=r"^model.dtype=float16: float16 compute needs a CUDA"):
+        resolve_precision("float16", "no", cuda=False)
+    with pytest.raises(HapoError, match=r"^train.mixed_precision=fp16: float16 compute needs"):
+        resolve_precision("float32", "fp16", cuda=False)
 
 
 def test_detect_kind_reads_the_accelerate_config(monkeypatch):

@@ -276,7 +276,9 @@ def test_zero3_checkpoint_is_the_gathered_model(runs, zero_runs):
     _, _, out = runs
     ck = lambda run: run / schema.CHECKPOINTS_DIR / f"step-{STEPS:06d}"  # noqa: E731
     m3 = AutoModelForCausalLM.from_pretrained(ck(zero_runs["zero3"]), local_files_only=True)
-    md = AutoModelForCausalLM.from_pretrained(ck(out["ddp"]), local_files_only=True)
+    # DDP's checkpoints are DCP shards; its end-of-run export is the HF model of the same step
+    md = AutoModelForCausalLM.from_pretrained(out["ddp"] / f"exports/step-{STEPS:06d}",
+                                              local_files_only=True)
     s3, sd = m3.state_dict(), md.state_dict()
     assert s3.keys() == sd.keys()
     for k in sd:
