@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-quick test-vllm bench lint clean
+.PHONY: demo test test-quick test-cluster test-vllm bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,10 +26,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check hapo_cli analysis tests tests_vllm bench scripts
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not cluster"
+
+# The cluster suite: a real one-machine Slurm (two slurmd) and a local Ray head, brought up and
+# stopped by pid by scripts/local_cluster.py (it installs slurm-wlm + munge with apt when missing).
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -q -m cluster
 
 test-quick: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not cluster"
 
 # The vLLM table needs vLLM: it runs in .venv-vllm when `make test-vllm` has built it.
 # TRL (the `bench` extra) is installed for the tiny-job comparison; without it that row is skipped.

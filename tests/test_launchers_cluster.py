@@ -22,7 +22,7 @@ from hapo_cli.cli import app
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from local_cluster import RayHead, SlurmCluster  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]  # make test-cluster
 runner = CliRunner()
 VARIANTS = "none,ABCD"
 
