@@ -80,6 +80,10 @@ def test_reply_parsed_like_a_request_output():
     assert batch.response_ids.tolist() == [[4, 5, 6], [7, 0, 0]]
     assert batch.finish_reason == ["length", "eos"]
     assert batch.behaviour_logp[1].tolist() == [-0.5, 0.0, 0.0]
+    aborted = {"choices": [{"index": 0, "token_ids": [], "finish_reason": "abort",
+                            "logprobs": {"content": []}}]}
+    with pytest.raises(ServerError, match="vLLM server u stopped answering"):
+        reply_as_output(aborted, "u")
     with pytest.raises(ServerError, match="log-probs for"):
         reply_as_output({"choices": [{"index": 0, "token_ids": [1], "logprobs": None}]}, "u")
 

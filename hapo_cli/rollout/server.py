@@ -74,6 +74,9 @@ class ServerClient:
                 text = r.read().decode()
         except urllib.error.HTTPError as err:
             detail = err.read().decode(errors="replace").replace("\n", " ")[:200]
+            if err.code >= 500:  # e.g. EngineDeadError: its engine core died
+                raise ServerError(f"vLLM server {self.url} failed ({path} answered {err.code}: "
+                                  f"{detail})") from None
             raise ServerError(f"vLLM server {self.url}{path} answered {err.code}: {detail}") from None
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
@@ -108,6 +111,9 @@ def reply_as_output(reply: dict[str, Any], url: str) -> SimpleNamespace:
         if len(logprobs) != len(ids):
             raise ServerError(f"vLLM server {url}: {len(logprobs)} log-probs for {len(ids)} tokens "
                               "(was it started by `hapo serve`?)")
+        if c.get("finish_reason") == "abort":  # SIGTERM: vLLM aborts what is in flight
+            raise ServerError(f"vLLM server {url} stopped answering (generate: request aborted, "
+                              "the server is shutting down or its engine failed)")
         outs.append(SimpleNamespace(index=c["index"], token_ids=ids, logprobs=logprobs,
                                     finish_reason=c.get("finish_reason")))
     return SimpleNamespace(outputs=outs)
