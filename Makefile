@@ -42,7 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/pip install -q -e '.[bench]' || \
 		echo "TRL not installed: the bench skips its row"
 	$(BIN)/python bench/run.py
-	@if [ -f $(VSTAMP) ]; then $(VBIN)/python bench/bench_vllm.py; \
+	@if [ -f $(VSTAMP) ]; then $(VBIN)/python bench/bench_vllm.py && $(VBIN)/python bench/bench_server.py; \
 	else echo "vLLM rollout bench skipped: no .venv-vllm (make test-vllm builds it)"; fi
 
 # vLLM's CPU build gets its own venv: it pins transformers<5.20 and pulls torchvision/torchaudio/
