@@ -52,29 +52,32 @@ PADDED = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [4, 4, 3, 2]]
 UNPADDED = [[5, 6, 7], [8, 9, 2], [10, 11, 12]]
 
 
+def _stepper_matches_forward(model, prompts, steps: int, seed: int) -> None:
+    """Teacher-force `steps` tokens through `KVStepper` and through the model's own forward and
+    cache (the stepper copies the prefill cache: the reference may keep growing its own)."""
+    ids, attn, pos = left_pad(prompts, 0, "cpu")
+    fed = torch.randint(2, 24, (len(prompts), steps), generator=torch.Generator().manual_seed(seed))
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    ref_cache = out.past_key_values
+    stepper = KVStepper(model, ref_cache, attn, max_new=steps + 1)
+    a, nxt = attn, pos[:, -1] + 1
+    for t in range(steps):
+        got = stepper.step(fed[:, t], nxt)
+        a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
+        ref = model(input_ids=fed[:, t : t + 1], attention_mask=a, position_ids=nxt.unsqueeze(1),
+                    use_cache=True, **{_cache_kwarg(model): ref_cache})
+        ref_cache = ref.past_key_values
+        assert_close(got, ref.logits[:, -1].float())
+        nxt = nxt + 1
+
+
 @pytest.mark.parametrize("kind,kv", MODELS)
 @pytest.mark.parametrize("prompts", [PADDED, UNPADDED], ids=["padded", "unpadded"])
 def test_stepper_logits_match_the_models_forward(kind, kv, prompts):
     model = _model(kind, kv)
     assert fast_decode_supported(model)
-    ids, attn, pos = left_pad(prompts, 0, "cpu")
-    g = torch.Generator().manual_seed(1)
-    fed = torch.randint(2, 24, (len(prompts), 6), generator=g)  # teacher-forced tokens
     with torch.inference_mode():
-        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
-        ref_cache = out.past_key_values
-        stepper = KVStepper(model, out.past_key_values, attn, max_new=7)
-        # the stepper copies the prefill cache: the reference may keep growing its own
-        a, nxt = attn, pos[:, -1] + 1
-        for t in range(6):
-            got = stepper.step(fed[:, t], nxt)
-            a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
-            ref = model(input_ids=fed[:, t : t + 1], attention_mask=a,
-                        position_ids=nxt.unsqueeze(1), use_cache=True,
-                        **{_cache_kwarg(model): ref_cache})
-            ref_cache = ref.past_key_values
-            assert_close(got, ref.logits[:, -1].float())
-            nxt = nxt + 1
+        _stepper_matches_forward(model, prompts, steps=6, seed=1)
 
 
 @pytest.mark.parametrize("kind,kv", MODELS)
@@ -86,23 +89,8 @@ def test_stepper_under_bf16_autocast_matches_the_models_forward(kind, kv):
     both to bf16), not hand SDPA mixed dtypes (the crash of issue 23). Same ops on the same
     shapes: equal to float32 tolerance although the arithmetic is bf16."""
     model = _model(kind, kv)
-    ids, attn, pos = left_pad(PADDED, 0, "cpu")
-    fed = torch.randint(2, 24, (len(PADDED), 4), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
-        ref_cache = out.past_key_values
-        assert ref_cache.layers[0].values.dtype == torch.bfloat16
-        stepper = KVStepper(model, ref_cache, attn, max_new=5)
-        a, nxt = attn, pos[:, -1] + 1
-        for t in range(4):
-            got = stepper.step(fed[:, t], nxt)
-            a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
-            ref = model(input_ids=fed[:, t : t + 1], attention_mask=a,
-                        position_ids=nxt.unsqueeze(1), use_cache=True,
-                        **{_cache_kwarg(model): ref_cache})
-            ref_cache = ref.past_key_values
-            assert_close(got, ref.logits[:, -1].float())
-            nxt = nxt + 1
+        _stepper_matches_forward(model, PADDED, steps=4, seed=2)
 
 
 def _first_near_tie(model, prompt, row_tokens, temps, spec, key, upto):
