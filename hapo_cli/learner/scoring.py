@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..rollout.base import recompute_adaptive_temperature
+from ..rollout.base import decode_stats_from_entropy
 from .batch import TrainBatch
 from .forward import response_logprobs
 
@@ -54,12 +54,10 @@ def old_policy_scores(recipe, model, batch: TrainBatch, stats_used, device,
     logp1, entropy = run(lambda rows: None)
     entropy = entropy.masked_fill(~batch.mask, 0.0)
     if not batch.decode_stats:
-        temps = recompute_adaptive_temperature(
-            entropy, r.rollout.temperature,
-            r.algo.tau if r.algo.adaptive_temperature else 0.0, stats_used,
+        batch.rollout_entropy, batch.temperature = decode_stats_from_entropy(
+            entropy, batch.mask, r.rollout.temperature,
+            r.algo.tau if r.algo.adaptive_temperature else 0.0, stats_used, pad_temperature=1.0,
         )
-        batch.temperature = temps.masked_fill(~batch.mask, 1.0)
-        batch.rollout_entropy = entropy.clone()
         batch.decode_stats = True
     if r.algo.policy_temperature == "base" and r.rollout.temperature == 1.0:
         return logp1, entropy

@@ -221,17 +221,28 @@ class RolloutBatch:
                 f"with_decode_stats: entropy has shape {tuple(entropy.shape)}, expected "
                 f"{tuple(self.response_ids.shape)}"
             )
-        ent = entropy.detach().float().to(self.response_ids.device)
-        temps = recompute_adaptive_temperature(
-            ent, base_temperature, tau if adaptive else 0.0, stats
+        ent, temps = decode_stats_from_entropy(
+            entropy.to(self.response_ids.device), self.response_mask, base_temperature,
+            tau if adaptive else 0.0, stats,
         )
-        zero = torch.zeros_like(ent)
-        return replace(
-            self,
-            entropy=torch.where(self.response_mask, ent, zero),
-            temperature=torch.where(self.response_mask, temps, zero),
-            decode_stats=True,
-        )
+        return replace(self, entropy=ent, temperature=temps, decode_stats=True)
+
+
+def decode_stats_from_entropy(
+    entropy: Tensor,  # (B, T) untempered entropy of each response token, from the learner
+    mask: Tensor,  # (B, T) bool valid response tokens
+    base_temperature: float,
+    tau: float,  # 0: no A
+    stats: EntropyStats | None,
+    pad_temperature: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """(entropy, T_t), (B, T): the decode stats an engine that records none (vLLM) leaves to the
+    learner, the one place they are filled (evaluation's `with_decode_stats`, the learner's
+    old-policy pass). Entropy 0 on padding; T_t from `recompute_adaptive_temperature`,
+    `pad_temperature` on padding (the learner divides by it: 1 there)."""
+    ent = entropy.detach().float()
+    temps = recompute_adaptive_temperature(ent, base_temperature, tau, stats)
+    return ent.masked_fill(~mask, 0.0), temps.masked_fill(~mask, pad_temperature)
 
 
 def recompute_adaptive_temperature(
