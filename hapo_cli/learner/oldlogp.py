@@ -10,8 +10,9 @@ forward; tests/test_oldlogp.py measures the gap), when all of these hold:
 - the engine sampled with the learner's module itself (HF engine, not sharded: no FSDP2 engine
   copy, no ZeRO-3 partitions) and no weight changed since: true at scoring time, which runs
   before the step's first optimizer step, so it holds for every mini-batch of the step;
-- both sides compute in float32 (under bf16/fp16 autocast the learner's forward differs from the
-  engine's, which runs the module outside the autocast wrapper);
+- both sides compute in float32 (under bf16 autocast the engine decodes under the learner's
+  autocast too, but a KV-cache step and a full-sequence forward round bf16 differently: far more
+  than float32 rounding, so the batch is rescored);
 - the learner's temperature equals the sampling temperature on every valid token: always with
   `algo.policy_temperature: rollout` (the learner divides by the stored T_t); with `base` where
   T_t == T, i.e. without A (or A's first step, before any entropy stats exist). Under A with
