@@ -128,6 +128,29 @@ def _frac(x: Tensor, mask: Tensor, n: Tensor) -> Tensor:
     return (x & mask).sum().float() / n
 
 
+def ratio_metrics(loss: Tensor, ratio: Tensor, a: Tensor, mask: Tensor, low: Tensor,
+                  high: Tensor) -> dict[str, Tensor]:
+    """The loss metrics every objective reports (detached 0-dim tensors): the loss, clipped
+    fractions per side (`low`/`high`: (B, T) bool, tokens whose clip changed the gradient), the
+    ratio's mean and mean |ratio - 1|, the advantage mass the loss saw by sign, valid tokens."""
+    zero = torch.zeros((), dtype=ratio.dtype, device=ratio.device)
+    n_valid = mask.sum()
+    n = n_valid.clamp_min(1).float()
+    pos, neg = advantage_signs(a, mask)
+    return {
+        schema.PG_LOSS: loss.detach(),
+        schema.CLIP_FRAC_LOW: _frac(low, mask, n),
+        schema.CLIP_FRAC_HIGH: _frac(high, mask, n),
+        schema.RATIO_DEV_MEAN: torch.where(mask, (ratio - 1).abs(), zero).sum() / n,
+        schema.RATIO_MEAN: torch.where(mask, ratio, zero).sum() / n,
+        schema.ADV_C_POS_TOKEN_SUM: torch.where(pos, a, zero).sum(),
+        schema.ADV_C_NEG_TOKEN_SUM: torch.where(neg, a, zero).sum(),
+        schema.ADV_C_POS_TOKEN_COUNT: pos.sum().float(),
+        schema.ADV_C_NEG_TOKEN_COUNT: neg.sum().float(),
+        schema.VALID_TOKENS: n_valid.float(),
+    }
+
+
 def policy_loss(
     logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
     eps_low: float | Tensor, eps_high: float | Tensor, clip_c: float = 10.0,
@@ -192,20 +215,8 @@ def policy_loss(
     with torch.no_grad():
         n = n_valid.clamp_min(1).float()
         clip_low, clip_high = clip_sides(ratio, a, eps_low, eps_high)
-        pos, neg = advantage_signs(a, mask)
-        metrics = {
-            schema.PG_LOSS: loss.detach(),
-            schema.CLIP_FRAC_LOW: _frac(clip_low, mask, n),
-            schema.CLIP_FRAC_HIGH: _frac(clip_high, mask, n),
-            schema.DUAL_CLIP_FRAC: _frac((a < 0) & (ratio > clip_c), mask, n),
-            schema.RATIO_DEV_MEAN: torch.where(mask, (ratio - 1).abs(), zero).sum() / n,
-            schema.RATIO_MEAN: torch.where(mask, ratio, zero).sum() / n,
-            schema.ADV_C_POS_TOKEN_SUM: torch.where(pos, a, zero).sum(),
-            schema.ADV_C_NEG_TOKEN_SUM: torch.where(neg, a, zero).sum(),
-            schema.ADV_C_POS_TOKEN_COUNT: pos.sum().float(),
-            schema.ADV_C_NEG_TOKEN_COUNT: neg.sum().float(),
-            schema.VALID_TOKENS: n_valid.float(),
-        }
+        metrics = ratio_metrics(loss, ratio, a, mask, clip_low, clip_high)
+        metrics[schema.DUAL_CLIP_FRAC] = _frac((a < 0) & (ratio > clip_c), mask, n)
         if h is not None:
             hi_ent = h > 0
             metrics[schema.CLIP_FRAC_LOW_HI_ENT] = _frac(clip_low & hi_ent, mask, n)

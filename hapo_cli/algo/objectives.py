@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from analysis import schema
-
-from .loss import AGGREGATIONS, LOG_RATIO_CLAMP, advantage_signs, importance_ratio
+from .loss import AGGREGATIONS, LOG_RATIO_CLAMP, importance_ratio
+from .loss import ratio_metrics as _metrics
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "k3+")
 # verl's compute_policy_loss_gspo clamps the combined log-ratio from above at 10 before exp
@@ -49,27 +48,6 @@ def aggregate(per_token: Tensor, mask: Tensor, agg: str = "token-mean",
         total, default = seq.sum(), (lengths > 0).sum()
     norm = default.clamp_min(1).to(x.dtype) if normalizer is None else normalizer
     return total / norm
-
-
-def _metrics(loss: Tensor, ratio: Tensor, a: Tensor, mask: Tensor, low: Tensor, high: Tensor
-             ) -> dict[str, Tensor]:
-    """The loss metrics every objective reports (detached; see loss.py's docstring)."""
-    zero = torch.zeros((), dtype=ratio.dtype, device=ratio.device)
-    n_valid = mask.sum()
-    n = n_valid.clamp_min(1).float()
-    pos, neg = advantage_signs(a, mask)
-    return {
-        schema.PG_LOSS: loss.detach(),
-        schema.CLIP_FRAC_LOW: (low & mask).sum().float() / n,
-        schema.CLIP_FRAC_HIGH: (high & mask).sum().float() / n,
-        schema.RATIO_DEV_MEAN: torch.where(mask, (ratio - 1).abs(), zero).sum() / n,
-        schema.RATIO_MEAN: torch.where(mask, ratio, zero).sum() / n,
-        schema.ADV_C_POS_TOKEN_SUM: torch.where(pos, a, zero).sum(),
-        schema.ADV_C_NEG_TOKEN_SUM: torch.where(neg, a, zero).sum(),
-        schema.ADV_C_POS_TOKEN_COUNT: pos.sum().float(),
-        schema.ADV_C_NEG_TOKEN_COUNT: neg.sum().float(),
-        schema.VALID_TOKENS: n_valid.float(),
-    }
 
 
 def gspo_policy_loss(
