@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-quick test-cluster test-vllm bench lint clean
+.PHONY: demo test test-quick test-cluster test-vllm bench lint docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	else \
 		$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0; \
 	fi
-	$(BIN)/pip install -q -e '.[dev,trackers,deepspeed,bench,datasets,lora,cluster]'
+	$(BIN)/pip install -q -e '.[dev,trackers,deepspeed,bench,datasets,lora,cluster,docs]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -64,6 +64,11 @@ $(VSTAMP): pyproject.toml
 # The real-vLLM suite (tests_vllm/, its own pytest config): never collected by `make test`.
 test-vllm: $(VSTAMP)
 	$(VBIN)/python -m pytest -c tests_vllm/pytest.ini tests_vllm
+
+# The docs site (mkdocs.yml): into site/ (gitignored); --strict fails on a broken link or a
+# warning. The recipe and CLI references are generated from the code (scripts/docgen.py).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 lint: $(STAMP)
 	$(BIN)/ruff check hapo_cli analysis tests tests_vllm bench scripts
