@@ -1,4 +1,5 @@
-"""The tiny job, hapo DAPO vs hapo HAPO vs TRL's GRPOTrainer, per generation batch (issue 16).
+"""The tiny job, hapo DAPO vs hapo HAPO vs TRL's GRPOTrainer, per generation batch
+(the table in docs/results.md, "Speed").
 
 Same cached warm-up policy and tokenizer (the project's own tiny Qwen2, no hub), same `arith`
 prompts in the same order, 16 prompts x 8 responses, <= 32 new tokens, T = 1, no top-k/top-p, two

@@ -1,4 +1,4 @@
-"""The run directory (DESIGN.md): writer side. Analysis reads the same layout via analysis.schema.
+"""The run directory (docs/run-directory.md): writer side. Analysis reads the same layout via analysis.schema.
 
 results/<run>/recipe.yaml, manifest.json, metrics.jsonl, tokens/step-NNNNNN.parquet, eval/*.jsonl,
 checkpoints/step-NNNNNN/. Every whole-file write goes to a temporary file and is renamed.

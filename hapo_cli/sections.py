@@ -227,7 +227,7 @@ class AlgoConfig(_Section):
         "dapo",
         description="What the letters are added to: a baseline owns its advantages, token masks, "
         "loss and aggregation, and fills in its published settings where the recipe leaves them "
-        "out (hapo_cli/baselines; README, 'Baselines'). dapo: token-mean PPO, dynamic sampling, "
+        "out (hapo_cli/baselines; docs/concepts.md, 'Baselines'). dapo: token-mean PPO, dynamic sampling, "
         "overlong shaping. grpo (DeepSeekMath): std-normalised sequence advantages, "
         "seq-mean-token-mean, k3 KL to the reference with kl_coef 0.04, no dynamic sampling. "
         "dr-grpo: no std, token sums over a constant. gspo: sequence-level ratio and clipping. "

@@ -1,7 +1,7 @@
 """Key numbers of a `hapo ablate` directory, per variant (means over seeds): response length at
 step 1 (before any update) and over the last 10 steps, token entropy, clip fractions by side and
 by entropy side, validation avg@k at the first and last validation; then the most clipped tokens
-of each side over all runs' token rows. The README's "What the tiny benchmark shows" quotes it.
+of each side over all runs' token rows. docs/results.md ("The tiny benchmark") quotes it.
 
 Run: .venv/bin/python scripts/ablation_key_numbers.py results/steps-ablation
 """

@@ -75,7 +75,7 @@ def naive_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 def paper_temperature(entropy: torch.Tensor, base: float, tau: float, s: EntropyStats):
     """T_t = T (1 + tau clamp(h, -1, 1)), h = z / scale_pos (z > 0) or z / scale_neg, written
-    out by hand (DESIGN.md) rather than through hapo_cli.algo."""
+    out by hand (docs/concepts.md) rather than through hapo_cli.algo."""
     z = (entropy.double().clamp_min(s.eps).log() - s.rho) / s.std
     h = torch.where(z > 0, z / s.scale_pos, z / s.scale_neg).clamp(-1, 1)
     return (base * (1 + tau * h)).float()

@@ -76,7 +76,7 @@ def dapo_run(tmp_path_factory, cache) -> Path:
 
 
 def test_tiny_hapo_runs_on_vllm_with_nothing_else_set(tmp_path, cache):
-    """The README's recipe with only the engine switched: CPU defaults do the rest."""
+    """The demo's recipe (tiny/hapo) with only the engine switched: CPU defaults do the rest."""
     out = tmp_path / "hapo"
     args = ["train", "--recipe", "tiny/hapo", "--max-steps", "3", "--output", str(out)]
     for s in [*SMALL, f"model.cache_dir={cache}", "rollout.engine=vllm"]:

@@ -1,6 +1,7 @@
 """Token entropy, the batch entropy stats and the normalised entropy `h` (components A, C, D).
 
-Paper math (DESIGN.md), over the valid tokens of a batch with per-token entropy `H` (nats):
+Paper math (docs/concepts.md, "The paper's equations"), over the valid tokens of a batch with
+per-token entropy `H` (nats):
 
     x = log(max(H, eps))
     rho = quantile(x, pivot)                      # pivot q = 0.8 by default

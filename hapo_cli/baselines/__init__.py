@@ -6,7 +6,7 @@ published defaults (recipe values filled in when a recipe leaves them out). The 
 the object; it never compares a baseline's name.
 
 Adding one: a module in this package with a `Baseline` subclass decorated with
-`@register_baseline("name")` (see `base.py` and README, "Baselines"). Modules are found by
+`@register_baseline("name")` (see `base.py` and docs/extending/baselines.md). Modules are found by
 listing the package; they import torch only inside their methods, so loading a recipe (which
 reads a baseline's defaults) stays free of torch.
 """

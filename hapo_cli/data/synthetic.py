@@ -147,7 +147,7 @@ def _mul(rng: random.Random, difficulty: int) -> SyntheticItem:
 # ---------------------------------------------------------------------------------------------
 
 # Default share of direct answers in the steps warm-up (calibrated with recipes/tiny/steps_*.yaml:
-# see README, "The steps task").
+# docs/results.md, "The steps task").
 STEPS_DIRECT_FRACTION = 0.4
 
 
