@@ -294,11 +294,16 @@ class VLLMServerEngine(EngineCapabilities):
                                     what="/update_weights") for c in self.clients]
                 for t in tensors:
                     send = t.cpu() if self._groups[0][0] == "gloo" else t
-                    for kind, group in self._groups:
-                        if kind == "gloo":
-                            broadcast_tensor(group, send)
-                        else:
-                            group.broadcast(send, src=0, stream=torch.cuda.current_stream())
+                    for c, (kind, group) in zip(self.clients, self._groups, strict=True):
+                        try:
+                            if kind == "gloo":
+                                broadcast_tensor(group, send)
+                            else:
+                                group.broadcast(send, src=0, stream=torch.cuda.current_stream())
+                        except RuntimeError as err:  # the server died mid-push: gloo/nccl reset
+                            first = (str(err).strip().splitlines() or ["?"])[0]
+                            raise ServerError(f"vLLM server {c.url} stopped answering (weight "
+                                              f"push: {first[:200]})") from None
                 for f in futs:
                     f.result()
         self._version += 1
