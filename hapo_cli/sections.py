@@ -222,7 +222,10 @@ class RolloutConfig(_Section):
 # ---------------------------------------------------------------------------------------------
 
 
-class AlgoConfig(_Section):
+class _AlgoShared(_Section):
+    """The settings every baseline reads; a baseline's own are added as `algo.<name>`
+    sections (`AlgoConfig`)."""
+
     baseline: str = Field(
         "dapo",
         description="What the letters are added to: a baseline owns its advantages, token masks, "
@@ -241,6 +244,35 @@ class AlgoConfig(_Section):
         if v not in baseline_names():
             raise ValueError(f"{v!r} is not a baseline; expected one of: {', '.join(baseline_names())}")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        """Old keys of a baseline's settings (`Baseline.renamed`, e.g. algo.forking_quantile ->
+        algo.forking.quantile) read into its section, so older recipes and run directories'
+        recipe.yaml still load; both forms with different values is an error."""
+        if not isinstance(data, dict):
+            return data
+        from .baselines import REGISTRY, baseline_names
+
+        baseline_names()  # finds the registered baselines
+        out = dict(data)
+        for bl in REGISTRY.values():
+            for old, new in bl.renamed.items():
+                if old not in out:
+                    continue
+                sec = bl.section()
+                sub = out.get(sec) or {}
+                if not isinstance(sub, dict):
+                    return data  # the section's own validation reports it
+                sub = dict(sub)
+                value = out.pop(old)
+                if new in sub and sub[new] != value:
+                    raise ValueError(f"algo.{old}={value!r} and algo.{sec}.{new}={sub[new]!r}: "
+                                     f"the same setting twice; keep algo.{sec}.{new}")
+                sub[new] = value
+                out[sec] = sub
+        return out
 
     adaptive_temperature: bool = Field(False, description="A: per-token temperature from entropy.")
     token_level_advantage: bool = Field(False, description="B: token-level group average.")
@@ -296,17 +328,6 @@ class AlgoConfig(_Section):
         5.0, gt=0, description="B: a group with any |A| >= this falls back to GRPO advantages."
     )
     adv_eps: float = Field(1e-6, gt=0, description="Epsilon added to group std.")
-    forking_quantile: float = Field(
-        0.2, gt=0, le=1,
-        description="forking: fraction q of highest-entropy tokens trained; the threshold is the "
-        "(1 - q) entropy quantile over the whole batch, all ranks together.",
-    )
-    forking_normalizer: Literal["all", "forking"] = Field(
-        "all",
-        description="forking: token-mean denominator. 'all': every valid token, as the objective "
-        "of arXiv 2506.01939 (DAPO's 1/sum|o_i| times the indicator H_t >= tau), so gradients "
-        "keep DAPO's scale. 'forking': only the forking tokens (about 1/q times larger).",
-    )
     policy_temperature: Literal["base", "rollout"] = Field(
         "base",
         description="Temperature the learner scores tokens at: 'base' = T (paper), 'rollout' = the "
@@ -318,6 +339,27 @@ class AlgoConfig(_Section):
     critical_quantile: float = Field(
         0.8, gt=0, lt=1, description="Tokens at or above this entropy quantile count as critical."
     )
+
+
+def _algo_config() -> type[_Section]:
+    """`_AlgoShared` plus one section per baseline with settings of its own
+    (`Baseline.Config`, as `algo.<name>`): a baseline adds its settings in its own file."""
+    from pydantic import create_model
+
+    from .baselines import baseline_class
+
+    sections = {}
+    for name in baseline_names():
+        bl = baseline_class(name)
+        if bl.Config is not None:
+            sections[bl.section()] = (bl.Config, Field(
+                default_factory=bl.Config,
+                description=f"{name}'s own settings ({bl.source}); read only when "
+                f"algo.baseline={name}."))
+    return create_model("AlgoConfig", __base__=_AlgoShared, __module__=__name__, **sections)
+
+
+AlgoConfig = _algo_config()
 
 
 # ---------------------------------------------------------------------------------------------
