@@ -8,9 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
-from .baselines import baseline_names
+from .baselines import baseline_names, baseline_sections, read_renamed
 from .section_base import _Section
 from .sections_data import DataConfig, RewardConfig  # noqa: F401 - part of the sections API
 
@@ -248,31 +248,8 @@ class _AlgoShared(_Section):
     @model_validator(mode="before")
     @classmethod
     def _renamed_keys(cls, data: Any) -> Any:
-        """Old keys of a baseline's settings (`Baseline.renamed`, e.g. algo.forking_quantile ->
-        algo.forking.quantile) read into its section, so older recipes and run directories'
-        recipe.yaml still load; both forms with different values is an error."""
-        if not isinstance(data, dict):
-            return data
-        from .baselines import REGISTRY, baseline_names
-
-        baseline_names()  # finds the registered baselines
-        out = dict(data)
-        for bl in REGISTRY.values():
-            for old, new in bl.renamed.items():
-                if old not in out:
-                    continue
-                sec = bl.section()
-                sub = out.get(sec) or {}
-                if not isinstance(sub, dict):
-                    return data  # the section's own validation reports it
-                sub = dict(sub)
-                value = out.pop(old)
-                if new in sub and sub[new] != value:
-                    raise ValueError(f"algo.{old}={value!r} and algo.{sec}.{new}={sub[new]!r}: "
-                                     f"the same setting twice; keep algo.{sec}.{new}")
-                sub[new] = value
-                out[sec] = sub
-        return out
+        """Old keys of a baseline's settings still load (`baselines.read_renamed`)."""
+        return read_renamed(data)
 
     adaptive_temperature: bool = Field(False, description="A: per-token temperature from entropy.")
     token_level_advantage: bool = Field(False, description="B: token-level group average.")
@@ -341,25 +318,9 @@ class _AlgoShared(_Section):
     )
 
 
-def _algo_config() -> type[_Section]:
-    """`_AlgoShared` plus one section per baseline with settings of its own
-    (`Baseline.Config`, as `algo.<name>`): a baseline adds its settings in its own file."""
-    from pydantic import create_model
-
-    from .baselines import baseline_class
-
-    sections = {}
-    for name in baseline_names():
-        bl = baseline_class(name)
-        if bl.Config is not None:
-            sections[bl.section()] = (bl.Config, Field(
-                default_factory=bl.Config,
-                description=f"{name}'s own settings ({bl.source}); read only when "
-                f"algo.baseline={name}."))
-    return create_model("AlgoConfig", __base__=_AlgoShared, __module__=__name__, **sections)
-
-
-AlgoConfig = _algo_config()
+# `_AlgoShared` plus one `algo.<name>` section per baseline with settings of its own
+AlgoConfig = create_model("AlgoConfig", __base__=_AlgoShared, __module__=__name__,
+                          **baseline_sections())
 
 
 # ---------------------------------------------------------------------------------------------
