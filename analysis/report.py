@@ -24,8 +24,9 @@ from analysis.summary import (
     REFERENCE_NOTE,
     REFERENCE_TITLE,
     reference_display,
-    released_references,
+    summarize_ablation_runs,
     summarize_runs,
+    summary_baseline,
     summary_display,
     summary_markdown,
     summary_note,
@@ -222,9 +223,7 @@ def analyze(paths: list[Path], out: Path | None = None,
     tables: dict[str, Path] = {}
     summaries: dict[str, pd.DataFrame] = {}
     for abl in coll.ablations:
-        df = summarize_runs(abl.runs, key=lambda r: r.variant or r.label,
-                            references=released_references(r.variant or r.label
-                                                           for r in abl.runs))
+        df = summarize_ablation_runs(abl.runs)
         df.attrs["ablation"] = abl.name
         summaries[abl.name] = df
         where = out if len(coll.ablations) == 1 else out / _slug(abl.name)
@@ -297,7 +296,7 @@ def _blocks(coll, specs, written, skipped, dual, evals, summaries, notes, out) -
     for name, df in summaries.items():
         b.append(("h", 2, f"Ablation summary: {name}"))
         b.append(("p", _steps_line(df)))
-        b.append(("p", summary_note(df.attrs.get("baseline"))))
+        b.append(("p", summary_note(summary_baseline(df))))
         b.append(("table", summary_display(df), summary_markdown(df)))
         refs = reference_display(df)
         if len(refs):

@@ -69,7 +69,7 @@ def summarize_runs(
     runs: list[Run],
     *,
     key: Callable[[Run], str] = lambda r: r.label,
-    baseline: str | None = schema.BASELINE_VARIANT,
+    baseline: str | Mapping[str, str] | None = schema.BASELINE_VARIANT,
     references: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """One row per group of runs (``key``, e.g. the variant), seeds aggregated.
@@ -93,7 +93,13 @@ def summarize_runs(
     ``/delta_best`` (variant mean minus baseline mean over all seeds) and
     ``/delta_final_err`` (``sqrt(std_v^2/n_v + std_b^2/n_b)`` over the terms with two or more
     seeds); and ``n_seeds``, ``seeds``, ``status``, ``last_step``. Groups keep first-seen
-    order; the index is named ``variant``; ``df.attrs["baseline"]`` is the baseline or None.
+    order; the index is named ``variant``.
+
+    ``baseline`` is one variant every other one is compared to, or a mapping ``{variant: its
+    baseline}`` (``baseline_pairs``: under ``hapo ablate --baselines`` each ``<b>-<letters>``
+    against ``<b>-none``). ``df.attrs["baselines"]`` is that mapping (the pairs present);
+    ``df.attrs["baseline"]`` the single baseline, or None when there is none or several; with
+    several, the column ``vs`` names each row's.
     """
     groups: dict[str, list[Run]] = {}
     for r in runs:
@@ -121,14 +127,19 @@ def summarize_runs(
             row[f"{col}_ci_low"], row[f"{col}_ci_high"] = ci.low, ci.high
             per_seed[name][col] = _seed_values(members, finals, col)
         rows[name] = row
-    have_base = baseline is not None and baseline in rows
+    if baseline is None or isinstance(baseline, str):
+        wanted = {} if baseline is None else {v: baseline for v in rows}
+    else:
+        wanted = dict(baseline)
+    base_of = {v: b for v, b in wanted.items() if v in rows and b in rows and v != b}
     for name, row in rows.items():
+        base = base_of.get(name)
         for col in per_seed[name]:
             paired = None
-            if have_base and name != baseline:  # pairs at the same step only
+            if base is not None:  # pairs at the same step only
                 paired = paired_difference(
-                    _same_step(per_seed[name][col], seed_steps[name], seed_steps[baseline]),
-                    per_seed[baseline].get(col, {}))
+                    _same_step(per_seed[name][col], seed_steps[name], seed_steps[base]),
+                    per_seed[base].get(col, {}))
             for stat in PAIR_STATS:
                 row[f"{col}_pair_{stat}"] = _pair_value(paired, stat)
     refs = {v: r for v, r in (references or {}).items() if v in rows and r in rows and v != r}
@@ -143,21 +154,28 @@ def summarize_runs(
                     row[f"{col}_ref_{stat}"] = _pair_value(paired, stat)
     df = pd.DataFrame.from_dict(rows, orient="index")
     df.index.name = "variant"
+    bases = set(base_of.values())
+    if isinstance(baseline, str) and baseline in rows:
+        bases.add(baseline)
+    # each row's baseline for the unpaired deltas: its own; a baseline row compares to itself
+    own = [base_of.get(v, v if v in bases else None) for v in df.index]
     # the unpaired deltas compare means: only between groups whose runs all ended at one step
-    same = (df["steps"] == df.at[baseline, "steps"]) & ~df["steps"].str.contains(",") \
-        if have_base else pd.Series(False, index=df.index)
+    same = pd.Series([b is not None and df.at[v, "steps"] == df.at[b, "steps"]
+                      and "," not in df.at[v, "steps"] for v, b in zip(df.index, own, strict=True)],
+                     index=df.index, dtype=bool)
     for b in benchmarks(df):
         for what in ("final", "best"):
-            base = df.at[baseline, f"{b}/{what}_mean"] if have_base else math.nan
+            base = [df.at[o, f"{b}/{what}_mean"] if o is not None else math.nan for o in own]
             df[f"{b}/delta_{what}"] = (df[f"{b}/{what}_mean"] - base).where(same)
-        if have_base:
-            se_b = _se(df.at[baseline, f"{b}/final_std"], int(df.at[baseline, f"{b}/final_n"]))
-            err = [_combine(_se(s, int(n)), se_b)
-                   for s, n in zip(df[f"{b}/final_std"], df[f"{b}/final_n"], strict=True)]
-            df[f"{b}/delta_final_err"] = pd.Series(err, index=df.index).where(same)
-        else:
-            df[f"{b}/delta_final_err"] = math.nan
-    df.attrs["baseline"] = baseline if have_base else None
+        err = [_combine(_se(s, int(n)), _se(df.at[o, f"{b}/final_std"],
+                                           int(df.at[o, f"{b}/final_n"])))
+               if o is not None else math.nan
+               for s, n, o in zip(df[f"{b}/final_std"], df[f"{b}/final_n"], own, strict=True)]
+        df[f"{b}/delta_final_err"] = pd.Series(err, index=df.index, dtype=float).where(same)
+    if len(bases) > 1:
+        df.insert(0, "vs", [base_of.get(v, "") for v in df.index])
+    df.attrs["baselines"] = base_of
+    df.attrs["baseline"] = next(iter(bases)) if len(bases) == 1 else None
     df.attrs["steps_note"], df.attrs["unequal_steps"] = steps_note(df)
     return df
 
@@ -177,7 +195,7 @@ def steps_note(df: pd.DataFrame) -> tuple[str, bool]:
         by_steps.setdefault(v, []).append(str(name))
     parts = "; ".join(f"{', '.join(names)} at step{'s' if ',' in v else ''} {v}"
                       for v, names in sorted(by_steps.items(), key=lambda kv: kv[0]))
-    if df.attrs.get("baseline") is None and "reference" not in df.columns:  # no Δ to qualify
+    if not baseline_rows(df) and "reference" not in df.columns:  # no Δ to qualify
         return f"Runs ended at different steps, each value is at its run's last: {parts}.", True
     return (f"Unequal budgets, not compared at one step: {parts}. Δ pairs only seeds at the "
             "same step (none: —); rerun the shorter runs with the same --max-steps."), True
@@ -212,10 +230,42 @@ def ablation_summary(ablation_dir: Path) -> pd.DataFrame:
     ablation directory.
     """
     abl = load_ablation(Path(ablation_dir), tokens=False)
-    df = summarize_runs(abl.runs, key=lambda r: r.variant or r.label,
-                        references=released_references(r.variant or r.label for r in abl.runs))
+    df = summarize_ablation_runs(abl.runs)
     df.attrs["ablation"] = abl.name
     return df
+
+
+def summarize_ablation_runs(runs: list[Run]) -> pd.DataFrame:
+    """``summarize_runs`` of one ablation's runs grouped by variant: each variant paired with
+    its baseline (``baseline_pairs``) and each '-released' one with its paper twin."""
+    names = [r.variant or r.label for r in runs]
+    none = schema.BASELINE_VARIANT
+    return summarize_runs(runs, key=lambda r: r.variant or r.label,
+                          baseline=none if none in names else baseline_pairs(names),
+                          references=released_references(names))
+
+
+def baseline_pairs(variants: Iterable[str]) -> dict[str, str]:
+    """``{variant: the variant it is compared to}``. An ablation over one baseline: every
+    variant against ``none``. Under ``hapo ablate --baselines`` (variants
+    ``<baseline>-<letters>``, no ``none``): each against its own baseline's ``<baseline>-none``,
+    so HAPO's letters on GRPO are paired with GRPO, on GSPO with GSPO (the paper's Table 1).
+    The longest matching ``<baseline>-`` prefix wins ('dr-grpo-AB' is on dr-grpo, not on a
+    baseline named 'dr'). Variants without a baseline of theirs are left out (no Δ)."""
+    names = list(dict.fromkeys(variants))
+    none = schema.BASELINE_VARIANT
+    if none in names:
+        return {v: none for v in names if v != none}
+    suffix = "-" + none
+    prefixes = sorted((b[: -len(suffix)] for b in names if b.endswith(suffix)), key=len,
+                      reverse=True)
+    out: dict[str, str] = {}
+    for v in names:
+        for p in prefixes:
+            if v.startswith(p + "-") and v != p + suffix:
+                out[v] = p + suffix
+                break
+    return out
 
 
 def released_references(variants: Iterable[str]) -> dict[str, str]:
@@ -289,7 +339,10 @@ def summary_display(df: pd.DataFrame) -> pd.DataFrame:
     table["status"] = df["status"]
     if df.attrs.get("unequal_steps"):
         table["step"] = df["steps"].str.replace(",", ", ")
-    base = df.attrs.get("baseline")
+    if "vs" in df.columns:  # several baselines: name each row's
+        table.insert(0, "vs", df["vs"])
+    bases = baseline_rows(df)
+    is_base = df.index.isin(sorted(bases))
     groups: dict[str, list[str]] = {}
     for m, label, fmt in display_metrics(df):
         cols = [label]
@@ -304,14 +357,29 @@ def summary_display(df: pd.DataFrame) -> pd.DataFrame:
         table[cols[-1]] = [
             _ci(n, lo, hi, fmt) for n, lo, hi in
             zip(df[f"{m}_n"], df[f"{m}_ci_low"], df[f"{m}_ci_high"], strict=True)]
-        if base is not None:
-            for c, values in _pair_cells(df, m, label, fmt, "pair", df.index == base).items():
+        if bases:
+            for c, values in _pair_cells(df, m, label, fmt, "pair", is_base).items():
                 table[c] = values
                 cols.append(c)
         groups[label] = cols
     out = table.reset_index()
     out.attrs["groups"] = groups
     return out
+
+
+def baselines_of(df: pd.DataFrame) -> dict[str, str]:
+    """``{variant: its baseline}`` of a summary (``summarize_runs``), from either attribute."""
+    pairs = df.attrs.get("baselines")
+    if pairs is not None:
+        return dict(pairs)
+    base = df.attrs.get("baseline")
+    return {} if base is None else {v: base for v in df.index if v != base}
+
+
+def baseline_rows(df: pd.DataFrame) -> set[str]:
+    """The variants of a summary that others are compared to."""
+    base = df.attrs.get("baseline")
+    return set(baselines_of(df).values()) | ({base} if base is not None else set())
 
 
 def _pair_cells(df: pd.DataFrame, m: str, label: str, fmt: str, kind: str,
@@ -376,12 +444,11 @@ def write_summary(df: pd.DataFrame, out_dir: Path) -> tuple[Path, Path]:
     csv_path, md_path = out / SUMMARY_CSV, out / SUMMARY_MD
     df.to_csv(csv_path, index=True, index_label=df.index.name or "variant")
     title = df.attrs.get("ablation")
-    base = df.attrs.get("baseline")
     head = f"# Ablation summary: {title}\n\n" if title else "# Summary\n\n"
     steps = df.attrs.get("steps_note")
     if steps:
         head += ("**Warning: " + steps + "**" if df.attrs.get("unequal_steps") else steps) + "\n\n"
-    note = summary_note(base) + "\n\n"
+    note = summary_note(summary_baseline(df)) + "\n\n"
     text = head + note + summary_markdown(df)
     refs = reference_display(df)
     if len(refs):
@@ -390,13 +457,26 @@ def write_summary(df: pd.DataFrame, out_dir: Path) -> tuple[Path, Path]:
     return csv_path, md_path
 
 
-def summary_note(baseline: str | None) -> str:
-    """What the cells of a summary table mean, in one paragraph."""
+def summary_baseline(df: pd.DataFrame) -> str | list[str] | None:
+    """What ``summary_note`` says the Δ is against: the baseline, the baselines (sorted) when
+    each variant has its own, or None."""
+    bases = sorted(baseline_rows(df))
+    return None if not bases else bases[0] if len(bases) == 1 else bases
+
+
+def summary_note(baseline: str | list[str] | None) -> str:
+    """What the cells of a summary table mean, in one paragraph; ``baseline`` a list when
+    each variant is compared to its own baseline (``--baselines``, column vs)."""
     cells = ("Cells: mean ± std over seeds; 95% CI = Student t over seeds (n - 1 dof; "
              "n=1: one seed, no interval).")
-    if baseline is None:
+    if not baseline:
         return cells + " No baseline variant: Δ not computed."
-    return (cells + f" Δ = paired difference to the baseline `{baseline}` over the seeds "
+    if not isinstance(baseline, str):
+        against = ("the row's baseline (column vs: " + ", ".join(f"`{b}`" for b in baseline)
+                   + "; the same baseline without HAPO's letters)")
+    else:
+        against = f"the baseline `{baseline}`"
+    return (cells + f" Δ = paired difference to {against} over the seeds "
             "both have (pairs; a seed missing on one side is left out), its 95% CI (t over "
             "the paired differences) and p (paired t-test); sig: * = significant at 5%, "
             "n.s. = not significant (the CI includes 0, p >= 0.05).")

@@ -8,9 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
-from .baselines import baseline_names
+from .baselines import baseline_names, baseline_sections, read_renamed
 from .section_base import _Section
 from .sections_data import DataConfig, RewardConfig  # noqa: F401 - part of the sections API
 
@@ -222,7 +222,10 @@ class RolloutConfig(_Section):
 # ---------------------------------------------------------------------------------------------
 
 
-class AlgoConfig(_Section):
+class _AlgoShared(_Section):
+    """The settings every baseline reads; a baseline's own are added as `algo.<name>`
+    sections (`AlgoConfig`)."""
+
     baseline: str = Field(
         "dapo",
         description="What the letters are added to: a baseline owns its advantages, token masks, "
@@ -241,6 +244,12 @@ class AlgoConfig(_Section):
         if v not in baseline_names():
             raise ValueError(f"{v!r} is not a baseline; expected one of: {', '.join(baseline_names())}")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        """Old keys of a baseline's settings still load (`baselines.read_renamed`)."""
+        return read_renamed(data)
 
     adaptive_temperature: bool = Field(False, description="A: per-token temperature from entropy.")
     token_level_advantage: bool = Field(False, description="B: token-level group average.")
@@ -296,17 +305,6 @@ class AlgoConfig(_Section):
         5.0, gt=0, description="B: a group with any |A| >= this falls back to GRPO advantages."
     )
     adv_eps: float = Field(1e-6, gt=0, description="Epsilon added to group std.")
-    forking_quantile: float = Field(
-        0.2, gt=0, le=1,
-        description="forking: fraction q of highest-entropy tokens trained; the threshold is the "
-        "(1 - q) entropy quantile over the whole batch, all ranks together.",
-    )
-    forking_normalizer: Literal["all", "forking"] = Field(
-        "all",
-        description="forking: token-mean denominator. 'all': every valid token, as the objective "
-        "of arXiv 2506.01939 (DAPO's 1/sum|o_i| times the indicator H_t >= tau), so gradients "
-        "keep DAPO's scale. 'forking': only the forking tokens (about 1/q times larger).",
-    )
     policy_temperature: Literal["base", "rollout"] = Field(
         "base",
         description="Temperature the learner scores tokens at: 'base' = T (paper), 'rollout' = the "
@@ -318,6 +316,11 @@ class AlgoConfig(_Section):
     critical_quantile: float = Field(
         0.8, gt=0, lt=1, description="Tokens at or above this entropy quantile count as critical."
     )
+
+
+# `_AlgoShared` plus one `algo.<name>` section per baseline with settings of its own
+AlgoConfig = create_model("AlgoConfig", __base__=_AlgoShared, __module__=__name__,
+                          **baseline_sections())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -556,6 +556,33 @@ def test_cli_summary(tmp_path, fake_recipe, monkeypatch):
     assert (out / "summary.csv").is_file() and (out / "summary.md").is_file()
 
 
+def test_cli_summary_pairs_each_baseline_with_its_none(tmp_path, fake_recipe, monkeypatch):
+    """`--baselines dapo,grpo --variants none,B`: one summary, each B paired with its own
+    baseline's none (analysis.summary.baseline_pairs; the statistics: test_analysis_report)."""
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    from hapo_cli import cli
+    from hapo_cli.cli import app
+
+    monkeypatch.setattr(cli, "console", Console(width=250))
+    out = tmp_path / "abl"
+    _ablate(fake_recipe, out, FakeRunner(), variants="none,B", seeds="1,2", summary=False,
+            baselines="dapo,grpo")
+    res = CliRunner().invoke(app, ["ablate", "--summary", str(out)])
+    assert res.exit_code == 0, res.output
+    rows: dict[str, str] = {}  # variant -> its lines of every table (one per metric)
+    for ln in res.output.splitlines():
+        cell = ln.split("│")[1].strip() if ln.count("│") > 3 else ""
+        if cell.startswith(("dapo", "grpo")):
+            rows[cell] = rows.get(cell, "") + ln
+    assert sorted(rows) == ["dapo-B", "dapo-none", "grpo-B", "grpo-none"]
+    for b in ("dapo", "grpo"):  # the fake trainer's B is +0.100 on any baseline
+        assert f"{b}-none" in rows[f"{b}-B"] and "+0.100" in rows[f"{b}-B"]
+        assert "baseline" in rows[f"{b}-none"]
+    assert "column vs: `dapo-none`, `grpo-none`" in (out / "summary.md").read_text()
+
+
 def test_python_m_cli_entry_point():
     res = subprocess.run([sys.executable, "-m", "hapo_cli.cli", "ablate", "--help"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)

@@ -286,3 +286,77 @@ def test_released_vs_paper_table(tmp_path):
     assert "### Released vs paper entropy normalisation (paired by seed)" in md
     assert "| ABCD-released | ABCD | -0.017 | [-0.031, -0.002] | 0.038 | * | 3 |" in md
     assert "## Released vs paper" in (res.out_dir / "summary.md").read_text()
+
+
+# ---------------------------------------------------------------- --baselines: Table 1 layout
+# `hapo ablate --baselines dapo,grpo,dr-grpo --variants none,ABCD|AB` names its variants
+# '<baseline>-<letters>' and has no 'none'; each must pair with its own '<baseline>-none'.
+# Offsets (= the accuracy difference to an offset-0 run at the same seed, analysis.synthetic)
+# put the baselines far apart, so a pairing with another baseline's 'none' reads off by >= .1.
+TABLE1 = {
+    "dapo-none": 0.0,
+    "dapo-ABCD": {1: 0.05, 2: 0.04, 3: 0.06},  # d = .05 .04 .06 vs dapo-none
+    "dapo-ABCD-released": {1: 0.03, 2: 0.05, 3: 0.02},
+    "grpo-none": 0.10,
+    "grpo-ABCD": {1: 0.15, 2: 0.14, 3: 0.16},  # d = .05 .04 .06 vs grpo-none (not .15 ...)
+    "dr-grpo-none": -0.10,
+    "dr-grpo-AB": {1: -0.08, 2: -0.09, 3: -0.07},  # d = .02 .01 .03 vs dr-grpo-none
+}
+
+
+def test_baseline_pairs_by_prefix():
+    from analysis.summary import baseline_pairs
+
+    assert baseline_pairs(TABLE1) == {
+        "dapo-ABCD": "dapo-none", "dapo-ABCD-released": "dapo-none",
+        "grpo-ABCD": "grpo-none", "dr-grpo-AB": "dr-grpo-none"}  # longest prefix: not 'grpo'
+    assert baseline_pairs(["none", "A", "grpo-none"]) == {"A": "none", "grpo-none": "none"}
+    assert baseline_pairs(["gspo-AB", "A"]) == {}  # no baseline run: nothing paired
+
+
+def test_baselines_summary_pairs_each_with_its_own_none(tmp_path):
+    write_ablation(tmp_path / "abl", TABLE1, seeds=(1, 2, 3), token_steps=(),
+                   missing=("grpo-ABCD-s3",))
+    df = ablation_summary(tmp_path / "abl")
+    m = "toy/avg@4/final"
+    assert df["vs"].tolist() == ["", "dapo-none", "dapo-none", "", "grpo-none", "",
+                                 "dr-grpo-none"]
+    # dapo-ABCD: d = .05 .04 .06 -> Δ .05, s = .01, se = .01 / sqrt 3 = .0057735, t^2 = 75,
+    # 2 dof: p = 1 - t / sqrt(t^2 + 2) = 1 - sqrt(75 / 77) = .013072
+    assert df.at["dapo-ABCD", f"{m}_pair_delta"] == pytest.approx(0.05)
+    assert df.at["dapo-ABCD", f"{m}_pair_p"] == pytest.approx(1 - math.sqrt(75 / 77), abs=1e-6)
+    # grpo-ABCD (seed 3 missing): d = .05 .04 -> Δ .045, 2 pairs; s = .0070711, se = .005,
+    # t = 9, 1 dof: p = 1 - (2/pi) atan 9 = .070487. Against dapo-none it would be .145.
+    assert df.at["grpo-ABCD", f"{m}_pair_n"] == 2
+    assert df.at["grpo-ABCD", f"{m}_pair_delta"] == pytest.approx(0.045)
+    assert df.at["grpo-ABCD", f"{m}_pair_p"] == pytest.approx(1 - 2 / math.pi * math.atan(9),
+                                                              abs=1e-6)
+    # dr-grpo-AB: d = .02 .01 .03 -> Δ .02, t^2 = 12: p = 1 - sqrt(12 / 14) = .074180, n.s.
+    assert df.at["dr-grpo-AB", f"{m}_pair_delta"] == pytest.approx(0.02)
+    assert df.at["dr-grpo-AB", f"{m}_pair_p"] == pytest.approx(1 - math.sqrt(12 / 14), abs=1e-6)
+    assert df.at["dr-grpo-AB", f"{m}_pair_sig"] == 0.0
+    # the unpaired difference of means, also against the row's own baseline (equal steps)
+    assert df.at["dr-grpo-AB", "toy/avg@4/delta_final"] == pytest.approx(0.02)
+    for base in ("dapo-none", "grpo-none", "dr-grpo-none"):
+        assert math.isnan(df.at[base, f"{m}_pair_delta"])
+        assert df.at[base, "toy/avg@4/delta_final"] == pytest.approx(0.0)
+    # released vs paper stays within the baseline: dapo-ABCD-released vs dapo-ABCD
+    assert df.at["dapo-ABCD-released", "reference"] == "dapo-ABCD"
+    assert df.at["dapo-ABCD-released", f"{m}_ref_delta"] == pytest.approx(-0.05 / 3)
+
+    out = write_summary(df, tmp_path / "sum")[1].read_text()
+    assert "column vs: `dapo-none`, `dr-grpo-none`, `grpo-none`" in out
+    assert "| dapo-none | | 3 | 3 done |" in out.replace("|  |", "| |")
+    row = next(ln for ln in out.splitlines() if ln.startswith("| dr-grpo-AB |"))
+    assert "| dr-grpo-none |" in row and "| +0.020 | [-0.005, +0.045] | 0.074 | n.s. | 3 |" in row
+    base_row = next(ln for ln in out.splitlines() if ln.startswith("| grpo-none |"))
+    assert "| baseline |" in base_row
+
+    from analysis import figures as F
+
+    (ax,) = F.ablation_deltas(df).axes[:1]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [
+        "dapo-ABCD\nvs dapo-none\nn=3", "dapo-ABCD-released\nvs dapo-none\nn=3",
+        "grpo-ABCD\nvs grpo-none\nn=2", "dr-grpo-AB\nvs dr-grpo-none\nn=3"]
+    assert [p.get_height() for p in ax.patches] == pytest.approx([0.05, 0.05 - 0.05 / 3,
+                                                                  0.045, 0.02])

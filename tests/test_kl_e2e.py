@@ -58,25 +58,58 @@ def test_kl_starts_at_zero_and_grows(tmp_path, cache_dir):
     assert all(r[schema.ENTROPY_BONUS] > 0 for r in rows)
 
 
-@pytest.mark.slow
-def test_kl_under_fsdp2_equals_one_process_at_step_1(tmp_path, cache_dir):
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, cache_dir):
+    """tiny/grpo with the entropy bonus, 2 steps on one process: what the sharded runs match."""
+    out = tmp_path_factory.mktemp("kl") / "one"
+    return _train(out, cache_dir, "tiny/grpo", 2, *MOVE), json.loads(
+        (out / schema.MANIFEST).read_text())
+
+
+def _sharded_run(out: Path, cache: Path, accel_config: str) -> list[dict]:
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     assert accelerate, "accelerate CLI not installed next to the interpreter"
-    extra = MOVE
-    one = _train(tmp_path / "one", cache_dir, "tiny/grpo", 2, *extra)
-    launch = [accelerate, "launch", "--config_file", str(ROOT / "recipes/accelerate/fsdp.yaml"),
+    launch = [accelerate, "launch", "--config_file", str(ROOT / "recipes/accelerate" / accel_config),
               "--num_processes", "2", "--mixed_precision", "no"]
-    two = _train(tmp_path / "fsdp", cache_dir, "tiny/grpo", 2, *extra, launch=launch)
-    manifest = json.loads((tmp_path / "fsdp" / schema.MANIFEST).read_text())
-    assert (manifest["strategy"], manifest["world_size"]) == ("fsdp2", 2)
-    a, b = one[0], two[0]
+    return _train(out, cache, "tiny/grpo", 2, *MOVE, launch=launch)
+
+
+def _equal_at_step_1(a: dict, b: dict) -> None:
     assert set(a) == set(b)
     compared = 0
     for k, va in a.items():
         if k.startswith("time/") or not isinstance(va, float):
             continue
-        # same math, other reduction order (reduce-scatter vs one process)
+        # same math, other reduction order (reduce-scatter / partitioned all-gather vs one
+        # process): float32 sums in another order differ by ~1e-6 relative; 1e-3 leaves room
+        # for that through one optimizer step, and is far below any real difference (a
+        # reference that is not the initial policy gives kl_old != 0; a wrong shard, NaN or O(1))
         assert b[k] == pytest.approx(va, rel=1e-3, abs=1e-6), k
         compared += 1
     assert compared > 30 and a[schema.KL_OLD] == b[schema.KL_OLD] == 0.0
     assert b[schema.KL] == pytest.approx(a[schema.KL], rel=1e-3, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_kl_under_fsdp2_equals_one_process_at_step_1(tmp_path, cache_dir, one_process):
+    two = _sharded_run(tmp_path / "fsdp", cache_dir, "fsdp.yaml")
+    manifest = json.loads((tmp_path / "fsdp" / schema.MANIFEST).read_text())
+    assert (manifest["strategy"], manifest["world_size"]) == ("fsdp2", 2)
+    _equal_at_step_1(one_process[0][0], two[0])
+
+
+@pytest.mark.slow
+def test_kl_under_zero3_equals_one_process_at_step_1(tmp_path, cache_dir, one_process):
+    """The reference under ZeRO-3 is a second DeepSpeed engine without an optimizer, its
+    parameters partitioned like the policy's (learner/reference.py)."""
+    pytest.importorskip("deepspeed", reason="deepspeed is an extra: pip install -e '.[deepspeed]'")
+    two = _sharded_run(tmp_path / "zero3", cache_dir, "zero3.yaml")
+    manifest = json.loads((tmp_path / "zero3" / schema.MANIFEST).read_text())
+    assert (manifest["strategy"], manifest["world_size"], manifest["zero_stage"]) == (
+        "deepspeed", 2, 3)
+    # partitioned like the policy: the same bytes per rank, half the model's up to ZeRO-3's
+    # padding of each partition (as test_strategy_e2e's ZeRO-3 policy)
+    full = one_process[1]["reference_param_bytes_per_rank"]
+    assert manifest["reference_param_bytes_per_rank"] == manifest["param_bytes_per_rank"]
+    assert abs(manifest["reference_param_bytes_per_rank"] - full / 2) <= 0.01 * full
+    _equal_at_step_1(one_process[0][0], two[0])

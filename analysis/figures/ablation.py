@@ -36,13 +36,18 @@ def ablation_deltas(summary: pd.DataFrame, colors: Colors | None = None) -> Figu
     variant without a paired Δ in a benchmark has no bar and says "no pairs" where it
     would be (never a zero-height bar that reads as "no difference").
     """
-    base = summary.attrs.get("baseline")
-    if base is None:
+    from analysis.summary import baseline_rows
+
+    bases = baseline_rows(summary)
+    if not bases:
         raise MissingData(f"no baseline variant {schema.BASELINE_VARIANT!r} with validation "
                           "accuracy in the ablation")
+    # several (hapo ablate --baselines): each bar against its own baseline, named in its label
+    base = next(iter(bases)) if len(bases) == 1 else "its baseline"
+    vs = summary["vs"] if "vs" in summary.columns else None
     benches = [c[: -len("/final_pair_delta")] for c in summary.columns
                if c.endswith("/final_pair_delta") and summary[c].notna().any()]
-    others = [v for v in summary.index if v != base]
+    others = [v for v in summary.index if v not in bases]
     if not benches or not others:
         raise MissingData("no variant besides the baseline has validation accuracy paired "
                           "with the baseline's seeds")
@@ -75,8 +80,9 @@ def ablation_deltas(summary: pd.DataFrame, colors: Colors | None = None) -> Figu
                 up = bool(yi >= 0)
                 ax.text(xi, end + (pad if up else -pad), SIG_MARKER, ha="center",
                         va="bottom" if up else "top", fontsize="large")
+        names = [f"{v}\nvs {vs[v]}" if vs is not None and vs[v] else v for v in others]
         ax.set_xticks(x, [f"{v}\nn={int(k)}" if not np.isnan(k) else v
-                          for v, k in zip(others, n, strict=True)])
+                          for v, k in zip(names, n, strict=True)])
         reference_line(ax, 0.0)
         finish(ax, xlabel="variant (paired seeds)", ylabel=f"Δ accuracy vs {base}", title=b,
                legend=False, honest=False)  # a signed difference: its zero line is drawn

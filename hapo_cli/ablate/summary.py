@@ -28,6 +28,7 @@ def show_summary(ablation_dir: Path, console: Any = None):
         SUMMARY_MD,
         ablation_summary,
         reference_display,
+        summary_baseline,
         summary_display,
         summary_note,
         write_summary,
@@ -58,7 +59,7 @@ def show_summary(ablation_dir: Path, console: Any = None):
         console.print(steps, highlight=False, soft_wrap=True)
     shown = summary_display(df)
     title = f"ablation {df.attrs.get('ablation') or ablation_dir.name}"
-    caption = summary_note(df.attrs.get("baseline"))
+    caption = summary_note(summary_baseline(df))
     for table in _summary_tables(shown, title, caption, console.width):
         console.print(table)
     refs = reference_display(df)

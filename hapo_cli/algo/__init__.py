@@ -31,6 +31,7 @@ from .loss import (
     ADV_SIGN_TOL,
     adaptive_clip_bounds,
     advantage_signs,
+    aggregate,
     clip_sides,
     forking_token_mask,
     importance_ratio,
@@ -38,7 +39,7 @@ from .loss import (
     redistribute_advantages,
     tis_weights,
 )
-from .objectives import KL_ESTIMATORS, aggregate, cispo_policy_loss, gspo_policy_loss, kl_penalty
+from .objectives import KL_ESTIMATORS, cispo_policy_loss, gspo_policy_loss, kl_penalty
 
 __all__ = [
     "ADV_SIGN_TOL",

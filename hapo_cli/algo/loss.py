@@ -151,6 +151,34 @@ def ratio_metrics(loss: Tensor, ratio: Tensor, a: Tensor, mask: Tensor, low: Ten
     }
 
 
+def aggregate(per_token: Tensor, mask: Tensor, agg: str = "token-mean",
+              normalizer: float | Tensor | None = None) -> Tensor:
+    """Aggregate a (B, T) per-token loss to a 0-dim loss (every objective's last step):
+
+      token-mean:          sum_t L_t / normalizer          (default: local valid tokens)
+      seq-mean-token-mean: sum_i mean_t L_it / normalizer  (default: local non-empty rows)
+      seq-mean-token-sum:  sum_i sum_t L_it / normalizer   (default: local non-empty rows)
+    Pass `normalizer` = the global count (valid tokens, or sequences, of the whole mini-batch
+    over gradient-accumulation steps and ranks) to make the mean global. Values under
+    mask = 0 never count.
+    """
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"aggregate: agg={agg!r} is not one of: {', '.join(AGGREGATIONS)}")
+    mask = mask.bool()
+    zero = torch.zeros((), dtype=per_token.dtype, device=per_token.device)
+    x = torch.where(mask, per_token, zero)  # (B, T)
+    lengths = mask.sum(dim=1)  # (B,)
+    if agg == "token-mean":
+        total, default = x.sum(), mask.sum()
+    else:
+        seq = x.sum(dim=1)  # (B,)
+        if agg == "seq-mean-token-mean":
+            seq = seq / lengths.clamp_min(1)
+        total, default = seq.sum(), (lengths > 0).sum()
+    norm = default.clamp_min(1).to(x.dtype) if normalizer is None else normalizer
+    return total / norm
+
+
 def policy_loss(
     logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor,
     eps_low: float | Tensor, eps_high: float | Tensor, clip_c: float = 10.0,
@@ -196,24 +224,10 @@ def policy_loss(
     per_token = torch.maximum(-a * ratio, -a * clipped)  # (B, T)
     dual = torch.minimum(per_token, -a * clip_c)  # (B, T)
     per_token = torch.where(a < 0, dual, per_token)
-    per_token = torch.where(mask, per_token, zero)
-
-    n_valid = mask.sum()
-    lengths = mask.sum(dim=1)  # (B,)
-    if agg == "token-mean":
-        total = per_token.sum()
-        default_norm = n_valid
-    else:
-        seq = per_token.sum(dim=1)  # (B,)
-        if agg == "seq-mean-token-mean":
-            seq = seq / lengths.clamp_min(1)
-        total = seq.sum()
-        default_norm = (lengths > 0).sum()
-    norm = default_norm.clamp_min(1).to(wd) if normalizer is None else normalizer
-    loss = total / norm
+    loss = aggregate(per_token, mask, agg, normalizer)
 
     with torch.no_grad():
-        n = n_valid.clamp_min(1).float()
+        n = mask.sum().clamp_min(1).float()
         clip_low, clip_high = clip_sides(ratio, a, eps_low, eps_high)
         metrics = ratio_metrics(loss, ratio, a, mask, clip_low, clip_high)
         metrics[schema.DUAL_CLIP_FRAC] = _frac((a < 0) & (ratio > clip_c), mask, n)

@@ -1,5 +1,6 @@
 """The baselines' other objectives: GSPO's sequence-level ratio, CISPO's clipped stop-gradient
-importance weight, the KL penalty to a reference policy, and the aggregation they share.
+importance weight and the KL penalty to a reference policy; they aggregate with
+`loss.aggregate`, as `policy_loss` does.
 
 Metric keys are the run-directory names of `analysis.schema` and combine across micro-batches
 as `loss.py` says (means weighted by `valid_tokens`, sums and counts added).
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .loss import AGGREGATIONS, LOG_RATIO_CLAMP, importance_ratio
+from .loss import LOG_RATIO_CLAMP, aggregate, importance_ratio
 from .loss import ratio_metrics as _metrics
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "k3+")
@@ -22,32 +23,6 @@ def _check(name: str, *tensors: Tensor) -> None:
     if len({tuple(t.shape) for t in tensors}) != 1 or tensors[0].dim() != 2:
         raise ValueError(f"{name}: all inputs must be the same (B, T); got "
                          f"{', '.join(str(tuple(t.shape)) for t in tensors)}")
-
-
-def aggregate(per_token: Tensor, mask: Tensor, agg: str = "token-mean",
-              normalizer: float | Tensor | None = None) -> Tensor:
-    """Aggregate a (B, T) per-token loss to a 0-dim loss, as `policy_loss` does:
-
-      token-mean:          sum_t L_t / normalizer          (default: local valid tokens)
-      seq-mean-token-mean: sum_i mean_t L_it / normalizer  (default: local non-empty rows)
-      seq-mean-token-sum:  sum_i sum_t L_it / normalizer   (default: local non-empty rows)
-    Values under mask = 0 never count.
-    """
-    if agg not in AGGREGATIONS:
-        raise ValueError(f"aggregate: agg={agg!r} is not one of: {', '.join(AGGREGATIONS)}")
-    mask = mask.bool()
-    zero = torch.zeros((), dtype=per_token.dtype, device=per_token.device)
-    x = torch.where(mask, per_token, zero)  # (B, T)
-    lengths = mask.sum(dim=1)  # (B,)
-    if agg == "token-mean":
-        total, default = x.sum(), mask.sum()
-    else:
-        seq = x.sum(dim=1)  # (B,)
-        if agg == "seq-mean-token-mean":
-            seq = seq / lengths.clamp_min(1)
-        total, default = seq.sum(), (lengths > 0).sum()
-    norm = default.clamp_min(1).to(x.dtype) if normalizer is None else normalizer
-    return total / norm
 
 
 def gspo_policy_loss(
@@ -149,4 +124,4 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
     return k2 - k2.detach() + k3.detach()
 
 
-__all__ = ["KL_ESTIMATORS", "aggregate", "cispo_policy_loss", "gspo_policy_loss", "kl_penalty"]
+__all__ = ["KL_ESTIMATORS", "cispo_policy_loss", "gspo_policy_loss", "kl_penalty"]

@@ -59,4 +59,47 @@ def get_baseline(name: str):
     return baseline_class(name)()
 
 
-__all__ = ["REGISTRY", "baseline_class", "baseline_names", "get_baseline", "register_baseline"]
+def baseline_sections() -> dict:
+    """The recipe's `algo.<section>` fields: {section: (its Config, Field)} of each baseline
+    with settings of its own (`Baseline.Config`, defaults as published)."""
+    from pydantic import Field
+
+    out = {}
+    for name in baseline_names():
+        bl = REGISTRY[name]
+        if bl.Config is not None:
+            out[bl.section()] = (bl.Config, Field(
+                default_factory=bl.Config,
+                description=f"{name}'s own settings ({bl.source}); read only when "
+                f"algo.baseline={name}."))
+    return out
+
+
+def read_renamed(algo):
+    """The recipe's algo section with the old keys of baselines' settings (`Baseline.renamed`,
+    e.g. algo.forking_quantile -> algo.forking.quantile) moved into their sections, so older
+    recipes and run directories' recipe.yaml still load; both forms with different values is
+    an error. Anything not a dict is returned as is (its own validation reports it)."""
+    if not isinstance(algo, dict):
+        return algo
+    out = dict(algo)
+    for name in baseline_names():
+        bl = REGISTRY[name]
+        for old, new in bl.renamed.items():
+            if old not in out:
+                continue
+            sec = bl.section()
+            sub = out.get(sec) or {}
+            if not isinstance(sub, dict):
+                return algo
+            sub, value = dict(sub), out.pop(old)
+            if new in sub and sub[new] != value:
+                raise ValueError(f"algo.{old}={value!r} and algo.{sec}.{new}={sub[new]!r}: the "
+                                 f"same setting twice; keep algo.{sec}.{new}")
+            sub[new] = value
+            out[sec] = sub
+    return out
+
+
+__all__ = ["REGISTRY", "baseline_class", "baseline_names", "baseline_sections", "get_baseline",
+           "read_renamed", "register_baseline"]

@@ -5,7 +5,8 @@ Class attributes say what it is, readable without torch (the recipe loader uses 
 `source` (the paper it follows), `defaults` (recipe values as published, filled in where a
 recipe leaves them out), `fixed` (those of `defaults` an explicit other value would contradict:
 a load-time error, so a run is never labelled with a method it does not train), and
-`refuses` (HAPO letters not defined on it, with the reason: refused at load).
+`refuses` (HAPO letters not defined on it, with the reason: refused at load), and `Config` (its
+own settings, the recipe's `algo.<name>` section, defaults as published).
 Methods import torch and `algo` when called.
 """
 
@@ -35,6 +36,21 @@ class Baseline:
     fixed: ClassVar[tuple[str, ...]] = ()
     refuses: ClassVar[dict[str, str]] = {}  # letter -> why it is not defined here
     scale_by_std: ClassVar[bool] = True  # sequence advantages divided by the group std
+    # Its own settings: a `_Section` (pydantic, unknown keys refused) whose field defaults are
+    # the published values; the recipe gets it as `algo.<section>` (section: the name with '-'
+    # as '_'). None: the baseline has no settings of its own.
+    Config: ClassVar[type | None] = None
+    # Old recipe keys of these settings, still read: {'algo key': 'field of Config'}.
+    renamed: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def section(cls) -> str:
+        """The recipe section of its settings: `algo.<section>`."""
+        return cls.name.replace("-", "_")
+
+    def settings(self, cfg):
+        """Its own settings (`Config`) out of the recipe's algo section `cfg`."""
+        return getattr(cfg, self.section())
 
     # ---- load time (no torch) ----
     def check(self, recipe) -> str | None:

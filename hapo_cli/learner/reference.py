@@ -1,9 +1,10 @@
 """The frozen reference policy of the KL penalty (`algo.kl_coef` > 0, `model.reference`).
 
 Loaded once, never trained, placed like the policy: on the learner's device (single, DDP,
-ZeRO-1/2: a plain module, no gradient, nothing to synchronise), or sharded with the policy's own
-`fully_shard` settings under FSDP2 (every rank runs each forward: the micro-batches, stand-ins
-included, are the old-policy pass's). It scores the batch's response tokens at the policy
+ZeRO-1/2: a plain module, no gradient, nothing to synchronise), sharded with the policy's own
+`fully_shard` settings under FSDP2, or partitioned by a second DeepSpeed engine in ZeRO-3
+inference mode (no optimizer; as TRL's and OpenRLHF's reference models) under ZeRO-3. Sharded,
+every rank runs each forward: the micro-batches, stand-ins included, are the old-policy pass's. It scores the batch's response tokens at the policy
 temperature through `response_logprobs`, with the same `packed` flag and fused head as the policy.
 """
 
@@ -15,7 +16,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import HapoError
 from .batch import TrainBatch
 from .forward import response_logprobs
 from .scoring import policy_temperature
@@ -55,10 +55,6 @@ def build_reference(recipe, strategy, policy_path: Path, load) -> Reference | No
     `load(path)` -> model: the trainer's loader (one-line errors)."""
     if recipe.algo.kl_coef <= 0:
         return None
-    if strategy.kind == "deepspeed" and strategy.sharded:
-        raise HapoError("algo.kl_coef > 0 under DeepSpeed ZeRO-3: the reference model is not "
-                        "sharded there yet; use FSDP2 (recipes/accelerate/fsdp.yaml) or ZeRO-2, "
-                        "or set algo.kl_coef=0")
     from .strategy import _env_true, apply_fsdp2, compute_autocast
 
     source = policy_path if recipe.model.reference == "initial" else Path(recipe.model.reference)
@@ -75,6 +71,9 @@ def build_reference(recipe, strategy, policy_path: Path, load) -> Reference | No
         )
 
         autocast = nullcontext  # fully_shard's MixedPrecisionPolicy sets the compute dtype
+    elif strategy.kind == "deepspeed" and strategy.sharded:
+        model = zero3_inference_engine(model, strategy.accelerator)
+        autocast = nullcontext  # the engine's bf16/fp16 section sets the dtype, as the policy's
     else:
         model.to(device)
 
@@ -83,4 +82,28 @@ def build_reference(recipe, strategy, policy_path: Path, load) -> Reference | No
     return Reference(model, recipe, device, autocast)
 
 
-__all__ = ["Reference", "build_reference"]
+def zero3_inference_engine(model, accelerator):
+    """`model` as a DeepSpeed ZeRO-3 engine without an optimizer: its parameters partitioned
+    over the ranks like the policy's (each rank keeps 1/world, gathered layer by layer in each
+    forward), nothing to train. The config is the policy's (same stage, dtype, offload and
+    batch sizes), less the optimizer and scheduler sections. Under accelerate's
+    `zero3_init_flag` the loader already built the model partitioned (`zero.Init`); the engine
+    adds the gather/release hooks of the forward (DeepSpeed's ZeRO-3 inference mode: stage 3
+    and no optimizer gives a `DeepSpeedZeRoOffload`, not a ZeRO optimizer)."""
+    import copy
+
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for section in ("optimizer", "scheduler"):
+        config.pop(section, None)
+    zero = config.setdefault("zero_optimization", {})
+    if zero.get("stage") != 3:  # `sharded` said stage 3; the copy must say so too
+        raise AssertionError(f"ZeRO-3 reference: zero_optimization.stage={zero.get('stage')!r}")
+    zero.pop("offload_optimizer", None)  # no optimizer state to offload
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
+__all__ = ["Reference", "build_reference", "zero3_inference_engine"]

@@ -192,6 +192,10 @@ def train(
         recipe, strategy, policy_path,
         lambda path: _load(load_policy, path, strategy.load_dtype,
                            recipe.model.trust_remote_code)[0])
+    if reference is not None:
+        from .strategy import local_param_bytes
+
+        runlog.update_manifest(reference_param_bytes_per_rank=local_param_bytes(reference.model))
     loop = Loop(recipe, accelerator, model, optimizer, scheduler, engine, tokenizer, stream,
                 val_sets, runlog, run_dir, state, strategy=strategy, reference=reference)
     loop.trackers = trackers
