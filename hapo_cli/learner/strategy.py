@@ -462,6 +462,8 @@ class Strategy:
                         {str(t.dtype).removeprefix("torch.") for t in flat})
         base = unwrap(self.model)
         total = sum(getattr(p, "ds_numel", p.numel()) for p in base.parameters())
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in base.parameters()
+                        if p.requires_grad)  # model.lora: the adapters only
         out = {
             "strategy": self.kind,
             "world_size": self.world,
@@ -474,6 +476,7 @@ class Strategy:
             "mixed_precision": self.precision.mixed_precision,
             "param_bytes_per_rank": local_param_bytes(self.model),
             "num_parameters": total,
+            "trainable_parameters": trainable,
         }
         if self.kind == "deepspeed":
             plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
