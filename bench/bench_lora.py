@@ -57,7 +57,7 @@ def main(steps: int = 12, rank: int = 8, cache: str | None = None) -> list[dict[
         res = {"full": _run("full", steps, Path(tmp), [], cache),
                f"lora r={rank}": _run("lora", steps, Path(tmp), [lora], cache)}
     table = Table(title=f"{RECIPE}: full vs LoRA (all-linear), median of {steps - 2} steps")
-    for col in ("training", "trainable params", "AdamW state", "generation s", "old log-probs s",
+    for col in ("training", "trainable params", "AdamW state", "gen s", "old logp s",
                 "update s", "step s"):
         table.add_column(col)
     rows = []
@@ -68,11 +68,13 @@ def main(steps: int = 12, rank: int = 8, cache: str | None = None) -> list[dict[
                       f"{m['time/step_s']:.3f}")
         rows.append({"training": name, **m})
     full, low = res["full"], res[f"lora r={rank}"]
-    Console().print(table)
-    Console().print(
+    console = Console(width=120)
+    console.print(table)
+    console.print(
         f"LoRA/full: step time {low['time/step_s'] / full['time/step_s']:.2f}, update "
         f"{low['time/train_s'] / full['time/train_s']:.2f}, optimizer state "
-        f"{low['optim_bytes'] / full['optim_bytes']:.3f}")
+        f"{low['optim_bytes'] / full['optim_bytes']:.3f} (generation differs with what each "
+        "policy samples: compare the update)")
     return rows
 
 
