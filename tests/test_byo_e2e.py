@@ -43,6 +43,30 @@ def test_reward_keys_are_declared_and_parsed():
         schema.reward_metric("a/b")
 
 
+RESERVED = '''
+def clash(data_source, solution_str, ground_truth, extra_info=None):
+    return {"score": 1.0, "mean": 7.0, "errors": 3.0, "": 5.0, "n/a": 2.0}
+'''
+
+
+def test_a_verl_functions_own_mean_or_errors_key_does_not_overwrite(tmp_path):
+    from hapo_cli.data import Example
+    from hapo_cli.recipe import DataConfig
+    from hapo_cli.rewards.custom import RewardSet
+
+    (tmp_path / "clash.py").write_text(textwrap.dedent(RESERVED))
+    data = DataConfig(rewards=[{"function": f"{tmp_path / 'clash.py'}:clash"}])
+    example = Example("u", "q?", (1,), "1", "math", None, "t", {"prompt": "q?"})
+    with RewardSet(data) as rewards:
+        out = rewards.score([example], ["x"])
+    assert sorted(out.parts) == ["reward/clash/mean", "reward/clash/n/a",
+                                 "reward/clash/returned_errors", "reward/clash/returned_mean"]
+    assert float(out.parts["reward/clash/mean"][0]) == 1.0  # the score, not the returned 7
+    assert float(out.parts["reward/clash/returned_mean"][0]) == 7.0
+    assert out.errors == {"reward/clash/errors": 0}  # the failed calls, not the returned 3
+    assert all(schema.is_declared_metric(k) for k in [*out.parts, *out.errors])
+
+
 def test_a_reward_name_with_a_slash_is_a_recipe_error():
     from hapo_cli.recipe import RecipeError, load_recipe
 
