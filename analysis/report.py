@@ -32,7 +32,13 @@ from analysis.summary import (
     summary_note,
     write_summary,
 )
-from analysis.tables import dual_entropy_table, eval_table, to_html_table, to_markdown
+from analysis.tables import (
+    dual_entropy_table,
+    eval_table,
+    reward_table,
+    to_html_table,
+    to_markdown,
+)
 
 FORMATS = ("png", "pdf", "svg")
 FIGURES_DIR = "figures"
@@ -303,6 +309,13 @@ def _blocks(coll, specs, written, skipped, dual, evals, summaries, notes, out) -
             b.append(("h", 3, REFERENCE_TITLE))
             b.append(("p", REFERENCE_NOTE))
             b.append(("table", refs, to_markdown(refs)))
+    rewards = reward_table(stack_metrics(coll.runs))
+    if len(rewards):
+        b.append(("h", 2, "Rewards (data.rewards)"))
+        b.append(("p", "Each reward of `data.rewards` over the logged steps: mean and last of "
+                  "`reward/<name>/mean`, failed calls summed (`reward/<name>/errors`), and the "
+                  "mean of each other key its function returned."))
+        b.append(("table", rewards, to_markdown(rewards)))
     b.append(("h", 2, "Figures"))
     for spec in specs:
         if spec.name in written:

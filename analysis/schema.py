@@ -10,7 +10,7 @@ A run directory ``results/<run>/``::
     recipe.yaml                     fully resolved recipe (RECIPE)
     manifest.json                   status, seed, git revision, versions, times (MANIFEST)
     metrics.jsonl                   one JSON object per step, each with "step" (METRICS)
-    tokens/step-000010.parquet      sampled token-level rows, TOKEN_COLUMNS (TOKENS_DIR)
+    tokens/step-000010.parquet      sampled token-level rows, TOKEN_COLUMNS (+ TOKEN_PROMPT)
     eval/<name>.jsonl               `hapo evaluate` rows, EVAL_* keys (EVAL_DIR)
     checkpoints/step-000010/        HF save_pretrained + trainer state (CHECKPOINTS_DIR)
 
@@ -211,6 +211,46 @@ def is_val_metric(name: str) -> bool:
     return parse_val_metric(name) is not None
 
 
+# Each reward of ``data.rewards`` on its own: ``reward/<name>/mean`` (mean over the responses
+# that have a value), ``reward/<name>/errors`` (calls that timed out, raised or returned the
+# wrong shape) and ``reward/<name>/<key>`` for each other numeric key a verl-style function
+# returns. ``<name>`` is the reward's label (no '/'); the fixed ``reward/mean`` etc. above have
+# one '/' only, so the two never meet.
+REWARD_PREFIX = "reward/"
+REWARD_PART_MEAN = "mean"
+REWARD_PART_ERRORS = "errors"
+_REWARD_RE = re.compile(r"^reward/(?P<name>[^/]+)/(?P<kind>.+)$")
+
+
+def reward_metric(name: str, kind: str = REWARD_PART_MEAN) -> str:
+    """One reward's metric: ``reward/<name>/mean``, ``reward/<name>/errors``, or a key its
+    function returned, ``reward/<name>/<kind>``."""
+    if not name or "/" in name:
+        raise ValueError(f"reward name must be non-empty without '/', got {name!r}")
+    if not kind:
+        raise ValueError(f"reward metric kind must be non-empty, got {kind!r}")
+    return f"{REWARD_PREFIX}{name}/{kind}"
+
+
+def parse_reward_metric(key: str) -> tuple[str, str] | None:
+    """``"reward/len_bonus/mean"`` -> ``("len_bonus", "mean")``; ``None`` for any other key
+    (``reward/mean`` and the other fixed reward keys included)."""
+    m = _REWARD_RE.match(key)
+    return (m["name"], m["kind"]) if m else None
+
+
+def is_reward_metric(key: str) -> bool:
+    """True for a per-reward key ``reward/<name>/<kind>`` of ``data.rewards``."""
+    return parse_reward_metric(key) is not None
+
+
+def is_declared_metric(key: str) -> bool:
+    """True for every key a metrics row may hold: the fixed names, the row keys, the
+    validation and the per-reward families."""
+    return (key in METRICS_NAMES or key in ROW_KEYS or is_val_metric(key)
+            or is_reward_metric(key))
+
+
 # ---------------------------------------------------------------- tokens/*.parquet
 TOKEN_COLUMNS: tuple[str, ...] = (
     "step",  # int
@@ -230,6 +270,11 @@ TOKEN_COLUMNS: tuple[str, ...] = (
     "reward",  # response score
     "acc",  # 0/1, response correct
 )
+# written on each sample's first row (null on its other rows): the prompt exactly as the model
+# saw it, its token ids decoded with the special tokens kept (chat template, data.system_prompt,
+# data.prompt_template, data.chat_template_kwargs applied). Optional: older runs lack it.
+TOKEN_PROMPT = "prompt"
+TOKEN_OPTIONAL_COLUMNS: tuple[str, ...] = (TOKEN_PROMPT,)
 CLIP_SIDES: tuple[str, ...] = ("low", "high", "none")
 
 # ---------------------------------------------------------------- manifest.json

@@ -92,6 +92,41 @@ def eval_table(evals: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
+def _numbers(df: pd.DataFrame, col: str) -> pd.Series:
+    """The numeric, present values of a column (empty when the column is absent)."""
+    if col not in df:
+        return pd.Series(dtype=float)
+    return pd.to_numeric(df[col], errors="coerce").dropna()
+
+
+def reward_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """One row per run and reward of ``data.rewards`` (``reward/<name>/<kind>`` columns of the
+    long metrics table): ``mean`` over the steps that logged it, its ``last`` value, the
+    ``errors`` summed over steps (failed calls), and the other keys the function returned
+    (mean over steps, as ``<key>``). Empty when no run logged a per-reward key."""
+    parsed = {c: schema.parse_reward_metric(c) for c in metrics.columns if isinstance(c, str)}
+    parsed = {c: p for c, p in parsed.items() if p is not None}
+    names = list(dict.fromkeys(name for name, _ in parsed.values()))
+    kinds = list(dict.fromkeys(k for _, k in parsed.values()
+                               if k not in (schema.REWARD_PART_MEAN, schema.REWARD_PART_ERRORS)))
+    rows = []
+    for run, g in metrics.groupby("run", sort=False) if "run" in metrics else []:
+        for name in names:
+            mean, errors = (_numbers(g, schema.reward_metric(name, k))
+                            for k in (schema.REWARD_PART_MEAN, schema.REWARD_PART_ERRORS))
+            if not len(mean) and not len(errors):
+                continue
+            row = {"run": run, "reward": name,
+                   "mean": float(mean.mean()) if len(mean) else math.nan,
+                   "last": float(mean.iloc[-1]) if len(mean) else math.nan,
+                   "errors": float(errors.sum()) if len(errors) else math.nan}
+            for k in kinds:
+                v = _numbers(g, schema.reward_metric(name, k))
+                row[k] = float(v.mean()) if len(v) else math.nan
+            rows.append(row)
+    return pd.DataFrame(rows, columns=["run", "reward", "mean", "last", "errors", *kinds])
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return ""

@@ -47,6 +47,14 @@ class RewardConfig(_Section):
             raise ValueError(f"no such file: {where} (give a path relative to where hapo runs)")
         return v
 
+    @field_validator("name")
+    @classmethod
+    def _name_is_one_segment(cls, v: str | None) -> str | None:
+        if v is not None and (not v or "/" in v):
+            raise ValueError(f"{v!r} must be a non-empty name without '/' (it is the middle of "
+                             "reward/<name>/mean)")
+        return v
+
     @property
     def builtin(self) -> str | None:
         """The built-in grader this names ("exact" for a task's name), or None for user code."""

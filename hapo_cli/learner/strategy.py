@@ -474,6 +474,8 @@ class Strategy:
             "mixed_precision": self.precision.mixed_precision,
             "param_bytes_per_rank": local_param_bytes(self.model),
             "num_parameters": total,
+            "trainable_parameters": sum(  # model.lora: the adapters only
+                getattr(p, "ds_numel", p.numel()) for p in base.parameters() if p.requires_grad),
         }
         if self.kind == "deepspeed":
             plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)

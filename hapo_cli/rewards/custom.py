@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from analysis import schema
+
 from ..errors import HapoError
 from .plugins import VERL_ARGS
 from .verify import verify
@@ -32,11 +34,11 @@ class RewardError(HapoError):
 
 
 def mean_key(name: str) -> str:
-    return f"reward/{name}/mean"
+    return schema.reward_metric(name, schema.REWARD_PART_MEAN)
 
 
 def errors_key(name: str) -> str:
-    return f"reward/{name}/errors"
+    return schema.reward_metric(name, schema.REWARD_PART_ERRORS)
 
 
 @dataclass
@@ -180,7 +182,11 @@ class RewardSet:
             first = values if first is None else first
             parts[mean_key(label)] = values.float()
             for k, v in extras.items():
-                parts[f"reward/{label}/{k}"] = torch.tensor(v, dtype=torch.float32)
+                if not k:  # no key to log it under
+                    continue
+                # a returned "mean" or "errors" would overwrite the reward's own keys
+                k = f"returned_{k}" if k in (schema.REWARD_PART_MEAN, schema.REWARD_PART_ERRORS) else k
+                parts[schema.reward_metric(label, k)] = torch.tensor(v, dtype=torch.float32)
             total += spec.weight * torch.nan_to_num(values, nan=0.0)  # None counts 0 (TRL's nansum)
         if acc is None:
             acc = verl_acc if verl_acc is not None else (torch.nan_to_num(first) > 0).double()
