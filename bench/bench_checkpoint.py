@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--intermediate", type=int, default=4096)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--kinds", default="fsdp2,zero3")
+    p.add_argument("--json", default="", help="also write the rows to this file")
     args = p.parse_args(argv)
     if args.worker:
         worker(args)
@@ -284,7 +285,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"{r['step_s']:.2f}", f"{r['save_sync_lost_s']:.2f}",
             "-" if la is None else f"{la:.2f} ({r['save_async_steps']} steps)",
             "-" if la is None else f"{la / r['save_sync_lost_s']:.2f}")
-    Console().print(table)
+    Console(width=220).print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows
 
 
