@@ -232,8 +232,9 @@ class Strategy:
 
     @contextmanager
     def loading(self):
-        """Context for loading the policy (or a checkpoint) on every rank. Under FSDP2 each rank
-        loads the whole model itself: with accelerate's `fsdp_cpu_ram_efficient_loading`
+        """Context for loading the whole policy (or a checkpoint) on every rank: what FSDP2
+        falls back to when the sharded start-up (`load_policy`) cannot read the folder; each
+        rank then loads the whole model itself: with accelerate's `fsdp_cpu_ram_efficient_loading`
         transformers (`is_fsdp_enabled`) leaves every rank but 0 with unloaded weights, for an
         FSDP1 broadcast (`sync_module_states`) that `fully_shard` does not do; under
         transformers 5.19 (what vLLM's CPU build pins) rank 1 then trained from uninitialised
