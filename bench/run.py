@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import (  # noqa: E402
     bench_algo,
+    bench_checkpoint,
     bench_fused,
     bench_kl,
     bench_lora,
@@ -29,7 +30,9 @@ def main() -> None:
                       ("tiny job: hapo DAPO / HAPO vs TRL GRPOTrainer", bench_trl),
                       ("rollout: vLLM vs HF", bench_vllm),
                       ("DDP, FSDP2, ZeRO-2, ZeRO-3: 2 processes, large vocabulary",
-                       bench_strategy)):
+                       bench_strategy),
+                      ("checkpoints and start-up: HF format vs DCP, FSDP2 and ZeRO-3, 2 processes",
+                       bench_checkpoint)):
         print(f"\n=== {name} ===", flush=True)
         mod.main()
 

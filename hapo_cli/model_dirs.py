@@ -30,7 +30,7 @@ def load_policy(
 ) -> tuple[Any, Any]:
     """(model, tokenizer) from a local HF directory, quietly. The tokenizer pads on the left
     (what generation needs) and falls back to <eos> as the pad token when it has none."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     quiet_transformers()
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -40,13 +40,21 @@ def load_policy(
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code
     )
+    return model, load_tokenizer(path, trust_remote_code)
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
+    """The policy's tokenizer, padding on the left (what generation needs), <eos> as the pad
+    token when it has none."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(
         path, local_files_only=True, trust_remote_code=trust_remote_code
     )
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")

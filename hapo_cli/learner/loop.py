@@ -10,6 +10,7 @@ calls them in order. The math lives in `hapo_cli.algo`, the baseline in `hapo_cl
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from analysis import schema
@@ -231,23 +232,33 @@ class Loop:
         if self.saver is not None:  # DCP: every rank writes its shards, asynchronously
             self.saver.save(self, step)
             return
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        # sharded strategies gather the full model and optimizer state on every rank first
-        model_state = self.strategy.full_model_state()
-        optim_state = self.strategy.optimizer_state()
-        per_rank = self.strategy.ranks_write_optimizer
-        if per_rank:  # DeepSpeed: each rank's ZeRO partition into the folder being written
-            if acc.is_main_process:
-                fresh_temporary_dir(self.run_dir, step)
-            acc.wait_for_everyone()
-            self.strategy.save_rank_optimizer(temporary_dir(self.run_dir, step))
-            acc.wait_for_everyone()
+        save_hf_checkpoint(self.strategy, self.model, self.optimizer, self.run_dir, step,
+                           self.tokenizer, self.scheduler, self.stream, self.state,
+                           keep=self.recipe.log.keep_checkpoints)
+
+
+def save_hf_checkpoint(strategy, model, optimizer, run_dir: Path, step: int, tokenizer, scheduler,
+                       stream, state, *, keep: int) -> None:
+    """log.checkpoint_format=hf (and DeepSpeed ZeRO, LoRA): the HF folder + optimizer.pt written
+    by the main process from the full model and optimizer state (collective: every rank calls
+    it; DeepSpeed: each rank's ZeRO partition beside it)."""
+    acc = strategy.accelerator
+    acc.wait_for_everyone()
+    # sharded strategies gather the full model and optimizer state on every rank first
+    model_state = strategy.full_model_state()
+    optim_state = strategy.optimizer_state()
+    per_rank = strategy.ranks_write_optimizer
+    if per_rank:  # DeepSpeed: each rank's ZeRO partition into the folder being written
         if acc.is_main_process:
-            save_checkpoint(
-                self.run_dir, step, acc.unwrap_model(self.model), self.tokenizer,
-                self.optimizer, self.scheduler, self.stream, self.state,
-                keep=self.recipe.log.keep_checkpoints, model_state=model_state,
-                optim_state=optim_state, ranks_wrote_optimizer=per_rank,
-            )
+            fresh_temporary_dir(run_dir, step)
         acc.wait_for_everyone()
+        strategy.save_rank_optimizer(temporary_dir(run_dir, step))
+        acc.wait_for_everyone()
+    if acc.is_main_process:
+        save_checkpoint(
+            run_dir, step, acc.unwrap_model(model), tokenizer,
+            optimizer, scheduler, stream, state,
+            keep=keep, model_state=model_state,
+            optim_state=optim_state, ranks_wrote_optimizer=per_rank,
+        )
+    acc.wait_for_everyone()

@@ -142,13 +142,15 @@ def build_accelerator(precision: Precision, **kwargs) -> tuple[Any, str]:
 def unsharded_copy(model: nn.Module, dtype: torch.dtype, accelerator) -> nn.Module:
     """A full copy of `model` in `dtype` on the accelerator's device, for the HF engine. Under
     ZeRO-3 transformers builds the model inside `deepspeed.zero.Init` (its parameters are empty
-    partitions from the start): the copy is then built empty from the config (a plain
-    constructor, outside zero.Init) and filled from `full_named_parameters` (collective: every
-    rank calls this); buffers are never partitioned and are copied as they are."""
+    partitions from the start), and under FSDP2's sharded start-up the model arrives already
+    sharded (DTensors): the copy is then built empty from the config (a plain constructor,
+    outside zero.Init) and filled from `full_named_parameters` (collective: every rank calls
+    this); buffers are never partitioned and are copied as they are."""
     from ..sharded import full_named_parameters, sharding_of
 
     device = accelerator.device
-    if sharding_of(accelerator) != "zero3":
+    already_sharded = any(_is_dtensor(p) for p in model.parameters())  # sharded start-up
+    if sharding_of(accelerator) != "zero3" and not already_sharded:
         return copy.deepcopy(model).to(dtype).to(device)
     with torch.device("meta"):
         fresh = type(model)(copy.deepcopy(model.config))
@@ -181,10 +183,12 @@ def local_param_bytes(model: nn.Module) -> int:
 
 
 def apply_fsdp2(model: nn.Module, precision: Precision, device: torch.device, *,
-                reshard_after_forward: bool = True, offload: bool = False) -> nn.Module:
+                reshard_after_forward: bool = True, offload: bool = False,
+                materialized: bool = True) -> nn.Module:
     """`fully_shard` each decoder layer (`_no_split_modules`), then the root (embeddings,
     final norm, LM head). Parameters stay fp32 (sharded); with a bf16 compute dtype they are
-    all-gathered in bf16 and gradients reduce-scattered in fp32."""
+    all-gathered in bf16 and gradients reduce-scattered in fp32. `materialized=False`: the
+    parameters are on the meta device (sharded start-up, `sharded_load.py`), left there."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(
@@ -194,7 +198,7 @@ def apply_fsdp2(model: nn.Module, precision: Precision, device: torch.device, *,
     kw: dict[str, Any] = {"mp_policy": mp}
     if offload:
         kw["offload_policy"] = CPUOffloadPolicy()
-    else:
+    elif materialized:
         model.to(device)
     layer_names = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in layer_names]
@@ -228,8 +232,9 @@ class Strategy:
 
     @contextmanager
     def loading(self):
-        """Context for loading the policy (or a checkpoint) on every rank. Under FSDP2 each rank
-        loads the whole model itself: with accelerate's `fsdp_cpu_ram_efficient_loading`
+        """Context for loading the whole policy (or a checkpoint) on every rank: what FSDP2
+        falls back to when the sharded start-up (`load_policy`) cannot read the folder; each
+        rank then loads the whole model itself: with accelerate's `fsdp_cpu_ram_efficient_loading`
         transformers (`is_fsdp_enabled`) leaves every rank but 0 with unloaded weights, for an
         FSDP1 broadcast (`sync_module_states`) that `fully_shard` does not do; under
         transformers 5.19 (what vLLM's CPU build pins) rank 1 then trained from uninitialised
@@ -239,6 +244,24 @@ class Strategy:
                 yield
         else:
             yield
+
+    def load_policy(self, path: Path, trust_remote_code: bool = False, *, lora: bool = False):
+        """(model, tokenizer) of the policy folder `path` in the master dtype. FSDP2: a sharded
+        start-up, each rank reading only its slices of the safetensors (`sharded_load.py`;
+        the model comes back already under `fully_shard`, `prepare` keeps it), unless the
+        folder's layout needs a full load or adapters (model.lora) are added first. Others:
+        every rank loads the whole model (ZeRO-3 with zero3_init: transformers partitions it
+        as it loads, inside `deepspeed.zero.Init`)."""
+        from ..model_dirs import load_policy
+
+        if self.kind == "fsdp2" and not lora:
+            from .sharded_load import load_policy_sharded
+
+            got = load_policy_sharded(Path(path), self, trust_remote_code)
+            if got is not None:
+                return got
+        with self.loading():
+            return load_policy(path, self.load_dtype, trust_remote_code)
 
     @property
     def load_dtype(self) -> torch.dtype:
@@ -264,12 +287,13 @@ class Strategy:
             # sharded forward (FSDP2, ZeRO-3: a collective per layer) cannot: it samples from an
             # unsharded copy in the compute dtype, synced after each step (`HFEngine.sync_from`)
             self._engine_model = unsharded_copy(model, self.precision.compute, self.accelerator)
-        if self.kind == "fsdp2":
+        if self.kind == "fsdp2" and not any(_is_dtensor(p) for p in model.parameters()):
             model = apply_fsdp2(
                 model, self.precision, self.accelerator.device,
                 reshard_after_forward=_env_true("FSDP_RESHARD_AFTER_FORWARD", "true"),
                 offload=_env_true("FSDP_OFFLOAD_PARAMS"),
             )
+        if self.kind == "fsdp2":
             if _env_true("FSDP_ACTIVATION_CHECKPOINTING"):
                 model.gradient_checkpointing_enable()
             optimizer = make_optimizer(model.parameters())

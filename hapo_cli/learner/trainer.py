@@ -7,6 +7,7 @@ Runs on `accelerate.Accelerator` (one process on a laptop CPU, DDP/FSDP/DeepSpee
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -107,9 +108,8 @@ def train(
     lora = recipe.model.lora
     source = policy_path if dcp_ckpt or lora is not None else (ckpt or policy_path)
     check_model_dir(source)
-    with strategy.loading():
-        model, tokenizer = _load(load_policy, source, strategy.load_dtype,
-                                 recipe.model.trust_remote_code)
+    model, tokenizer = _load(partial(strategy.load_policy, lora=lora is not None), source,
+                             recipe.model.trust_remote_code)
     if lora is not None:
         from ..lora import apply_lora, load_adapters
 

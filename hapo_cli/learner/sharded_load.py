@@ -1,0 +1,149 @@
+"""Sharded start-up under FSDP2: each rank reads only its own slices of the policy's
+safetensors, so no rank ever holds the full fp32 model.
+
+    meta model (from config.json)  ->  fully_shard (DTensor shards, still meta)
+        ->  to_empty (this rank's shard storage)  ->  each shard filled from
+            safe_open(file).get_slice(name)[rows of this rank]   (cast to the master dtype)
+
+Compared with `from_pretrained` on every rank (world x the full model in host memory at once,
+then each rank drops all but its 1/world), a rank's peak is its shard plus one parameter's
+slice. The loaded parameters equal those of a full load sharded by `fully_shard` bit for bit
+(tests/test_sharded_load.py): the same bytes, cast the same way.
+
+Buffers are not in the checkpoint (a decoder's rotary `inv_freq` is computed at construction):
+the model is built with real buffers and meta parameters (`init_empty_weights(include_buffers=
+False)`), and the buffers are put back after `to_empty`. A folder this cannot address (no
+safetensors, a parameter under another name or shape) is loaded the old way: `supported` says
+so before anything is built.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+def weight_files(path: Path) -> dict[str, Path] | None:
+    """{tensor name: the safetensors file holding it}; None without safetensors weights."""
+    path = Path(path)
+    if (path / INDEX).is_file():
+        idx = json.loads((path / INDEX).read_text(encoding="utf-8"))
+        return {k: path / f for k, f in idx["weight_map"].items()}
+    if (path / SINGLE).is_file():
+        from safetensors import safe_open
+
+        with safe_open(path / SINGLE, "pt") as f:
+            return {k: path / SINGLE for k in f.keys()}
+    return None
+
+
+def _shapes(files: dict[str, Path]) -> dict[str, list[int]]:
+    from safetensors import safe_open
+
+    out: dict[str, list[int]] = {}
+    for file in sorted(set(files.values())):
+        with safe_open(file, "pt") as f:
+            for k in f.keys():
+                out[k] = list(f.get_slice(k).get_shape())
+    return out
+
+
+def build_empty(path: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """The policy's architecture with meta parameters and real (computed) buffers."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from ..model_dirs import quiet_transformers
+
+    quiet_transformers()
+    config = AutoConfig.from_pretrained(path, local_files_only=True,
+                                        trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                 trust_remote_code=trust_remote_code)
+    model.tie_weights()  # construction under init_empty_weights leaves a tied head untied
+    if (Path(path) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
+    return model
+
+
+def supported(path: Path, model: nn.Module) -> str | None:
+    """None when every parameter of `model` (a tied one once) is in the folder's safetensors
+    with its shape; else why not (the caller then loads the full model on every rank)."""
+    files = weight_files(path)
+    if files is None:
+        return "no safetensors weights"
+    shapes = _shapes(files)
+    for name, p in model.named_parameters():  # tied parameters are listed once
+        if name not in files:
+            return f"parameter {name} not in the weight files"
+        if shapes[name] != list(p.shape):
+            return f"parameter {name}: shape {shapes[name]} in the files, {list(p.shape)} here"
+    return None
+
+
+def materialize(model: nn.Module, device: torch.device) -> None:
+    """Allocate this rank's shards (`to_empty`) keeping the constructed buffers."""
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            b.copy_(buffers[n])
+
+
+def fill_shards(model: nn.Module, path: Path) -> int:
+    """Copy each parameter's local rows from the safetensors files into its shard (a DTensor's
+    local tensor, or a plain tensor whole); the number of bytes read."""
+    from safetensors import safe_open
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    files = weight_files(path)
+    assert files is not None
+    handles = {f: safe_open(f, "pt") for f in set(files.values())}
+    read = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            sl = handles[files[name]].get_slice(name)
+            if hasattr(p, "to_local"):  # DTensor: only this rank's block
+                shape, offset = compute_local_shape_and_global_offset(
+                    p.shape, p.device_mesh, p.placements)
+                local = p.to_local()
+                if local.numel() == 0:
+                    continue
+                index = tuple(slice(o, o + s) for o, s in zip(offset, shape))
+                part = sl[index]
+                local.copy_(part.reshape(local.shape))
+            else:
+                part = sl[:]
+                p.copy_(part)
+            read += part.numel() * part.element_size()
+    return read
+
+
+def load_policy_sharded(path: Path, strategy, trust_remote_code: bool = False):
+    """(model already under `fully_shard`, tokenizer), or None when the folder's layout needs
+    the full load (`supported`). Every rank calls it."""
+    from ..model_dirs import load_tokenizer
+    from .strategy import _env_true, apply_fsdp2
+
+    model = build_empty(path, strategy.load_dtype, trust_remote_code)
+    if supported(path, model) is not None:
+        return None
+    offload = _env_true("FSDP_OFFLOAD_PARAMS")
+    device = torch.device("cpu") if offload else strategy.accelerator.device
+    apply_fsdp2(model, strategy.precision, device,
+                reshard_after_forward=_env_true("FSDP_RESHARD_AFTER_FORWARD", "true"),
+                offload=offload, materialized=False)
+    materialize(model, device)
+    fill_shards(model, path)
+    return model, load_tokenizer(path, trust_remote_code)
+
+
+__all__ = ["weight_files", "build_empty", "supported", "materialize", "fill_shards",
+           "load_policy_sharded"]
