@@ -225,9 +225,11 @@ class VLLMServerEngine(EngineCapabilities):
         self.push_seconds.append(time.perf_counter() - t0)
 
     def sync_from(self, model: nn.Module, accelerator: Any = None) -> None:
+        from ..lora import engine_weights
         from ..sharded import full_named_parameters
 
-        self.sync_weights(full_named_parameters(model, accelerator))
+        # model.lora: W + scale B A under the base names (`lora.engine_weights`)
+        self.sync_weights(engine_weights(model, full_named_parameters(model, accelerator)))
         if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
             # the other ranks finish their part (the gather) first: none may post a generate
             # while rank 0's update is in flight (a server then runs a half-loaded model)

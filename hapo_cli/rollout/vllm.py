@@ -450,10 +450,12 @@ class VLLMEngine(EngineCapabilities):
             self.llm.reset_prefix_cache()
 
     def sync_from(self, model: nn.Module, accelerator: Any = None) -> None:
-        """Load `model`'s full parameters (gathered on every rank when sharded)."""
+        """Load `model`'s full parameters (gathered on every rank when sharded); under
+        `model.lora` the merged weights (`lora.engine_weights`)."""
+        from ..lora import engine_weights
         from ..sharded import full_named_parameters
 
-        self.sync_weights(full_named_parameters(model, accelerator))
+        self.sync_weights(engine_weights(model, full_named_parameters(model, accelerator)))
 
     def sleep(self) -> None:
         """Offload weights to CPU and drop the KV cache (sleep level 1) while the learner trains."""
