@@ -38,6 +38,9 @@ q/k/v into `qkv_proj`), streams them to the worker and resets the prefix cache. 
   `model_executor/model_loader/reload`) restores, loads and re-processes every layer; a tied
   `lm_head` is then re-tied and re-processed by `_refresh_tied_lm_head`, else it keeps its stale
   handle. Verified in CI (tests_vllm/): log-prob gap to the learner < 1e-5 after every sync.
+Under `model.lora`, `sync_from` sends the merged model (`lora.engine_weights`: W + scale B A
+under the base names, lora_A/lora_B not sent, the live model untouched); vLLM's own LoRA
+loading is not used.
 `sleep()`/`wake_up()` use vLLM's sleep mode level 1 where it is on.
 """
 
