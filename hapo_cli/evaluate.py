@@ -325,7 +325,14 @@ def server_dir(out_dir, name: str):
 def _sample_models(req: EvalRequest, res, settings, console,
                    skipped: list[str]) -> tuple[list, list]:
     """(result rows, sample rows) of every checkpoint x benchmark x setting; a checkpoint that
-    vanishes before it is loaded is left out with a line in `skipped`."""
+    vanishes before it is loaded is left out with a line in `skipped`. What the engine started
+    (`--engine vllm-server`'s local servers) stops on return, on an error and on Ctrl-C."""
+    with ExitStack() as owned:
+        return _sample_each(req, res, settings, console, skipped, owned)
+
+
+def _sample_each(req: EvalRequest, res, settings, console, skipped: list[str],
+                 owned: ExitStack) -> tuple[list, list]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from .algo import entropy_stats, quantile_1d
@@ -343,80 +350,79 @@ def _sample_models(req: EvalRequest, res, settings, console,
     rows: list[dict[str, Any]] = []
     samples: list[dict[str, Any]] = []
     eng = None
-    with ExitStack() as owned:  # the engine's local vLLM servers stop on return, error, Ctrl-C
-        for step, model_dir in models:
-            loaded = _load_checkpoint(model_dir, res)
-            if loaded is None:
-                skipped.append(vanished_line(model_dir, "checked"))
-                if console is not None:
-                    console.print(f"[yellow]skipped[/yellow] {skipped[-1]}", highlight=False,
-                                  soft_wrap=True)
-                continue
-            model, tok, run_stats = loaded
-            model.eval()
-            if eng is None:
-                from .export import engine_folder
-                from .rollout.factory import samples_with_learner_module
+    for step, model_dir in models:
+        loaded = _load_checkpoint(model_dir, res)
+        if loaded is None:
+            skipped.append(vanished_line(model_dir, "checked"))
+            if console is not None:
+                console.print(f"[yellow]skipped[/yellow] {skipped[-1]}", highlight=False,
+                              soft_wrap=True)
+            continue
+        model, tok, run_stats = loaded
+        model.eval()
+        if eng is None:
+            from .export import engine_folder
+            from .rollout.factory import samples_with_learner_module
 
-                path = model_dir if samples_with_learner_module(res.rollout.engine) else \
-                    engine_folder(model_dir)  # vLLM loads a save_pretrained folder
-                eng = build_engine(res.rollout, model, tok, str(path), None,
-                                   max_prompt_length=data_cfg.max_prompt_length,
-                                   max_new_tokens=max_new, dtype="float32", seed=seed,
-                                   trust_remote_code=res.trust_remote_code,
-                                   run_dir=server_dir(res.out_dir, req.name))
-                owned.callback(eng.close)  # vllm-server: pushes `model` before its first batch
-            else:  # one engine per process (vLLM: one per process at most): later checkpoints
-                eng.sync_weights(model)  # go in by weight sync
-            for bench in benchmarks:
-                bench_name, examples = load_benchmark(bench, data_cfg, tok, limit=req.limit)
-                rewards = _rewards_of(data_cfg)
-                if rewards is not None:  # the run's data.rewards, checked on this benchmark's row
-                    rewards.probe(examples[0])
-                common = dict(top_p=req.top_p, top_k=req.top_k, max_new_tokens=max_new, tau=tau,
-                              batch_size=req.batch_size, scorer=model, rewards=rewards)
-                # calibration pass at T = 1: the critical-entropy threshold and, if needed, the stats
-                cal = sample_benchmark(eng, tok, examples, n=1, temperature=1.0, greedy=False,
-                                       adaptive=False, stats=None, seed=seed + 7, **{**common,
-                                       "top_p": 1.0, "top_k": 0})
-                ents = torch.cat([e for r in cal for e in r["entropies"]])
-                threshold = req.critical_entropy
-                if threshold is None:
-                    threshold = thresholds.setdefault(
-                        bench_name, quantile_1d(ents, res.critical_quantile, "paper"))
-                stats = run_stats
-                if stats is None and any(s.adaptive for s in settings):
-                    stats = entropy_stats(ents[None, :], torch.ones(1, ents.numel(), dtype=torch.bool))
-                with Progress(TextColumn(f"[bold]{bench_name}[/bold] {{task.description}}"),
-                              BarColumn(), MofNCompleteColumn(), console=console,
-                              disable=console is None) as progress:
-                    for s in settings:
-                        task = progress.add_task(s.label, total=len(examples))
-                        recs = sample_benchmark(
-                            eng, tok, examples, n=n,
-                            temperature=s.temperature or (res.adaptive_base if s.adaptive else 1.0),
-                            greedy=s.label == "greedy", adaptive=s.adaptive, stats=stats,
-                            seed=seed, progress=progress, task=task, **common,
-                        )
-                        summ = summarize(recs, n, threshold)
-                        rows.append({
-                            "benchmark": bench_name, "setting": s.label,
-                            "temperature": s.temperature, "adaptive": s.adaptive, "tau": tau
-                            if s.adaptive else None, "checkpoint_step": step, "model": str(model_dir),
-                            "top_p": req.top_p, "top_k": req.top_k, "max_new_tokens": max_new,
-                            "limit": req.limit, "engine": req.engine, "sampling_seed": seed, **summ,
+            path = model_dir if samples_with_learner_module(res.rollout.engine) else \
+                engine_folder(model_dir)  # vLLM loads a save_pretrained folder
+            eng = build_engine(res.rollout, model, tok, str(path), None,
+                               max_prompt_length=data_cfg.max_prompt_length,
+                               max_new_tokens=max_new, dtype="float32", seed=seed,
+                               trust_remote_code=res.trust_remote_code,
+                               run_dir=server_dir(res.out_dir, req.name))
+            owned.callback(eng.close)  # vllm-server: pushes `model` before its first batch
+        else:  # one engine per process (vLLM: one per process at most): later checkpoints
+            eng.sync_weights(model)  # go in by weight sync
+        for bench in benchmarks:
+            bench_name, examples = load_benchmark(bench, data_cfg, tok, limit=req.limit)
+            rewards = _rewards_of(data_cfg)
+            if rewards is not None:  # the run's data.rewards, checked on this benchmark's row
+                rewards.probe(examples[0])
+            common = dict(top_p=req.top_p, top_k=req.top_k, max_new_tokens=max_new, tau=tau,
+                          batch_size=req.batch_size, scorer=model, rewards=rewards)
+            # calibration pass at T = 1: the critical-entropy threshold and, if needed, the stats
+            cal = sample_benchmark(eng, tok, examples, n=1, temperature=1.0, greedy=False,
+                                   adaptive=False, stats=None, seed=seed + 7, **{**common,
+                                   "top_p": 1.0, "top_k": 0})
+            ents = torch.cat([e for r in cal for e in r["entropies"]])
+            threshold = req.critical_entropy
+            if threshold is None:
+                threshold = thresholds.setdefault(
+                    bench_name, quantile_1d(ents, res.critical_quantile, "paper"))
+            stats = run_stats
+            if stats is None and any(s.adaptive for s in settings):
+                stats = entropy_stats(ents[None, :], torch.ones(1, ents.numel(), dtype=torch.bool))
+            with Progress(TextColumn(f"[bold]{bench_name}[/bold] {{task.description}}"),
+                          BarColumn(), MofNCompleteColumn(), console=console,
+                          disable=console is None) as progress:
+                for s in settings:
+                    task = progress.add_task(s.label, total=len(examples))
+                    recs = sample_benchmark(
+                        eng, tok, examples, n=n,
+                        temperature=s.temperature or (res.adaptive_base if s.adaptive else 1.0),
+                        greedy=s.label == "greedy", adaptive=s.adaptive, stats=stats,
+                        seed=seed, progress=progress, task=task, **common,
+                    )
+                    summ = summarize(recs, n, threshold)
+                    rows.append({
+                        "benchmark": bench_name, "setting": s.label,
+                        "temperature": s.temperature, "adaptive": s.adaptive, "tau": tau
+                        if s.adaptive else None, "checkpoint_step": step, "model": str(model_dir),
+                        "top_p": req.top_p, "top_k": req.top_k, "max_new_tokens": max_new,
+                        "limit": req.limit, "engine": req.engine, "sampling_seed": seed, **summ,
+                    })
+                    for r in recs:
+                        ent = [float(e.mean()) if e.numel() else None for e in r["entropies"]]
+                        samples.append({
+                            "benchmark": bench_name, "setting": s.label, "checkpoint_step": step,
+                            "uid": r["uid"], "prompt": r["prompt"], "answer": r["answer"],
+                            "responses": r["responses"], "correct": r["correct"],
+                            **({"rewards": r["rewards"]} if "rewards" in r else {}),
+                            "lengths": r["lengths"], "entropy_mean": ent,
+                            "critical_tokens": [int((e >= threshold).sum())
+                                                for e in r["entropies"]],
                         })
-                        for r in recs:
-                            ent = [float(e.mean()) if e.numel() else None for e in r["entropies"]]
-                            samples.append({
-                                "benchmark": bench_name, "setting": s.label, "checkpoint_step": step,
-                                "uid": r["uid"], "prompt": r["prompt"], "answer": r["answer"],
-                                "responses": r["responses"], "correct": r["correct"],
-                                **({"rewards": r["rewards"]} if "rewards" in r else {}),
-                                "lengths": r["lengths"], "entropy_mean": ent,
-                                "critical_tokens": [int((e >= threshold).sum())
-                                                    for e in r["entropies"]],
-                            })
     return rows, samples
 
 
