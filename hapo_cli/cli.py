@@ -221,7 +221,9 @@ def evaluate(
         Optional[int], typer.Option(help="Response length limit (default: the run's).")
     ] = None,
     greedy: Annotated[bool, typer.Option(help="Also evaluate greedy decoding.")] = False,
-    engine: Annotated[str, typer.Option(help="Rollout engine: hf or vllm.")] = "hf",
+    engine: Annotated[str, typer.Option(
+        help="Rollout engine: hf, vllm (colocated) or vllm-server (--server-url, else the "
+        "run's rollout.server.urls, else local servers started and stopped here).")] = "hf",
     batch_size: Annotated[int, typer.Option(help="Sequences per generation batch.")] = 256,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     limit: Annotated[Optional[int], typer.Option(help="Prompts per benchmark at most.")] = None,
@@ -246,6 +248,11 @@ def evaluate(
         typer.Option("--vllm", help="vLLM option KEY=VALUE (rollout.vllm.*), e.g. "
                      "gpu_memory_utilization=0.3; default: the run's recipe."),
     ] = None,
+    server_url: Annotated[
+        Optional[list[str]],
+        typer.Option("--server-url", help="--engine vllm-server: a `hapo serve` server's URL "
+                     "(repeat for several); the checkpoint's weights are pushed to it first."),
+    ] = None,
 ) -> None:
     """Evaluate avg@k / pass@k / maj@k and critical tokens over temperatures.
 
@@ -265,6 +272,7 @@ def evaluate(
         max_new_tokens=max_new_tokens, greedy=greedy, engine=engine, batch_size=batch_size,
         seed=seed, limit=limit, threads=threads, critical_entropy=critical_entropy, out=out,
         name=name, overwrite=overwrite, vllm_options=tuple(vllm or ()),
+        server_urls=tuple(server_url or ()),
     )
     from .interrupts import interrupt_once
 

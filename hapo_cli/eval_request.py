@@ -132,6 +132,8 @@ class EvalRequest:
     name: str = "eval"
     overwrite: bool = False  # replace <out>/<name>.jsonl (and -samples) if they exist
     vllm_options: tuple[str, ...] = ()
+    server_urls: tuple[str, ...] = ()  # --engine vllm-server: these servers (else the run's
+    # rollout.server.urls, else local servers started for this evaluation)
 
 
 @dataclass(frozen=True)
@@ -207,8 +209,17 @@ def resolve_request(req: EvalRequest) -> _Resolved:
         raise HapoError(f"--out {out_dir}: is a file; expected a directory")
     if not req.overwrite:
         refuse_existing(out_dir, req.name)
+    if req.server_urls and req.engine != "vllm-server":
+        raise HapoError(f"--server-url is for --engine vllm-server, not --engine {req.engine}")
+    server = rec.rollout.server  # the run's transfer settings; --server-url replaces its urls
+    if req.server_urls:
+        bad = [u for u in req.server_urls if not u.startswith(("http://", "https://"))]
+        if bad:
+            raise HapoError(f"--server-url {bad[0]!r}: expected http://HOST:PORT")
+        server = server.model_copy(update={"urls": list(req.server_urls)})
     rollout = RolloutConfig(engine=req.engine, batch_size=req.batch_size,
-                            vllm=vllm_config(rec.rollout.vllm, list(req.vllm_options)))
+                            vllm=vllm_config(rec.rollout.vllm, list(req.vllm_options)),
+                            server=server)
     return _Resolved(
         run_dir, models, benchmarks, rec.data, rollout,
         tau=rec.algo.tau if req.tau is None else req.tau,

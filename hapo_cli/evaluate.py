@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -313,10 +315,24 @@ def _load_checkpoint(model_dir, res):
     return model, tok, (EntropyStats.from_dict(st) if st else None)
 
 
+def server_dir(out_dir, name: str):
+    """Where `--engine vllm-server`'s local servers log (server-K.log) and record their process
+    groups (a later evaluation of that name stops a leftover); removed when the evaluation ends
+    without error."""
+    return out_dir / f".{name}-servers"
+
+
 def _sample_models(req: EvalRequest, res, settings, console,
                    skipped: list[str]) -> tuple[list, list]:
     """(result rows, sample rows) of every checkpoint x benchmark x setting; a checkpoint that
-    vanishes before it is loaded is left out with a line in `skipped`."""
+    vanishes before it is loaded is left out with a line in `skipped`. What the engine started
+    (`--engine vllm-server`'s local servers) stops on return, on an error and on Ctrl-C."""
+    with ExitStack() as owned:
+        return _sample_each(req, res, settings, console, skipped, owned)
+
+
+def _sample_each(req: EvalRequest, res, settings, console, skipped: list[str],
+                 owned: ExitStack) -> tuple[list, list]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from .algo import entropy_stats, quantile_1d
@@ -353,7 +369,9 @@ def _sample_models(req: EvalRequest, res, settings, console,
             eng = build_engine(res.rollout, model, tok, str(path), None,
                                max_prompt_length=data_cfg.max_prompt_length,
                                max_new_tokens=max_new, dtype="float32", seed=seed,
-                               trust_remote_code=res.trust_remote_code)
+                               trust_remote_code=res.trust_remote_code,
+                               run_dir=server_dir(res.out_dir, req.name))
+            owned.callback(eng.close)  # vllm-server: pushes `model` before its first batch
         else:  # one engine per process (vLLM: one per process at most): later checkpoints
             eng.sync_weights(model)  # go in by weight sync
         for bench in benchmarks:
@@ -424,6 +442,7 @@ def run_evaluate(req: EvalRequest, console=None) -> list[dict[str, Any]]:
     try:
         with num_threads(req.threads):  # --threads: for this evaluation only
             rows, samples = _sample_models(req, res, settings, console, skipped)
+        shutil.rmtree(server_dir(res.out_dir, req.name), ignore_errors=True)  # logs of a success
     except KeyboardInterrupt:
         where = res.out_dir / f"{req.name}.jsonl"
         raise EvalInterrupted(f"interrupted; nothing was written to {where} (an evaluation "

@@ -79,14 +79,14 @@ def check_checkpoint_dir(path: Path) -> None:
 
 def engine_folder(ckpt: Path) -> Path:
     """A save_pretrained folder of `ckpt` for an engine that loads from disk (vLLM): the
-    folder itself, the run's export of that step, or a fresh one in a temporary folder
-    (removed at exit). The run directory is never written."""
+    folder itself (a model.lora one without its adapters), the run's export of that step, or
+    a fresh one in a temporary folder (removed at exit). The run directory is never written."""
     import atexit
     import tempfile
 
     ckpt = Path(ckpt)
     if not is_dcp(ckpt):
-        return ckpt
+        return without_adapters(ckpt)
     step = schema.checkpoint_step(ckpt.name)
     if step is not None:
         done = export_dir(ckpt.parent.parent, step)
@@ -95,6 +95,25 @@ def engine_folder(ckpt: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix="hapo-export-"))
     atexit.register(shutil.rmtree, tmp, True)
     return export_folder(ckpt, tmp / "model")
+
+
+def without_adapters(folder: Path) -> Path:
+    """`folder`, or for a model.lora checkpoint (the merged model beside its adapters) a
+    temporary folder (removed at exit) of links to every file but the adapters': vLLM loads
+    every *.safetensors of a folder and would take `lora_adapters.safetensors` for weights."""
+    import atexit
+    import tempfile
+
+    from .lora import ADAPTER_CONFIG, ADAPTER_FILE
+
+    if not (folder / ADAPTER_FILE).is_file():
+        return folder
+    tmp = Path(tempfile.mkdtemp(prefix="hapo-merged-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    for f in folder.iterdir():
+        if f.name not in (ADAPTER_FILE, ADAPTER_CONFIG):
+            (tmp / f.name).symlink_to(f.resolve())
+    return tmp
 
 
 def find_checkpoint(run_dir: Path, step: int | None) -> Path:

@@ -14,6 +14,7 @@ vLLM and export read it as any model) and the adapters (`lora_adapters.safetenso
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +136,87 @@ def load_adapters(model: nn.Module, folder: Path) -> None:
     with torch.no_grad():
         for k, v in adapters.items():
             params[k].copy_(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# merged weights for an engine that loads them (vLLM colocated and servers)
+# ---------------------------------------------------------------------------------------------
+
+_PEFT_PREFIX = "base_model.model."  # a PeftModel's wrapper (inject_adapter_in_model adds none)
+
+
+def base_param_name(name: str) -> str:
+    """A LoRA model's parameter name under the base model's naming: wrapper segments
+    (`module.`, `_orig_mod.`, ...) and peft's `base_model.model.` go, and `.base_layer.` becomes
+    `.` ('model.q_proj.base_layer.weight' -> 'model.q_proj.weight'). lora_A / lora_B names
+    keep their adapter segments."""
+    from .rollout.base import clean_param_name
+
+    name = clean_param_name(name)
+    if name.startswith(_PEFT_PREFIX):
+        name = name[len(_PEFT_PREFIX):]
+    return name.replace(_BASE, ".")
+
+
+def lora_scales(model: nn.Module) -> dict[str, tuple[float, bool]]:
+    """{adapted layer's base name: (scale of B A, fan_in_fan_out)} of the default adapter of
+    every PEFT LoRA layer in `model` (wrapped or not); {} for a model without adapters.
+    The scale is the layer's own `scaling` (alpha / r, or rsLoRA's alpha / sqrt(r))."""
+    out: dict[str, tuple[float, bool]] = {}
+    for name, m in model.named_modules():
+        scaling = getattr(m, "scaling", None)
+        if not isinstance(scaling, dict) or not hasattr(m, "lora_A"):
+            continue
+        if set(scaling) != {"default"}:
+            raise HapoError(f"{name}: LoRA adapters {sorted(scaling)}; hapo merges one, 'default'")
+        if (getattr(m, "use_dora", None) or {}).get("default"):
+            raise HapoError(f"{name}: DoRA adapters cannot be merged for a vLLM engine")
+        out[base_param_name(name)] = (float(scaling["default"]),
+                                      bool(getattr(m, "fan_in_fan_out", False)))
+    return out
+
+
+def merged_named_parameters(pairs: Iterator[tuple[str, Tensor]],
+                            scales: dict[str, tuple[float, bool]]) -> Iterator[tuple[str, Tensor]]:
+    """The merged model's (name, tensor) pairs from a LoRA model's (full, gathered)
+    parameters, lazily: base names (`base_param_name`), W + scale * B @ A in every adapted
+    layer (computed in fp32, in W's dtype, as `split_state` writes checkpoints), lora_A /
+    lora_B not sent, every other tensor passed through as it came (never a copy, never
+    modified: the live model is untouched). A layer's W, A and B may come in any order; each
+    is held only until its layer is complete."""
+    pending: dict[str, dict[str, Tensor]] = {}
+    for raw, t in pairs:
+        name = base_param_name(raw)
+        layer, lora, rest = name.partition(".lora_")
+        if lora:  # 'A.default.weight' / 'B.default.weight'
+            part = rest.split(".")[0]
+            if part not in ("A", "B") or rest != f"{part}.default.weight":
+                raise HapoError(f"{raw}: a LoRA tensor hapo cannot merge (only linear "
+                                "lora_A / lora_B of the 'default' adapter)")
+            key = part
+        elif name.endswith(".weight") and name[: -len(".weight")] in scales:
+            layer, key = name[: -len(".weight")], "W"
+        else:
+            yield name, t
+            continue
+        if layer not in scales:
+            raise HapoError(f"{raw}: LoRA tensor of a layer without a LoRA scale")
+        got = pending.setdefault(layer, {})
+        got[key] = t
+        if len(got) == 3:
+            del pending[layer]
+            w, a, b = got["W"], got["A"].float(), got["B"].float()  # (out, in), (r, in), (out, r)
+            scale, fan_in_fan_out = scales[layer]
+            delta = scale * (b @ a)  # (out, in)
+            yield f"{layer}.weight", (w.float() + (delta.T if fan_in_fan_out else delta)).to(w.dtype)
+    if pending:
+        layer, got = next(iter(pending.items()))
+        raise RuntimeError(f"LoRA layer {layer}: got only {sorted(got)} of W, A, B")
+
+
+def engine_weights(model: nn.Module, pairs: Iterator[tuple[str, Tensor]]
+                   ) -> Iterator[tuple[str, Tensor]]:
+    """What an engine that loads weights receives from `model`'s full parameters `pairs`:
+    the merged model's under `model.lora`, else `pairs` themselves."""
+    scales = lora_scales(model)
+    return merged_named_parameters(pairs, scales) if scales else pairs

@@ -132,10 +132,6 @@ class Recipe(_Section):
                 f"train.max_tokens_per_micro_batch={budget} must be at least the longest "
                 f"sequence, data.max_prompt_length + rollout.max_new_tokens = {longest}"
             )
-        if self.model.lora is not None and r.engine in ("vllm", "vllm-server"):
-            raise ValueError(f"model.lora with rollout.engine={r.engine} is not supported yet (vLLM "
-                             "would need the merged weights after every step); use "
-                             "rollout.engine=hf")
         if self.model.init == "pretrained" and not self.model.path:
             raise ValueError("model.path is required when model.init='pretrained'")
         if self.data.source == "files" and not self.data.train_files:

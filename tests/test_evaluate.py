@@ -150,3 +150,10 @@ def test_evaluate_errors(tmp_path, trained_run):
     bad.write_text('{"prompt": "1+1=", "reward_model": {"ground_truth": "2"}}\n{oops\n')
     res = runner.invoke(app, ["evaluate", str(trained_run), "--bench", str(bad)])
     assert res.exit_code == 2 and "bad.jsonl" in res.output and "2" in res.output
+    # --server-url: only with the server engine, and a URL (before any model is loaded)
+    res = runner.invoke(app, ["evaluate", str(trained_run), "--bench", "arith", "--server-url",
+                              "http://127.0.0.1:9"])
+    assert res.exit_code == 2 and "--server-url is for --engine vllm-server" in res.output
+    res = runner.invoke(app, ["evaluate", str(trained_run), "--bench", "arith", "--engine",
+                              "vllm-server", "--server-url", "127.0.0.1:9"])
+    assert res.exit_code == 2 and "expected http://HOST:PORT" in res.output

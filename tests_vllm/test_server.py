@@ -276,6 +276,106 @@ def test_adaptive_temperature_server_side_equals_colocated(servers):
 
 
 # ---------------------------------------------------------------------------------------------
+# model.lora: merged weights pushed; hapo evaluate on servers
+# ---------------------------------------------------------------------------------------------
+
+LORA = ["model.lora={rank: 4, alpha: 8, target_modules: [q_proj, v_proj, up_proj]}",
+        "train.lr=1e-3"]
+
+
+def test_lora_merged_weights_reach_a_server_after_every_push(tmp_path, cache, servers):
+    """model.lora: every push sends W + (alpha/r) B A under the base names, never lora_A/B
+    (a server would refuse unknown names); the server then samples what the adapted learner
+    computes (gap ~5e-7, as full training)."""
+    out = tmp_path / "lora"
+    hapo_train(out, cache, urls(servers["a"]), *LORA)
+    steps = trained(out)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        assert r[GAP] < 1e-5, (r["step"], r[GAP])
+        assert r["actor/grad_norm"] > 0
+
+
+def evaluate_cmd(run: Path, name: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "hapo_cli.cli", "evaluate", str(run), "--bench", "arith",
+            "--n", "2", "--limit", "8", "--temperature", "1.0", "--greedy", "--name", name,
+            *extra]
+
+
+def eval_rows(run: Path, name: str) -> tuple[list[dict], list[dict]]:
+    folder = run / schema.EVAL_DIR
+    read = lambda p: [json.loads(x) for x in p.read_text().splitlines()]  # noqa: E731
+    return read(folder / f"{name}.jsonl"), read(folder / f"{name}-samples.jsonl")
+
+
+def test_evaluate_on_servers_equals_colocated(run_local, servers):
+    """`hapo evaluate --engine vllm-server`, on a local server it starts (the run's
+    rollout.server.urls is empty) and on server a (--server-url; it holds another run's
+    weights until evaluate pushes the checkpoint's): the same samples and numbers as the
+    colocated engine with the same seeds; the local server is gone afterwards."""
+    colo = subprocess.run(evaluate_cmd(run_local, "colocated", "--engine", "vllm"),
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert colo.returncode == 0, colo.stderr[-3000:]
+    pid_file = run_local / schema.EVAL_DIR / ".local-servers" / "servers.pid"
+    proc = subprocess.Popen(evaluate_cmd(run_local, "local", "--engine", "vllm-server"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        wait_until(pid_file.is_file, 300, "the evaluation's local server")
+        pgid = json.loads(pid_file.read_text().splitlines()[0])["pgid"]
+        _, err = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    wait_until(lambda: not group_members(pgid), 60, f"process group {pgid} to end")
+    assert not pid_file.parent.exists()  # a success leaves no server logs behind
+    remote = subprocess.run(evaluate_cmd(run_local, "remote", "--engine", "vllm-server",
+                                         "--server-url", servers["a"].url),
+                            capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert remote.returncode == 0, remote.stderr[-3000:]
+    want, want_samples = eval_rows(run_local, "colocated")
+    assert [r["setting"] for r in want] == ["T=1", "greedy"]
+    for name in ("local", "remote"):
+        got, got_samples = eval_rows(run_local, name)
+        assert [s["responses"] for s in got_samples] == [s["responses"] for s in want_samples]
+        for a, b in zip(want, got, strict=True):
+            assert b["engine"] == "vllm-server"
+            for k, v in a.items():
+                if k == "engine":
+                    continue
+                exact = k.startswith(("avg@", "pass@", "maj@")) or k in (
+                    "response_len_mean", "truncation_rate")
+                if isinstance(v, float) and not exact:
+                    # entropies (critical tokens, T_t) from the HF scorer in another process:
+                    # the same computation, up to fp32 summation order
+                    assert b[k] == pytest.approx(v, rel=1e-6), (name, a["setting"], k)
+                else:  # same tokens: accuracy and lengths equal exactly
+                    assert b[k] == v, (name, a["setting"], k)
+    assert servers["a"].alive()  # a server evaluate did not start is left running
+
+
+def test_no_orphan_when_evaluate_is_stopped_while_its_server_starts(run_local):
+    """Ctrl-C while `hapo evaluate --engine vllm-server` waits for its local server: exit 130
+    and nothing of the server left."""
+    pid_file = run_local / schema.EVAL_DIR / ".stopped-servers" / "servers.pid"
+    proc = subprocess.Popen(evaluate_cmd(run_local, "stopped", "--engine", "vllm-server"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        wait_until(lambda: pid_file.is_file() and group_members(
+            json.loads(pid_file.read_text().splitlines()[0])["pgid"]), 300, "the server's group")
+        pgid = json.loads(pid_file.read_text().splitlines()[0])["pgid"]
+        time.sleep(3)  # the server is importing vLLM or loading the model
+        os.kill(proc.pid, signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    wait_until(lambda: not group_members(pgid), 60, f"process group {pgid} to end")
+    assert proc.returncode == 130
+    assert not (run_local / schema.EVAL_DIR / "stopped.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------------
 # faults and processes
 # ---------------------------------------------------------------------------------------------
 

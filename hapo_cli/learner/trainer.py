@@ -161,8 +161,9 @@ def train(
     if ckpt is not None:
         state = _load(load_trainer_state, ckpt, strategy, scheduler, stream)
     # the engine (an unsharded copy, vLLM) samples from the loaded weights; servers may serve
-    # any weights of the model (vllm-server): they get the learner's before the first rollout
-    if (ckpt is not None and dcp_ckpt) or engine.push_before_first_rollout:
+    # any weights of the model (vllm-server): they get the learner's before the first rollout.
+    # model.lora: vLLM loaded the base (`source`), a resumed run's merged adapters go in here
+    if (ckpt is not None and (dcp_ckpt or lora is not None)) or engine.push_before_first_rollout:
         engine.sync_from(model, accelerator)
 
     runlog = RunLog(run_dir, enabled=accelerator.is_main_process)

@@ -11,8 +11,9 @@ same `decode_stats=False` batch. A prompt samples alike alone or in a batch, so 
 no sample.
 
 Weights (`sync_from`, after every optimizer step; every rank calls it): every rank iterates
-`hapo_cli.sharded.full_named_parameters` (the gather under FSDP2 / ZeRO-3 is a collective); rank 0
-alone sends, in chunks of `rollout.server.chunk_mib`:
+`hapo_cli.sharded.full_named_parameters` (the gather under FSDP2 / ZeRO-3 is a collective), merged
+under `model.lora` (`lora.engine_weights`); rank 0 alone sends, in chunks of
+`rollout.server.chunk_mib`:
 - gloo (CPU) / nccl (GPUs): `/start_weight_update`, then per chunk `/update_weights` (names,
   dtypes, shapes) posted in a thread while rank 0 broadcasts the tensors over the transfer group
   it formed with each server at `/init_weight_transfer_engine`, then `/finish_weight_update` (the
@@ -225,9 +226,11 @@ class VLLMServerEngine(EngineCapabilities):
         self.push_seconds.append(time.perf_counter() - t0)
 
     def sync_from(self, model: nn.Module, accelerator: Any = None) -> None:
+        from ..lora import engine_weights
         from ..sharded import full_named_parameters
 
-        self.sync_weights(full_named_parameters(model, accelerator))
+        # model.lora: W + scale B A under the base names (`lora.engine_weights`)
+        self.sync_weights(engine_weights(model, full_named_parameters(model, accelerator)))
         if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
             # the other ranks finish their part (the gather) first: none may post a generate
             # while rank 0's update is in flight (a server then runs a half-loaded model)

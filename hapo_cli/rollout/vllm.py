@@ -38,6 +38,9 @@ q/k/v into `qkv_proj`), streams them to the worker and resets the prefix cache. 
   `model_executor/model_loader/reload`) restores, loads and re-processes every layer; a tied
   `lm_head` is then re-tied and re-processed by `_refresh_tied_lm_head`, else it keeps its stale
   handle. Verified in CI (tests_vllm/): log-prob gap to the learner < 1e-5 after every sync.
+Under `model.lora`, `sync_from` sends the merged model (`lora.engine_weights`: W + scale B A
+under the base names, lora_A/lora_B not sent, the live model untouched); vLLM's own LoRA
+loading is not used.
 `sleep()`/`wake_up()` use vLLM's sleep mode level 1 where it is on.
 """
 
@@ -450,10 +453,12 @@ class VLLMEngine(EngineCapabilities):
             self.llm.reset_prefix_cache()
 
     def sync_from(self, model: nn.Module, accelerator: Any = None) -> None:
-        """Load `model`'s full parameters (gathered on every rank when sharded)."""
+        """Load `model`'s full parameters (gathered on every rank when sharded); under
+        `model.lora` the merged weights (`lora.engine_weights`)."""
+        from ..lora import engine_weights
         from ..sharded import full_named_parameters
 
-        self.sync_weights(full_named_parameters(model, accelerator))
+        self.sync_weights(engine_weights(model, full_named_parameters(model, accelerator)))
 
     def sleep(self) -> None:
         """Offload weights to CPU and drop the KV cache (sleep level 1) while the learner trains."""

@@ -101,8 +101,10 @@ def resolve_model(model_or_run: str) -> str:
     if not manifest.is_file():
         return model_or_run
     ckpts = sorted(p for p in (path / "checkpoints").glob("step-*") if (p / "config.json").is_file())
-    if ckpts:
-        return str(ckpts[-1])
+    if ckpts:  # a model.lora checkpoint: its merged model without the adapters' file
+        from ..export import without_adapters
+
+        return str(without_adapters(ckpts[-1]))
     policy = json.loads(manifest.read_text()).get("policy_path")
     if policy and Path(policy, "config.json").is_file():
         return str(policy)
