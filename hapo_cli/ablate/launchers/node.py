@@ -50,6 +50,7 @@ class TrainOnNode(Checkpointable):
     processes_per_node: int = 1
     main_process_ip: str | None = None
     main_process_port: int | None = None
+    starts: int = 1000  # starts of this job at most (its first included): --max-attempts
     extra: dict = field(default_factory=dict)
 
     def command(self) -> list[str]:
@@ -81,7 +82,8 @@ class TrainOnNode(Checkpointable):
 
     def checkpoint(self, *args, **kwargs):
         """submitit's USR2 (the time limit is near): the child got it too; wait for its
-        checkpoint, then requeue (submitit runs `scontrol requeue`)."""
+        checkpoint, then requeue (submitit runs `scontrol requeue`), unless this job has made
+        its `starts` (then it ends; the ablation records the run as given up)."""
         proc = _CHILD.get("proc")
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGUSR2)  # a second one is ignored by `hapo train`
@@ -89,4 +91,6 @@ class TrainOnNode(Checkpointable):
                 proc.wait(timeout=float(os.environ.get("HAPO_CHECKPOINT_WAIT_S", "600")))
             except subprocess.TimeoutExpired:
                 pass
+        if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) + 1 >= self.starts:
+            return None  # submitit: "not requeued"
         return super().checkpoint(*args, **kwargs)
