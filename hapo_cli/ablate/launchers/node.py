@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from dataclasses import dataclass, field
 
 try:  # on the submitting machine and the nodes alike (the `cluster` extra)
@@ -37,6 +38,20 @@ def first_node_address(nodelist: str) -> str:
         if tok.startswith("NodeAddr="):
             return tok.split("=", 1)[1]
     return hosts[0]
+
+
+def wait_exit(pid: int, timeout_s: float) -> None:
+    """Until child `pid` has exited (or `timeout_s`), leaving it to be reaped. Not Popen.wait:
+    this runs in a signal handler that interrupted `__call__`'s `proc.wait()`, which holds
+    the Popen's wait lock, so a second wait (or poll) would never see the exit."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return
+        except ChildProcessError:  # already reaped
+            return
+        time.sleep(0.1)
 
 
 @dataclass
@@ -85,12 +100,9 @@ class TrainOnNode(Checkpointable):
         checkpoint, then requeue (submitit runs `scontrol requeue`), unless this job has made
         its `starts` (then it ends; the ablation records the run as given up)."""
         proc = _CHILD.get("proc")
-        if proc is not None and proc.poll() is None:
+        if proc is not None and proc.returncode is None:
             proc.send_signal(signal.SIGUSR2)  # a second one is ignored by `hapo train`
-            try:
-                proc.wait(timeout=float(os.environ.get("HAPO_CHECKPOINT_WAIT_S", "600")))
-            except subprocess.TimeoutExpired:
-                pass
+            wait_exit(proc.pid, float(os.environ.get("HAPO_CHECKPOINT_WAIT_S", "600")))
         if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) + 1 >= self.starts:
             return None  # submitit: "not requeued"
         return super().checkpoint(*args, **kwargs)
