@@ -260,16 +260,29 @@ class RayHead(_Owner):
         # more nodes on this machine: each its own raylet, object store and agent ports, all
         # under the head's temporary folder (one machine has one Ray session folder)
         for i, cpus in enumerate(self.worker_cpus):
-            self.start([ray, "start", "--block", "--address", f"127.0.0.1:{port}",
-                        "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus),
-                        "--num-gpus", "0", *self._node_ports(), "--disable-usage-stats"],
-                       f"ray-node{i + 1}.out",
-                       # =0 (loopback head) also refuses to start a second node: 1 here
-                       {**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"})
-        if self.worker_cpus:
-            wait_for(f"{1 + len(self.worker_cpus)} alive Ray nodes", self._all_nodes, 120,
-                     self.root / "ray-node1.out")
+            self._start_node(ray, port, i, cpus)
+        # a node's raylet must register within Ray's fixed 30 s, else `ray start` exits
+        # ("timed out during startup"): on a loaded machine, start that node again
+        end = time.time() + 300
+        while self.worker_cpus and not self._all_nodes():
+            for i, cpus in enumerate(self.worker_cpus):
+                if self.nodes[i].poll() is not None:
+                    self.procs.remove(self.nodes[i])
+                    self._start_node(ray, port, i, cpus)
+            if time.time() > end:
+                wait_for(f"{1 + len(self.worker_cpus)} alive Ray nodes", self._all_nodes, 0,
+                         self.root / "ray-node1.out")
+            time.sleep(0.5)
         self.bringup_s = time.time() - t0
+
+    def _start_node(self, ray: str, port: int, i: int, cpus: int) -> None:
+        proc = self.start([ray, "start", "--block", "--address", f"127.0.0.1:{port}",
+                           "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus),
+                           "--num-gpus", "0", *self._node_ports(), "--disable-usage-stats"],
+                          f"ray-node{i + 1}.out",
+                          # =0 (loopback head) also refuses to start a second node: 1 here
+                          {**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"})
+        self.nodes = {**getattr(self, "nodes", {}), i: proc}
 
     def _head_env(self) -> dict:
         # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps every server on loopback but also refuses

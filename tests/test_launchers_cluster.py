@@ -208,38 +208,43 @@ def test_slurm_time_limit_checkpoints_requeues_and_resumes(tmp_path, cache_dir, 
          "ABCD", "--seeds", "1", "--max-steps", str(steps), "--output", str(ref),
          *sets(cache_dir, "train.threads=1", "eval.every=0")],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    out = tmp_path / "abl"
-    cfg = config(tmp_path, slurm={"time": "20", "signal_seconds": 120})
-    args = ("--launcher", "slurm", "--launcher-config", str(cfg), "--max-attempts", "3")
-    res = ablate(out, cache_dir, *args, "--detach", steps=steps, variants="ABCD")
-    assert res.exit_code == 0, res.output
-    job, env = spec(out)["runs"]["ABCD-s1"]["job_id"], slurm.env
-    wait_step(out / "ABCD-s1", 1)
-    h, m, sec = (int(x) for x in job_fields(job, env)["RunTime"].split("-")[-1].split(":"))
-    limit = (h * 60 + m) + (1 if sec else 0) + 1  # 60-120 s from now: <= the 120 s warning
-    subprocess.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={limit}"], env=env,
-                   check=True)
-    end = time.time() + 240
-    while time.time() < end:  # USR2, checkpoint, submitit's `scontrol requeue`: pending again
-        kv = job_fields(job, env)
-        if kv.get("JobState") == "PENDING" and kv.get("Restarts") == "1":
-            break
-        time.sleep(0.25)
-    else:
-        raise AssertionError(f"job {job} was not requeued within 240 s: {kv}")
-    # its next start gets the whole limit again (else it would be warned at once)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=20"], env=env, check=True)
-    manifest = json.loads((out / "ABCD-s1" / schema.MANIFEST).read_text())
-    assert (manifest["status"], manifest["reason"]) == ("interrupted", "time limit")
-    stopped_at = manifest["final_step"]
-    assert 1 <= stopped_at < steps
-    res = ablate(out, cache_dir, *args, steps=steps, variants="ABCD")  # reconciles and watches
-    assert res.exit_code == 0, res.output
-    st = spec(out)["runs"]["ABCD-s1"]
-    assert (st["status"], st["job_id"], st["attempts"]) == ("done", job, 2)
-    log = (out / "logs" / "ABCD-s1.log").read_text()
-    assert "time limit, SIGUSR2" in log and "restart 1" in log
-    assert ref_proc.wait(timeout=600) == 0, ref_proc.stderr.read()[-2000:]
+    try:
+        out = tmp_path / "abl"
+        cfg = config(tmp_path, slurm={"time": "20", "signal_seconds": 120})
+        args = ("--launcher", "slurm", "--launcher-config", str(cfg), "--max-attempts", "3")
+        res = ablate(out, cache_dir, *args, "--detach", steps=steps, variants="ABCD")
+        assert res.exit_code == 0, res.output
+        job, env = spec(out)["runs"]["ABCD-s1"]["job_id"], slurm.env
+        wait_step(out / "ABCD-s1", 1)
+        h, m, sec = (int(x) for x in job_fields(job, env)["RunTime"].split("-")[-1].split(":"))
+        limit = (h * 60 + m) + (1 if sec else 0) + 1  # 60-120 s from now: <= the 120 s warning
+        subprocess.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={limit}"], env=env,
+                       check=True)
+        end = time.time() + 240
+        while time.time() < end:  # USR2, checkpoint, submitit's `scontrol requeue`: pending again
+            kv = job_fields(job, env)
+            if kv.get("JobState") == "PENDING" and kv.get("Restarts") == "1":
+                break
+            time.sleep(0.25)
+        else:
+            raise AssertionError(f"job {job} was not requeued within 240 s: {kv}")
+        # its next start gets the whole limit again (else it would be warned at once)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=20"], env=env, check=True)
+        manifest = json.loads((out / "ABCD-s1" / schema.MANIFEST).read_text())
+        assert (manifest["status"], manifest["reason"]) == ("interrupted", "time limit")
+        stopped_at = manifest["final_step"]
+        assert 1 <= stopped_at < steps
+        res = ablate(out, cache_dir, *args, steps=steps, variants="ABCD")  # reconciles and watches
+        assert res.exit_code == 0, res.output
+        st = spec(out)["runs"]["ABCD-s1"]
+        assert (st["status"], st["job_id"], st["attempts"]) == ("done", job, 2)
+        log = (out / "logs" / "ABCD-s1.log").read_text()
+        assert "time limit, SIGUSR2" in log and "restart 1" in log
+        assert ref_proc.wait(timeout=600) == 0, ref_proc.stderr.read()[-2000:]
+    finally:
+        if ref_proc.poll() is None:
+            ref_proc.kill()
+            ref_proc.wait()
     assert metrics(out) == metrics(ref)
 
 
