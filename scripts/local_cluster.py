@@ -248,32 +248,52 @@ class RayHead(_Owner):
         ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
         if ray is None:
             raise RuntimeError("ray is not installed: pip install 'hapo[cluster]'")
+        # Ray gives each node's raylet a fixed 30 s to register, else its `ray start` exits
+        # ("The current node timed out during startup"): on a loaded machine, try again
+        for _ in range(3):
+            if self._try_up(ray):
+                self.bringup_s = time.time() - t0
+                return
+            self.down()
+            self.procs = []
+        tail = (self.root / "ray.out").read_text(errors="replace").strip().splitlines()[-1:]
+        raise RuntimeError("the Ray cluster did not come up in 3 tries (last log line: "
+                           f"{tail[0] if tail else 'none'})")
+
+    def _try_up(self, ray: str) -> bool:
+        """Head, then the extra nodes; False when the head died starting (try again)."""
         port, dash = free_port(), free_port()
         self.address = f"http://127.0.0.1:{dash}"
-        self.start([ray, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-                    "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port",
-                    str(dash), "--num-cpus", str(self.num_cpus), "--num-gpus", "0",
-                    *self._node_ports(), "--temp-dir", str(self.root / "r"),
-                    "--disable-usage-stats"], "ray.out", self._head_env())
-        wait_for(f"the Ray head's Jobs API ({self.address})", self._answers, 120,
-                 self.root / "ray.out")
+        head = self.start([ray, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+                           "--port", str(port), "--dashboard-host", "127.0.0.1",
+                           "--dashboard-port", str(dash), "--num-cpus", str(self.num_cpus),
+                           "--num-gpus", "0", *self._node_ports(), "--temp-dir",
+                           str(self.root / "r"), "--disable-usage-stats"], "ray.out",
+                          self._head_env())
+        wait_for(f"the Ray head's Jobs API ({self.address})",
+                 lambda: head.poll() is not None or (self._answers() and self._alive_nodes() >= 1),
+                 180, self.root / "ray.out")
+        if head.poll() is not None:
+            return False
         # more nodes on this machine: each its own raylet, object store and agent ports, all
-        # under the head's temporary folder (one machine has one Ray session folder)
+        # under the head's temporary folder (one machine has one Ray session folder); one
+        # whose `ray start` exits (missed the 30 s) is started again
+        self.nodes: dict[int, subprocess.Popen] = {}
         for i, cpus in enumerate(self.worker_cpus):
             self._start_node(ray, port, i, cpus)
-        # a node's raylet must register within Ray's fixed 30 s, else `ray start` exits
-        # ("timed out during startup"): on a loaded machine, start that node again
         end = time.time() + 300
-        while self.worker_cpus and not self._all_nodes():
+        while self._alive_nodes() < 1 + len(self.worker_cpus):
+            if head.poll() is not None:
+                return False
             for i, cpus in enumerate(self.worker_cpus):
                 if self.nodes[i].poll() is not None:
                     self.procs.remove(self.nodes[i])
                     self._start_node(ray, port, i, cpus)
             if time.time() > end:
-                wait_for(f"{1 + len(self.worker_cpus)} alive Ray nodes", self._all_nodes, 0,
+                wait_for(f"{1 + len(self.worker_cpus)} alive Ray nodes", lambda: False, 0,
                          self.root / "ray-node1.out")
             time.sleep(0.5)
-        self.bringup_s = time.time() - t0
+        return True
 
     def _start_node(self, ray: str, port: int, i: int, cpus: int) -> None:
         proc = self.start([ray, "start", "--block", "--address", f"127.0.0.1:{port}",
@@ -282,7 +302,7 @@ class RayHead(_Owner):
                           f"ray-node{i + 1}.out",
                           # =0 (loopback head) also refuses to start a second node: 1 here
                           {**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"})
-        self.nodes = {**getattr(self, "nodes", {}), i: proc}
+        self.nodes[i] = proc
 
     def _head_env(self) -> dict:
         # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps every server on loopback but also refuses
@@ -303,7 +323,8 @@ class RayHead(_Owner):
             out += [opt, str(free_port())]
         return out
 
-    def _all_nodes(self) -> bool:
+    def _alive_nodes(self) -> int:
+        """Alive Ray nodes (0 while the dashboard does not answer)."""
         import json
         import urllib.request
 
@@ -311,9 +332,8 @@ class RayHead(_Owner):
             with urllib.request.urlopen(self.address + "/nodes?view=summary", timeout=5) as r:
                 nodes = json.loads(r.read())["data"]["summary"]
         except (OSError, KeyError, ValueError):
-            return False
-        alive = [n for n in nodes if n.get("raylet", {}).get("state") == "ALIVE"]
-        return len(alive) >= 1 + len(self.worker_cpus)
+            return 0
+        return sum(n.get("raylet", {}).get("state") == "ALIVE" for n in nodes)
 
     def _answers(self) -> bool:
         import urllib.request
