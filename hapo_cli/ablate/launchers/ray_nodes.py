@@ -23,7 +23,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 EXIT_PREEMPTED = 75  # hapo_cli.interrupts.EXIT_PREEMPTED (not imported: no project module)
 
@@ -116,12 +115,9 @@ def main(argv: list[str] | None = None) -> int:
                          f"\n=== ray job {job} rank {i} of {a.nodes} on node {w[2]} "
                          f"({w[0]}), rendezvous {ip}:{port}\n")
             for i, (r, w) in enumerate(zip(ranks, where))]
-    codes: list[int] = []
     pending = list(refs)
     while pending:  # short waits: the signal handler runs between them
-        done, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
-        if done:
-            time.sleep(0)
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
     try:
         codes = ray.get(refs)
     except ray.exceptions.RayError as exc:  # a node (its actor) died
