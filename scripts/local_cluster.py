@@ -151,6 +151,9 @@ class SlurmCluster(_Owner):
     def __init__(self, root: Path | None = None, cpus: int | None = None) -> None:
         super().__init__(root, "hapo-slurm-")
         self.cpus = cpus or os.cpu_count() or 1
+        # a requeued job waits cred_expire + 1 s before it may start again (Slurm's default
+        # 120 s); 10 s still leaves a step's launch credential ample time on one machine
+        self.cred_expire = 10
         self.conf = self.root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
 
@@ -163,18 +166,16 @@ class SlurmCluster(_Owner):
         munge.mkdir(exist_ok=True)
         shutil.chown(munge, "munge", "munge")
         self.root.chmod(0o755)
-        sock = munge / "munge.socket"
-        self.start(["runuser", "-u", "munge", "--", "munged", "-F", f"--socket={sock}",
-                    f"--pid-file={munge / 'munged.pid'}", f"--log-file={munge / 'munged.log'}",
-                    f"--seed-file={munge / 'munged.seed'}"], "munged.out")
-        wait_for("munged", sock.exists, 20, munge / "munged.log")
+        sock = self.munge_socket = munge / "munge.socket"
+        self.start_munge()
         host = socket.gethostname()
         ports = [free_port() for _ in range(3)]
         for d in ("state", "spool"):
             (self.root / d).mkdir(exist_ok=True)
         self.conf.write_text("\n".join([
             "ClusterName=hapo", f"SlurmctldHost={host}(127.0.0.1)", f"SlurmctldPort={ports[0]}",
-            "AuthType=auth/munge", f"AuthInfo=socket={sock}", "SlurmUser=root",
+            "AuthType=auth/munge", f"AuthInfo=socket={sock},cred_expire={self.cred_expire}",
+            "SlurmUser=root",
             f"StateSaveLocation={self.root / 'state'}", f"SlurmdSpoolDir={self.root}/spool/%n",
             f"SlurmctldPidFile={self.root}/slurmctld.pid", f"SlurmdPidFile={self.root}/slurmd-%n.pid",
             f"SlurmctldLogFile={self.root}/slurmctld.log", f"SlurmdLogFile={self.root}/slurmd-%n.log",
@@ -195,6 +196,21 @@ class SlurmCluster(_Owner):
         wait_for("slurmctld and two idle slurmd (sinfo)", self._idle, 60,
                  self.root / "slurmctld.log")
         self.bringup_s = time.time() - t0
+
+    def start_munge(self) -> None:
+        """munged as the munge user, in the foreground, on this cluster's own socket."""
+        munge = self.munge_socket.parent
+        self.munged = self.start(
+            ["runuser", "-u", "munge", "--", "munged", "-F", f"--socket={self.munge_socket}",
+             f"--pid-file={munge / 'munged.pid'}", f"--log-file={munge / 'munged.log'}",
+             f"--seed-file={munge / 'munged.seed'}"], "munged.out")
+        wait_for("munged", self.munge_socket.exists, 20, munge / "munged.log")
+
+    def stop_munge(self) -> None:
+        """Stop munged (by pid): Slurm's clients then fail to sign requests ("munge down")."""
+        stop_pids([self.munged.pid])
+        self.procs.remove(self.munged)
+        (self.root / "pids").write_text("".join(f"{p.pid}\n" for p in self.procs))
 
     def _idle(self) -> bool:
         res = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True,
@@ -217,9 +233,11 @@ class SlurmCluster(_Owner):
 class RayHead(_Owner):
     """`ray start --head --block` on loopback; `address` is its Jobs API (dashboard)."""
 
-    def __init__(self, root: Path | None = None, num_cpus: int = 2) -> None:
+    def __init__(self, root: Path | None = None, num_cpus: int = 2,
+                 worker_cpus: tuple[int, ...] = ()) -> None:
         super().__init__(root, "hapo-ray-")
         self.num_cpus = num_cpus
+        self.worker_cpus = worker_cpus  # one more Ray node on this machine for each
         # loopback; stop_job's SIGTERM gets 60 s (not 3) to finish the step and checkpoint
         self.env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
                     "RAY_JOB_STOP_WAIT_TIME_S": "60"}
@@ -230,16 +248,92 @@ class RayHead(_Owner):
         ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
         if ray is None:
             raise RuntimeError("ray is not installed: pip install 'hapo[cluster]'")
+        # Ray gives each node's raylet a fixed 30 s to register, else its `ray start` exits
+        # ("The current node timed out during startup"): on a loaded machine, try again
+        for _ in range(3):
+            if self._try_up(ray):
+                self.bringup_s = time.time() - t0
+                return
+            self.down()
+            self.procs = []
+        tail = (self.root / "ray.out").read_text(errors="replace").strip().splitlines()[-1:]
+        raise RuntimeError("the Ray cluster did not come up in 3 tries (last log line: "
+                           f"{tail[0] if tail else 'none'})")
+
+    def _try_up(self, ray: str) -> bool:
+        """Head, then the extra nodes; False when the head died starting (try again)."""
         port, dash = free_port(), free_port()
         self.address = f"http://127.0.0.1:{dash}"
-        self.start([ray, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-                    "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port",
-                    str(dash), "--num-cpus", str(self.num_cpus), "--num-gpus", "0",
-                    "--temp-dir", str(self.root / "r"), "--disable-usage-stats"],
-                   "ray.out", self.env)
-        wait_for(f"the Ray head's Jobs API ({self.address})", self._answers, 120,
-                 self.root / "ray.out")
-        self.bringup_s = time.time() - t0
+        head = self.start([ray, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+                           "--port", str(port), "--dashboard-host", "127.0.0.1",
+                           "--dashboard-port", str(dash), "--num-cpus", str(self.num_cpus),
+                           "--num-gpus", "0", *self._node_ports(), "--temp-dir",
+                           str(self.root / "r"), "--disable-usage-stats"], "ray.out",
+                          self._head_env())
+        wait_for(f"the Ray head's Jobs API ({self.address})",
+                 lambda: head.poll() is not None or (self._answers() and self._alive_nodes() >= 1),
+                 180, self.root / "ray.out")
+        if head.poll() is not None:
+            return False
+        # more nodes on this machine: each its own raylet, object store and agent ports, all
+        # under the head's temporary folder (one machine has one Ray session folder); one
+        # whose `ray start` exits (missed the 30 s) is started again
+        self.nodes: dict[int, subprocess.Popen] = {}
+        for i, cpus in enumerate(self.worker_cpus):
+            self._start_node(ray, port, i, cpus)
+        end = time.time() + 300
+        while self._alive_nodes() < 1 + len(self.worker_cpus):
+            if head.poll() is not None:
+                return False
+            for i, cpus in enumerate(self.worker_cpus):
+                if self.nodes[i].poll() is not None:
+                    self.procs.remove(self.nodes[i])
+                    self._start_node(ray, port, i, cpus)
+            if time.time() > end:
+                wait_for(f"{1 + len(self.worker_cpus)} alive Ray nodes", lambda: False, 0,
+                         self.root / "ray-node1.out")
+            time.sleep(0.5)
+        return True
+
+    def _start_node(self, ray: str, port: int, i: int, cpus: int) -> None:
+        proc = self.start([ray, "start", "--block", "--address", f"127.0.0.1:{port}",
+                           "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus),
+                           "--num-gpus", "0", *self._node_ports(), "--disable-usage-stats"],
+                          f"ray-node{i + 1}.out",
+                          # =0 (loopback head) also refuses to start a second node: 1 here
+                          {**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"})
+        self.nodes[i] = proc
+
+    def _head_env(self) -> dict:
+        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps every server on loopback but also refuses
+        # a second node (`ray start --address` aborts; =1 there resolves 127.0.0.1 to the
+        # machine's address, where a loopback head does not listen): with more nodes, the
+        # head's GCS, raylet and object manager listen on all interfaces (its dashboard stays
+        # on 127.0.0.1)
+        return {**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"} if self.worker_cpus \
+            else self.env
+
+    @staticmethod
+    def _node_ports() -> list[str]:
+        """Ports of one node's own servers, free ones (the defaults collide between nodes)."""
+        out = []
+        for opt in ("--node-manager-port", "--object-manager-port",
+                    "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                    "--metrics-export-port", "--runtime-env-agent-port"):
+            out += [opt, str(free_port())]
+        return out
+
+    def _alive_nodes(self) -> int:
+        """Alive Ray nodes (0 while the dashboard does not answer)."""
+        import json
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.address + "/nodes?view=summary", timeout=5) as r:
+                nodes = json.loads(r.read())["data"]["summary"]
+        except (OSError, KeyError, ValueError):
+            return 0
+        return sum(n.get("raylet", {}).get("state") == "ALIVE" for n in nodes)
 
     def _answers(self) -> bool:
         import urllib.request

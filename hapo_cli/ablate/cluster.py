@@ -110,7 +110,7 @@ def run_cluster(
         highlight=False)
     if todo:
         prepare(resolved[todo[0].run_dir], console)  # the shared warm-up policy, once, here
-        _submit(spec, todo, resolved, ablation_dir, launcher, console)
+        _submit(spec, todo, resolved, ablation_dir, launcher, console, max_attempts)
     if detach:
         console.print(f"detached: `hapo ablate status {ablation_dir}` shows the runs; the same "
                       "command again resubmits any that were interrupted", highlight=False)
@@ -126,7 +126,7 @@ def run_cluster(
     return all(spec.state(e.run_dir).status == DONE for e in plan)
 
 
-def _submit(spec, todo, resolved, ablation_dir, launcher, console) -> None:
+def _submit(spec, todo, resolved, ablation_dir, launcher, console, max_attempts) -> None:
     subs = []
     for e in todo:
         st = spec.state(e.run_dir)
@@ -140,7 +140,7 @@ def _submit(spec, todo, resolved, ablation_dir, launcher, console) -> None:
                   log_path=log_path.resolve(), env=child_env(rec.train.threads or 1, None))
         env = {k: v for k, v in job.env.items() if k != "CUDA_VISIBLE_DEVICES"}
         subs.append(Submission(e.run_dir, train_command(job), env, job.log_path,
-                               st.attempt + 1))
+                               st.attempt + 1, max(1, max_attempts - st.attempt)))
         st.log = str(log_path.relative_to(ablation_dir))
     t0 = time.perf_counter()
     ids = launcher.submit(subs)
@@ -184,7 +184,7 @@ def _watch(spec, plan, resolved, ablation_dir, launcher, max_attempts, console,
                           highlight=False)
         write_ablation(ablation_dir, spec)
         if again:
-            _submit(spec, again, resolved, ablation_dir, launcher, console)
+            _submit(spec, again, resolved, ablation_dir, launcher, console, max_attempts)
 
 
 def live_states(spec: AblationSpec, ablation_dir: Path) -> tuple[dict[str, RunState], str]:

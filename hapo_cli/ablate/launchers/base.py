@@ -37,6 +37,7 @@ class Submission:
     env: dict[str, str]  # environment additions (threads, PYTHONPATH)
     log_path: Path
     attempt: int
+    starts_left: int = 1  # starts this job may make, its first included (--max-attempts)
 
 
 class Launcher:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from dataclasses import dataclass, field
 
 try:  # on the submitting machine and the nodes alike (the `cluster` extra)
@@ -39,6 +40,20 @@ def first_node_address(nodelist: str) -> str:
     return hosts[0]
 
 
+def wait_exit(pid: int, timeout_s: float) -> None:
+    """Until child `pid` has exited (or `timeout_s`), leaving it to be reaped. Not Popen.wait:
+    this runs in a signal handler that interrupted `__call__`'s `proc.wait()`, which holds
+    the Popen's wait lock, so a second wait (or poll) would never see the exit."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return
+        except ChildProcessError:  # already reaped
+            return
+        time.sleep(0.1)
+
+
 @dataclass
 class TrainOnNode(Checkpointable):
     """`train` (argv after `python -m hapo_cli.cli`) on this node, logging to `log`."""
@@ -50,6 +65,7 @@ class TrainOnNode(Checkpointable):
     processes_per_node: int = 1
     main_process_ip: str | None = None
     main_process_port: int | None = None
+    starts: int = 1000  # starts of this job at most (its first included): --max-attempts
     extra: dict = field(default_factory=dict)
 
     def command(self) -> list[str]:
@@ -81,12 +97,12 @@ class TrainOnNode(Checkpointable):
 
     def checkpoint(self, *args, **kwargs):
         """submitit's USR2 (the time limit is near): the child got it too; wait for its
-        checkpoint, then requeue (submitit runs `scontrol requeue`)."""
+        checkpoint, then requeue (submitit runs `scontrol requeue`), unless this job has made
+        its `starts` (then it ends; the ablation records the run as given up)."""
         proc = _CHILD.get("proc")
-        if proc is not None and proc.poll() is None:
+        if proc is not None and proc.returncode is None:
             proc.send_signal(signal.SIGUSR2)  # a second one is ignored by `hapo train`
-            try:
-                proc.wait(timeout=float(os.environ.get("HAPO_CHECKPOINT_WAIT_S", "600")))
-            except subprocess.TimeoutExpired:
-                pass
+            wait_exit(proc.pid, float(os.environ.get("HAPO_CHECKPOINT_WAIT_S", "600")))
+        if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) + 1 >= self.starts:
+            return None  # submitit: "not requeued"
         return super().checkpoint(*args, **kwargs)

@@ -1,13 +1,16 @@
 """Ray through its Jobs SDK: one job per run (`entrypoint_num_cpus/gpus`, custom resources),
-submitted to a running cluster's dashboard address. Ray runs a job once; `stop_job` sends
-SIGTERM (then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S): the run checkpoints and ends
-`interrupted`, and the ablation (or its rerun) submits the next attempt."""
+submitted to a running cluster's dashboard address; a run over `nodes` nodes is a driver
+(ray_nodes.py) that places one rank on each node (accelerate launch across them). Ray runs a
+job once; `stop_job` sends SIGTERM (then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S): the run
+checkpoints and ends `interrupted`, and the ablation (or its rerun) submits the next attempt."""
 
 from __future__ import annotations
 
+import json
 import shlex
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 
 from pydantic import Field
 
@@ -36,6 +39,13 @@ class RayConfig(LauncherConfig):
     setup: list[str] = Field(default_factory=list, description="Shell lines before the run "
                              "(source venv/bin/activate).")
     timeout_s: float = Field(30, gt=0, description="Deadline for the Jobs API to answer.")
+    nodes: int = Field(1, ge=1, description="Nodes of one run: one rank a node on distinct "
+                       "nodes (a STRICT_SPREAD placement group), accelerate across them; "
+                       "num_cpus, num_gpus and resources are then each node's.")
+    processes_per_node: int | None = Field(None, ge=1, description="Training processes a node "
+                                           "(default: num_gpus, 1 without GPUs).")
+    main_process_port: int | None = Field(None, description="Multi-node rendezvous port "
+                                          "(default: a free port on rank 0's node).")
 
 
 @register_launcher("ray")
@@ -65,16 +75,32 @@ class RayLauncher(Launcher):
     def submit(self, subs: Sequence[Submission]) -> list[str]:
         client = self._client()
         ids = []
+        c = self.cfg
+        per_node = c.processes_per_node or max(1, int(c.num_gpus))
+        spread = c.nodes > 1 or per_node > 1
         for s in subs:
-            run = shlex.join(s.command) + f" >> {shlex.quote(str(s.log_path))} 2>&1"
-            # exec: Ray's SIGTERM reaches `hapo train` itself, not a shell in between
-            line = "; ".join([*self.cfg.setup, "exec " + run]) if self.cfg.setup else "exec " + run
+            env = {**s.env, **c.env}
+            if spread:  # a driver that holds no resources: its ranks' actors hold them
+                cmd = [s.command[0], str(Path(__file__).with_name("ray_nodes.py")),
+                       "--nodes", str(c.nodes), "--processes-per-node", str(per_node),
+                       "--num-cpus", str(c.num_cpus), "--num-gpus", str(c.num_gpus),
+                       "--resources", json.dumps(dict(c.resources)), "--env", json.dumps(env),
+                       "--log", str(s.log_path),
+                       *(["--main-process-port", str(c.main_process_port)]
+                         if c.main_process_port else []),
+                       "--", *s.command[3:]]
+                resources: dict = {"entrypoint_num_cpus": 0, "entrypoint_num_gpus": 0}
+            else:
+                cmd = s.command
+                resources = {"entrypoint_num_cpus": c.num_cpus, "entrypoint_num_gpus": c.num_gpus,
+                             "entrypoint_resources": dict(c.resources) or None}
+            run = shlex.join(cmd) + f" >> {shlex.quote(str(s.log_path))} 2>&1"
+            # exec: Ray's SIGTERM reaches `hapo train` (or the ranks' driver) itself
+            line = "; ".join([*c.setup, "exec " + run]) if c.setup else "exec " + run
             sid = f"hapo-{self.ablation_dir.name}-{s.name}-a{s.attempt}-{uuid.uuid4().hex[:6]}"
             ids.append(client.submit_job(
                 entrypoint=f"bash -c {shlex.quote(line)}", submission_id=sid,
-                runtime_env={"env_vars": {**s.env, **self.cfg.env}},
-                entrypoint_num_cpus=self.cfg.num_cpus, entrypoint_num_gpus=self.cfg.num_gpus,
-                entrypoint_resources=dict(self.cfg.resources) or None,
+                runtime_env={"env_vars": env}, **resources,
                 metadata={"hapo_run": s.name, "attempt": str(s.attempt)},
             ))
         return ids

@@ -5,6 +5,8 @@ database needed: `sacct` is not used)."""
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -96,10 +98,7 @@ class SlurmLauncher(Launcher):
                                     "here? run hapo ablate on a login node)")
         res = _run(["sinfo", "-h", "-o", "%P"])
         if res.returncode != 0:
-            line = _first_line(res.stderr) or f"exit code {res.returncode}"
-            why = "munge is not running or not authorised" if "munge" in line.lower() else \
-                "the controller does not answer"
-            raise LauncherError(f"--launcher slurm: `sinfo` failed ({why}): {line}")
+            raise LauncherError(sinfo_failure(res.stderr, res.returncode))
         parts = [p.strip().rstrip("*") for p in res.stdout.split()]
         if self.cfg.partition and self.cfg.partition not in parts:
             raise LauncherError(f"slurm.partition={self.cfg.partition!r} is not a partition "
@@ -133,7 +132,7 @@ class SlurmLauncher(Launcher):
         with ex.batch():
             for s in subs:
                 fn = TrainOnNode(sys.executable, s.command[3:], s.env, str(s.log_path), ppn,
-                                 c.main_process_ip, c.main_process_port)
+                                 c.main_process_ip, c.main_process_port, s.starts_left)
                 jobs.append(ex.submit(fn))
         return [str(j.job_id) for j in jobs]
 
@@ -156,6 +155,27 @@ class SlurmLauncher(Launcher):
     def cancel(self, job_ids: Sequence[str]) -> None:
         if job_ids:
             _run(["scancel", *job_ids])
+
+
+def sinfo_failure(stderr: str, rc: int) -> str:
+    """One line for a failed `sinfo`: munge down (Slurm's clients sign every request with
+    munge), the controller unreachable, or else sinfo's own first line; with the command that
+    checks it."""
+    lines = [ln.strip() for ln in (stderr or "").splitlines() if ln.strip()]
+    munge = next((ln for ln in lines if "munge encode failed" in ln.lower()), None) or next(
+        (ln for ln in lines if "munge" in ln.lower() or "authentication" in ln.lower()), None)
+    if munge is not None:
+        detail = munge.split("error: ", 1)[-1]
+        sock = re.search(r'access "([^"]+)"', detail)
+        flag = f" -S {sock.group(1)}" if sock else ""
+        return (f"--launcher slurm: munge does not answer, so Slurm refuses every request "
+                f"({detail}); check with `munge -n{flag} | unmunge{flag}`, start munged, rerun")
+    ctld = next((ln for ln in lines if "slurm controller" in ln.lower()), None)
+    if ctld is not None:
+        return (f"--launcher slurm: slurmctld does not answer ({ctld}); check with `scontrol "
+                f"ping` (SLURM_CONF={os.environ.get('SLURM_CONF', '/etc/slurm/slurm.conf')})")
+    return (f"--launcher slurm: `sinfo` failed ({(lines or [f'exit code {rc}'])[0]}); check "
+            "with `sinfo` and `scontrol ping`")
 
 
 def _tasks(spec: str) -> list[str]:
