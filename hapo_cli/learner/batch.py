@@ -64,13 +64,6 @@ class TrainBatch:
         )
 
 
-def _pad_right(rows: list[Tensor], width: int, value) -> Tensor:
-    out = torch.full((len(rows), width), value, dtype=rows[0].dtype)
-    for i, r in enumerate(rows):
-        out[i, : r.numel()] = r
-    return out
-
-
 def concat_batches(batches: list[TrainBatch], pad_id: int) -> TrainBatch:
     """Concatenate batches of different prompt/response widths (re-padding), groups renumbered."""
     if len(batches) == 1:

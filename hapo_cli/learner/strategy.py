@@ -481,12 +481,6 @@ class Strategy:
         return out
 
 
-def _same_module(a: nn.Module, b: nn.Module) -> bool:
-    from .forward import unwrap
-
-    return unwrap(a) is unwrap(b)
-
-
 def compute_autocast(precision: Precision, device: torch.device):
     """An autocast context for code that runs outside the model's (autocast-wrapped) forward."""
     if precision.compute == torch.float32:

@@ -153,10 +153,6 @@ class SlurmLauncher(Launcher):
                 seen[kv["JobId"]] = (state, restarts)
         return {j: seen.get(j, (GONE, 0)) for j in job_ids}
 
-    def cancel(self, job_ids: Sequence[str]) -> None:
-        if job_ids:
-            _run(["scancel", *job_ids])
-
 
 def _tasks(spec: str) -> list[str]:
     """An ArrayTaskId as task ids: '3', '0-3%2', '1,4-5'."""
