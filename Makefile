@@ -65,8 +65,12 @@ $(VSTAMP): pyproject.toml
 test-vllm: $(VSTAMP)
 	$(VBIN)/python -m pytest -c tests_vllm/pytest.ini tests_vllm
 
+# ruff; vulture (dead code; config and whitelist: pyproject.toml, vulture_whitelist.py);
+# basedpyright, pyright's basic mode over hapo_cli and analysis (pyproject.toml)
 lint: $(STAMP)
 	$(BIN)/ruff check hapo_cli analysis tests tests_vllm bench scripts
+	$(BIN)/vulture
+	$(BIN)/basedpyright
 
 clean:
 	rm -rf $(VENV) $(VVENV)
