@@ -19,12 +19,7 @@ from torch import Tensor
 
 from ..algo import fused_logprobs_and_entropy, logprobs_and_entropy
 from ..errors import HapoError
-
-
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """(B, L) left-padded mask -> (B, L) positions (0 at the first real token, 0 on padding)."""
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.clamp(min=0)
+from ..tensors import left_pad_prompts, position_ids
 
 
 def unwrap(model):
@@ -78,7 +73,7 @@ def pack_rows(input_ids: Tensor, attention_mask: Tensor, response_len: int) -> P
     starts = lens.cumsum(0) - lens  # (B,)
     t = torch.arange(response_len, device=input_ids.device)
     predict_at = (starts[:, None] + prompt_len[:, None] + t[None, :] - 1)[resp]  # (N_r,)
-    pos = (keep.long().cumsum(-1) - 1)[keep]  # (N,) restarts at 0 for every row
+    pos = position_ids(keep)[keep]  # (N,) restarts at 0 for every row
     return Packed(input_ids[keep][None], pos[None], predict_at, input_ids[:, P:][resp], resp)
 
 
@@ -204,7 +199,7 @@ def response_logprobs(
     T = response_len
     P = L - T
     targets = input_ids[:, P:]  # (B, T)
-    position_ids = position_ids_from_mask(attention_mask)
+    pos_ids = position_ids(attention_mask)
     temp = temperature
     if isinstance(temp, Tensor):
         temp = temp.reshape(-1).float()  # (B*T,)
@@ -236,7 +231,7 @@ def response_logprobs(
             out = model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                position_ids=position_ids,
+                position_ids=pos_ids,
                 use_cache=False,
                 logits_to_keep=T + 1,
             )
@@ -248,7 +243,7 @@ def response_logprobs(
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=position_ids,
+        position_ids=pos_ids,
         use_cache=False,
     )
     logits = out.logits[:, P - 1 : L - 1, :]  # (B, T, V)
@@ -278,15 +273,10 @@ def rollout_entropy(
     for s in range(0, len(batch), micro_batch):
         idx = list(range(s, min(s + micro_batch, len(batch))))
         prompts = [prompt_ids[int(batch.prompt_index[i])] for i in idx]
-        P = max(len(p) for p in prompts)
-        ids = torch.full((len(idx), P + T), pad_id, dtype=torch.long)
-        am = torch.zeros((len(idx), P + T), dtype=torch.long)
-        for j, p in enumerate(prompts):
-            ids[j, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
-            am[j, P - len(p) : P] = 1
+        p_ids, p_am = left_pad_prompts(prompts, pad_id)  # (b, P) each
         mask = batch.response_mask[idx].bool()
-        ids[:, P:] = batch.response_ids[idx].long().masked_fill(~mask, pad_id)
-        am[:, P:] = mask.long()
+        ids = torch.cat([p_ids, batch.response_ids[idx].long().masked_fill(~mask, pad_id)], 1)
+        am = torch.cat([p_am, mask.long()], 1)
         with torch.no_grad():
             _, ent = response_logprobs(model, ids.to(device), am.to(device), T, None)
         rows_out.append(ent.float().cpu().masked_fill(~mask, 0.0))
