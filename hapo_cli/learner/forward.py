@@ -15,14 +15,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from transformers import AttentionInterface
 
 from ..algo import fused_logprobs_and_entropy, logprobs_and_entropy
 from ..errors import HapoError
 from ..tensors import left_pad_prompts, position_ids
 
 
-def unwrap(model):
+def unwrap(model: nn.Module) -> nn.Module:
     while hasattr(model, "module"):
         model = model.module
     return model
@@ -122,8 +123,6 @@ def _varlen_attention(model):
                        getattr(core, "is_gradient_checkpointing", False))):
         yield
         return
-    from transformers import AttentionInterface
-
     AttentionInterface.register(VARLEN, varlen_sdpa)
     cfg._attn_implementation = VARLEN
     try:
@@ -265,8 +264,6 @@ def rollout_entropy(
 
     For engines that record no decode-time entropy (vLLM): the same forward pass the learner's
     old-policy scoring runs, so evaluation and training see the same numbers."""
-    import torch
-
     rows_out = []
     T = batch.response_ids.shape[1]
     device = next(model.parameters()).device
