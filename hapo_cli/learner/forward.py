@@ -13,20 +13,22 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 
 from ..algo import fused_logprobs_and_entropy, logprobs_and_entropy
 from ..errors import HapoError
 from ..tensors import left_pad_prompts, position_ids
 
 
-def unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> PreTrainedModel:
+    """The HF model under the strategy's wrappers (DDP, DeepSpeed: their `.module`)."""
     while hasattr(model, "module"):
-        model = model.module
-    return model
+        model = cast(nn.Module, model.module)
+    return cast(PreTrainedModel, model)
 
 
 @contextmanager
@@ -123,6 +125,7 @@ def _varlen_attention(model):
                        getattr(core, "is_gradient_checkpointing", False))):
         yield
         return
+    assert cfg is not None  # its _attn_implementation is "sdpa"
     AttentionInterface.register(VARLEN, varlen_sdpa)
     cfg._attn_implementation = VARLEN
     try:
