@@ -155,6 +155,7 @@ def _packed_forward(model, input_ids, attention_mask, T, temperature, *, fused, 
               use_cache=False, logits_to_keep=pk.predict_at)
     if fused:
         head = unwrap(model).get_output_embeddings()
+        assert head is not None  # a causal LM has an output head
 
         def fused_head(hidden: Tensor) -> Tensor:  # (1, N_r, d): the predicting positions
             hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -209,6 +210,7 @@ def response_logprobs(
         temp = None
     if fused:
         head = unwrap(model).get_output_embeddings()
+        assert head is not None  # a causal LM has an output head
         # only real response tokens go through the LM head (padding can be most of a batch of
         # long, ragged responses); results are scattered back to (B, T), 0 on padding
         valid = attention_mask[:, P:].reshape(-1).bool()  # (B*T,)
