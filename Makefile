@@ -70,8 +70,12 @@ test-vllm: $(VSTAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
+# ruff; vulture (dead code; config and whitelist: pyproject.toml, vulture_whitelist.py);
+# basedpyright, pyright's basic mode over hapo_cli and analysis (pyproject.toml)
 lint: $(STAMP)
 	$(BIN)/ruff check hapo_cli analysis tests tests_vllm bench scripts
+	$(BIN)/vulture
+	$(BIN)/basedpyright
 
 clean:
 	rm -rf $(VENV) $(VVENV)

@@ -61,10 +61,6 @@ class AnalyzeResult:
     warnings: list[str] = field(default_factory=list)
     runs: list[str] = field(default_factory=list)
 
-    @property
-    def reports(self) -> list[Path]:
-        return [self.report_md, self.report_html]
-
     def skipped_lines(self) -> list[str]:
         """One line per skipped figure: ``"<name>: <reason>"``."""
         return [f"{name}: {why}" for name, why in self.skipped.items()]

@@ -69,10 +69,6 @@ def apply_lora(model: nn.Module, cfg: Any) -> nn.Module:
     return model
 
 
-def has_lora(model: nn.Module) -> bool:
-    return any(_A in name for name, _ in model.named_parameters())
-
-
 def scaling(cfg: Any) -> float:
     """alpha / rank: the factor of B A in every adapted layer."""
     return cfg.alpha / cfg.rank

@@ -150,10 +150,6 @@ class Recipe(_Section):
 
         return letters_of(self.algo)
 
-    @property
-    def responses_per_step(self) -> int:
-        return self.train.prompts_per_step * self.rollout.n
-
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 

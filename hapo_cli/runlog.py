@@ -289,15 +289,6 @@ class RunLog:
             tmp.unlink(missing_ok=True)
             raise
 
-    def append_eval(self, name: str, rows: list[dict[str, Any]]) -> None:
-        if not self.enabled or not rows:
-            return
-        path = self.dir / schema.EVAL_DIR / f"{name}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row, default=_json_default) + "\n")
-
 
 # Fields a --resume may change: runs may extend; how checkpoints are written (a run from before
 # log.checkpoint_format existed resumes under the new default) changes no step's result; nor do

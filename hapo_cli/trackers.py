@@ -26,6 +26,7 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -54,7 +55,7 @@ SERVER_DEADLINE_S = 5.0  # an MLflow server must answer /health within this at s
 _MLFLOW_STATUS = {"done": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 
 
-def check_trackers(names: list[str] | tuple[str, ...], run_dir: Path | None = None,
+def check_trackers(names: Sequence[str], run_dir: Path | None = None,
                    resume: bool = False) -> None:
     """HapoError (one line, exit 2) for anything about the requested trackers that would fail
     once the run has started: a package not installed and, given the run directory, wandb

@@ -4,13 +4,10 @@ import math
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from hapo_cli.algo.fused import (
     IGNORE_INDEX,
     fused_logprobs_and_entropy,
-    model_hidden_and_head,
-    sequence_logprobs_and_entropy,
 )
 
 N, D, V = 23, 8, 50  # 23 tokens: prime, so most chunk sizes do not divide it
@@ -250,100 +247,3 @@ def test_bad_input_raises(kwargs, match):
             args["chunk_size"], bias=args["bias"],
         )
 
-
-# ----------------------------------------------------------------------------- HF model helpers
-
-
-def tiny_qwen2(tied: bool, seed: int = 0) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        tie_word_embeddings=tied,
-    )
-    return Qwen2ForCausalLM(config).float().eval()
-
-
-def padded_batch(seed: int = 0):
-    """input_ids = [left-padded prompt (P = 5) | right-padded response (T = 6)], pad id 0.
-
-    Row 3 has an empty response (fully masked row).
-    """
-    g = torch.Generator().manual_seed(seed)
-    prompt_lens, response_lens = [5, 3, 1, 2], [6, 2, 4, 0]
-    b, p, t = 4, 5, 6
-    input_ids = torch.zeros(b, p + t, dtype=torch.long)
-    attention_mask = torch.zeros(b, p + t, dtype=torch.long)
-    for i, (pl, rl) in enumerate(zip(prompt_lens, response_lens, strict=True)):
-        input_ids[i, p - pl : p + rl] = torch.randint(1, 40, (pl + rl,), generator=g)
-        attention_mask[i, p - pl : p + rl] = 1
-    return input_ids, attention_mask, p
-
-
-@pytest.mark.parametrize("tied", [True, False])
-def test_model_hidden_and_head_reproduce_logits(tied):
-    model = tiny_qwen2(tied)
-    input_ids, attention_mask, _ = padded_batch()
-    hidden, weight, bias = model_hidden_and_head(model, input_ids, attention_mask)
-    assert hidden.shape == (4, 11, 32) and weight.shape == (40, 32) and bias is None
-    assert (weight is model.get_input_embeddings().weight) == tied
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, L, V)
-    torch.testing.assert_close(hidden @ weight.T, logits)
-
-
-@pytest.mark.parametrize("tied", [True, False])
-@pytest.mark.parametrize("temperature", [None, 0.6, "per-token"])
-def test_sequence_fused_equals_plain_values_and_grads(tied, temperature):
-    model = tiny_qwen2(tied)
-    input_ids, attention_mask, p = padded_batch()
-    mask = attention_mask[:, p:].bool()  # (B, T)
-    g = torch.Generator().manual_seed(3)
-    if temperature == "per-token":
-        temperature = torch.rand(mask.shape, generator=g) + 0.5  # (B, T)
-    a, b = torch.randn(mask.shape, generator=g), torch.randn(mask.shape, generator=g)
-    params = [q for q in model.parameters() if q.requires_grad]
-    results = []
-    for fused in (True, False):
-        logp, entropy = sequence_logprobs_and_entropy(
-            model, input_ids, attention_mask, p, temperature=temperature, fused=fused,
-            chunk_size=4,
-        )
-        grads = torch.autograd.grad((a * logp + b * entropy).sum(), params)
-        results.append((logp.detach(), entropy.detach(), grads))
-    (lf, ef, gf), (lp, ep, gp) = results
-    assert lf.shape == mask.shape and torch.count_nonzero(lf[~mask]) == 0
-    assert torch.count_nonzero(ef[~mask]) == 0 and bool((lf[mask] < 0).all())
-    torch.testing.assert_close(lf, lp)
-    torch.testing.assert_close(ef, ep)
-    for x, y in zip(gf, gp, strict=True):
-        torch.testing.assert_close(x, y)
-    # the shared (tied) embedding got a gradient from both the lookup and the head, once each
-    emb = model.get_input_embeddings().weight
-    i = next(k for k, q in enumerate(params) if q is emb)
-    assert torch.count_nonzero(gf[i]) > 0
-
-
-def test_sequence_logp_is_of_the_next_token():
-    # response token t is scored by the logits at position P - 1 + t
-    model = tiny_qwen2(tied=True)
-    input_ids, attention_mask, p = padded_batch()
-    with torch.no_grad():
-        logp, _ = sequence_logprobs_and_entropy(model, input_ids, attention_mask, p)
-        logits = model(
-            input_ids=input_ids, attention_mask=attention_mask,
-            position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
-        ).logits
-    # row 1 (prompt of 3, response of 2), response token 1 sits at position P + 1 = 6
-    want = logits[1, 5].log_softmax(-1)[input_ids[1, 6]]
-    torch.testing.assert_close(logp[1, 1], want)
-
-
-def test_sequence_bad_prompt_length():
-    model = tiny_qwen2(tied=True)
-    input_ids, attention_mask, _ = padded_batch()
-    with pytest.raises(ValueError, match="prompt_length"):
-        sequence_logprobs_and_entropy(model, input_ids, attention_mask, 0)
-    with pytest.raises(ValueError, match="temperature"):
-        sequence_logprobs_and_entropy(
-            model, input_ids, attention_mask, 5, temperature=torch.ones(4, 5)
-        )

@@ -14,7 +14,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from hapo_cli.algo import EntropyStats, entropy_stats
-from hapo_cli.recipe import AlgoConfig, EvalConfig, RolloutConfig
+from hapo_cli.recipe import AlgoConfig, RolloutConfig
 from hapo_cli.rollout import (
     AdaptiveTemperatureLogitsProcessor,
     HFEngine,
@@ -108,10 +108,6 @@ def test_spec_from_recipe_sections():
     )
     assert (spec.n, spec.temperature, spec.top_k, spec.max_new_tokens) == (4, 0.9, 5, 7)
     assert spec.adaptive and spec.tau == 0.1 and spec.truncation
-    ev = SamplingSpec.for_eval(EvalConfig(n=3, temperature=0.5, top_p=0.7), RolloutConfig())
-    assert (ev.n, ev.temperature, ev.top_p, ev.adaptive) == (3, 0.5, 0.7, False)
-    greedy = SamplingSpec.for_eval(EvalConfig(), RolloutConfig(), greedy=True)
-    assert greedy.greedy and greedy.n == 1 and not greedy.truncation
 
 
 # ---------------------------------------------------------------------------------------------

@@ -492,14 +492,9 @@ def test_seed_formula_stays_in_int64():
 
 
 def test_sampling_spec_from_recipe_sections():
-    """for_training / for_eval read only fields that exist, with the values the recipe holds."""
+    """for_training reads only fields that exist, with the values the recipe holds."""
     from hapo_cli.recipe import load_recipe
 
     rec = load_recipe("tiny/hapo", ["eval.max_new_tokens=12", "rollout.top_k=5"])
     train = SamplingSpec.for_training(rec.rollout, rec.algo)
     assert (train.n, train.top_k, train.adaptive, train.tau) == (8, 5, True, rec.algo.tau)
-    ev = SamplingSpec.for_eval(rec.eval, rec.rollout)
-    assert (ev.n, ev.temperature, ev.top_p, ev.top_k, ev.max_new_tokens) == (4, 0.5, 0.7, 0, 12)
-    assert not ev.adaptive and not ev.greedy
-    greedy = SamplingSpec.for_eval(rec.eval, rec.rollout, greedy=True)
-    assert greedy.n == 1 and greedy.greedy and not greedy.truncation

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..tensors import left_pad, left_pad_prompts
+
 
 @dataclass
 class TrainBatch:
@@ -64,13 +66,6 @@ class TrainBatch:
         )
 
 
-def _pad_right(rows: list[Tensor], width: int, value) -> Tensor:
-    out = torch.full((len(rows), width), value, dtype=rows[0].dtype)
-    for i, r in enumerate(rows):
-        out[i, : r.numel()] = r
-    return out
-
-
 def concat_batches(batches: list[TrainBatch], pad_id: int) -> TrainBatch:
     """Concatenate batches of different prompt/response widths (re-padding), groups renumbered."""
     if len(batches) == 1:
@@ -80,11 +75,8 @@ def concat_batches(batches: list[TrainBatch], pad_id: int) -> TrainBatch:
 
     def prompt_part(b: TrainBatch) -> tuple[Tensor, Tensor]:
         p = b.input_ids.shape[1] - b.response_ids.shape[1]
-        ids = torch.full((len(b.scores), P), pad_id, dtype=torch.long)
-        am = torch.zeros((len(b.scores), P), dtype=b.attention_mask.dtype)
-        ids[:, P - p :] = b.input_ids[:, :p]
-        am[:, P - p :] = b.attention_mask[:, :p]
-        return ids, am
+        return (left_pad(list(b.input_ids[:, :p].long()), pad_id, P),
+                left_pad(list(b.attention_mask[:, :p]), 0, P))
 
     def resp(b: TrainBatch, t: Tensor, value) -> Tensor:
         out = torch.full((t.shape[0], T), value, dtype=t.dtype)
@@ -123,13 +115,7 @@ def concat_batches(batches: list[TrainBatch], pad_id: int) -> TrainBatch:
 def build_train_batch(examples, rollout, scores: Tensor, acc: Tensor, texts, pad_id: int) -> TrainBatch:
     """examples: the prompts given to the engine; rollout: its RolloutBatch (samples adjacent)."""
     pidx = rollout.prompt_index.long()
-    prompts = [torch.tensor(examples[i].prompt_ids, dtype=torch.long) for i in pidx.tolist()]
-    P = max(p.numel() for p in prompts)
-    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
-    am = torch.zeros((len(prompts), P), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, P - p.numel() :] = p
-        am[i, P - p.numel() :] = 1
+    ids, am = left_pad_prompts([examples[i].prompt_ids for i in pidx.tolist()], pad_id)
     mask = rollout.response_mask.bool()
     resp = rollout.response_ids.long().masked_fill(~mask, pad_id)
     truncated = torch.tensor([r == "length" for r in rollout.finish_reason], dtype=torch.bool)

@@ -9,10 +9,15 @@ import shutil
 from pathlib import Path
 
 import torch
+import yaml
 
 from analysis import schema
 
 from .. import algo
+from ..lora import save_adapters
+from ..recipe import stable_hash
+from ..runlog import RESUMABLE_FIELDS
+from .state import LoopState
 
 STATE_FILE = "trainer_state.json"
 OPTIM_FILE = "optimizer.pt"
@@ -56,9 +61,6 @@ def fresh_temporary_dir(run_dir: Path, step: int) -> Path:
 def recipe_fingerprint(recipe: dict) -> str:
     """Hash of a resolved recipe (as a dict) less the fields a resume may change
     (`runlog.RESUMABLE_FIELDS`: train.max_steps, how checkpoints are written)."""
-    from ..recipe import stable_hash
-    from ..runlog import RESUMABLE_FIELDS
-
     out = dict(recipe)
     for field in RESUMABLE_FIELDS:
         section, key = field.split(".")
@@ -70,8 +72,6 @@ def recorded_recipe(run_dir: Path) -> dict:
     """{"recipe": the run's resolved recipe, "recipe_hash": its fingerprint}, from the run's
     recipe.yaml (written before the first step), for trainer_state.json: a checkpoint then
     says what it was trained with even when recipe.yaml is gone. {} without a readable one."""
-    import yaml
-
     try:
         recipe = yaml.safe_load((Path(run_dir) / schema.RECIPE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
@@ -93,8 +93,6 @@ def save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, strea
                                                                                           step)
     model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
     if getattr(model_state, "adapters", None) is not None:  # model.lora: the adapters beside it
-        from ..lora import save_adapters
-
         save_adapters(tmp, model_state.adapters, model_state.cfg)
     tokenizer.save_pretrained(tmp)
     if not ranks_wrote_optimizer:
@@ -138,8 +136,6 @@ def load_trainer_state(ckpt: Path, optimizer, scheduler, stream):
     """`optimizer`: a torch optimizer, or a learner `Strategy` (which reads the checkpoint's
     optimizer files itself: the full state, every rank keeping its shard, or under DeepSpeed
     each rank's own partition)."""
-    from .state import LoopState
-
     meta = json.loads((ckpt / STATE_FILE).read_text())
     if hasattr(optimizer, "load_checkpoint_optimizer"):
         optimizer.load_checkpoint_optimizer(ckpt)

@@ -13,24 +13,22 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from transformers import AttentionInterface, PreTrainedModel
 
 from ..algo import fused_logprobs_and_entropy, logprobs_and_entropy
 from ..errors import HapoError
+from ..tensors import left_pad_prompts, position_ids
 
 
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """(B, L) left-padded mask -> (B, L) positions (0 at the first real token, 0 on padding)."""
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.clamp(min=0)
-
-
-def unwrap(model):
+def unwrap(model: nn.Module) -> PreTrainedModel:
+    """The HF model under the strategy's wrappers (DDP, DeepSpeed: their `.module`)."""
     while hasattr(model, "module"):
-        model = model.module
-    return model
+        model = cast(nn.Module, model.module)
+    return cast(PreTrainedModel, model)
 
 
 @contextmanager
@@ -78,7 +76,7 @@ def pack_rows(input_ids: Tensor, attention_mask: Tensor, response_len: int) -> P
     starts = lens.cumsum(0) - lens  # (B,)
     t = torch.arange(response_len, device=input_ids.device)
     predict_at = (starts[:, None] + prompt_len[:, None] + t[None, :] - 1)[resp]  # (N_r,)
-    pos = (keep.long().cumsum(-1) - 1)[keep]  # (N,) restarts at 0 for every row
+    pos = position_ids(keep)[keep]  # (N,) restarts at 0 for every row
     return Packed(input_ids[keep][None], pos[None], predict_at, input_ids[:, P:][resp], resp)
 
 
@@ -127,8 +125,7 @@ def _varlen_attention(model):
                        getattr(core, "is_gradient_checkpointing", False))):
         yield
         return
-    from transformers import AttentionInterface
-
+    assert cfg is not None  # its _attn_implementation is "sdpa"
     AttentionInterface.register(VARLEN, varlen_sdpa)
     cfg._attn_implementation = VARLEN
     try:
@@ -158,6 +155,7 @@ def _packed_forward(model, input_ids, attention_mask, T, temperature, *, fused, 
               use_cache=False, logits_to_keep=pk.predict_at)
     if fused:
         head = unwrap(model).get_output_embeddings()
+        assert head is not None  # a causal LM has an output head
 
         def fused_head(hidden: Tensor) -> Tensor:  # (1, N_r, d): the predicting positions
             hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -204,7 +202,7 @@ def response_logprobs(
     T = response_len
     P = L - T
     targets = input_ids[:, P:]  # (B, T)
-    position_ids = position_ids_from_mask(attention_mask)
+    pos_ids = position_ids(attention_mask)
     temp = temperature
     if isinstance(temp, Tensor):
         temp = temp.reshape(-1).float()  # (B*T,)
@@ -212,6 +210,7 @@ def response_logprobs(
         temp = None
     if fused:
         head = unwrap(model).get_output_embeddings()
+        assert head is not None  # a causal LM has an output head
         # only real response tokens go through the LM head (padding can be most of a batch of
         # long, ragged responses); results are scattered back to (B, T), 0 on padding
         valid = attention_mask[:, P:].reshape(-1).bool()  # (B*T,)
@@ -236,7 +235,7 @@ def response_logprobs(
             out = model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                position_ids=position_ids,
+                position_ids=pos_ids,
                 use_cache=False,
                 logits_to_keep=T + 1,
             )
@@ -248,7 +247,7 @@ def response_logprobs(
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=position_ids,
+        position_ids=pos_ids,
         use_cache=False,
     )
     logits = out.logits[:, P - 1 : L - 1, :]  # (B, T, V)
@@ -270,23 +269,16 @@ def rollout_entropy(
 
     For engines that record no decode-time entropy (vLLM): the same forward pass the learner's
     old-policy scoring runs, so evaluation and training see the same numbers."""
-    import torch
-
     rows_out = []
     T = batch.response_ids.shape[1]
     device = next(model.parameters()).device
     for s in range(0, len(batch), micro_batch):
         idx = list(range(s, min(s + micro_batch, len(batch))))
         prompts = [prompt_ids[int(batch.prompt_index[i])] for i in idx]
-        P = max(len(p) for p in prompts)
-        ids = torch.full((len(idx), P + T), pad_id, dtype=torch.long)
-        am = torch.zeros((len(idx), P + T), dtype=torch.long)
-        for j, p in enumerate(prompts):
-            ids[j, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
-            am[j, P - len(p) : P] = 1
+        p_ids, p_am = left_pad_prompts(prompts, pad_id)  # (b, P) each
         mask = batch.response_mask[idx].bool()
-        ids[:, P:] = batch.response_ids[idx].long().masked_fill(~mask, pad_id)
-        am[:, P:] = mask.long()
+        ids = torch.cat([p_ids, batch.response_ids[idx].long().masked_fill(~mask, pad_id)], 1)
+        am = torch.cat([p_am, mask.long()], 1)
         with torch.no_grad():
             _, ent = response_logprobs(model, ids.to(device), am.to(device), T, None)
         rows_out.append(ent.float().cpu().masked_fill(~mask, 0.0))

@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
 
 from analysis import schema
 
+from .. import algo
 from ..baselines import get_baseline
+from ..evaluate import validation_metrics
 from ..interrupts import interrupt_reason, stop_after_step, stop_requested
+from ..progress import step_progress
 from ..runlog import RunLog
 from .checkpoint import fresh_temporary_dir, save_checkpoint, temporary_dir
 from .forward import unwrap
@@ -29,12 +35,25 @@ from .targets import compute_targets
 from .token_rows import token_rows
 from .update import NonFiniteError, Updater
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from torch.optim.lr_scheduler import LRScheduler
+    from transformers import PreTrainedTokenizerBase
 
-def kl_old(old_logp, ref_logp, mask, estimator: str, ranks) -> float:
+    from ..data.files import Example
+    from ..recipe import Recipe
+    from ..rollout.base import RolloutEngine
+    from ..trackers import Trackers
+    from .dcp_checkpoint import LoopCheckpoints
+    from .reference import Reference
+    from .strategy import Strategy
+    from .streams import TrainStreams
+
+
+def kl_old(old_logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str,
+           ranks: Ranks) -> float:
     """Mean per-token KL estimate of the old policy to the reference over all ranks' valid
     tokens (0 at step 1 when the reference is the initial policy)."""
-    from .. import algo
-
     kl = algo.kl_penalty(old_logp, ref_logp, estimator).masked_fill(~mask, 0.0)
     tot = ranks.sum(kl.sum().double())
     n = ranks.sum(mask.sum().double())
@@ -42,32 +61,28 @@ def kl_old(old_logp, ref_logp, mask, estimator: str, ranks) -> float:
 
 
 class Loop:
-    def __init__(self, recipe, accelerator, model, optimizer, scheduler, engine, tokenizer,
-                 stream, val_sets, runlog: RunLog, run_dir, state: LoopState, strategy=None,
-                 reference=None):
+    """The learner's objects, built by `trainer.build_learner`, and the step loop over them."""
+
+    def __init__(self, recipe: Recipe, accelerator: Accelerator, model: nn.Module,
+                 optimizer: torch.optim.Optimizer, scheduler: LRScheduler, engine: RolloutEngine,
+                 tokenizer: PreTrainedTokenizerBase, stream: TrainStreams,
+                 val_sets: dict[str, list[Example]], runlog: RunLog, run_dir: Path,
+                 state: LoopState, *, strategy: Strategy, reference: Reference | None,
+                 trackers: Trackers, saver: LoopCheckpoints | None):
         self.recipe, self.accelerator, self.model = recipe, accelerator, model
         self.optimizer, self.scheduler, self.engine = optimizer, scheduler, engine
         self.tokenizer, self.stream, self.val_sets = tokenizer, stream, val_sets
         self.runlog, self.run_dir, self.state = runlog, run_dir, state
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        pad = tokenizer.pad_token_id
+        self.pad_id: int = pad if isinstance(pad, int) else 0
         self.ranks = Ranks(accelerator)
-        if strategy is None:
-            import torch
-
-            from .strategy import Precision, Strategy
-
-            strategy = Strategy("ddp" if self.ranks.world > 1 else "single", accelerator,
-                                Precision(torch.float32))
-            strategy.model, strategy.optimizer = model, optimizer
         self.strategy = strategy
         self.reference = reference  # learner/reference.py: the KL's frozen policy, or None
         self.baseline = get_baseline(recipe.algo.baseline)
         self.updater = Updater(recipe, model, optimizer, scheduler, strategy, self.ranks,
                                self.baseline, on_first_step=self._describe_optimizer)
-        from ..trackers import Trackers
-
-        self.trackers = Trackers([], run_dir)  # train() sets the recipe's
-        self.saver = None  # train() sets it under log.checkpoint_format=dcp (dcp_checkpoint.py)
+        self.trackers = trackers
+        self.saver = saver  # under log.checkpoint_format=dcp (dcp_checkpoint.py), else None
 
     def _describe_optimizer(self) -> None:
         """Optimizer state exists after the first step: record its dtypes in the manifest."""
@@ -135,8 +150,6 @@ class Loop:
 
     # ---- the run ----
     def run(self, progress: bool = True) -> TrainSummary:
-        from ..progress import step_progress
-
         r = self.recipe
         main = self.accelerator.is_main_process
         status, message = "done", ""
@@ -187,8 +200,6 @@ class Loop:
     def _stop_reason(self) -> str | None:
         """A stop asked of any rank (a preemption signal), agreed on by all: every rank ends
         after the same step."""
-        import torch
-
         reason = stop_requested()
         if self.ranks.world > 1:
             asked = self.ranks.max(torch.tensor([1.0 if reason else 0.0]))
@@ -219,8 +230,6 @@ class Loop:
 
     # ---- validation and checkpoints ----
     def _validate(self, step: int) -> dict[str, float]:
-        from ..evaluate import validation_metrics
-
         unwrap(self.model).eval()
         out = validation_metrics(self.engine, self.tokenizer, self.val_sets, self.recipe, step,
                                  rank=self.ranks.rank, world=self.ranks.world)

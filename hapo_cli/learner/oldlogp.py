@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .forward import unwrap
+
 
 def old_logp_source(
     *,
@@ -57,8 +59,6 @@ def old_logp_source(
 def reuse_behaviour_logp(recipe: Any, strategy: Any, engine: Any, batch: Any) -> tuple[Tensor, Tensor] | None:
     """(old_logp, entropy) (B, T) of `batch` taken from the rollout when they are the old
     policy's (0 on padding), else None: the learner must score the batch itself."""
-    from .forward import unwrap
-
     same = (engine.samples_with_learner_module and not strategy.sharded
             and strategy.model is not None
             and unwrap(engine.model) is unwrap(strategy.model)

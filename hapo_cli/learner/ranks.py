@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..algo.distributed import all_gather_varlen
+
 
 class Ranks:
     def __init__(self, accelerator) -> None:
@@ -23,7 +25,6 @@ class Ranks:
         """Concatenate a 1-D tensor over ranks (rank order)."""
         if self.world == 1:
             return x
-        from ..algo.distributed import all_gather_varlen
 
         return all_gather_varlen(x.to(self.device)).cpu()
 

@@ -11,14 +11,22 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+import yaml
 
-from ..errors import first_line
+from analysis import schema
+
+from ..errors import RunDirError, first_line
 from ..models import ModelError, check_model_dir
+from ..runlog import _recipe_diff
 from . import zero_state
-from .checkpoint import STATE_FILE, list_checkpoints
+from .checkpoint import STATE_FILE, list_checkpoints, recipe_fingerprint
 from .dcp_checkpoint import is_dcp, probe_dcp
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
 
 
 def probe_checkpoint(ckpt: Path) -> None:
@@ -54,19 +62,11 @@ MANIFEST_FIELDS = {
 }
 
 
-def check_resume_recipe(run_dir: Path, recipe) -> None:
+def check_resume_recipe(run_dir: Path, recipe: Recipe) -> None:
     """RunDirError unless `recipe` is the one the run in `run_dir` was trained with, as its
     manifest (seed, components, baseline) and every checkpoint's recorded recipe say
     (train.max_steps may grow). recipe.yaml is compared by `RunLog.prepare`; these still hold
     when it was deleted, which would otherwise let any recipe continue the run. Reads only."""
-    import yaml
-
-    from analysis import schema
-
-    from ..errors import RunDirError
-    from ..runlog import _recipe_diff
-    from .checkpoint import recipe_fingerprint
-
     manifest = schema.read_manifest(run_dir)
     if not manifest:
         return  # not a run (RunLog.prepare says so), or nothing recorded to compare with

@@ -5,15 +5,23 @@ its share of groups or the budget runs out."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from analysis import schema
 
+from ..errors import HapoError
+from ..rewards import overlong_penalty, score_responses
+from ..rewards.custom import mean_metrics, reward_set
 from ..rollout import SamplingSpec
 from .batch import TrainBatch, build_train_batch, concat_batches, mixed_groups
 from .ranks import Ranks
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
+    from ..rollout.base import RolloutEngine
 
 
 class DynamicSamplingExhausted(RuntimeError):
@@ -26,8 +34,6 @@ def shard_indices(prompts: int, mini_batch: int, world: int, rank: int) -> list[
     global mini-batch m, so DDP over `world` ranks takes the same optimizer steps as one
     process. Needs mini_batch % world == 0."""
     if mini_batch % world:
-        from ..errors import HapoError
-
         raise HapoError(
             f"train.mini_batch_prompts={mini_batch} must be a multiple of the number of "
             f"processes ({world})"
@@ -40,13 +46,11 @@ def rollout_seed(seed: int, step: int, gen_batch: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + gen_batch * 101) % (2**31 - 1)
 
 
-def generate_scored(recipe, engine, tokenizer, examples, spec, stats, seed: int,
+def generate_scored(recipe: Recipe, engine: RolloutEngine, tokenizer, examples, spec, stats, seed: int,
                     prompt_offset: list[int], pad_id: int,
                     reward_log: _RewardLog | None = None) -> TrainBatch:
     """One generation batch: sample `spec.n` responses per prompt, decode, score (with
     `data.rewards` when set: the per-reward values go to `reward_log`)."""
-    from ..rewards import overlong_penalty, score_responses
-
     out = engine.generate([list(e.prompt_ids) for e in examples], spec, stats, seed=seed,
                           prompt_offset=prompt_offset).to("cpu")
     texts = out.decode(tokenizer)
@@ -57,7 +61,6 @@ def generate_scored(recipe, engine, tokenizer, examples, spec, stats, seed: int,
             recipe.train.overlong, incorrect_score=recipe.train.incorrect_score,
         )
         return build_train_batch(examples, out, scores, acc, texts, pad_id)
-    from ..rewards.custom import reward_set
 
     got = reward_set(recipe.data, recipe.train.incorrect_score).score(per_response, texts)
     scores, ov = got.total, recipe.train.overlong
@@ -106,7 +109,7 @@ class _Kept:
             self.groups += len(keep)
 
 
-def sample_batch(recipe, engine, tokenizer, stream, ranks: Ranks, step: int, stats,
+def sample_batch(recipe: Recipe, engine: RolloutEngine, tokenizer, stream, ranks: Ranks, step: int, stats,
                  pad_id: int) -> tuple[TrainBatch | None, dict[str, float]]:
     """This rank's training groups of `step` (None when no group was kept) and the rollout
     metrics. Every rank trains the same number of groups: the smallest rank's count."""
@@ -158,8 +161,6 @@ def sample_batch(recipe, engine, tokenizer, stream, ranks: Ranks, step: int, sta
         schema.REWARD_ALL_MEAN: float(ranks.cat(torch.cat(kept.scores)).mean()),
     }
     if r.data.rewards:
-        from ..rewards.custom import mean_metrics
-
         info.update(mean_metrics(reward_log.parts, reward_log.errors, ranks))
     if n_use == 0:
         return None, info

@@ -4,22 +4,30 @@ time (vLLM) get it here."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from ..rollout.base import decode_stats_from_entropy
 from .batch import TrainBatch
 from .forward import response_logprobs
+from .oldlogp import reuse_behaviour_logp
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
+    from ..rollout.base import RolloutEngine
+    from .strategy import Strategy
 
 
-def policy_temperature(recipe, batch: TrainBatch, rows, device):
+def policy_temperature(recipe: Recipe, batch: TrainBatch, rows, device):
     """Temperature the learner scores rows at: the stored T_t ('rollout') or T ('base')."""
     if recipe.algo.policy_temperature == "rollout":
         return batch.temperature[rows].to(device)
     return recipe.rollout.temperature
 
 
-def old_policy_scores(recipe, model, batch: TrainBatch, stats_used, device,
+def old_policy_scores(recipe: Recipe, model, batch: TrainBatch, stats_used, device,
                       micros: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """(old log-probs at the policy temperature, untempered entropy), both (B, T) on the CPU.
 
@@ -65,13 +73,11 @@ def old_policy_scores(recipe, model, batch: TrainBatch, stats_used, device,
     return logp, entropy
 
 
-def score_old_policy(recipe, model, strategy, engine, batch: TrainBatch, stats_used, device,
+def score_old_policy(recipe: Recipe, model, strategy: Strategy, engine: RolloutEngine, batch: TrainBatch, stats_used, device,
                      micros: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """(old log-probs, entropy), (B, T): the HF engine's behaviour log-probs when it sampled
     with these weights at the policy temperature (`oldlogp.py` lists the conditions), else a
     scoring pass (`old_policy_scores`)."""
-    from .oldlogp import reuse_behaviour_logp
-
     reused = reuse_behaviour_logp(recipe, strategy, engine, batch)
     return reused if reused is not None else old_policy_scores(recipe, model, batch,
                                                                stats_used, device, micros)

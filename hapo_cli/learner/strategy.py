@@ -30,12 +30,15 @@ import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import HapoError
+
+if TYPE_CHECKING:
+    from ..sections import LoraConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MP_OF = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -365,7 +368,7 @@ class Strategy:
         return gn
 
     # ---- checkpoints ----
-    lora = None  # model.lora (a LoraConfig) when the model carries adapters: set by the trainer
+    lora: LoraConfig | None = None  # model.lora when the model carries adapters: set by the trainer
 
     def full_model_state(self) -> dict[str, Tensor] | None:
         """Gathered fp32 state dict on the CPU (collective: call on every rank); None when the
@@ -505,12 +508,6 @@ class Strategy:
             plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
             out["zero_stage"] = getattr(plugin, "zero_stage", None)
         return out
-
-
-def _same_module(a: nn.Module, b: nn.Module) -> bool:
-    from .forward import unwrap
-
-    return unwrap(a) is unwrap(b)
 
 
 def compute_autocast(precision: Precision, device: torch.device):

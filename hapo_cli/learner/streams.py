@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..data import build_train_stream
+
 REFILL_SEED_OFFSET = 1_000_000_007
 
 
@@ -29,8 +31,6 @@ class TrainStreams:
 
 
 def build_streams(data_cfg, tokenizer, seed: int) -> TrainStreams:
-    from ..data import build_train_stream
-
     return TrainStreams(
         build_train_stream(data_cfg, tokenizer, seed),
         build_train_stream(data_cfg, tokenizer, seed + REFILL_SEED_OFFSET),

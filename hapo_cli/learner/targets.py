@@ -5,7 +5,7 @@ the clip bounds (D) and the TIS weights. No model, no optimizer."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -13,6 +13,9 @@ from torch import Tensor
 from .. import algo
 from ..baselines.base import Advantages, Baseline
 from .batch import TrainBatch
+
+if TYPE_CHECKING:
+    from ..sections import AlgoConfig
 
 
 @dataclass
@@ -29,7 +32,7 @@ class Targets:
     ref_logp: Tensor | None = None  # (B, T) reference log-probs (algo.kl_coef > 0)
 
 
-def normalised_entropy(entropy: Tensor, mask: Tensor, cfg, micro_rows: list[slice]):
+def normalised_entropy(entropy: Tensor, mask: Tensor, cfg: AlgoConfig, micro_rows: list[slice]):
     """(h, batch stats, stats info). Scope 'microbatch' (the released code's behaviour) takes
     the stats per fixed-row micro-batch for h; the batch stats are returned either way."""
     stats, info = algo.distributed_entropy_stats(entropy, mask, pivot=cfg.entropy_pivot,
@@ -45,14 +48,14 @@ def normalised_entropy(entropy: Tensor, mask: Tensor, cfg, micro_rows: list[slic
     return h.masked_fill(~mask, 0.0), stats, info
 
 
-def clip_bounds(h: Tensor, cfg) -> tuple[Tensor, Tensor]:
+def clip_bounds(h: Tensor, cfg: AlgoConfig) -> tuple[Tensor, Tensor]:
     """(eps_low, eps_high) per token: D's entropy-conditioned bounds, or the constants."""
     if cfg.adaptive_clip:
         return algo.adaptive_clip_bounds(h, cfg.eps_low, cfg.eps_high, alpha=cfg.alpha)
     return torch.full_like(h, cfg.eps_low), torch.full_like(h, cfg.eps_high)
 
 
-def compute_targets(batch: TrainBatch, old_logp: Tensor, entropy: Tensor, cfg,
+def compute_targets(batch: TrainBatch, old_logp: Tensor, entropy: Tensor, cfg: AlgoConfig,
                     baseline: Baseline, ranks, micro_rows: list[slice],
                     ref_logp: Tensor | None = None) -> Targets:
     mask = batch.mask

@@ -4,6 +4,7 @@ also holding its rendered prompt (`schema.TOKEN_PROMPT`)."""
 
 from __future__ import annotations
 
+import pandas as pd
 import torch
 
 from analysis import schema
@@ -16,8 +17,6 @@ from .update import UpdateResult
 
 def token_rows(step: int, batch: TrainBatch, entropy, tg: Targets, upd: UpdateResult, tokenizer,
                responses: int, seed: int):
-    import pandas as pd
-
     n = min(responses, len(batch.scores))
     g = torch.Generator().manual_seed(seed * 7919 + step)
     pick = torch.randperm(len(batch.scores), generator=g)[:n].sort().values

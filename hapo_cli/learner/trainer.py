@@ -6,9 +6,12 @@ Runs on `accelerate.Accelerator` (one process on a laptop CPU, DDP/FSDP/DeepSpee
 
 from __future__ import annotations
 
+import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,14 +22,41 @@ if not torch.cuda.is_available():
     # "could not detect" an accelerator; on a machine without CUDA the CPU is the answer
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from accelerate.utils import set_seed
+from rich.console import Console
+from torch import nn
+
 from analysis import schema
 
+from ..data import build_val_sets
+from ..data.sources import check_source
+from ..errors import HapoError, RunDirError, RunFailed, first_line
+from ..export import export_folder
+from ..interrupts import interrupt_reason
+from ..lora import apply_lora, load_adapters
+from ..models import ModelError, check_model_dir, load_policy, resolve_policy_path
+from ..progress import step_progress
 from ..recipe import Recipe
-from ..runlog import RunLog
+from ..rewards.custom import probe_rewards
+from ..rollout import build_engine
+from ..rollout.factory import samples_with_learner_module
+from ..runlog import RunLog, disk_full, os_error_line
+from ..trackers import Trackers, check_trackers
 from .checkpoint import load_trainer_state
+from .dcp_checkpoint import Checkpointer, LoopCheckpoints, export_dir, is_dcp
+from .forward import check_packing
 from .loop import Loop
+from .reference import build_reference
+from .resume import usable_checkpoint
+from .schedule import build_lr_scheduler
 from .state import LoopState, TrainSummary
+from .strategy import Strategy, build_accelerator, local_param_bytes, resolve_precision
+from .streams import build_streams
 from .weights import check_engine_sharding
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
 
 
 def run_dir_of(recipe: Recipe, output_dir: Path | None) -> Path:
@@ -47,19 +77,79 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
 ) -> TrainSummary:
-    """Train per `recipe`, writing the run directory. Returns a summary (status done/failed)."""
-    from accelerate.utils import set_seed
+    """Train per `recipe`, writing the run directory. Returns a summary (status done/failed).
 
-    from .strategy import Strategy, build_accelerator, resolve_precision
+    Signals: the `hapo train` command holds `interrupts.interrupt_once` around this call (a
+    second Ctrl-C or SIGTERM cannot cut the clean-up short)."""
+    learner = build_learner(recipe, output_dir, resume=resume, overwrite=overwrite,
+                            progress=progress)
+    return learner.run(progress=progress)
 
+
+@dataclass
+class Learner:
+    """What `build_learner` returns: the step loop with everything it holds, and how the run
+    directory was opened (`RunLog.prepare`: a new run or a resume)."""
+
+    loop: Loop
+    mode: str
+
+    def run(self, progress: bool = True) -> TrainSummary:
+        """Run the loop; end the run directory with its status whatever happens (done, failed,
+        interrupted), and release trackers, the run lock and the engine."""
+        loop, runlog, trackers = self.loop, self.loop.runlog, self.loop.trackers
+        run_dir = loop.run_dir
+        final_status = "failed"
+        try:
+            trackers.start(loop.recipe.model_dump(mode="json"),
+                           runlog.manifest.get("trackers") if self.mode == "resume" else None)
+            if trackers.ids:
+                runlog.update_manifest(trackers=trackers.ids)
+            summary = loop.run(progress=progress)
+            final_status = summary.status
+            return summary
+        except KeyboardInterrupt:  # Ctrl-C, or a preemption signal outside the steps
+            final_status = "interrupted"
+            why = interrupt_reason()
+            how = f" ({why[0]}, {why[1]})" if why and why[0] != "interrupted" else ""
+            message = f"interrupted at step {loop.state.step}{how}; continue with --resume"
+            _finish_quietly(runlog, "interrupted", message, loop.state.step,
+                            **({"reason": why[0]} if why else {}))
+            return TrainSummary(run_dir, "interrupted", loop.state.step, message=message,
+                                is_main=loop.accelerator.is_main_process)
+        except BaseException as exc:
+            if loop.saver is not None:  # an asynchronous save still writing
+                loop.saver.abandon()
+            _remove_temporaries(run_dir)  # first: a half-written checkpoint may hold space
+            if isinstance(exc, OSError) or disk_full(exc, run_dir):
+                # disk full, read-only filesystem, a folder removed under us: one line
+                if isinstance(exc, OSError):
+                    message = os_error_line(exc)
+                else:
+                    message = f"{run_dir}: no space left on device"
+                _finish_quietly(runlog, "failed", message, loop.state.step)
+                raise RunFailed(f"run failed after step {loop.state.step}: {message}") from None
+            _finish_quietly(runlog, "failed", f"{type(exc).__name__}: {first_line(exc)}",
+                            loop.state.step)
+            raise
+        finally:
+            if loop.saver is not None:
+                loop.saver.abandon()  # Ctrl-C: a save in flight still completes
+            trackers.close(final_status)
+            runlog.unlock()
+            loop.engine.close()  # local vLLM servers (rollout.engine=vllm-server) stop here
+
+
+def build_learner(recipe: Recipe, output_dir: Path | None = None, *, resume: bool = False,
+                  overwrite: bool = False, progress: bool = True) -> Learner:
+    """Validate everything that can be before the run directory changes, then build the
+    learner: strategy, model, optimizer, engine, run log, trackers, checkpoint writer."""
     # fp32 master weights and optimizer state; model.dtype / train.mixed_precision set the
     # compute dtype (checked before the run directory is touched: fp16 needs CUDA)
     precision = resolve_precision(recipe.model.dtype, recipe.train.mixed_precision)
     run_dir = run_dir_of(recipe, output_dir)
     recipe_yaml = recipe.to_yaml()
     mode = RunLog.prepare(run_dir, recipe_yaml, resume=resume, overwrite=overwrite)
-    from ..trackers import Trackers, check_trackers
-
     check_trackers(recipe.log.trackers, run_dir, resume=mode == "resume")
 
     if recipe.train.threads:
@@ -69,63 +159,28 @@ def train(
     strategy = Strategy(kind, accelerator, precision)
     set_seed(recipe.seed)
 
-    from ..models import check_model_dir, load_policy, resolve_policy_path
-
     # Everything that can be validated is, before anything in the run directory changes:
     # data files, the model folder, the checkpoint to resume from, optimizer construction.
     _check_data_files(recipe)
-    from ..rewards.custom import probe_rewards
-
     probe_rewards(recipe.data, recipe.train.incorrect_score, recipe.seed)
     # the main process builds (or finds) the warm-up policy; the others then read it from the
     # cache, never racing the build
     with accelerator.main_process_first(), \
             _warmup_bar(progress and accelerator.is_main_process) as on_step:
         policy_path = resolve_policy_path(recipe.model, recipe.data, progress=on_step)
-    from ..data import build_val_sets
-    from .resume import usable_checkpoint
-    from .streams import build_streams
-
-    ckpt, skipped = usable_checkpoint(run_dir) if mode == "resume" else (None, [])
-    if skipped and ckpt is None:  # restarting would discard the run's rows: refuse instead
-        from ..errors import RunDirError
-
-        raise RunDirError(
-            f"{run_dir}: no checkpoint loads ({'; '.join(skipped)}); nothing was changed; "
-            "pass --overwrite to start the run again"
-        )
-    for line in skipped:
-        _warn(accelerator, f"--resume: skipping unreadable checkpoint {line}")
-    if skipped:
-        _warn(accelerator, f"--resume: continuing from {ckpt.name}")
-    elif mode == "resume" and ckpt is None:
-        _warn(accelerator, "--resume: no checkpoint yet; the run restarts from step 0")
-    from .dcp_checkpoint import is_dcp
-
+    ckpt = _checkpoint_to_resume(run_dir, mode, accelerator)
     # a DCP checkpoint's weights load after sharding (`load_trainer_state`): build from the policy
     dcp_ckpt = ckpt is not None and is_dcp(ckpt)
     # model.lora: the base never changes, so a resumed run loads it again and the adapters on top
-    lora = recipe.model.lora
-    source = policy_path if dcp_ckpt or lora is not None else (ckpt or policy_path)
-    check_model_dir(source)
-    model, tokenizer = _load(partial(strategy.load_policy, lora=lora is not None), source,
-                             recipe.model.trust_remote_code)
-    if lora is not None:
-        from ..lora import apply_lora, load_adapters
-
-        model = apply_lora(model, lora)
-        strategy.lora = lora
-        if ckpt is not None and not dcp_ckpt:  # a DCP checkpoint restores them with the rest
-            load_adapters(model, ckpt)
+    source = policy_path if dcp_ckpt or recipe.model.lora is not None else (ckpt or policy_path)
+    model, tokenizer = _load_model(recipe, strategy, source, None if dcp_ckpt else ckpt)
     stream = build_streams(recipe.data, tokenizer, recipe.seed)
     val_sets = build_val_sets(recipe.data, tokenizer)
-
     if recipe.train.packing:
-        from .forward import check_packing
-
         check_packing(model)
     if recipe.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # a transformers PreTrainedModel: nn.Module's __getattr__ types the method as a Tensor
+        model.gradient_checkpointing_enable()  # pyright: ignore[reportCallIssue]
     model.train()
 
     t = recipe.train
@@ -136,21 +191,16 @@ def train(
                                          betas=t.betas, weight_decay=t.weight_decay),
         engine=recipe.rollout.engine, micro_batch_size=t.micro_batch_size, grad_clip=t.grad_clip,
     )
-    from .schedule import build_lr_scheduler
-
     scheduler = build_lr_scheduler(optimizer, t)
     # The scheduler stays unprepared: accelerate would step it once per process per call,
     # which makes the warm-up depend on the number of processes. We step it per optimizer step
     # or per training step (train.warmup_unit).
 
-    from ..rollout import build_engine
-
     check_engine_sharding(recipe.rollout.engine, accelerator, strategy)
-
     # vLLM loads from disk: on --resume the checkpoint, the weights the learner just loaded
     # (the warm-up policy there would make the first resumed step sample off-policy)
-    engine_path = (_engine_path(recipe, accelerator, run_dir, ckpt, policy_path) if dcp_ckpt
-                   else source)
+    engine_path = (_engine_path(recipe, accelerator, run_dir, ckpt, policy_path)
+                   if ckpt is not None and dcp_ckpt else source)
     engine = build_engine(recipe.rollout, strategy.engine_model(), tokenizer, str(engine_path),
                           accelerator,
                           max_prompt_length=recipe.data.max_prompt_length,
@@ -163,9 +213,62 @@ def train(
     # the engine (an unsharded copy, vLLM) samples from the loaded weights; servers may serve
     # any weights of the model (vllm-server): they get the learner's before the first rollout.
     # model.lora: vLLM loaded the base (`source`), a resumed run's merged adapters go in here
-    if (ckpt is not None and (dcp_ckpt or lora is not None)) or engine.push_before_first_rollout:
+    if (ckpt is not None and (dcp_ckpt or recipe.model.lora is not None)) \
+            or engine.push_before_first_rollout:
         engine.sync_from(model, accelerator)
 
+    runlog = _start_runlog(recipe, recipe_yaml, run_dir, mode, accelerator, strategy,
+                           policy_path, ckpt, state)
+    trackers = Trackers(list(recipe.log.trackers), run_dir, enabled=accelerator.is_main_process)
+    reference = build_reference(  # algo.kl_coef > 0: the frozen policy of the KL penalty
+        recipe, strategy, policy_path,
+        lambda path: _load(load_policy, path, strategy.load_dtype,
+                           recipe.model.trust_remote_code)[0])
+    if reference is not None:
+        runlog.update_manifest(reference_param_bytes_per_rank=local_param_bytes(reference.model))
+    loop = Loop(recipe, accelerator, model, optimizer, scheduler, engine, tokenizer, stream,
+                val_sets, runlog, run_dir, state, strategy=strategy, reference=reference,
+                trackers=trackers, saver=_saver(recipe, strategy, run_dir))
+    return Learner(loop, mode)
+
+
+def _checkpoint_to_resume(run_dir: Path, mode: str, accelerator: Accelerator) -> Path | None:
+    """The newest checkpoint that loads under --resume (None: a new run, or none written
+    yet); refuses when checkpoints exist but none loads (restarting would drop the run's rows)."""
+    ckpt, skipped = usable_checkpoint(run_dir) if mode == "resume" else (None, [])
+    if skipped and ckpt is None:  # restarting would discard the run's rows: refuse instead
+        raise RunDirError(
+            f"{run_dir}: no checkpoint loads ({'; '.join(skipped)}); nothing was changed; "
+            "pass --overwrite to start the run again"
+        )
+    for line in skipped:
+        _warn(accelerator, f"--resume: skipping unreadable checkpoint {line}")
+    if ckpt is not None and skipped:
+        _warn(accelerator, f"--resume: continuing from {ckpt.name}")
+    elif mode == "resume" and ckpt is None:
+        _warn(accelerator, "--resume: no checkpoint yet; the run restarts from step 0")
+    return ckpt
+
+
+def _load_model(recipe: Recipe, strategy: Strategy, source: Path,
+                adapters_from: Path | None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """The policy and its tokenizer from `source`, under the strategy's loading context; with
+    model.lora, the adapters on top (read from `adapters_from`, an HF checkpoint, if given)."""
+    check_model_dir(source)
+    lora = recipe.model.lora
+    model, tokenizer = _load(partial(strategy.load_policy, lora=lora is not None), source,
+                             recipe.model.trust_remote_code)
+    if lora is not None:
+        model = apply_lora(model, lora)
+        strategy.lora = lora
+        if adapters_from is not None:  # a DCP checkpoint restores them with the rest
+            load_adapters(model, adapters_from)
+    return model, tokenizer
+
+
+def _start_runlog(recipe: Recipe, recipe_yaml: str, run_dir: Path, mode: str,
+                  accelerator: Accelerator, strategy: Strategy, policy_path: Path,
+                  ckpt: Path | None, state: LoopState) -> RunLog:
     runlog = RunLog(run_dir, enabled=accelerator.is_main_process)
     runlog.start(
         recipe_yaml,
@@ -185,70 +288,7 @@ def train(
     # so no row survives (the step-0 validation row would otherwise be logged twice).
     if mode == "resume":
         runlog.truncate_metrics(state.step if ckpt is not None else -1)
-    trackers = Trackers(recipe.log.trackers, run_dir, enabled=accelerator.is_main_process)
-
-    from .reference import build_reference
-
-    reference = build_reference(  # algo.kl_coef > 0: the frozen policy of the KL penalty
-        recipe, strategy, policy_path,
-        lambda path: _load(load_policy, path, strategy.load_dtype,
-                           recipe.model.trust_remote_code)[0])
-    if reference is not None:
-        from .strategy import local_param_bytes
-
-        runlog.update_manifest(reference_param_bytes_per_rank=local_param_bytes(reference.model))
-    loop = Loop(recipe, accelerator, model, optimizer, scheduler, engine, tokenizer, stream,
-                val_sets, runlog, run_dir, state, strategy=strategy, reference=reference)
-    loop.trackers = trackers
-    loop.saver = _saver(recipe, strategy, run_dir)
-    final_status = "failed"
-    from ..interrupts import interrupt_once, interrupt_reason
-
-    try:
-        # One interrupt: a second signal (Ctrl-C reaches the whole process group, then an
-        # ablation also asks its children to stop) cannot cut the `interrupted` manifest short.
-        with interrupt_once():
-            try:
-                trackers.start(recipe.model_dump(mode="json"),
-                               runlog.manifest.get("trackers") if mode == "resume" else None)
-                if trackers.ids:
-                    runlog.update_manifest(trackers=trackers.ids)
-                summary = loop.run(progress=progress)
-                final_status = summary.status
-                return summary
-            except KeyboardInterrupt:  # Ctrl-C, or a preemption signal outside the steps
-                final_status = "interrupted"
-                why = interrupt_reason()
-                how = f" ({why[0]}, {why[1]})" if why and why[0] != "interrupted" else ""
-                message = f"interrupted at step {loop.state.step}{how}; continue with --resume"
-                _finish_quietly(runlog, "interrupted", message, loop.state.step,
-                                **({"reason": why[0]} if why else {}))
-                return TrainSummary(run_dir, "interrupted", loop.state.step, message=message,
-                                    is_main=accelerator.is_main_process)
-            except BaseException as exc:
-                from ..errors import RunFailed, first_line
-                from ..runlog import disk_full, os_error_line
-
-                if loop.saver is not None:  # an asynchronous save still writing
-                    loop.saver.abandon()
-                _remove_temporaries(run_dir)  # first: a half-written checkpoint may hold space
-                if isinstance(exc, OSError) or disk_full(exc, run_dir):
-                    # disk full, read-only filesystem, a folder removed under us: one line
-                    if isinstance(exc, OSError):
-                        message = os_error_line(exc)
-                    else:
-                        message = f"{run_dir}: no space left on device"
-                    _finish_quietly(runlog, "failed", message, loop.state.step)
-                    raise RunFailed(f"run failed after step {loop.state.step}: {message}") from None
-                _finish_quietly(runlog, "failed", f"{type(exc).__name__}: {first_line(exc)}",
-                                loop.state.step)
-                raise
-    finally:
-        if loop.saver is not None:
-            loop.saver.abandon()  # Ctrl-C: a save in flight still completes
-        trackers.close(final_status)
-        runlog.unlock()
-        engine.close()  # local vLLM servers (rollout.engine=vllm-server) stop here
+    return runlog
 
 
 def _saver(recipe: Recipe, strategy, run_dir: Path):
@@ -259,8 +299,6 @@ def _saver(recipe: Recipe, strategy, run_dir: Path):
         return None
     if getattr(recipe.model, "lora", None):  # adapters: small, saved with the HF folder
         return None
-    from .dcp_checkpoint import Checkpointer, LoopCheckpoints
-
     saver = Checkpointer(run_dir, strategy.accelerator, keep=recipe.log.keep_checkpoints,
                          async_save=recipe.log.async_save)
     return LoopCheckpoints(saver, recipe.log.export_every, recipe.train.max_steps)
@@ -271,15 +309,12 @@ def _engine_path(recipe: Recipe, accelerator, run_dir: Path, ckpt: Path, policy_
     learner's module (or its copy): the policy folder will do. vLLM loads from disk: the run's
     HF export of that step, which the main process writes from the DCP shards if the run has
     none (`sync_from` pushes the loaded weights afterwards either way)."""
-    from ..rollout.factory import samples_with_learner_module
-    from .dcp_checkpoint import export_dir
-
     if samples_with_learner_module(recipe.rollout.engine):
         return policy_path
-    out = export_dir(run_dir, schema.checkpoint_step(ckpt.name))
+    step = schema.checkpoint_step(ckpt.name)
+    assert step is not None, ckpt  # usable_checkpoint returns step-N folders only
+    out = export_dir(run_dir, step)
     if accelerator.is_main_process and not out.is_dir():
-        from ..export import export_folder
-
         export_folder(ckpt, out)
     accelerator.wait_for_everyone()
     return out
@@ -287,16 +322,11 @@ def _engine_path(recipe: Recipe, accelerator, run_dir: Path, ckpt: Path, policy_
 
 def _warn(accelerator, message: str) -> None:
     if accelerator.is_main_process:
-        from rich.console import Console
-
         Console(stderr=True).print(f"[yellow]warning:[/yellow] {message}", highlight=False)
 
 
 def _load(fn, path, *args):
     """Call a loader; any failure is one line naming the folder (ModelError, exit 2)."""
-    from ..errors import HapoError, first_line
-    from ..models import ModelError
-
     try:
         return fn(path, *args)
     except HapoError:
@@ -316,16 +346,12 @@ def _finish_quietly(runlog: RunLog, status: str, message: str, step: int, **extr
 def _remove_temporaries(run_dir: Path) -> None:
     """Half-written checkpoint folders of a failed save (the run directory's own files are
     written by runlog, whose writers remove their temporary file when a write fails)."""
-    import shutil
-
     ckpts = Path(run_dir) / schema.CHECKPOINTS_DIR
     for tmp in ckpts.glob(".step-*.tmp") if ckpts.is_dir() else []:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_data_files(recipe: Recipe) -> None:
-    from ..data.sources import check_source
-
     if recipe.data.source != "files":
         return
     for field_name in ("train_files", "val_files"):
@@ -336,14 +362,12 @@ def _check_data_files(recipe: Recipe) -> None:
 @contextmanager
 def _warmup_bar(show: bool):
     """A callback (step, total) driving a rich bar for the supervised warm-up, if one runs."""
-    from ..progress import step_progress
-
     bar = None
     task = None
 
     def on_step(step: int, total: int) -> None:
         nonlocal task, bar
-        if task is None:
+        if bar is None or task is None:
             bar = step_progress("warm-up", total, disable=not show)
             bar.start()
             task = bar.add_task("warm-up", total=total, info="")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -20,6 +21,12 @@ from .microbatch import plan_micro_batches
 from .reduce import MetricSums
 from .scoring import policy_temperature
 from .targets import Targets
+
+if TYPE_CHECKING:
+    from ..baselines.base import Baseline
+    from ..recipe import Recipe
+    from .ranks import Ranks
+    from .strategy import Strategy
 
 
 class NonFiniteError(RuntimeError):
@@ -46,7 +53,7 @@ class UpdateResult:
     adv_c: Tensor  # (B, T) advantage the loss saw (after C and TIS)
 
 
-def _result(sums: dict[str, float], weights: dict[str, float], ranks, optimizer_steps: int
+def _result(sums: dict[str, float], weights: dict[str, float], ranks: Ranks, optimizer_steps: int
             ) -> dict[str, float]:
     """The update's loss metrics over ranks: token-weighted means, sums, and the mean loss
     per optimizer step."""
@@ -65,8 +72,8 @@ def _result(sums: dict[str, float], weights: dict[str, float], ranks, optimizer_
 class Updater:
     """Runs the PPO epochs of one training step with the learner's model and optimizer."""
 
-    def __init__(self, recipe, model, optimizer, scheduler, strategy, ranks, baseline,
-                 on_first_step=None) -> None:
+    def __init__(self, recipe: Recipe, model, optimizer, scheduler, strategy: Strategy,
+                 ranks: Ranks, baseline: Baseline, on_first_step=None) -> None:
         self.recipe, self.model, self.optimizer, self.scheduler = recipe, model, optimizer, scheduler
         self.strategy, self.ranks, self.baseline = strategy, ranks, baseline
         self.on_first_step = on_first_step  # called once optimizer state exists

@@ -4,6 +4,7 @@ parameters themselves come from `hapo_cli.sharded`."""
 from __future__ import annotations
 
 from ..errors import HapoError
+from ..rollout.factory import samples_with_learner_module
 from ..sharded import full_named_parameters, sharding_of
 
 __all__ = ["check_engine_sharding", "full_named_parameters", "sharding_of"]
@@ -16,7 +17,6 @@ def check_engine_sharding(engine_name: str, accelerator, strategy=None) -> None:
     sharding = sharding_of(accelerator)
     if strategy is not None:
         sharding = "none" if strategy.engine_copy or not strategy.sharded else sharding
-    from ..rollout.factory import samples_with_learner_module
 
     if samples_with_learner_module(engine_name) and sharding != "none":
         raise HapoError(

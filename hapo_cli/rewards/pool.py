@@ -80,7 +80,6 @@ class RewardPool:
         self._workers = [_Worker(self._ctx, self.refs)]
         self.load_errors: dict[int, str] = self._workers[0].load_errors
         self._size = workers
-        self.timeouts = 0  # calls killed at their deadline, over the pool's life
 
     def __enter__(self) -> RewardPool:
         return self
@@ -125,7 +124,6 @@ class RewardPool:
                     del busy[slot]
                 elif time.monotonic() >= deadline:
                     results[t] = ("timeout", f"did not return within {self.timeout:g}s")
-                    self.timeouts += 1
                     self._replace(slot)
                     del busy[slot]
         return results

@@ -27,7 +27,7 @@ from hapo_cli.algo import EntropyStats
 from hapo_cli.sections import AlgoConfig
 
 if TYPE_CHECKING:
-    from hapo_cli.recipe import EvalConfig, RolloutConfig
+    from hapo_cli.recipe import RolloutConfig
 
 FINISH_REASONS = ("eos", "length")
 
@@ -85,20 +85,6 @@ class SamplingSpec:
             max_new_tokens=rollout.max_new_tokens,
             adaptive=algo.adaptive_temperature,
             tau=algo.tau,
-        )
-
-    @classmethod
-    def for_eval(
-        cls, eval_cfg: EvalConfig, rollout: RolloutConfig, greedy: bool = False
-    ) -> SamplingSpec:
-        """Validation sampling (avg@k at eval T/top-p, no A), or greedy with n = 1."""
-        return cls(
-            n=1 if greedy else eval_cfg.n,
-            temperature=eval_cfg.temperature,
-            top_p=eval_cfg.top_p,
-            top_k=0,
-            max_new_tokens=eval_cfg.max_new_tokens or rollout.max_new_tokens,
-            greedy=greedy,
         )
 
 

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from transformers import LogitsProcessorList
 
 from hapo_cli.algo import EntropyStats
+from hapo_cli.tensors import left_pad_prompts, position_ids
 
 from .base import LearnerModuleEngine, RolloutBatch, SamplingSpec, check_prompts, clean_param_name
 from .processors import sampling_processors
@@ -82,14 +83,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
     position_ids count real tokens only (0 at each prompt's first token), so absolute-position
     models see the same positions as an unpadded prompt; pads get position 0.
     """
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
-        mask[i, width - len(p) :] = 1
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    return ids.to(device), mask.to(device), pos.to(device)
+    ids, mask = left_pad_prompts(prompts, pad_id)
+    return ids.to(device), mask.to(device), position_ids(mask).to(device)
 
 
 def _cache_kwarg(model: nn.Module) -> str:

@@ -48,10 +48,6 @@ class AdaptiveTemperatureLogitsProcessor(LogitsProcessor):
         self.last_temperature = temps.float()  # (N,)
         return scaled
 
-    def reset(self) -> None:
-        self.last_temperature = None
-        self.last_entropy = None
-
 
 def sampling_processors(
     temperature: float, tau: float, stats: EntropyStats | None, top_k: int, top_p: float

@@ -118,8 +118,3 @@ class RayLauncher(Launcher):
                 continue
             out[j] = ({JobStatus.PENDING: QUEUED, JobStatus.RUNNING: RUNNING}.get(st, GONE), 0)
         return out
-
-    def cancel(self, job_ids: Sequence[str]) -> None:
-        client = self._client()
-        for j in job_ids:
-            client.stop_job(j)

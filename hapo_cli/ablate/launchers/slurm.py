@@ -152,10 +152,6 @@ class SlurmLauncher(Launcher):
                 seen[kv["JobId"]] = (state, restarts)
         return {j: seen.get(j, (GONE, 0)) for j in job_ids}
 
-    def cancel(self, job_ids: Sequence[str]) -> None:
-        if job_ids:
-            _run(["scancel", *job_ids])
-
 
 def sinfo_failure(stderr: str, rc: int) -> str:
     """One line for a failed `sinfo`: munge down (Slurm's clients sign every request with
