@@ -47,7 +47,8 @@ def worker(args) -> None:
 
     sys.path.insert(0, str(ROOT))
     from hapo_cli.learner.forward import response_logprobs
-    from hapo_cli.learner.strategy import Strategy, build_accelerator, resolve_precision
+    from hapo_cli.learner.precision import resolve_precision
+    from hapo_cli.learner.strategy import Strategy, build_accelerator
 
     torch.set_num_threads(1)
     os.environ["ACCELERATE_USE_FSDP"] = "true" if args.kind == "fsdp2" else "false"

@@ -258,10 +258,7 @@ def evaluate(
 
     Example: hapo evaluate results/demo --bench arith --n 8 --temperature 0.5,0.8,1.0,adaptive
     """
-    try:
-        from .evaluate import EvalRequest, run_evaluate
-    except ImportError:
-        raise fail("`hapo evaluate` is not available yet in this build") from None
+    from .evaluate import EvalRequest, run_evaluate  # torch: not for `hapo --help`
     if step is not None:
         if checkpoints != "latest":
             raise fail("--step and --checkpoints both name checkpoints; give one")

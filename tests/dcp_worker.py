@@ -66,7 +66,8 @@ def local_tensors(model, opt) -> dict[str, torch.Tensor]:
 def setup(kind: str):
     from accelerate.state import AcceleratorState
 
-    from hapo_cli.learner.strategy import Strategy, build_accelerator, resolve_precision
+    from hapo_cli.learner.precision import resolve_precision
+    from hapo_cli.learner.strategy import Strategy, build_accelerator
 
     AcceleratorState._reset_state(True)
     os.environ["ACCELERATE_USE_FSDP"] = "true" if kind == "fsdp2" else "false"

@@ -28,13 +28,10 @@ def local(model) -> dict[str, torch.Tensor]:
 
 
 def main(out: str, *model_dirs: str) -> None:
+    from hapo_cli.learner.fsdp2 import apply_fsdp2
+    from hapo_cli.learner.precision import resolve_precision
     from hapo_cli.learner.sharded_load import load_policy_sharded
-    from hapo_cli.learner.strategy import (
-        Strategy,
-        apply_fsdp2,
-        build_accelerator,
-        resolve_precision,
-    )
+    from hapo_cli.learner.strategy import Strategy, build_accelerator
     from hapo_cli.model_dirs import load_policy
 
     os.environ["ACCELERATE_USE_FSDP"] = "true"

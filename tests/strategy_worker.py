@@ -57,7 +57,8 @@ def run_case(out: Path, kind: str, dtype: str, lr: float) -> None:
     from accelerate.state import AcceleratorState
 
     from hapo_cli.learner.forward import response_logprobs, unwrap
-    from hapo_cli.learner.strategy import Strategy, build_accelerator, resolve_precision
+    from hapo_cli.learner.precision import resolve_precision
+    from hapo_cli.learner.strategy import Strategy, build_accelerator
     from hapo_cli.learner.weights import full_named_parameters
 
     AcceleratorState._reset_state(True)

@@ -109,7 +109,7 @@ def test_fsdp2_optimizer_state_is_gathered_and_reloaded_per_rank(results):
 
 def test_precision_resolution():
     from hapo_cli.errors import HapoError
-    from hapo_cli.learner.strategy import resolve_precision
+    from hapo_cli.learner.precision import resolve_precision
 
     assert resolve_precision("float32", "no").compute == torch.float32
     assert resolve_precision("bfloat16", "no").compute == torch.bfloat16

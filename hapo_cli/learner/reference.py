@@ -55,7 +55,8 @@ def build_reference(recipe, strategy, policy_path: Path, load) -> Reference | No
     `load(path)` -> model: the trainer's loader (one-line errors)."""
     if recipe.algo.kl_coef <= 0:
         return None
-    from .strategy import _env_true, apply_fsdp2, compute_autocast
+    from .fsdp2 import apply_fsdp2
+    from .precision import compute_autocast, env_true
 
     source = policy_path if recipe.model.reference == "initial" else Path(recipe.model.reference)
     with strategy.loading():
@@ -66,8 +67,8 @@ def build_reference(recipe, strategy, policy_path: Path, load) -> Reference | No
     if strategy.kind == "fsdp2":
         model = apply_fsdp2(
             model, strategy.precision, device,
-            reshard_after_forward=_env_true("FSDP_RESHARD_AFTER_FORWARD", "true"),
-            offload=_env_true("FSDP_OFFLOAD_PARAMS"),
+            reshard_after_forward=env_true("FSDP_RESHARD_AFTER_FORWARD", "true"),
+            offload=env_true("FSDP_OFFLOAD_PARAMS"),
         )
 
         autocast = nullcontext  # fully_shard's MixedPrecisionPolicy sets the compute dtype

@@ -130,15 +130,16 @@ def load_policy_sharded(path: Path, strategy, trust_remote_code: bool = False):
     """(model already under `fully_shard`, tokenizer), or None when the folder's layout needs
     the full load (`supported`). Every rank calls it."""
     from ..model_dirs import load_tokenizer
-    from .strategy import _env_true, apply_fsdp2
+    from .fsdp2 import apply_fsdp2
+    from .precision import env_true
 
     model = build_empty(path, strategy.load_dtype, trust_remote_code)
     if supported(path, model) is not None:
         return None
-    offload = _env_true("FSDP_OFFLOAD_PARAMS")
+    offload = env_true("FSDP_OFFLOAD_PARAMS")
     device = torch.device("cpu") if offload else strategy.accelerator.device
     apply_fsdp2(model, strategy.precision, device,
-                reshard_after_forward=_env_true("FSDP_RESHARD_AFTER_FORWARD", "true"),
+                reshard_after_forward=env_true("FSDP_RESHARD_AFTER_FORWARD", "true"),
                 offload=offload, materialized=False)
     materialize(model, device)
     fill_shards(model, path)

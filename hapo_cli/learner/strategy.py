@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import copy
 import os
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,60 +35,17 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import HapoError
+from .fsdp2 import apply_fsdp2
+from .precision import Precision, env_true
 
 if TYPE_CHECKING:
     from ..sections import LoraConfig
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_MP_OF = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def _env_true(name: str, default: str = "false") -> bool:
-    return os.environ.get(name, default).strip().lower() in ("1", "true", "yes")
-
-
-@dataclass(frozen=True)
-class Precision:
-    compute: torch.dtype  # matmul dtype of forward/backward
-    master: torch.dtype = torch.float32  # stored parameters and optimizer state
-
-    @property
-    def mixed_precision(self) -> str:
-        """accelerate's name for the compute dtype: 'no', 'bf16' or 'fp16'."""
-        return _MP_OF[self.compute]
-
-
-def resolve_precision(model_dtype: str, mixed_precision: str, *,
-                      cuda: bool | None = None) -> Precision:
-    """fp32 masters always; compute in `model.dtype`, or in `train.mixed_precision` when the
-    model dtype is float32. A bf16 model with fp16 mixed precision (or the reverse) is refused,
-    and so is float16 compute without CUDA: accelerate does not autocast fp16 on CPU, so such a
-    run would compute in fp32 while its manifest said float16 (`cuda`: None = ask torch)."""
-    if cuda is None:
-        cuda = torch.cuda.is_available()
-    if not cuda and "float16" in (model_dtype, {"fp16": "float16"}.get(mixed_precision)):
-        field = (f"model.dtype={model_dtype}" if model_dtype == "float16"
-                 else f"train.mixed_precision={mixed_precision}")
-        raise HapoError(f"{field}: float16 compute needs a CUDA GPU (without one accelerate "
-                        "computes in fp32); use model.dtype=bfloat16 or "
-                        "train.mixed_precision=bf16")
-    compute = _DTYPES[model_dtype]
-    if mixed_precision != "no":
-        mp = {"bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
-        if compute not in (torch.float32, mp):
-            raise HapoError(
-                f"model.dtype={model_dtype} and train.mixed_precision={mixed_precision} disagree "
-                f"on the compute dtype (set train.mixed_precision={_MP_OF[compute]} or no)"
-            )
-        compute = mp
-    return Precision(compute=compute)
-
-
 def detect_kind(world_size: int) -> str:
     """The strategy `accelerate launch` asked for (its config travels in environment variables)."""
-    if _env_true("ACCELERATE_USE_DEEPSPEED"):
+    if env_true("ACCELERATE_USE_DEEPSPEED"):
         return "deepspeed"
-    if _env_true("ACCELERATE_USE_FSDP"):
+    if env_true("ACCELERATE_USE_FSDP"):
         version = os.environ.get("FSDP_VERSION", "1").strip()
         if version != "2":
             raise HapoError(
@@ -185,32 +141,6 @@ def local_param_bytes(model: nn.Module) -> int:
     return total
 
 
-def apply_fsdp2(model: nn.Module, precision: Precision, device: torch.device, *,
-                reshard_after_forward: bool = True, offload: bool = False,
-                materialized: bool = True) -> nn.Module:
-    """`fully_shard` each decoder layer (`_no_split_modules`), then the root (embeddings,
-    final norm, LM head). Parameters stay fp32 (sharded); with a bf16 compute dtype they are
-    all-gathered in bf16 and gradients reduce-scattered in fp32. `materialized=False`: the
-    parameters are on the meta device (sharded start-up, `sharded_load.py`), left there."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-
-    mp = MixedPrecisionPolicy(
-        param_dtype=None if precision.compute == torch.float32 else precision.compute,
-        reduce_dtype=torch.float32,
-    )
-    kw: dict[str, Any] = {"mp_policy": mp}
-    if offload:
-        kw["offload_policy"] = CPUOffloadPolicy()
-    elif materialized:
-        model.to(device)
-    layer_names = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in layer_names]
-    for layer in layers:
-        fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
-    fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
-    return model
-
-
 class Strategy:
     """Prepares model and optimizer and runs the parts of an update that differ by strategy."""
 
@@ -293,11 +223,11 @@ class Strategy:
         if self.kind == "fsdp2" and not any(_is_dtensor(p) for p in model.parameters()):
             model = apply_fsdp2(
                 model, self.precision, self.accelerator.device,
-                reshard_after_forward=_env_true("FSDP_RESHARD_AFTER_FORWARD", "true"),
-                offload=_env_true("FSDP_OFFLOAD_PARAMS"),
+                reshard_after_forward=env_true("FSDP_RESHARD_AFTER_FORWARD", "true"),
+                offload=env_true("FSDP_OFFLOAD_PARAMS"),
             )
         if self.kind == "fsdp2":
-            if _env_true("FSDP_ACTIVATION_CHECKPOINTING"):
+            if env_true("FSDP_ACTIVATION_CHECKPOINTING"):
                 model.gradient_checkpointing_enable()
             optimizer = make_optimizer(model.parameters())
         else:
@@ -510,12 +440,4 @@ class Strategy:
         return out
 
 
-def compute_autocast(precision: Precision, device: torch.device):
-    """An autocast context for code that runs outside the model's (autocast-wrapped) forward."""
-    if precision.compute == torch.float32:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=precision.compute)
-
-
-__all__ = ["Precision", "Strategy", "resolve_precision", "build_accelerator", "detect_kind",
-           "apply_fsdp2", "local_param_bytes"]
+__all__ = ["Strategy", "build_accelerator", "detect_kind", "local_param_bytes"]

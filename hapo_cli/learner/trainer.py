@@ -46,11 +46,12 @@ from .checkpoint import load_trainer_state
 from .dcp_checkpoint import Checkpointer, LoopCheckpoints, export_dir, is_dcp
 from .forward import check_packing
 from .loop import Loop
+from .precision import resolve_precision
 from .reference import build_reference
 from .resume import usable_checkpoint
 from .schedule import build_lr_scheduler
 from .state import LoopState, TrainSummary
-from .strategy import Strategy, build_accelerator, local_param_bytes, resolve_precision
+from .strategy import Strategy, build_accelerator, local_param_bytes
 from .streams import build_streams
 from .weights import check_engine_sharding
 
