@@ -116,14 +116,14 @@ class _Sampler:
     """Stage 1 (sampling with dynamic sampling) on one process, with a fake engine and scorer."""
 
     def __init__(self, recipe, engine, monkeypatch):
-        import hapo_cli.rewards as rewards
+        import hapo_cli.learner.sampling as sampling
         from hapo_cli.learner.ranks import Ranks
 
         def fake_score(examples, texts, lengths, max_new, overlong, incorrect_score=0.0):
             acc = torch.tensor([1.0 if t.startswith("3") else 0.0 for t in texts])
             return torch.where(acc > 0, 1.0, incorrect_score), acc
 
-        monkeypatch.setattr(rewards, "score_responses", fake_score)
+        monkeypatch.setattr(sampling, "score_responses", fake_score)
         acc = SimpleNamespace(num_processes=1, process_index=0, device=torch.device("cpu"),
                               is_main_process=True)
         self.recipe, self.engine, self.ranks = recipe, engine, Ranks(acc)
@@ -341,6 +341,7 @@ def test_trust_remote_code_reaches_the_model_loader(tmp_path, monkeypatch, cache
     from conftest import sets
     from typer.testing import CliRunner
 
+    import hapo_cli.model_dirs as model_dirs
     import hapo_cli.models as models
     from hapo_cli.cli import app
 
@@ -350,7 +351,7 @@ def test_trust_remote_code_reaches_the_model_loader(tmp_path, monkeypatch, cache
         seen.append(trust_remote_code)
         raise models.ModelError("stopped by the test")
 
-    monkeypatch.setattr(models, "load_policy", recording)
+    monkeypatch.setattr(model_dirs, "load_policy", recording)  # Strategy.load_policy's
     for flag in ("true", "false"):
         res = CliRunner().invoke(app, ["train", "--recipe", "tiny/hapo", "--max-steps", "1",
                                        "--output", str(tmp_path / flag),
