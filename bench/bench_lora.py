@@ -30,7 +30,7 @@ def _optimizer_bytes(ckpt: Path) -> int:
 
 def _run(name: str, steps: int, root: Path, extra: list[str], cache: str | None,
          ) -> dict[str, float]:
-    from hapo_cli.learner import train
+    from hapo_cli.learner.trainer import train
     from hapo_cli.recipe import load_recipe
 
     overrides = [f"train.max_steps={steps}", "eval.every=0", "eval.at_start=false",

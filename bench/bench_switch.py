@@ -22,7 +22,7 @@ from bench.bench_trl import PROJECT_OVERRIDES, WARMUP_STEPS  # noqa: E402
 
 def main(recipe: str = "tiny/dapo", pairs: int = 16) -> dict[str, float]:
     import hapo_cli.learner.trainer as trainer_mod
-    from hapo_cli.learner import train
+    from hapo_cli.learner.trainer import train
     from hapo_cli.recipe import load_recipe
 
     rec = load_recipe(recipe, [f"train.max_steps={WARMUP_STEPS + 2 * pairs}", *PROJECT_OVERRIDES])

@@ -16,7 +16,7 @@ from rich.table import Table
 
 
 def _run(recipe: str, steps: int, root: Path) -> dict[str, float]:
-    from hapo_cli.learner import train
+    from hapo_cli.learner.trainer import train
     from hapo_cli.recipe import load_recipe
 
     overrides = [f"train.max_steps={steps}", "eval.every=0", "eval.at_start=false",

@@ -42,8 +42,7 @@ def project_step_times(recipe: str, steps: int, root: Path,
     """(wall, CPU) seconds of each timed step of one `hapo train` run (one generation batch);
     `lengths` gets each timed step's mean response length (the work a step does depends on it)."""
     from analysis.schema import RESPONSE_LEN_MEAN
-    from hapo_cli.learner import train
-    from hapo_cli.learner.trainer import Loop
+    from hapo_cli.learner.trainer import Loop, train
     from hapo_cli.recipe import load_recipe
 
     rec = load_recipe(recipe, [f"train.max_steps={steps + WARMUP_STEPS}", *PROJECT_OVERRIDES])

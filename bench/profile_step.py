@@ -20,8 +20,7 @@ from bench.bench_trl import PROJECT_OVERRIDES  # noqa: E402
 
 
 def main(recipe: str = "tiny/dapo", steps: int = 20, top: int = 30, sort: str = "cumulative"):
-    from hapo_cli.learner import train
-    from hapo_cli.learner.trainer import Loop
+    from hapo_cli.learner.trainer import Loop, train
     from hapo_cli.recipe import load_recipe
 
     rec = load_recipe(recipe, [f"train.max_steps={steps}", *PROJECT_OVERRIDES])

@@ -161,7 +161,7 @@ def train(
         overrides.append(f"train.max_steps={max_steps}")
     rec = _guard(load_recipe, recipe, overrides, components, seed)
     from .interrupts import interrupt_once
-    from .learner import train as run_train
+    from .learner.trainer import train as run_train
 
     if resume:  # the run's manifest and checkpoints name its recipe, recipe.yaml or not
         from .learner.resume import check_resume_recipe

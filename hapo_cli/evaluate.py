@@ -338,7 +338,7 @@ def _sample_each(req: EvalRequest, res, settings, console, skipped: list[str],
     from .algo import entropy_stats, quantile_1d
     from .data import load_benchmark
     from .eval_request import vanished_line
-    from .rollout import build_engine
+    from .rollout.factory import build_engine
 
     n, tau, seed, max_new = req.n, res.tau, req.seed, res.max_new
     data_cfg, models, benchmarks = res.data, res.models, res.benchmarks

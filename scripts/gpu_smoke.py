@@ -16,7 +16,7 @@ import torch
 
 
 def run(engine: str, root: Path, steps: int) -> dict[str, object]:
-    from hapo_cli.learner import train
+    from hapo_cli.learner.trainer import train
     from hapo_cli.recipe import load_recipe
 
     overrides = [

@@ -33,12 +33,19 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     base = name.split(".") if is_pkg else name.split(".")[:-1]
     found: set[str] = set()
 
+    own = {".".join(name.split(".")[:k]) for k in range(1, name.count(".") + 2)}
+
     def add(target: str) -> None:
         # the deepest known module named by `target` (a.b.c -> a.b.c, or a.b if c is a name)
         while target and target not in known:
             target = target.rpartition(".")[0]
         if target and target != name:
             found.add(target)
+        # importing a.b.c first runs the __init__ of a and a.b: an edge to each such package,
+        # except the importer's own (already initialising when it runs)
+        while target := target.rpartition(".")[0]:
+            if target in known and target not in own:
+                found.add(target)
 
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -98,6 +105,19 @@ def test_cycle_finder_finds_a_lazy_cycle(tmp_path):
     known = {"a", "b", "c"}
     graph = {m: imports_of(m, tmp_path / f"{m}.py", known) for m in known}
     assert cycles(graph) == [["a", "b"]]
+
+
+def test_cycle_finder_counts_a_package_init(tmp_path):
+    """Importing p.m runs p/__init__.py first: a re-export there can close a cycle."""
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "__init__.py").write_text("from .t import train\n")
+    (tmp_path / "p" / "m.py").write_text("x = 1\n")
+    (tmp_path / "p" / "t.py").write_text("from e import f\n")
+    (tmp_path / "e.py").write_text("from p.m import x\n")
+    paths = {"p": tmp_path / "p" / "__init__.py", "p.m": tmp_path / "p" / "m.py",
+             "p.t": tmp_path / "p" / "t.py", "e": tmp_path / "e.py"}
+    graph = {m: imports_of(m, path, set(paths)) for m, path in paths.items()}
+    assert cycles(graph) == [["e", "p", "p.t"]]
 
 
 def test_no_import_cycles():

@@ -113,7 +113,7 @@ def _train(tmp_path, cache_dir, recipe, name, steps=2):
 
     from conftest import SMALL
 
-    from hapo_cli.learner import train
+    from hapo_cli.learner.trainer import train
     from hapo_cli.recipe import load_recipe
 
     rec = load_recipe(recipe, [*SMALL, f"model.cache_dir={cache_dir}", f"train.max_steps={steps}",
@@ -127,7 +127,7 @@ def _train(tmp_path, cache_dir, recipe, name, steps=2):
 @pytest.mark.slow
 def test_trainer_reuses_behaviour_logp_and_trains_the_same(tmp_path, cache_dir, monkeypatch):
     reused = _train(tmp_path, cache_dir, "tiny/dapo", "reused", steps=1)
-    monkeypatch.setattr("hapo_cli.learner.oldlogp.reuse_behaviour_logp", lambda *a: None)
+    monkeypatch.setattr("hapo_cli.learner.scoring.reuse_behaviour_logp", lambda *a: None)
     scored = _train(tmp_path, cache_dir, "tiny/dapo", "scored", steps=1)
     r, s = reused[-1], scored[-1]
     assert r["actor/behaviour_logp_gap"] == 0.0  # the same tensor
@@ -146,7 +146,7 @@ def test_adaptive_temperature_under_base_uses_the_engines_base_logp(tmp_path, ca
     rows = [r for r in _train(tmp_path, cache_dir, "tiny/hapo", "hapo") if "actor/pg_loss" in r]
     assert rows[0]["actor/behaviour_logp_gap"] == 0.0  # step 1: no stats yet, T_t = T
     assert rows[1]["actor/behaviour_logp_gap"] > 0.0  # step 2: A samples at T_t != T; old = base
-    monkeypatch.setattr("hapo_cli.learner.oldlogp.reuse_behaviour_logp", lambda *a: None)
+    monkeypatch.setattr("hapo_cli.learner.scoring.reuse_behaviour_logp", lambda *a: None)
     scored = [r for r in _train(tmp_path, cache_dir, "tiny/hapo", "scored") if "actor/pg_loss" in r]
     for r, s in zip(rows, scored):
         for k in ("actor/behaviour_logp_gap", "actor/pg_loss", "actor/entropy_mean",

@@ -1,5 +1,5 @@
-"""Accelerate learner: the training loop, batching, forward pass and checkpoints."""
+"""Accelerate learner: the training loop, batching, forward pass and checkpoints.
 
-from .trainer import LoopState, TrainSummary, run_dir_of, train
-
-__all__ = ["train", "TrainSummary", "LoopState", "run_dir_of"]
+No re-exports: importing one submodule (say `learner.checkpoint`, as `hapo export` does) must not
+start the trainer, which imports most of the package (tests/test_architecture.py). The entry
+point is `hapo_cli.learner.trainer.train`."""

@@ -38,8 +38,7 @@ from ..models import ModelError, check_model_dir, load_policy, resolve_policy_pa
 from ..progress import step_progress
 from ..recipe import Recipe
 from ..rewards.custom import probe_rewards
-from ..rollout import build_engine
-from ..rollout.factory import samples_with_learner_module
+from ..rollout.factory import build_engine, samples_with_learner_module
 from ..runlog import RunLog, disk_full, os_error_line
 from ..trackers import Trackers, check_trackers
 from .checkpoint import load_trainer_state

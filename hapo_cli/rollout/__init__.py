@@ -1,6 +1,7 @@
 """Rollout engines: the `RolloutEngine` protocol, the HF engine (the learner's own model, a KV-cache
 decode loop) and the vLLM engine (colocated `vllm.LLM`, imported lazily), plus component A's
-adaptive-temperature processors for both. Importing this package never imports vllm."""
+adaptive-temperature processors for both. Importing this package never imports vllm, nor the
+engine factory (`rollout.factory.build_engine`), which imports the server and vLLM engines."""
 
 from .base import (
     RolloutBatch,
@@ -9,7 +10,6 @@ from .base import (
     clean_param_name,
     recompute_adaptive_temperature,
 )
-from .factory import build_engine
 from .hf import HFEngine
 from .processors import AdaptiveTemperatureLogitsProcessor
 
@@ -19,7 +19,6 @@ __all__ = [
     "RolloutBatch",
     "RolloutEngine",
     "SamplingSpec",
-    "build_engine",
     "clean_param_name",
     "recompute_adaptive_temperature",
 ]
