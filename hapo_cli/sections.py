@@ -6,7 +6,7 @@ and loads recipes."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, create_model, field_validator, model_validator
 
@@ -319,8 +319,11 @@ class _AlgoShared(_Section):
 
 
 # `_AlgoShared` plus one `algo.<name>` section per baseline with settings of its own
-AlgoConfig = create_model("AlgoConfig", __base__=_AlgoShared, __module__=__name__,
-                          **baseline_sections())
+if TYPE_CHECKING:  # a class the type checker can use in annotations (the sections are dynamic)
+    AlgoConfig = _AlgoShared
+else:
+    AlgoConfig = create_model("AlgoConfig", __base__=_AlgoShared, __module__=__name__,
+                              **baseline_sections())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -267,8 +267,8 @@ class Strategy:
         across ranks (and, for DeepSpeed, the optimizer may step) only on the last one."""
         last = index == count - 1
         if self.kind == "fsdp2":
-            cast("FSDPModule", self._prepared()[0]).set_requires_gradient_sync(
-                last or self.world == 1)
+            fsdp: FSDPModule = cast("FSDPModule", self._prepared()[0])  # fully_shard's class
+            fsdp.set_requires_gradient_sync(last or self.world == 1)
             yield
         elif self.kind == "deepspeed":
             # accelerate's DeepSpeed wrapper sets the engine's accumulation boundary from
