@@ -18,6 +18,8 @@ __getattr__
 schema.METRICS_NAMES, schema.ROW_KEYS, schema.CLIP_SIDES, schema.MANIFEST_KEYS
 schema.RUN_STATUSES, schema.EVAL_N, schema.EVAL_PASS, schema.EVAL_CRITICAL_THRESHOLD
 schema.EVAL_MAJ_RE, schema.eval_setting, schema.ABLATION_KEYS, schema.PLAN_KEYS
+schema.is_declared_metric  # the metric-name contract: test_architecture.py and test_byo_e2e.py check
+# every key a run logs against it
 AnalyzeResult.report_html  # the HTML report's path, returned to callers (tests read it)
 NAMES  # hapo_cli.components.NAMES: the component letters' names, read by tests and bench
 

@@ -6,7 +6,12 @@ loaded on first use.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the lazy exports' types, for the type checker only
+    from analysis.io import load_paths, load_run
+    from analysis.report import analyze
+    from analysis.summary import ablation_summary, write_summary
 
 __all__ = ["ablation_summary", "write_summary", "analyze", "load_run", "load_paths"]
 

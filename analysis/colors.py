@@ -8,12 +8,13 @@ variant (the high/low-entropy split, reference lines) are neutral greys, never a
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from typing import Any
 
 from matplotlib.colors import to_rgb
 
-Colors = dict[str, Any]
+# label -> RGB; keyed by the DataFrames' "label" values, which pandas types as any Hashable
+Colors = dict[Hashable, Any]
 
 # tab10, then tab20's lighter shades: what labels without a fixed colour are drawn from.
 PALETTE = (

@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 
 from analysis import figures as F
 from analysis import schema
+from analysis.colors import Colors
 from analysis.figures import MissingData, color_map
 from analysis.io import Collection, load_paths, stack_evals, stack_metrics, stack_tokens
 from analysis.summary import (
@@ -158,7 +159,7 @@ def _figure_specs(coll: Collection, colors: dict, metrics: pd.DataFrame, tokens:
     for abl in coll.ablations:
         suffix = "" if len(coll.ablations) == 1 else f"_{_slug(abl.name)}"
         summ = summaries[abl.name]
-        vcolors = {r.variant: colors[r.label] for r in abl.runs}
+        vcolors: Colors = {r.variant: colors[r.label] for r in abl.runs}
         m = stack_metrics(abl.runs)
         specs += [
             _FigureSpec(f"ablation_deltas{suffix}", f"12. Ablation {abl.name}: Δ accuracy",

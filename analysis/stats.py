@@ -16,6 +16,7 @@ import math
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TypeVar
 
 LEVEL = 0.95  # confidence level of every interval; significance is p < 1 - LEVEL
 
@@ -114,9 +115,12 @@ class PairedDiff:
         return self.p < 1.0 - self.level
 
 
+K = TypeVar("K", bound=Hashable)  # a seed key (an int in the summaries)
+
+
 def pair_by_seed(
-    variant: Mapping[Hashable, float], baseline: Mapping[Hashable, float]
-) -> list[tuple[Hashable, float, float]]:
+    variant: Mapping[K, float], baseline: Mapping[K, float]
+) -> list[tuple[K, float, float]]:
     """``(seed, v, b)`` for the seeds with a (non-NaN) value on both sides, sorted by seed;
     a seed missing or NaN on either side is left out."""
     v = {s: float(x) for s, x in variant.items() if x is not None and not math.isnan(float(x))}
@@ -126,7 +130,7 @@ def pair_by_seed(
 
 
 def paired_difference(
-    variant: Mapping[Hashable, float], baseline: Mapping[Hashable, float],
+    variant: Mapping[K, float], baseline: Mapping[K, float],
     level: float = LEVEL,
 ) -> PairedDiff:
     """Paired t over the seeds both sides have: ``d_s = variant[s] - baseline[s]``,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -160,15 +161,17 @@ def summarize_runs(
     # each row's baseline for the unpaired deltas: its own; a baseline row compares to itself
     own = [base_of.get(v, v if v in bases else None) for v in df.index]
     # the unpaired deltas compare means: only between groups whose runs all ended at one step
-    same = pd.Series([b is not None and df.at[v, "steps"] == df.at[b, "steps"]
-                      and "," not in df.at[v, "steps"] for v, b in zip(df.index, own, strict=True)],
+    steps = df["steps"].to_dict()  # variant -> "100" or "90,100"
+    same = pd.Series([b is not None and steps[v] == steps[b] and "," not in steps[v]
+                      for v, b in zip(df.index, own, strict=True)],
                      index=df.index, dtype=bool)
     for b in benchmarks(df):
         for what in ("final", "best"):
-            base = [df.at[o, f"{b}/{what}_mean"] if o is not None else math.nan for o in own]
+            base = [cast(float, df.at[o, f"{b}/{what}_mean"]) if o is not None else math.nan
+                    for o in own]
             df[f"{b}/delta_{what}"] = (df[f"{b}/{what}_mean"] - base).where(same)
-        err = [_combine(_se(s, int(n)), _se(df.at[o, f"{b}/final_std"],
-                                           int(df.at[o, f"{b}/final_n"])))
+        err = [_combine(_se(s, int(n)), _se(cast(float, df.at[o, f"{b}/final_std"]),
+                                           int(cast(float, df.at[o, f"{b}/final_n"]))))
                if o is not None else math.nan
                for s, n, o in zip(df[f"{b}/final_std"], df[f"{b}/final_n"], own, strict=True)]
         df[f"{b}/delta_final_err"] = pd.Series(err, index=df.index, dtype=float).where(same)
@@ -442,7 +445,7 @@ def write_summary(df: pd.DataFrame, out_dir: Path) -> tuple[Path, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out / SUMMARY_CSV, out / SUMMARY_MD
-    df.to_csv(csv_path, index=True, index_label=df.index.name or "variant")
+    df.to_csv(csv_path, index=True, index_label=str(df.index.name or "variant"))
     title = df.attrs.get("ablation")
     head = f"# Ablation summary: {title}\n\n" if title else "# Summary\n\n"
     steps = df.attrs.get("steps_note")

@@ -76,16 +76,15 @@ def check_options(*, n, tau, top_p, top_k, max_new_tokens, batch_size, limit, cr
 
 def _targets(target: str, checkpoints: str) -> tuple[Path | None, list[tuple[int | None, Path]]]:
     """(run_dir or None, [(checkpoint step or None, model dir)])."""
-    from .learner.checkpoint import list_checkpoints
+    from .learner.checkpoint import checkpoints_by_step
 
     p = Path(target)
     if not p.exists():
         raise HapoError(f"{target}: no such run directory or model directory")
     if (p / schema.MANIFEST).exists() or (p / schema.CHECKPOINTS_DIR).is_dir():
-        ckpts = list_checkpoints(p)
-        if not ckpts:
+        by_step = checkpoints_by_step(p)
+        if not by_step:
             raise HapoError(f"{target}: run directory has no checkpoint yet")
-        by_step = {schema.checkpoint_step(c.name): c for c in ckpts}
         if checkpoints == "latest":
             step = max(by_step)
             return p, [(step, by_step[step])]
@@ -171,6 +170,8 @@ def resolve_request(req: EvalRequest) -> _Resolved:
     # away before it was checked (a slow first check), list again, a few times
     relist = req.checkpoints in ("latest", "all")
     skipped: list[str] = []
+    run_dir: Path | None = None
+    kept: list[tuple[int | None, Path]] = []
     for _attempt in range(3 if relist else 1):
         run_dir, models = _targets(req.target, req.checkpoints)
         live = run_dir is not None and schema.read_manifest(run_dir).get("status") == \
@@ -194,8 +195,9 @@ def resolve_request(req: EvalRequest) -> _Resolved:
     models = kept
     has_recipe = run_dir is not None and (run_dir / schema.RECIPE).exists()
     # a bare model directory: the sections' defaults
-    rec = load_recipe(run_dir / schema.RECIPE) if has_recipe else SimpleNamespace(
-        data=DataConfig(), rollout=RolloutConfig(), algo=AlgoConfig(), eval=EvalConfig())
+    rec = (load_recipe(run_dir / schema.RECIPE) if run_dir is not None and has_recipe
+           else SimpleNamespace(data=DataConfig(), rollout=RolloutConfig(), algo=AlgoConfig(),
+                                eval=EvalConfig()))
     benchmarks = list(req.benchmarks)
     if not benchmarks and has_recipe:
         benchmarks = ([rec.data.task] if rec.data.source == "synthetic"
@@ -217,7 +219,9 @@ def resolve_request(req: EvalRequest) -> _Resolved:
         if bad:
             raise HapoError(f"--server-url {bad[0]!r}: expected http://HOST:PORT")
         server = server.model_copy(update={"urls": list(req.server_urls)})
-    rollout = RolloutConfig(engine=req.engine, batch_size=req.batch_size,
+    # req.engine is one of engine_names() (checked above) and pydantic checks it again
+    rollout = RolloutConfig(engine=req.engine,  # pyright: ignore[reportArgumentType]
+                            batch_size=req.batch_size,
                             vllm=vllm_config(rec.rollout.vllm, list(req.vllm_options)),
                             server=server)
     return _Resolved(

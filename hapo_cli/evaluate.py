@@ -251,9 +251,10 @@ def validation_metrics(engine, tokenizer, val_sets, recipe, step: int, rank: int
         examples = examples[: ev.limit] if ev.limit else examples
         per = -(-len(examples) // world)
         lo, hi = min(rank * per, len(examples)), min((rank + 1) * per, len(examples))
-        common = dict(top_p=ev.top_p, top_k=0, max_new_tokens=max_new, adaptive=False,
-                      tau=0.0, stats=None, batch_size=recipe.rollout.batch_size, offset=lo,
-                      rewards=_rewards_of(recipe.data, recipe.train.incorrect_score))
+        common: dict[str, Any] = dict(
+            top_p=ev.top_p, top_k=0, max_new_tokens=max_new, adaptive=False, tau=0.0, stats=None,
+            batch_size=recipe.rollout.batch_size, offset=lo,
+            rewards=_rewards_of(recipe.data, recipe.train.incorrect_score))
         mine = examples[lo:hi]
         recs = sample_benchmark(engine, tokenizer, mine, n=ev.n, temperature=ev.temperature,
                                 greedy=False, seed=1_000_000 + step, **common)
@@ -379,8 +380,9 @@ def _sample_each(req: EvalRequest, res, settings, console, skipped: list[str],
             rewards = _rewards_of(data_cfg)
             if rewards is not None:  # the run's data.rewards, checked on this benchmark's row
                 rewards.probe(examples[0])
-            common = dict(top_p=req.top_p, top_k=req.top_k, max_new_tokens=max_new, tau=tau,
-                          batch_size=req.batch_size, scorer=model, rewards=rewards)
+            common: dict[str, Any] = dict(
+                top_p=req.top_p, top_k=req.top_k, max_new_tokens=max_new, tau=tau,
+                batch_size=req.batch_size, scorer=model, rewards=rewards)
             # calibration pass at T = 1: the critical-entropy threshold and, if needed, the stats
             cal = sample_benchmark(eng, tok, examples, n=1, temperature=1.0, greedy=False,
                                    adaptive=False, stats=None, seed=seed + 7, **{**common,

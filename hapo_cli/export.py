@@ -18,7 +18,7 @@ import torch
 from analysis import schema
 
 from .errors import HapoError
-from .learner.checkpoint import list_checkpoints
+from .learner.checkpoint import checkpoints_by_step
 from .learner.dcp_checkpoint import (
     EXPORTS_DIR,
     export_dir,
@@ -118,7 +118,7 @@ def without_adapters(folder: Path) -> Path:
 
 def find_checkpoint(run_dir: Path, step: int | None) -> Path:
     """The checkpoint of `step` in a run directory (None: the newest); HapoError otherwise."""
-    ckpts = {schema.checkpoint_step(c.name): c for c in list_checkpoints(run_dir)}
+    ckpts = checkpoints_by_step(run_dir)
     if not ckpts:
         raise HapoError(f"{run_dir}: no checkpoint (a run directory with checkpoints/step-N)")
     if step is None:

@@ -32,7 +32,8 @@ _A, _B, _BASE = ".lora_A.default.weight", ".lora_B.default.weight", ".base_layer
 
 def linear_names(model: nn.Module) -> list[str]:
     """Distinct last names of the model's nn.Linear layers, output embedding excluded."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
     return list(dict.fromkeys(name.rsplit(".", 1)[-1] for name, m in model.named_modules()
                               if isinstance(m, nn.Linear) and m is not head))
 

@@ -363,7 +363,8 @@ def _build_warmup(model_cfg: Any, data_cfg: Any, final: Path, progress: Progress
     tokenizer = build_tokenizer()
     model = build_tiny_model(model_cfg.tiny, tokenizer)
     target = target_accuracy(model_cfg.warmup)
-    stop, stop_at = None, []
+    stop: Callable[[int], bool] | None = None
+    stop_at: list[tuple[int, float]] = []  # (step, held-out accuracy) of each probe
     if target is not None:
         probe = heldout_examples(
             data_cfg.task,
@@ -374,7 +375,7 @@ def _build_warmup(model_cfg: Any, data_cfg: Any, final: Path, progress: Progress
             seed=HELDOUT_SEED + 1,
         )
 
-        def stop(step: int) -> bool:
+        def target_reached(step: int) -> bool:
             # probe every WARMUP_CHECK_EVERY steps, every 5 once a third of the way there
             near = bool(stop_at) and stop_at[-1][1] >= target / 3
             every = 5 if near else WARMUP_CHECK_EVERY
@@ -382,6 +383,8 @@ def _build_warmup(model_cfg: Any, data_cfg: Any, final: Path, progress: Progress
                 return False
             stop_at.append((step, _greedy_accuracy(model, tokenizer, probe)))
             return stop_at[-1][1] >= target
+
+        stop = target_reached
 
     losses = train_warmup(model, tokenizer, model_cfg, data_cfg, progress, stop)
     train_s = time.perf_counter() - t0

@@ -38,8 +38,8 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
 class Recipe(_Section):
-    name: str = Field("custom", description="Recipe name (default run directory name).")
-    seed: int = Field(1, ge=0, le=MAX_SEED,
+    name: str = Field(default="custom", description="Recipe name (default run directory name).")
+    seed: int = Field(default=1, ge=0, le=MAX_SEED,
                       description="RL seed: data order, sampling, initialisation of RNGs.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)

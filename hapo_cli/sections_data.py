@@ -21,16 +21,17 @@ class RewardConfig(_Section):
         "name; math; dapo; source: per row by data_source, as data.train_verifier), or a Python "
         "function 'path/to/file.py:name' / 'package.module:name' (rewards/plugins.py)."
     )
-    weight: float = Field(1.0, description="Its weight in the total: score = sum weight x reward.")
+    weight: float = Field(default=1.0,
+                          description="Its weight in the total: score = sum weight x reward.")
     style: Literal["verl", "trl"] = Field(
-        "verl",
+        default="verl",
         description="Calling convention of a Python function. verl: compute_score(data_source, "
         "solution_str, ground_truth, extra_info) -> float | {'score': float, ...} per response "
         "(other numeric keys are logged). trl: (prompts, completions, **columns) -> "
         "list[float | None] per batch (None counts 0). Ignored for built-in graders.",
     )
     name: str | None = Field(
-        None, description="Name in the logs (reward/<name>/mean); None: the grader's or the "
+        default=None, description="Name in the logs (reward/<name>/mean); None: the grader's or the "
         "function's name."
     )
 
@@ -71,10 +72,11 @@ class RewardConfig(_Section):
 
 class DataConfig(_Section):
     source: Literal["synthetic", "files"] = Field(
-        "synthetic", description="Built-in synthetic task or local parquet/jsonl files."
+        default="synthetic", description="Built-in synthetic task or local parquet/jsonl files."
     )
-    task: str = Field("arith", description="Synthetic task name (source=synthetic).")
-    difficulty: int = Field(2, ge=1, le=5, description="Synthetic task difficulty knob (1-5).")
+    task: str = Field(default="arith", description="Synthetic task name (source=synthetic).")
+    difficulty: int = Field(default=2, ge=1, le=5,
+                            description="Synthetic task difficulty knob (1-5).")
     train_files: list[str] = Field(
         default_factory=list, description="Training data (source=files): parquet/jsonl files, "
         "folders written by datasets' save_to_disk (folder@split for a DatasetDict), or "
@@ -85,23 +87,23 @@ class DataConfig(_Section):
         default_factory=list, description="Validation data, as data.train_files; benchmark name = "
         "file stem, folder name or dataset name."
     )
-    prompt_key: str = Field("prompt", description="Column with the prompt (string or chat messages).")
+    prompt_key: str = Field(default="prompt", description="Column with the prompt (string or chat messages).")
     answer_key: str = Field(
-        "reward_model.ground_truth", description="Dotted path to the ground-truth answer."
+        default="reward_model.ground_truth", description="Dotted path to the ground-truth answer."
     )
     max_prompt_length: int = Field(
-        512, gt=0,
+        default=512, gt=0,
         description="Longest prompt in tokens (after the chat template); longer ones are "
         "handled by data.truncation. The HAPO authors' scripts use 1024 (recipe/*.sh).",
     )
     truncation: Literal["drop", "left", "right", "error"] = Field(
-        "drop",
+        default="drop",
         description="Prompts over data.max_prompt_length: 'drop' skips them (logged); 'left' keeps "
         "their last max_prompt_length tokens (verl's data.truncation='left', as the HAPO authors' "
         "scripts); 'right' keeps the first ones; 'error' stops with the file and row.",
     )
     train_verifier: Literal["math", "dapo", "source"] = Field(
-        "math",
+        default="math",
         description="Grader of training files. 'math': math-verify over the whole response "
         "(boxed answer first). 'dapo': the HAPO authors' math_dapo.compute_score grader (last "
         "'Answer:' line of the last 300 characters, normalised string equality, then a "
@@ -109,19 +111,19 @@ class DataConfig(_Section):
         "data_source, as verl's default_compute_score ('math_dapo' -> dapo, else math).",
     )
     val_verifier: Literal["math", "dapo", "source"] = Field(
-        "math",
+        default="math",
         description="Grader of validation/benchmark files (same choices as data.train_verifier); "
         "also used by `hapo evaluate` on files.",
     )
     apply_chat_template: bool = Field(
-        True, description="Apply the tokenizer's chat template when it has one."
+        default=True, description="Apply the tokenizer's chat template when it has one."
     )
     system_prompt: str | None = Field(
-        None, description="A system message put first in every prompt (replacing a row's own). "
+        default=None, description="A system message put first in every prompt (replacing a row's own). "
         "Without a chat template, its text and the prompt joined by a newline."
     )
     prompt_template: str | None = Field(
-        None, description="The user message as a template: every '{prompt}' is replaced by the "
+        default=None, description="The user message as a template: every '{prompt}' is replaced by the "
         "row's prompt (its last user message); other braces stay as written, e.g. "
         "'{prompt}\\nPlease reason step by step, and put your final answer within \\boxed{}.'."
     )
@@ -140,23 +142,24 @@ class DataConfig(_Section):
         "function's 'acc' key, else whether the first entry's reward is > 0.",
     )
     reward_timeout: float = Field(
-        10.0, gt=0, description="Seconds one call of a Python reward function may take (a batch "
+        default=10.0, gt=0, description="Seconds one call of a Python reward function may take (a batch "
         "for trl-style); past it the call scores data.reward_on_error and its worker restarts."
     )
     reward_workers: int = Field(
-        1, ge=1, description="Worker processes running Python reward functions (per rank)."
+        default=1, ge=1, description="Worker processes running Python reward functions (per rank)."
     )
     reward_on_error: float = Field(
-        0.0, description="Reward of a call that timed out, raised or returned the wrong shape "
+        default=0.0, description="Reward of a call that timed out, raised or returned the wrong shape "
         "(counted in reward/<name>/errors)."
     )
     reward_errors: Literal["score", "raise"] = Field(
-        "score", description="score: a failed call scores data.reward_on_error. raise: it stops "
+        default="score", description="score: a failed call scores data.reward_on_error. raise: it stops "
         "the run with the function's error."
     )
-    shuffle: bool = Field(True, description="Shuffle the training file order each epoch (by seed).")
+    shuffle: bool = Field(default=True,
+                          description="Shuffle the training file order each epoch (by seed).")
     val_size: int = Field(
-        200, gt=0, description="Held-out synthetic prompts per validation set (fixed seed)."
+        default=200, gt=0, description="Held-out synthetic prompts per validation set (fixed seed)."
     )
 
     @field_validator("prompt_template")

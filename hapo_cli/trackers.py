@@ -28,10 +28,13 @@ import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlparse
 
 from .errors import HapoError, first_line
+
+if TYPE_CHECKING:
+    from accelerate.tracking import MLflowTracker
 
 # tracker -> (module that must import, the extra that installs it)
 PACKAGES = {
@@ -293,44 +296,53 @@ class Trackers:
                 raise HapoError(f"log.trackers: {name} did not start ({self._where(name)}): "
                                 f"{first_line(exc)}") from None
             if name == "mlflow":
-                self.ids["mlflow"] = tracker.active_run.info.run_id
+                self.ids["mlflow"] = cast("MLflowTracker", tracker).active_run.info.run_id
             if name not in previous_ids or self.ids[name] != previous_ids[name]:
                 # params are logged once per tracker run (TensorBoard: once per start)
                 tracker.store_init_configuration(flat)
             self.trackers.append(tracker)
 
+    def _dir(self) -> Path:
+        """The run directory: every tracker writes under it (main process: always given)."""
+        assert self.run_dir is not None, "trackers need a run directory"
+        return self.run_dir
+
     def _tracker(self, name: str, previous_ids: dict[str, str]):
         from accelerate.tracking import TensorBoardTracker, WandBTracker
 
+        run_dir = self._dir()
         if name == "tensorboard":
-            return TensorBoardTracker(TENSORBOARD_DIR, str(self.run_dir))
+            return TensorBoardTracker(TENSORBOARD_DIR, str(run_dir))
         if name == "wandb":
             import uuid
 
             run_id = previous_ids.get("wandb") or uuid.uuid4().hex[:12]
-            (self.run_dir / WANDB_DIR).mkdir(parents=True, exist_ok=True)
+            (run_dir / WANDB_DIR).mkdir(parents=True, exist_ok=True)
             self.ids["wandb"] = run_id
             return WandBTracker(os.environ.get("WANDB_PROJECT", PROJECT), id=run_id,
-                                resume="allow", name=self.run_dir.name, dir=str(self.run_dir))
+                                resume="allow", name=run_dir.name, dir=str(run_dir))
         return self._mlflow(previous_ids)
 
     def _where(self, name: str) -> str:
         if name == "mlflow":
             return self.mlflow_uri
-        return str(self.run_dir / (TENSORBOARD_DIR if name == "tensorboard" else WANDB_DIR))
+        return str(self._dir() / (TENSORBOARD_DIR if name == "tensorboard" else WANDB_DIR))
 
     def _mlflow(self, previous_ids: dict[str, str]):
         """accelerate's MLflowTracker on this run's store; a resumed run whose MLflow run is
         not in the store (its database deleted) starts a new MLflow run, and says so."""
         import mlflow
         from accelerate.tracking import MLflowTracker
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
 
-        self.mlflow_uri = mlflow_uri(self.run_dir)
+        run_dir = self._dir()
+        self.mlflow_uri = mlflow_uri(run_dir)
         user_uri = os.environ.get("MLFLOW_TRACKING_URI")
         self.ids["mlflow_uri"] = user_uri or MLFLOW_OWN
         logging_dir = None
         if not user_uri:  # the run's own store
-            store = self.run_dir / MLFLOW_DIR
+            store = run_dir / MLFLOW_DIR
             store.mkdir(parents=True, exist_ok=True)
             logging_dir = (store / "artifacts").resolve().as_uri()
         mlflow.set_tracking_uri(self.mlflow_uri)  # process-global; beats the variable
@@ -341,8 +353,8 @@ class Trackers:
         run_id = previous_ids.get("mlflow")
         if run_id is not None:
             try:
-                mlflow.tracking.MlflowClient().get_run(run_id)
-            except mlflow.exceptions.MlflowException:
+                MlflowClient().get_run(run_id)
+            except MlflowException:
                 from rich.console import Console
 
                 Console(stderr=True).print(
@@ -350,7 +362,7 @@ class Trackers:
                     f"{self.mlflow_uri}; logging to a new MLflow run", highlight=False)
                 run_id = None
         return MLflowTracker(experiment_name=os.environ.get("MLFLOW_EXPERIMENT_NAME", PROJECT),
-                           logging_dir=logging_dir, run_id=run_id, run_name=self.run_dir.name)
+                           logging_dir=logging_dir, run_id=run_id, run_name=run_dir.name)
 
     def log(self, row: dict[str, Any]) -> None:
         """Log a metrics row at its step. A tracker that fails (a server gone away) is warned

@@ -158,9 +158,9 @@ def has_data(ax: Axes) -> bool:
         return True
     for c in ax.collections:
         if isinstance(c, PathCollection):  # a scatter: its path is the marker, count points
-            if len(c.get_offsets()):
+            if len(np.asarray(c.get_offsets())):
                 return True
-        elif any(len(p.vertices) for p in c.get_paths()):
+        elif any(len(np.asarray(p.vertices)) for p in c.get_paths()):
             return True
     return False
 
@@ -181,7 +181,7 @@ def honest_ylim(ax: Axes, narrow: float = NARROW_SPAN) -> bool:
     Returns True when the axis was widened.
     """
     ys = [np.asarray(ln.get_ydata(), float) for ln in _data_lines(ax)]
-    ys += [p.vertices[:, 1] for c in ax.collections if isinstance(c, PolyCollection)
+    ys += [np.asarray(p.vertices)[:, 1] for c in ax.collections if isinstance(c, PolyCollection)
            for p in c.get_paths()]
     y = np.concatenate(ys) if ys else np.array([])
     y = y[np.isfinite(y)]

@@ -78,7 +78,7 @@ def ablation_deltas(summary: pd.DataFrame, colors: Colors | None = None) -> Figu
         for xi, yi, end, s in zip(x, y, ends, sig, strict=True):
             if s >= 0.5:  # significant: the marker just beyond the error bar
                 up = bool(yi >= 0)
-                ax.text(xi, end + (pad if up else -pad), SIG_MARKER, ha="center",
+                ax.text(float(xi), end + (pad if up else -pad), SIG_MARKER, ha="center",
                         va="bottom" if up else "top", fontsize="large")
         names = [f"{v}\nvs {vs[v]}" if vs is not None and vs[v] else v for v in others]
         ax.set_xticks(x, [f"{v}\nn={int(k)}" if not np.isnan(k) else v

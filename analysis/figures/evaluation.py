@@ -36,7 +36,8 @@ def temperature_sweep(evals: pd.DataFrame, colors: Colors | None = None) -> Figu
     if acc is None:
         raise MissingData("eval rows have no accuracy column (avg@k or pass@1)")
     d = latest_checkpoint(evals).copy()
-    d["_T"] = pd.to_numeric(d.get(schema.EVAL_TEMPERATURE), errors="coerce")
+    d["_T"] = (pd.to_numeric(d[schema.EVAL_TEMPERATURE], errors="coerce")
+               if schema.EVAL_TEMPERATURE in d.columns else float("nan"))
     d["_adaptive"] = _is_adaptive(d)
     if not (d["_T"].notna() | d["_adaptive"]).any():
         raise MissingData("eval rows have neither a temperature nor an adaptive setting")

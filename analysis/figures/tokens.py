@@ -203,6 +203,7 @@ def adaptive_temperature(
     finish(axes[1], xlabel="token entropy (nats)", ylabel="token temperature T_t",
            title="T_t vs entropy", honest=False)  # a relation: its detail is the point
     if curve:
+        assert metrics is not None  # curve implies it
         plot_curves(axes[2], metrics, schema.TEMPERATURE_MEAN, colors, smooth=smooth)
         finish(axes[2], xlabel="step", ylabel="mean T_t", title="mean sampling temperature")
     return fig

@@ -38,12 +38,12 @@ def validation_accuracy(metrics: pd.DataFrame, colors: Colors | None = None) -> 
     cols = [c for c in val_columns(metrics.columns) if has_values(metrics, c)]
     if not cols:
         raise MissingData("no validation metrics (val/<bench>/avg@k or greedy) were logged")
-    benches = list(dict.fromkeys(schema.parse_val_metric(c)[0] for c in cols))
+    parsed = [(c, *p) for c in cols if (p := schema.parse_val_metric(c)) is not None]
+    benches = list(dict.fromkeys(b for _, b, _ in parsed))
     colors = colors_for(metrics, colors)
     fig, axes = panels(len(benches), title="Validation accuracy")
     for ax, bench in zip(axes, benches, strict=True):
-        for col in cols:
-            b, kind = schema.parse_val_metric(col)
+        for col, b, kind in parsed:
             if b != bench:
                 continue
             style = "--" if kind == "greedy" else "-"

@@ -15,7 +15,7 @@ over a list of shards, so tests can check it without processes.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -97,7 +97,8 @@ def stats_from_shards(
     if count <= exact_max_tokens:
         rho, err = quantile_1d(torch.cat(xs), pivot, mode), 0.0
     else:
-        hist = sum(shard_histogram(x, x_min, x_max, num_bins) for x in xs)
+        # a Tensor: xs is not empty here (count > 0)
+        hist = cast(Tensor, sum(shard_histogram(x, x_min, x_max, num_bins) for x in xs))
         rho, err = quantile_from_histogram(hist, x_min, x_max, pivot, mode)
     ssd = sum(sq_dev_sum(x, rho) for x in xs)
     return stats_from_reduced(count, rho, ssd, x_min, x_max, mode, eps), _info(err == 0.0, err, count)

@@ -187,8 +187,8 @@ class _FusedLogprobEntropy(torch.autograd.Function):
         # upstream gradients in the compute dtype, zero on ignored rows (their outputs are 0)
         g = (torch.zeros_like(lse) if grad_logp is None else grad_logp.to(cdtype))
         g = g.masked_fill(ignored, 0.0)  # (N,)
-        use_ent = grad_entropy is not None and ctx.compute_entropy
-        e = grad_entropy.to(cdtype).masked_fill(ignored, 0.0) if use_ent else None  # (N,)
+        e = (grad_entropy.to(cdtype).masked_fill(ignored, 0.0)
+             if grad_entropy is not None and ctx.compute_entropy else None)  # (N,)
 
         grad_h = torch.empty_like(hidden) if need_h else None  # (N, d)
         grad_w = weight.new_zeros(weight.shape, dtype=cdtype) if need_w else None  # (V, d)
@@ -203,17 +203,17 @@ class _FusedLogprobEntropy(torch.autograd.Function):
                 z, lse[s:t], entropy[s:t], g[s:t], None if e is None else e[s:t], it,
                 safe_targets[s:t],
             )  # (C, V) dL/d(hidden @ W.T + b), in z's storage
-            if need_b:
+            if grad_b is not None:  # need_b
                 grad_b += gz.sum(0)
             gz_in = gz.to(weight.dtype)  # (C, V) input dtype for the matmuls
-            if need_h:
+            if grad_h is not None:  # need_h
                 torch.mm(gz_in, weight, out=grad_h[s:t])  # (C, d)
-            if need_w:
+            if grad_w is not None:  # need_w
                 _accumulate_weight_grad(grad_w, gz_in, h)
             del z, gz, gz_in
-        if need_w:
+        if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
-        if need_b:
+        if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
         return grad_h, grad_w, grad_b, None, None, None, None, None
 

@@ -71,7 +71,7 @@ class _ChunkedLogprobsEntropy(torch.autograd.Function):
             logp[sl] = lp_all.gather(-1, targets[sl].unsqueeze(-1)).squeeze(-1)
             ent[sl] = _entropy_of_logp_(lp_all)
             del lp_all
-            if untempered:
+            if ent0 is not None:  # untempered
                 ent0[sl] = ent[sl] if inv_temp is None else _entropy_of_logp_(_logp_(_tempered(logits[sl], None, cdt)))
         ctx.save_for_backward(logits, targets, inv_temp, ent, ent0)
         ctx.chunk_size = chunk_size

@@ -19,12 +19,12 @@ if TYPE_CHECKING:
 
 class ForkingConfig(_Section):
     quantile: float = Field(
-        0.2, gt=0, le=1,
+        default=0.2, gt=0, le=1,
         description="Fraction q of highest-entropy tokens trained (the paper's 20 %); the "
         "threshold is the (1 - q) entropy quantile over the whole batch, all ranks together.",
     )
     normalizer: Literal["all", "forking"] = Field(
-        "all",
+        default="all",
         description="Token-mean denominator. 'all': every valid token, as the objective of "
         "arXiv 2506.01939 (DAPO's 1/sum|o_i| times the indicator H_t >= tau), so gradients keep "
         "DAPO's scale. 'forking': only the forking tokens (about 1/q times larger).",

@@ -84,6 +84,7 @@ def concat_batches(batches: list[TrainBatch], pad_id: int) -> TrainBatch:
         return out
 
     parts_ids, parts_am, gids = [], [], []
+    bases = [b.base_logp for b in batches if b.base_logp is not None]
     offset = 0
     for b in batches:
         ids, am = prompt_part(b)
@@ -107,8 +108,8 @@ def concat_batches(batches: list[TrainBatch], pad_id: int) -> TrainBatch:
         texts=[t for b in batches for t in b.texts],
         uids=[u for b in batches for u in b.uids],
         decode_stats=all(b.decode_stats for b in batches),
-        base_logp=torch.cat([resp(b, b.base_logp, 0.0) for b in batches])
-        if all(b.base_logp is not None for b in batches) else None,
+        base_logp=torch.cat([resp(b, t, 0.0) for b, t in zip(batches, bases, strict=True)])
+        if len(bases) == len(batches) else None,
     )
 
 

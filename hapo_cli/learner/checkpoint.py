@@ -14,7 +14,7 @@ import yaml
 from analysis import schema
 
 from .. import algo
-from ..lora import save_adapters
+from ..lora import LoraState, save_adapters
 from ..recipe import stable_hash
 from ..runlog import RESUMABLE_FIELDS
 from .state import LoopState
@@ -33,9 +33,16 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / schema.CHECKPOINTS_DIR
     if not root.is_dir():
         return []
-    out = [p for p in root.iterdir() if p.is_dir() and schema.checkpoint_step(p.name) is not None
-           and (p / STATE_FILE).exists()]
-    return sorted(out, key=lambda p: schema.checkpoint_step(p.name))
+    steps = {p: s for p in root.iterdir()
+             if p.is_dir() and (s := schema.checkpoint_step(p.name)) is not None
+             and (p / STATE_FILE).exists()}
+    return sorted(steps, key=lambda p: steps[p])
+
+
+def checkpoints_by_step(run_dir: Path) -> dict[int, Path]:
+    """``{step: checkpoint dir}`` of ``list_checkpoints``, in step order."""
+    return {s: p for p in list_checkpoints(run_dir)
+            if (s := schema.checkpoint_step(p.name)) is not None}
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -92,7 +99,7 @@ def save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, strea
     tmp = temporary_dir(run_dir, step) if ranks_wrote_optimizer else fresh_temporary_dir(run_dir,
                                                                                           step)
     model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
-    if getattr(model_state, "adapters", None) is not None:  # model.lora: the adapters beside it
+    if isinstance(model_state, LoraState):  # model.lora: the adapters beside it
         save_adapters(tmp, model_state.adapters, model_state.cfg)
     tokenizer.save_pretrained(tmp)
     if not ranks_wrote_optimizer:

@@ -33,7 +33,7 @@ import threading
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -64,7 +64,7 @@ def probe_dcp(ckpt: Path) -> None:
     """ValueError unless the DCP index reads and every shard file it names is on disk at least
     as long as the bytes it indexes there (a truncated or missing shard), without reading the
     tensors; plus the config and tokenizer `hapo export` needs."""
-    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
 
     from ..models import ModelError, check_tokenizer
 
@@ -115,12 +115,12 @@ def train_state(model, optimizer) -> dict[str, Any]:
 def load_train_state(ckpt: Path, model, optimizer, process_group=None) -> None:
     """Load model and optimizer from a DCP checkpoint into this run's (sharded or not) layout
     (every rank calls it)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict_loader import load
 
     state = train_state(model, optimizer)
-    dcp.load(state, checkpoint_id=str(Path(ckpt) / DCP_DIR), process_group=process_group,
-             no_dist=not _distributed())
+    load(state, checkpoint_id=str(Path(ckpt) / DCP_DIR), process_group=process_group,
+         no_dist=not _distributed())
     set_state_dict(model, torch_optimizer(optimizer), model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
 
@@ -142,11 +142,11 @@ def load_into_strategy(ckpt: Path, strategy) -> None:
 def load_model_weights(ckpt: Path, model) -> None:
     """Fill an unsharded `model` (one plain process) with the checkpoint's weights; the
     optimizer's entries are not read."""
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict_loader import load
 
     sd = {k: v for k, v in model.state_dict().items()}
     state = {"model": sd}
-    dcp.load(state, checkpoint_id=str(Path(ckpt) / DCP_DIR), no_dist=True)
+    load(state, checkpoint_id=str(Path(ckpt) / DCP_DIR), no_dist=True)
     model.load_state_dict(state["model"])
 
 
@@ -190,7 +190,9 @@ class Checkpointer:
         self.async_save = async_save
         self.main = accelerator.is_main_process
         # DCP's background thread gets its own gloo group (collective: every rank builds it)
-        self.group = dist.new_group(backend="gloo") if _distributed() else None
+        # (every rank is a member: a ProcessGroup, never new_group's int NON_GROUP_MEMBER)
+        self.group = cast("dist.ProcessGroup | None",
+                          dist.new_group(backend="gloo") if _distributed() else None)
         self._pending: Future | None = None
         self._published = threading.Event()
         self._error: BaseException | None = None
@@ -200,7 +202,7 @@ class Checkpointer:
         """Checkpoint `step`. `write_small(folder)`: the main process's small files."""
         import time
 
-        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict_saver import async_save, save
 
         t0 = time.perf_counter()
         self.wait()
@@ -213,8 +215,8 @@ class Checkpointer:
         target = str(tmp / DCP_DIR)
         if not self.async_save:
             try:
-                dcp.save(state, checkpoint_id=target, process_group=self.group,
-                         no_dist=self.group is None)
+                save(state, checkpoint_id=target, process_group=self.group,
+                     no_dist=self.group is None)
             except BaseException as exc:
                 raise _first_cause(exc) from None
             if self.main:
@@ -226,8 +228,9 @@ class Checkpointer:
         self._error = None
         # stages a CPU copy of this rank's state (training may change it from here on), then
         # writes in DCP's thread
-        fut = dcp.async_save(state, checkpoint_id=target, process_group=self.group,
-                             no_dist=self.group is None)
+        fut = async_save(state, checkpoint_id=target, process_group=self.group,
+                         no_dist=self.group is None)
+        assert isinstance(fut, Future)  # DCP's default stager stages in this thread: a Future
         fut.add_done_callback(lambda f: self._finish(f, tmp, step))
         self._pending = fut
         self.last_stall_s = time.perf_counter() - t0

@@ -176,8 +176,10 @@ def _packed_forward(model, input_ids, attention_mask, T, temperature, *, fused, 
                                       chunk_size=chunk_size)
     T_mask = pk.response_mask
     logp = lp.new_zeros(B, T).masked_scatter(T_mask, lp)
-    ent = lp.new_zeros(B, T).masked_scatter(T_mask, en) if entropy else None
-    return logp, ent
+    if not entropy:
+        return logp, None
+    assert en is not None  # computed whenever it is asked for
+    return logp, lp.new_zeros(B, T).masked_scatter(T_mask, en)
 
 
 def response_logprobs(
@@ -281,5 +283,6 @@ def rollout_entropy(
         am = torch.cat([p_am, mask.long()], 1)
         with torch.no_grad():
             _, ent = response_logprobs(model, ids.to(device), am.to(device), T, None)
+        assert ent is not None  # entropy=True, the default
         rows_out.append(ent.float().cpu().masked_fill(~mask, 0.0))
     return torch.cat(rows_out)

@@ -55,6 +55,7 @@ def old_policy_scores(recipe: Recipe, model, batch: TrainBatch, stats_used, devi
                     fused=r.train.fused_logprobs, chunk_size=r.train.logprob_chunk_size,
                     packed=r.train.packing,
                 )
+                assert en is not None  # entropy=True, the default
                 if not stand_in:
                     logp[rows], ent[rows] = lp.float().cpu(), en.float().cpu()
         return logp, ent

@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -111,9 +115,10 @@ def fill_shards(model: nn.Module, path: Path) -> int:
         for name, p in model.named_parameters():
             sl = handles[files[name]].get_slice(name)
             if hasattr(p, "to_local"):  # DTensor: only this rank's block
+                dt = cast("DTensor", p)
                 shape, offset = compute_local_shape_and_global_offset(
-                    p.shape, p.device_mesh, p.placements)
-                local = p.to_local()
+                    dt.shape, dt.device_mesh, dt.placements)
+                local = dt.to_local()
                 if local.numel() == 0:
                     continue
                 index = tuple(slice(o, o + s) for o, s in zip(offset, shape))

@@ -29,7 +29,7 @@ import copy
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +39,12 @@ from .fsdp2 import apply_fsdp2
 from .precision import Precision, env_true
 
 if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    from transformers import PreTrainedModel
+
     from ..sections import LoraConfig
+
 
 def detect_kind(world_size: int) -> str:
     """The strategy `accelerate launch` asked for (its config travels in environment variables)."""
@@ -111,8 +116,8 @@ def unsharded_copy(model: nn.Module, dtype: torch.dtype, accelerator) -> nn.Modu
     already_sharded = any(_is_dtensor(p) for p in model.parameters())  # sharded start-up
     if sharding_of(accelerator) != "zero3" and not already_sharded:
         return copy.deepcopy(model).to(dtype).to(device)
-    with torch.device("meta"):
-        fresh = type(model)(copy.deepcopy(model.config))
+    with torch.device("meta"):  # `model` is a transformers model: built from its config
+        fresh = cast("PreTrainedModel", type(model)(copy.deepcopy(model.config)))
     fresh.to_empty(device=device)
     fresh.tie_weights()  # the meta-device construction leaves lm_head untied
     mine = dict(fresh.named_parameters())
@@ -124,10 +129,11 @@ def unsharded_copy(model: nn.Module, dtype: torch.dtype, accelerator) -> nn.Modu
             mine[name].copy_(full)
         for name, b in fresh.named_buffers():
             b.copy_(model.get_buffer(name))
-    return fresh.to(dtype)
+    # nn.Module's `to`: transformers wraps it with functools.wraps, which pyright misreads
+    return cast(nn.Module, fresh).to(dtype)
 
 
-def _is_dtensor(p: Tensor) -> bool:
+def _is_dtensor(p: Tensor) -> TypeGuard[DTensor]:
     return hasattr(p, "full_tensor") and hasattr(p, "to_local")
 
 
@@ -149,8 +155,8 @@ class Strategy:
         self.accelerator = accelerator
         self.precision = precision
         self.world = accelerator.num_processes
-        self.model = None
-        self.optimizer = None
+        self.model: nn.Module | None = None  # set by `prepare` (wrapped by the strategy)
+        self.optimizer: torch.optim.Optimizer | None = None  # set by `prepare`
         self._engine_model: nn.Module | None = None
 
     @property
@@ -228,7 +234,7 @@ class Strategy:
             )
         if self.kind == "fsdp2":
             if env_true("FSDP_ACTIVATION_CHECKPOINTING"):
-                model.gradient_checkpointing_enable()
+                cast("PreTrainedModel", model).gradient_checkpointing_enable()
             optimizer = make_optimizer(model.parameters())
         else:
             optimizer = make_optimizer(model.parameters())
@@ -245,7 +251,14 @@ class Strategy:
         """The module the HF rollout engine samples from."""
         from .forward import unwrap
 
-        return self._engine_model if self._engine_model is not None else unwrap(self.model)
+        if self._engine_model is not None:
+            return self._engine_model
+        return unwrap(self._prepared()[0])
+
+    def _prepared(self) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """(model, optimizer) of `prepare`."""
+        assert self.model is not None and self.optimizer is not None, "call prepare first"
+        return self.model, self.optimizer
 
     # ---- one update ----
     @contextmanager
@@ -254,7 +267,8 @@ class Strategy:
         across ranks (and, for DeepSpeed, the optimizer may step) only on the last one."""
         last = index == count - 1
         if self.kind == "fsdp2":
-            self.model.set_requires_gradient_sync(last or self.world == 1)
+            fsdp: FSDPModule = cast("FSDPModule", self._prepared()[0])  # fully_shard's class
+            fsdp.set_requires_gradient_sync(last or self.world == 1)
             yield
         elif self.kind == "deepspeed":
             # accelerate's DeepSpeed wrapper sets the engine's accumulation boundary from
@@ -279,22 +293,23 @@ class Strategy:
 
     def clip_and_step(self, max_norm: float) -> float:
         """Clip the global gradient norm, step the optimizer once; the pre-clip norm."""
+        model, optimizer = self._prepared()
         if self.kind == "deepspeed":
             # the engine clipped (config gradient_clipping) and stepped in `backward` at the
             # accumulation boundary; report its norm
             engine = self.accelerator.deepspeed_engine_wrapped.engine
             gn = engine.get_global_grad_norm()
-            self.optimizer.step()  # accelerate's wrapper: a no-op under DeepSpeed
+            optimizer.step()  # accelerate's wrapper: a no-op under DeepSpeed
             return float(gn) if gn is not None else float("nan")
         if self.kind == "fsdp2":
-            gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             gn = gn.full_tensor() if _is_dtensor(gn) else gn
         else:
-            gn = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+            gn = self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
         gn = float(gn)
         if not torch.isfinite(torch.tensor(gn)):
             return gn
-        self.optimizer.step()
+        optimizer.step()
         return gn
 
     # ---- checkpoints ----
@@ -330,9 +345,10 @@ class Strategy:
             return None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(
-            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full = get_model_state_dict(
+            self._prepared()[0], options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
+        return cast("dict[str, Tensor]", full)  # full_state_dict: plain CPU tensors
 
     def optimizer_state(self) -> dict[str, Any] | None:
         """The whole optimizer state, gathered (collective), keyed by parameter name; None: use
@@ -345,7 +361,7 @@ class Strategy:
         )
 
         return get_optimizer_state_dict(
-            self.model, self.optimizer,
+            *self._prepared(),
             options=StateDictOptions(full_state_dict=True, cpu_offload=True),
         )
 
@@ -386,8 +402,9 @@ class Strategy:
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         """Load a state from `optimizer_state` (every rank reads the same full file and keeps
         its own shard)."""
+        model, optimizer = self._prepared()
         if self.kind != "fsdp2":
-            self.optimizer.load_state_dict(state)
+            optimizer.load_state_dict(state)
             return
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -395,7 +412,7 @@ class Strategy:
         )
 
         set_optimizer_state_dict(
-            self.model, self.optimizer, optim_state_dict=state,
+            model, optimizer, optim_state_dict=state,
             options=StateDictOptions(full_state_dict=True),
         )
 
@@ -404,9 +421,10 @@ class Strategy:
         """What ran, measured on the prepared model and optimizer (for manifest.json)."""
         from .forward import unwrap
 
-        params = list(self.model.parameters())
+        model, optimizer = self._prepared()
+        params = list(model.parameters())
         p0 = params[0]
-        inner = self.optimizer  # accelerate's wrapper > DeepSpeed's ZeRO optimizer > torch's
+        inner: Any = optimizer  # accelerate's wrapper > DeepSpeed's ZeRO optimizer > torch's
         flat: list[Tensor] = []
         while hasattr(inner, "optimizer"):
             flat += list(getattr(inner, "fp32_partitioned_groups_flat", []))  # ZeRO-3 masters
@@ -417,7 +435,7 @@ class Strategy:
         master = sorted({str(p.dtype).removeprefix("torch.")
                          for g in inner.param_groups for p in g["params"]} |
                         {str(t.dtype).removeprefix("torch.") for t in flat})
-        base = unwrap(self.model)
+        base = unwrap(model)
         total = sum(getattr(p, "ds_numel", p.numel()) for p in base.parameters())
         out = {
             "strategy": self.kind,
@@ -429,7 +447,7 @@ class Strategy:
             "optimizer_state_dtype": ",".join(state_dtypes) or "float32 (AdamW: like params)",
             "compute_dtype": str(self.precision.compute).removeprefix("torch."),
             "mixed_precision": self.precision.mixed_precision,
-            "param_bytes_per_rank": local_param_bytes(self.model),
+            "param_bytes_per_rank": local_param_bytes(model),
             "num_parameters": total,
             "trainable_parameters": sum(  # model.lora: the adapters only
                 getattr(p, "ds_numel", p.numel()) for p in base.parameters() if p.requires_grad),

@@ -157,6 +157,7 @@ class Updater:
             extra = extra + a.kl_coef * algo.aggregate(kl, loss_mask, agg, normalizer)
             m[schema.KL] = kl.detach().masked_fill(~loss_mask, 0.0).sum() / n
         if a.entropy_coef > 0:
+            assert ent is not None  # the forward computes it when entropy_coef > 0
             extra = extra - a.entropy_coef * algo.aggregate(ent, loss_mask, agg, normalizer)
             m[schema.ENTROPY_BONUS] = ent.detach().masked_fill(~loss_mask, 0.0).sum() / n
         return extra

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -26,7 +26,7 @@ from analysis import schema
 
 from ..errors import HapoError
 from .plugins import VERL_ARGS
-from .verify import verify
+from .verify import Verifier, verify
 
 
 class RewardError(HapoError):
@@ -135,7 +135,9 @@ class RewardSet:
 
         out = []
         for ex, t in zip(examples, texts):
-            grader = row_verifier("source", ex.row or {}) if name == "source" else name
+            # `name` is one of plugins.BUILTIN: "source" or a verifier's name
+            grader = (row_verifier("source", ex.row or {}) if name == "source"
+                      else cast(Verifier, name))
             out.append(float(verify(grader, t, ex.answer)))
         return out
 
@@ -188,8 +190,11 @@ class RewardSet:
                 k = f"returned_{k}" if k in (schema.REWARD_PART_MEAN, schema.REWARD_PART_ERRORS) else k
                 parts[schema.reward_metric(label, k)] = torch.tensor(v, dtype=torch.float32)
             total += spec.weight * torch.nan_to_num(values, nan=0.0)  # None counts 0 (TRL's nansum)
-        if acc is None:
-            acc = verl_acc if verl_acc is not None else (torch.nan_to_num(first) > 0).double()
+        if acc is None and verl_acc is not None:
+            acc = verl_acc
+        elif acc is None:
+            assert first is not None  # a RewardSet has at least one reward
+            acc = (torch.nan_to_num(first) > 0).double()
         return RewardScores(total.float(), acc.float(), parts, errors)
 
 

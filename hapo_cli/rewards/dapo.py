@@ -88,14 +88,15 @@ def math_verify_boxed(pred: str, answer: str) -> bool:
     """The authors' fallback (`compute_score_for_dapo`): math-verify with both sides wrapped in
     `\\boxed{}`; gold parsed as LaTeX, prediction as an expression or LaTeX. No timeout here:
     the caller (`verify.verify_dapo`) bounds it."""
-    from .mathverify import math_verify_module
+    from .mathverify import NO_TIMEOUT, math_verify_module
 
     mv = math_verify_module()
-    gold = mv.parse("\\boxed{" + answer + "}", [mv.LatexExtractionConfig()], parsing_timeout=None)
+    gold = mv.parse("\\boxed{" + answer + "}", [mv.LatexExtractionConfig()],
+                    parsing_timeout=NO_TIMEOUT)
     got = mv.parse(
         "\\boxed{" + pred + "}",
         [mv.ExprExtractionConfig(), mv.LatexExtractionConfig()],
-        parsing_timeout=None,
+        parsing_timeout=NO_TIMEOUT,
     )
     if not gold or not got:
         return False

@@ -4,7 +4,11 @@ dropped: we pass timeout=None on purpose and bound each call ourselves (see veri
 from __future__ import annotations
 
 import logging
+from typing import Any
 
+# `parse(..., parsing_timeout=NO_TIMEOUT)`: math-verify documents None (no signal-based timeout)
+# but annotates the parameter `int`
+NO_TIMEOUT: Any = None
 
 class _DropTimeoutDisabledWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:

@@ -26,6 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Literal
 
+from .mathverify import NO_TIMEOUT
 from .mathverify import math_verify_module as _math_verify_module
 
 logger = logging.getLogger("hapo.rewards")
@@ -97,9 +98,9 @@ def _parse_gold(answer: str) -> Any:
     _GOLD_CACHE[answer] = _PARSING
     mv = _math_verify_module()
     latex, expr = mv.LatexExtractionConfig, mv.ExprExtractionConfig
-    gold = mv.parse("\\boxed{" + answer + "}", [latex()], parsing_timeout=None)
+    gold = mv.parse("\\boxed{" + answer + "}", [latex()], parsing_timeout=NO_TIMEOUT)
     if not gold:
-        gold = mv.parse(answer, [latex(), expr()], parsing_timeout=None)
+        gold = mv.parse(answer, [latex(), expr()], parsing_timeout=NO_TIMEOUT)
     _GOLD_CACHE[answer] = gold
     return gold
 
@@ -112,7 +113,8 @@ def _math_equal(response: str, answer: str) -> bool:
     gold = _parse_gold(answer)
     if gold is _PARSING or not gold:
         return False
-    pred = mv.parse(response, [latex(boxed_match_priority=0), expr()], parsing_timeout=None)
+    pred = mv.parse(response, [latex(boxed_match_priority=0), expr()],
+                    parsing_timeout=NO_TIMEOUT)
     if not pred:
         return False
     return bool(mv.verify(gold, pred, timeout_seconds=None))

@@ -122,7 +122,8 @@ def fast_decode_supported(model: nn.Module) -> bool:
     for part in ("embed_tokens", "rotary_emb", "norm", "layers"):
         if not hasattr(core, part):
             return False
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
     if head is None:
         return False
     hooked = [m for m in (model, core) if m._forward_hooks or m._forward_pre_hooks]
@@ -145,8 +146,9 @@ class KVStepper:
 
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        self.core = model.model
-        self.head = model.get_output_embeddings()
+        hf: Any = model  # a transformers causal LM whose parts `fast_decode_supported` checked
+        self.core = hf.model
+        self.head = hf.get_output_embeddings()
         self.attention = sdpa_attention_forward
         layers = list(self.core.layers)
         self.layers = layers
@@ -419,8 +421,11 @@ class HFEngine(LearnerModuleEngine):
             # input_ids: the prompts only (no processor in the chain reads them; growing the
             # history every step would cost a copy per token)
             scaled = temp_proc(ids, logits)  # (N, V) logits / T_t (float32 in, float32 out)
-            warped = truncate(ids, scaled) if len(truncate) else scaled  # top-k/top-p: -inf
+            # (transformers types input_ids as torch.LongTensor, a class no tensor is typed as)
+            warped = (truncate(ids, scaled)  # pyright: ignore[reportArgumentType]
+                      if len(truncate) else scaled)  # top-k/top-p: -inf
             step_temps = temp_proc.last_temperature  # (N,)
+            assert step_temps is not None and temp_proc.last_entropy is not None  # set by the call
             if spec.greedy:
                 nxt = logits.argmax(dim=-1)
             else:
@@ -433,7 +438,7 @@ class HFEngine(LearnerModuleEngine):
             logp[:, t] = torch.where(active, step_logp, zero)
             temps[:, t] = torch.where(active, step_temps, zero)
             ents[:, t] = torch.where(active, temp_proc.last_entropy, zero)
-            if base_lp is not None:
+            if base_lp is not None and base_t is not None:  # both or neither
                 at_base = logits if base_t == 1.0 else logits / base_t  # as the learner divides
                 step_base = torch.log_softmax(at_base, dim=-1).gather(1, nxt.unsqueeze(1))
                 base_lp[:, t] = torch.where(active, step_base.squeeze(1), zero)

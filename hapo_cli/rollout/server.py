@@ -268,7 +268,8 @@ class VLLMServerEngine(EngineCapabilities):
                     sock.bind((host, 0))
                     port = sock.getsockname()[1]
             else:
-                store = dist.TCPStore(host, 0, world, True, wait_for_workers=False)
+                store = dist.TCPStore(  # pyright: ignore[reportPrivateImportUsage]
+                    host, 0, world, True, wait_for_workers=False)
                 port = store.port
             init = {"master_address": host, "master_port": port, "world_size": world,
                     "rank_offset": 1}
@@ -276,7 +277,9 @@ class VLLMServerEngine(EngineCapabilities):
                 fut = pool.submit(c.call, "/init_weight_transfer_engine", {"init_info": init},
                                   what=f"/init_weight_transfer_engine ({backend})")
                 if backend == "nccl":  # vLLM's own trainer endpoint (CUDA only: untested here)
-                    from vllm.distributed.weight_transfer.nccl_common import trainer_init
+                    from vllm.distributed.weight_transfer.nccl_common import (  # pyright: ignore[reportMissingImports]
+                        trainer_init,
+                    )
 
                     groups.append(("nccl", trainer_init(init)))
                 else:

@@ -40,9 +40,10 @@ def gloo_group(host: str, port: int, rank: int, world_size: int, timeout_s: floa
 
     timeout = datetime.timedelta(seconds=timeout_s)
     if store is None:
-        store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout,
-                              wait_for_workers=False)
-    return dist.ProcessGroupGloo(dist.PrefixStore("hapo_gloo", store), rank, world_size, timeout)
+        store = dist.TCPStore(  # pyright: ignore[reportPrivateImportUsage]
+            host, port, world_size, rank == 0, timeout=timeout, wait_for_workers=False)
+    prefixed = dist.PrefixStore("hapo_gloo", store)  # pyright: ignore[reportPrivateImportUsage]
+    return dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
 
 
 def broadcast_tensor(group: Any, tensor: torch.Tensor) -> None:
@@ -100,6 +101,10 @@ class GlooUpdateInfo:
 class HapoWorkerExtension:
     """Methods `/collective_rpc` can call on a hapo server's worker (mixed into vLLM's worker)."""
 
+    # vLLM's worker, which this class is mixed into, has these (annotations only: no attribute)
+    model_runner: Any
+    reload_weights: Any
+
     def hapo_model_signature(self) -> dict[str, Any]:
         return signature_of(self.model_runner.model_config.hf_config)
 
@@ -111,8 +116,13 @@ class HapoWorkerExtension:
 
 def _register() -> None:
     try:
-        from vllm.distributed.weight_transfer.base import WeightTransferEngine
-        from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+        # vllm is optional: absent from the lint venv
+        from vllm.distributed.weight_transfer.base import (  # pyright: ignore[reportMissingImports]
+            WeightTransferEngine,
+        )
+        from vllm.distributed.weight_transfer.factory import (  # pyright: ignore[reportMissingImports]
+            WeightTransferEngineFactory,
+        )
     except ImportError:  # the learner's side: no vLLM needed
         return
     if BACKEND in WeightTransferEngineFactory._registry:
@@ -136,7 +146,9 @@ def _register() -> None:
                                     init_info.world_size, init_info.timeout_s)
 
         def start_weight_update(self) -> None:
-            from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+            from vllm.model_executor.model_loader.reload import (  # pyright: ignore[reportMissingImports]
+                initialize_layerwise_reload,
+            )
 
             initialize_layerwise_reload(self.model)
 
@@ -154,7 +166,9 @@ def _register() -> None:
                 self.model.load_weights([(name, buf)])
 
         def finish_weight_update(self) -> None:
-            from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+            from vllm.model_executor.model_loader.reload import (  # pyright: ignore[reportMissingImports]
+                finalize_layerwise_reload,
+            )
 
             finalize_layerwise_reload(self.model, self.model_config)
             refresh_tied_lm_head(self.model)

@@ -79,8 +79,10 @@ _SEED_MOD = 2**62
 
 def import_vllm() -> Any:
     """`import vllm` with an actionable error; warns outside the supported range."""
-    try:
-        import vllm
+    import importlib
+
+    try:  # by name: pyright would resolve `import vllm` to this very file
+        vllm = importlib.import_module("vllm")
     except ImportError as err:
         raise ImportError(
             f"rollout.engine='vllm' needs vLLM {SUPPORTED_VLLM}: pip install 'hapo[vllm]' "
@@ -391,7 +393,7 @@ class VLLMEngine(EngineCapabilities):
         **llm_kwargs: Any,
     ) -> None:
         vllm = import_vllm()
-        from vllm.platforms import current_platform
+        from vllm.platforms import current_platform  # pyright: ignore[reportMissingImports]
 
         self._vllm = vllm
         self.cfg = cfg

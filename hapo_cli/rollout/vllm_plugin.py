@@ -31,22 +31,30 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from hapo_cli.algo import EntropyStats, apply_adaptive_temperature
 
-try:  # Model Runner V2 interface (vLLM >= 0.31)
-    from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as _V2Base
-except ImportError:  # vllm absent (CPU tests) or too old
-    _V2Base = object  # type: ignore[assignment,misc]
+if TYPE_CHECKING:  # vllm is optional (absent from the lint venv); one declaration per base
+    from vllm.v1.sample.logits_processor import (  # pyright: ignore[reportMissingImports]
+        LogitsProcessor as _V1Base,
+    )
+    from vllm.v1.worker.gpu.sample.logits_processor import (  # pyright: ignore[reportMissingImports]
+        LogitsProcessor as _V2Base,
+    )
+else:
+    try:  # Model Runner V2 interface (vLLM >= 0.31)
+        from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as _V2Base
+    except ImportError:  # vllm absent (CPU tests) or too old
+        _V2Base = object
 
-try:  # V1 interface
-    from vllm.v1.sample.logits_processor import LogitsProcessor as _V1Base
-except ImportError:
-    _V1Base = object  # type: ignore[assignment,misc]
+    try:  # V1 interface
+        from vllm.v1.sample.logits_processor import LogitsProcessor as _V1Base
+    except ImportError:
+        _V1Base = object
 
 HAPO_KEY = "hapo"
 

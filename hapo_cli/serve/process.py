@@ -66,6 +66,7 @@ class ServerProcess:
         proc, self.proc = self.proc, None
         if proc is None:
             return
+        assert proc.stdin is not None  # started with stdin=PIPE
         try:
             proc.stdin.close()
         except OSError:

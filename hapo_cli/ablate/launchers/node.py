@@ -19,11 +19,15 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-try:  # on the submitting machine and the nodes alike (the `cluster` extra)
+if TYPE_CHECKING:  # one declaration for the type checker: a base class must be one class
     from submitit.helpers import Checkpointable
-except ImportError:  # pragma: no cover - the launcher checks for submitit first
-    Checkpointable = object  # type: ignore[assignment,misc]
+else:
+    try:  # on the submitting machine and the nodes alike (the `cluster` extra)
+        from submitit.helpers import Checkpointable
+    except ImportError:  # pragma: no cover - the launcher checks for submitit first
+        Checkpointable = object
 
 _CHILD: dict[str, subprocess.Popen] = {}  # this process's training child (for checkpoint())
 

@@ -27,24 +27,27 @@ from .base import (
 
 
 class RayConfig(LauncherConfig):
-    address: str = Field("http://127.0.0.1:8265", description="The cluster's dashboard (Jobs "
+    address: str = Field(default="http://127.0.0.1:8265",
+                         description="The cluster's dashboard (Jobs "
                          "API) address.")
-    num_cpus: float = Field(1, ge=0, description="CPUs of one run (entrypoint_num_cpus); also "
+    num_cpus: float = Field(default=1, ge=0,
+                            description="CPUs of one run (entrypoint_num_cpus); also "
                             "its torch threads.")
-    num_gpus: float = Field(0, ge=0, description="GPUs of one run (entrypoint_num_gpus).")
+    num_gpus: float = Field(default=0, ge=0, description="GPUs of one run (entrypoint_num_gpus).")
     resources: dict[str, float] = Field(default_factory=dict, description="Custom resources "
                                         "of one run (entrypoint_resources).")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment of each "
                                 "run.")
     setup: list[str] = Field(default_factory=list, description="Shell lines before the run "
                              "(source venv/bin/activate).")
-    timeout_s: float = Field(30, gt=0, description="Deadline for the Jobs API to answer.")
-    nodes: int = Field(1, ge=1, description="Nodes of one run: one rank a node on distinct "
+    timeout_s: float = Field(default=30, gt=0, description="Deadline for the Jobs API to answer.")
+    nodes: int = Field(default=1, ge=1, description="Nodes of one run: one rank a node on distinct "
                        "nodes (a STRICT_SPREAD placement group), accelerate across them; "
                        "num_cpus, num_gpus and resources are then each node's.")
-    processes_per_node: int | None = Field(None, ge=1, description="Training processes a node "
+    processes_per_node: int | None = Field(default=None, ge=1,
+                                           description="Training processes a node "
                                            "(default: num_gpus, 1 without GPUs).")
-    main_process_port: int | None = Field(None, description="Multi-node rendezvous port "
+    main_process_port: int | None = Field(default=None, description="Multi-node rendezvous port "
                                           "(default: a free port on rank 0's node).")
 
 

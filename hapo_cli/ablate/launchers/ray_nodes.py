@@ -71,7 +71,7 @@ class NodeRun:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--processes-per-node", type=int, default=1)
     p.add_argument("--num-cpus", type=float, default=1)
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     train = a.train[1:] if a.train[:1] == ["--"] else a.train
 
     import ray
+    from ray.exceptions import RayError
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
     try:
         codes = ray.get(refs)
-    except ray.exceptions.RayError as exc:  # a node (its actor) died
+    except RayError as exc:  # a node (its actor) died
         print(f"a rank's node was lost: {str(exc).splitlines()[0]}", flush=True)
         return EXIT_PREEMPTED
     print(f"ranks' exit codes: {codes}", flush=True)

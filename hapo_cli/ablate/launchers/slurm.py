@@ -34,25 +34,29 @@ _ALIVE = {"PENDING": QUEUED, "REQUEUED": QUEUED, "REQUEUE_HOLD": QUEUED, "REQUEU
 
 
 class SlurmConfig(LauncherConfig):
-    partition: str | None = Field(None, description="sbatch --partition (default: the cluster's).")
-    account: str | None = Field(None, description="sbatch --account.")
-    time: str = Field("24:00:00", description="Time limit of one job: [D-]HH:MM[:SS] or minutes; "
+    partition: str | None = Field(default=None,
+                                  description="sbatch --partition (default: the cluster's).")
+    account: str | None = Field(default=None, description="sbatch --account.")
+    time: str = Field(default="24:00:00",
+                      description="Time limit of one job: [D-]HH:MM[:SS] or minutes; "
                       "the run checkpoints and requeues itself before it.")
-    nodes: int = Field(1, ge=1, description="Nodes of one run (accelerate across them).")
-    gpus_per_node: int = Field(0, ge=0, description="GPUs of one run on each node.")
-    processes_per_node: int | None = Field(None, ge=1, description="Training processes a "
+    nodes: int = Field(default=1, ge=1, description="Nodes of one run (accelerate across them).")
+    gpus_per_node: int = Field(default=0, ge=0, description="GPUs of one run on each node.")
+    processes_per_node: int | None = Field(default=None, ge=1, description="Training processes a "
                                            "node (default: gpus_per_node, 1 without GPUs).")
-    cpus_per_task: int = Field(1, ge=1, description="CPUs a node; also the run's torch threads.")
-    mem_gb: float | None = Field(None, gt=0, description="Memory a node, GB.")
+    cpus_per_task: int = Field(default=1, ge=1,
+                               description="CPUs a node; also the run's torch threads.")
+    mem_gb: float | None = Field(default=None, gt=0, description="Memory a node, GB.")
     setup: list[str] = Field(default_factory=list, description="Shell lines before the run "
                              "(module load, source venv/bin/activate).")
     sbatch: dict[str, Any] = Field(default_factory=dict, description="Extra sbatch options, "
                                    "e.g. {qos: high, constraint: a100}.")
-    signal_seconds: int = Field(120, ge=10, description="USR2 this long before the time limit.")
-    parallel: int = Field(256, ge=1, description="Runs of the array running at once.")
-    main_process_ip: str | None = Field(None, description="Multi-node rendezvous address "
+    signal_seconds: int = Field(default=120, ge=10,
+                                description="USR2 this long before the time limit.")
+    parallel: int = Field(default=256, ge=1, description="Runs of the array running at once.")
+    main_process_ip: str | None = Field(default=None, description="Multi-node rendezvous address "
                                         "(default: the first node's NodeAddr).")
-    main_process_port: int | None = Field(None, description="Rendezvous port (default: "
+    main_process_port: int | None = Field(default=None, description="Rendezvous port (default: "
                                           "29500 + job id mod 2000).")
 
     @field_validator("time")
