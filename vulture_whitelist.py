@@ -31,13 +31,8 @@ padding_side, pad_token, pre_tokenizer, decoder, bos_token_id
 Checkpointer.last_stall_s  # how long a save blocked the loop; read by tests/dcp_worker.py
 Recipe.content_hash  # hashes recipe sections (tests/test_recipe.py)
 
-# rollout engines: a field every RolloutBatch carries and capability flags of the
-# RolloutEngine protocol (rollout/* was edited in parallel with this list: these flags are not
-# read by the learner today, candidates for removal there)
+# rollout engines: a field every RolloutBatch carries (pinned by the engines' tests)
 base.RolloutBatch.logp_includes_truncation
-base.EngineCapabilities.records_decode_stats, base.EngineCapabilities.records_base_logp
-base.EngineCapabilities.needs_weight_push
-base.RolloutBatch.select  # used by tests/test_rollout.py only (same note)
 
 # vLLM calls these: the worker extension of `vllm serve` (its weight-transfer hooks) and the
 # V1 logits-processor interface (names and signatures fixed by vLLM)

@@ -21,9 +21,9 @@ from hapo_cli.rollout import (
     RolloutBatch,
     RolloutEngine,
     SamplingSpec,
-    build_engine,
     clean_param_name,
 )
+from hapo_cli.rollout.factory import build_engine
 
 EOS, PAD, VOCAB = 1, 0, 30
 PROMPTS = [[2, 3, 4], [5, 6, 7, 8, 9], [10], [11, 12]]
@@ -298,10 +298,6 @@ def test_empty_prompt_is_rejected(engine):
 
 def test_batch_helpers(engine):
     batch = engine.generate(PROMPTS, SamplingSpec(n=2, temperature=1.0, max_new_tokens=5), None, 0)
-    sub = batch.select([2, 3])
-    assert sub.prompt_index.tolist() == [1, 1]
-    assert sub.finish_reason == batch.finish_reason[2:4]
-    torch.testing.assert_close(sub.response_ids, batch.response_ids[2:4])
     assert batch.to("cpu").response_ids.device.type == "cpu"
 
     class CharTok:

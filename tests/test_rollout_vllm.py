@@ -20,9 +20,9 @@ from hapo_cli.recipe import RolloutConfig, VllmConfig
 from hapo_cli.rollout import (
     AdaptiveTemperatureLogitsProcessor,
     SamplingSpec,
-    build_engine,
     recompute_adaptive_temperature,
 )
+from hapo_cli.rollout.factory import build_engine
 from hapo_cli.rollout.vllm import (
     build_requests,
     hf_to_vllm_name,

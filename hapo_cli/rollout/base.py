@@ -166,17 +166,6 @@ class RolloutBatch:
         }
         return replace(self, **moved)
 
-    def select(self, rows: Tensor | Sequence[int]) -> RolloutBatch:
-        """Rows `rows` (e.g. the groups kept by dynamic sampling), in that order."""
-        idx = torch.as_tensor(rows, dtype=torch.long, device=self.response_ids.device)
-        picked = {
-            f.name: getattr(self, f.name).index_select(0, idx)
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), Tensor)
-        }
-        reasons = [self.finish_reason[i] for i in idx.tolist()]
-        return replace(self, **picked, finish_reason=reasons)
-
     def response_token_lists(self) -> list[list[int]]:
         """The valid response token ids of each row (EOS included when produced)."""
         return [
@@ -287,18 +276,12 @@ class EngineCapabilities:
     samples_with_learner_module  it samples with the learner's own module (the HF engine): its
                                  decode-time log-probs can be the old log-probs
                                  (`learner/oldlogp.py`), and it needs full parameters per rank
-    records_decode_stats         its batches carry the decode-time T_t and entropy
-    records_base_logp            under A it can record the log-prob at the base T (`base_logp`)
-    needs_weight_push            the learner must send it new weights after every optimizer step
     push_before_first_rollout    it may start from other weights than the learner's (servers)
 
     The defaults are a separate engine loaded from disk (colocated vLLM).
     """
 
     samples_with_learner_module = False
-    records_decode_stats = False
-    records_base_logp = False
-    needs_weight_push = True
     push_before_first_rollout = False
 
     def close(self) -> None:
@@ -309,9 +292,6 @@ class LearnerModuleEngine(EngineCapabilities):
     """The capabilities of an engine that samples with the learner's module (HF)."""
 
     samples_with_learner_module = True
-    records_decode_stats = True
-    records_base_logp = True
-    needs_weight_push = False
 
 
 @runtime_checkable
@@ -321,9 +301,6 @@ class RolloutEngine(Protocol):
     may ask one."""
 
     samples_with_learner_module: bool
-    records_decode_stats: bool
-    records_base_logp: bool
-    needs_weight_push: bool
     push_before_first_rollout: bool
 
     def generate(
