@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -132,12 +133,24 @@ def _wandb_offline(run: Path) -> tuple[set[str], dict[str, dict[int, float]], di
     return ids, series, config
 
 
+def _wandb_offline_written(run: Path, last_step: int):
+    """`_wandb_offline` once wandb's service has written the run record and `last_step`: it
+    writes the .wandb file from its own process, which may still be flushing when `finish()`
+    has returned (seen once in CI under load: no run record yet). Bounded: 60 s."""
+    deadline = time.monotonic() + 60
+    while True:
+        ids, series, config = _wandb_offline(run)
+        if (ids and last_step in series.get("reward/acc", {})) or time.monotonic() > deadline:
+            return ids, series, config
+        time.sleep(0.5)
+
+
 def test_wandb_offline_run_holds_recipe_and_metrics(offline, cache_dir):
     run = offline / "run"
     train(run, cache_dir, "wandb", 3)
     manifest = json.loads((run / schema.MANIFEST).read_text())
     run_id = manifest["trackers"]["wandb"]
-    ids, series, config = _wandb_offline(run)
+    ids, series, config = _wandb_offline_written(run, 3)
     assert ids == {run_id}
     assert json.loads(config["train.lr"]) == pytest.approx(2e-4)
     assert json.loads(config["model.path"]) == "None"
@@ -147,7 +160,7 @@ def test_wandb_offline_run_holds_recipe_and_metrics(offline, cache_dir):
         for step, v in want.items():
             assert series[key][step] == pytest.approx(v, rel=1e-12), (key, step)
     train(run, cache_dir, "wandb", 5, "--resume")
-    ids, series, _ = _wandb_offline(run)
+    ids, series, _ = _wandb_offline_written(run, 5)
     assert ids == {run_id}  # the same wandb run, resumed
     assert sorted(series["reward/acc"]) == [1, 2, 3, 4, 5]
 
