@@ -28,23 +28,34 @@ flat fp32 partitions.
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
+import time
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, cast
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict_loader import load
+from torch.distributed.checkpoint.state_dict_saver import async_save, save
 
 from analysis import schema
 
+from ..errors import HapoError
+from ..models import ModelError, check_tokenizer
 from .checkpoint import (
     checkpoint_dir,
     fresh_temporary_dir,
     publish,
     temporary_dir,
+    write_trainer_files,
 )
+from .forward import unwrap
 
 # one process is a supported layout here, not a mistake DCP should warn about on every save
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or "
@@ -64,10 +75,6 @@ def probe_dcp(ckpt: Path) -> None:
     """ValueError unless the DCP index reads and every shard file it names is on disk at least
     as long as the bytes it indexes there (a truncated or missing shard), without reading the
     tensors; plus the config and tokenizer `hapo export` needs."""
-    from torch.distributed.checkpoint.filesystem import FileSystemReader
-
-    from ..models import ModelError, check_tokenizer
-
     folder = Path(ckpt) / DCP_DIR
     try:
         meta = FileSystemReader(str(folder)).read_metadata()
@@ -82,7 +89,6 @@ def probe_dcp(ckpt: Path) -> None:
             raise ValueError(f"{DCP_DIR}/{name}: missing")
         if f.stat().st_size < size:
             raise ValueError(f"{DCP_DIR}/{name}: truncated ({f.stat().st_size} of {size} bytes)")
-    import json
 
     try:
         cfg = json.loads((Path(ckpt) / "config.json").read_text(encoding="utf-8"))
@@ -106,8 +112,6 @@ def torch_optimizer(optimizer):
 def train_state(model, optimizer) -> dict[str, Any]:
     """{"model": ..., "optim": ...}: this rank's view, keyed by parameter name (collective
     under FSDP2; an optimizer that has not stepped gets its state initialised first)."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     msd, osd = get_state_dict(model, torch_optimizer(optimizer))
     return {"model": msd, "optim": osd}
 
@@ -115,9 +119,6 @@ def train_state(model, optimizer) -> dict[str, Any]:
 def load_train_state(ckpt: Path, model, optimizer, process_group=None) -> None:
     """Load model and optimizer from a DCP checkpoint into this run's (sharded or not) layout
     (every rank calls it)."""
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-    from torch.distributed.checkpoint.state_dict_loader import load
-
     state = train_state(model, optimizer)
     load(state, checkpoint_id=str(Path(ckpt) / DCP_DIR), process_group=process_group,
          no_dist=not _distributed())
@@ -128,8 +129,6 @@ def load_train_state(ckpt: Path, model, optimizer, process_group=None) -> None:
 def load_into_strategy(ckpt: Path, strategy) -> None:
     """`load_train_state` into a learner `Strategy`'s model and optimizer; DeepSpeed ZeRO is
     one line saying what it cannot do and what works instead."""
-    from ..errors import HapoError
-
     if strategy.kind == "deepspeed":
         raise HapoError(
             f"{ckpt}: a DCP checkpoint cannot resume under DeepSpeed ZeRO (its flat fp32 "
@@ -142,8 +141,6 @@ def load_into_strategy(ckpt: Path, strategy) -> None:
 def load_model_weights(ckpt: Path, model) -> None:
     """Fill an unsharded `model` (one plain process) with the checkpoint's weights; the
     optimizer's entries are not read."""
-    from torch.distributed.checkpoint.state_dict_loader import load
-
     sd = {k: v for k, v in model.state_dict().items()}
     state = {"model": sd}
     load(state, checkpoint_id=str(Path(ckpt) / DCP_DIR), no_dist=True)
@@ -153,8 +150,6 @@ def load_model_weights(ckpt: Path, model) -> None:
 def write_config_files(folder: Path, model, tokenizer) -> None:
     """config.json, generation_config.json and the tokenizer: with the DCP shards, all that
     `hapo export` needs to write a save_pretrained folder."""
-    from .forward import unwrap
-
     base = unwrap(model)
     base.config.save_pretrained(folder)
     if getattr(base, "generation_config", None) is not None:
@@ -163,8 +158,6 @@ def write_config_files(folder: Path, model, tokenizer) -> None:
 
 
 def _distributed() -> bool:
-    import torch.distributed as dist
-
     return dist.is_available() and dist.is_initialized()
 
 
@@ -184,8 +177,6 @@ class Checkpointer:
     """Writes DCP checkpoints; every rank holds one and calls `save` and `wait` together."""
 
     def __init__(self, run_dir: Path, accelerator, *, keep: int, async_save: bool = True):
-        import torch.distributed as dist
-
         self.run_dir, self.accelerator, self.keep = Path(run_dir), accelerator, keep
         self.async_save = async_save
         self.main = accelerator.is_main_process
@@ -200,10 +191,6 @@ class Checkpointer:
 
     def save(self, step: int, model, optimizer, write_small) -> None:
         """Checkpoint `step`. `write_small(folder)`: the main process's small files."""
-        import time
-
-        from torch.distributed.checkpoint.state_dict_saver import async_save, save
-
         t0 = time.perf_counter()
         self.wait()
         tmp = temporary_dir(self.run_dir, step)
@@ -302,8 +289,6 @@ class LoopCheckpoints:
         self.checkpointer, self.export_every, self.max_steps = checkpointer, export_every, max_steps
 
     def save(self, loop, step: int) -> None:
-        from .checkpoint import write_trainer_files
-
         def small(folder: Path) -> None:
             write_trainer_files(folder, loop.run_dir, step, loop.scheduler, loop.stream,
                                 loop.state, format=FORMAT)
@@ -316,8 +301,6 @@ class LoopCheckpoints:
     def export(self, loop, step: int) -> None:
         """A save_pretrained folder of the fp32 weights at `step` (collective: the full
         weights gathered onto the main process only)."""
-        from .forward import unwrap
-
         state = loop.strategy.full_model_state()  # None: the module's own state dict
         if loop.accelerator.is_main_process:
             write_export(loop.run_dir, step, unwrap(loop.model), loop.tokenizer, state)

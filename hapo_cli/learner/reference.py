@@ -10,6 +10,7 @@ temperature through `response_logprobs`, with the same `packed` flag and fused h
 
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from torch import Tensor
 
 from .batch import TrainBatch
 from .forward import response_logprobs
+from .fsdp2 import apply_fsdp2
+from .precision import compute_autocast, env_true
 from .scoring import policy_temperature
 
 
@@ -55,8 +58,6 @@ def build_reference(recipe, strategy, policy_path: Path, load) -> Reference | No
     `load(path)` -> model: the trainer's loader (one-line errors)."""
     if recipe.algo.kl_coef <= 0:
         return None
-    from .fsdp2 import apply_fsdp2
-    from .precision import compute_autocast, env_true
 
     source = policy_path if recipe.model.reference == "initial" else Path(recipe.model.reference)
     with strategy.loading():
@@ -91,8 +92,6 @@ def zero3_inference_engine(model, accelerator):
     `zero3_init_flag` the loader already built the model partitioned (`zero.Init`); the engine
     adds the gather/release hooks of the forward (DeepSpeed's ZeRO-3 inference mode: stage 3
     and no optimizer gives a `DeepSpeedZeRoOffload`, not a ZeRO optimizer)."""
-    import copy
-
     import deepspeed
 
     config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)

@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
 from torch import nn
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+from ..model_dirs import load_tokenizer, quiet_transformers
+from .fsdp2 import apply_fsdp2
+from .precision import env_true
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -40,16 +48,12 @@ def weight_files(path: Path) -> dict[str, Path] | None:
         idx = json.loads((path / INDEX).read_text(encoding="utf-8"))
         return {k: path / f for k, f in idx["weight_map"].items()}
     if (path / SINGLE).is_file():
-        from safetensors import safe_open
-
         with safe_open(path / SINGLE, "pt") as f:
             return {k: path / SINGLE for k in f.keys()}
     return None
 
 
 def _shapes(files: dict[str, Path]) -> dict[str, list[int]]:
-    from safetensors import safe_open
-
     out: dict[str, list[int]] = {}
     for file in sorted(set(files.values())):
         with safe_open(file, "pt") as f:
@@ -60,11 +64,6 @@ def _shapes(files: dict[str, Path]) -> dict[str, list[int]]:
 
 def build_empty(path: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """The policy's architecture with meta parameters and real (computed) buffers."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-
-    from ..model_dirs import quiet_transformers
-
     quiet_transformers()
     config = AutoConfig.from_pretrained(path, local_files_only=True,
                                         trust_remote_code=trust_remote_code)
@@ -104,9 +103,6 @@ def materialize(model: nn.Module, device: torch.device) -> None:
 def fill_shards(model: nn.Module, path: Path) -> int:
     """Copy each parameter's local rows from the safetensors files into its shard (a DTensor's
     local tensor, or a plain tensor whole); the number of bytes read."""
-    from safetensors import safe_open
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
     files = weight_files(path)
     assert files is not None
     handles = {f: safe_open(f, "pt") for f in set(files.values())}
@@ -134,10 +130,6 @@ def fill_shards(model: nn.Module, path: Path) -> int:
 def load_policy_sharded(path: Path, strategy, trust_remote_code: bool = False):
     """(model already under `fully_shard`, tokenizer), or None when the folder's layout needs
     the full load (`supported`). Every rank calls it."""
-    from ..model_dirs import load_tokenizer
-    from .fsdp2 import apply_fsdp2
-    from .precision import env_true
-
     model = build_empty(path, strategy.load_dtype, trust_remote_code)
     if supported(path, model) is not None:
         return None

@@ -32,11 +32,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import torch
+from accelerate import Accelerator, PartialState
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 from ..errors import HapoError
+from ..lora import checkpoint_state
+from ..rollout.factory import samples_with_learner_module
+from ..sharded import full_named_parameters, sharding_of
+from . import zero_state
+from .checkpoint import OPTIM_FILE
+from .dcp_checkpoint import is_dcp, load_into_strategy
+from .forward import unwrap
 from .fsdp2 import apply_fsdp2
 from .precision import Precision, env_true
+from .sharded_load import load_policy_sharded
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import FSDPModule
@@ -76,8 +91,6 @@ def _env(name: str, value: str):
 
 def build_accelerator(precision: Precision, **kwargs) -> tuple[Any, str]:
     """(Accelerator, strategy kind). Without CUDA the accelerator runs on the CPU (gloo)."""
-    from accelerate import Accelerator
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     kind = detect_kind(world)
     cpu = not torch.cuda.is_available()
@@ -93,7 +106,6 @@ def build_accelerator(precision: Precision, **kwargs) -> tuple[Any, str]:
         if cpu:
             # accelerate 1.15 without CUDA finds no backend for DeepSpeed and reports ONE
             # process on every rank (while DeepSpeed itself forms a 2-rank group): name gloo
-            from accelerate import PartialState
 
             PartialState(backend="gloo")
         acc = Accelerator(mixed_precision=precision.mixed_precision, **kwargs)
@@ -110,8 +122,6 @@ def unsharded_copy(model: nn.Module, dtype: torch.dtype, accelerator) -> nn.Modu
     sharded (DTensors): the copy is then built empty from the config (a plain constructor,
     outside zero.Init) and filled from `full_named_parameters` (collective: every rank calls
     this); buffers are never partitioned and are copied as they are."""
-    from ..sharded import full_named_parameters, sharding_of
-
     device = accelerator.device
     already_sharded = any(_is_dtensor(p) for p in model.parameters())  # sharded start-up
     if sharding_of(accelerator) != "zero3" and not already_sharded:
@@ -194,8 +204,6 @@ class Strategy:
         from ..model_dirs import load_policy
 
         if self.kind == "fsdp2" and not lora:
-            from .sharded_load import load_policy_sharded
-
             got = load_policy_sharded(Path(path), self, trust_remote_code)
             if got is not None:
                 return got
@@ -213,8 +221,6 @@ class Strategy:
         """(model, optimizer) ready to train. `make_optimizer(params)` builds the torch optimizer
         on the parameters it must own (the fp32 shards under FSDP2). DeepSpeed needs the
         micro-batch size (no dataloader is prepared) and does the clipping itself."""
-        from ..rollout.factory import samples_with_learner_module
-
         if self.kind == "deepspeed":
             cfg = self.accelerator.state.deepspeed_plugin.deepspeed_config
             cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
@@ -249,8 +255,6 @@ class Strategy:
 
     def engine_model(self) -> nn.Module:
         """The module the HF rollout engine samples from."""
-        from .forward import unwrap
-
         if self._engine_model is not None:
             return self._engine_model
         return unwrap(self._prepared()[0])
@@ -322,7 +326,6 @@ class Strategy:
         state = self._full_model_state()
         if self.lora is None:
             return state
-        from ..lora import checkpoint_state
 
         if state is None and self.kind == "deepspeed" and self.sharded:
             return None
@@ -333,7 +336,6 @@ class Strategy:
 
     def _full_model_state(self) -> dict[str, Tensor] | None:
         if self.kind == "deepspeed" and self.sharded:  # ZeRO-3: gather each parameter
-            from .weights import full_named_parameters
 
             # every rank takes part in each gather, only the writer keeps the (copied) tensors:
             # a copy on every rank held the whole model world times
@@ -343,7 +345,6 @@ class Strategy:
             return state if keep else None
         if self.kind != "fsdp2":
             return None
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(
             self._prepared()[0], options=StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -355,10 +356,6 @@ class Strategy:
         `optimizer.state_dict()` on the main process."""
         if self.kind != "fsdp2":
             return None
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_optimizer_state_dict,
-        )
 
         return get_optimizer_state_dict(
             *self._prepared(),
@@ -374,17 +371,11 @@ class Strategy:
     def save_rank_optimizer(self, folder: Path) -> None:
         """This rank's optimizer partition into the checkpoint folder being written (every
         rank calls it; only under `ranks_write_optimizer`)."""
-        from . import zero_state
-
         zero_state.save(self.accelerator.deepspeed_engine_wrapped.engine, folder,
                         self.accelerator.process_index, self.world)
 
     def load_checkpoint_optimizer(self, ckpt: Path) -> None:
         """Restore the optimizer from a checkpoint folder (every rank calls it)."""
-        from . import zero_state
-        from .checkpoint import OPTIM_FILE
-        from .dcp_checkpoint import is_dcp, load_into_strategy
-
         if is_dcp(ckpt):  # model and optimizer, resharded to this run's layout
             return load_into_strategy(ckpt, self)
         if self.kind == "deepspeed":
@@ -406,10 +397,6 @@ class Strategy:
         if self.kind != "fsdp2":
             optimizer.load_state_dict(state)
             return
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_optimizer_state_dict,
-        )
 
         set_optimizer_state_dict(
             model, optimizer, optim_state_dict=state,
@@ -419,8 +406,6 @@ class Strategy:
     # ---- the manifest ----
     def describe(self) -> dict[str, Any]:
         """What ran, measured on the prepared model and optimizer (for manifest.json)."""
-        from .forward import unwrap
-
         model, optimizer = self._prepared()
         params = list(model.parameters())
         p0 = params[0]
