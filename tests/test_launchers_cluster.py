@@ -199,8 +199,9 @@ def test_slurm_time_limit_checkpoints_requeues_and_resumes(tmp_path, cache_dir, 
     job, whose next start resumes to the uninterrupted run's metrics. Slurm's minimum limit is
     a minute and it checks limits on a ~30 s tick, so the job is submitted with 20 minutes and,
     once training, its limit is brought to ~1-2 minutes away (`scontrol update TimeLimit`):
-    USR2 comes at the next tick. 50 steps (~45 s on one core) outlast that tick."""
-    steps = 50
+    USR2 comes at the next tick. 150 steps outlast that tick with room: 50 steps once took
+    only ~25 s from submission to the end on an idle machine, and finished before USR2 came."""
+    steps = 150
     # the uninterrupted reference, on this machine, while the Slurm job runs (a core each)
     ref = tmp_path / "ref"
     ref_proc = subprocess.Popen(
@@ -225,6 +226,8 @@ def test_slurm_time_limit_checkpoints_requeues_and_resumes(tmp_path, cache_dir, 
             kv = job_fields(job, env)
             if kv.get("JobState") == "PENDING" and kv.get("Restarts") == "1":
                 break
+            assert kv.get("JobState") != "COMPLETED", (
+                f"job {job} ended before Slurm's USR2: {steps} steps are too few here ({kv})")
             time.sleep(0.25)
         else:
             raise AssertionError(f"job {job} was not requeued within 240 s: {kv}")
