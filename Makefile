@@ -26,7 +26,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check hapo_cli analysis tests tests_vllm bench scripts
-	$(BIN)/python -m pytest -q -m "not cluster"
+	$(BIN)/python -m pytest -q -m "not cluster" --durations=20
 
 # The cluster suite: a real one-machine Slurm (two slurmd) and a local Ray head, brought up and
 # stopped by pid by scripts/local_cluster.py (it installs slurm-wlm + munge with apt when missing).
@@ -63,7 +63,7 @@ $(VSTAMP): pyproject.toml
 
 # The real-vLLM suite (tests_vllm/, its own pytest config): never collected by `make test`.
 test-vllm: $(VSTAMP)
-	$(VBIN)/python -m pytest -c tests_vllm/pytest.ini tests_vllm
+	$(VBIN)/python -m pytest -c tests_vllm/pytest.ini tests_vllm --durations=15
 
 # The docs site (mkdocs.yml): into site/ (gitignored); --strict fails on a broken link or a
 # warning. The recipe and CLI references are generated from the code (scripts/docgen.py).
