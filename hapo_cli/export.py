@@ -33,11 +33,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 def load_checkpoint_model(ckpt: Path, dtype: str = "float32",
                           trust_remote_code: bool = False) -> tuple[Any, Any]:
     """(model, tokenizer) of a checkpoint: a DCP one through its shards, else the folder."""
-    from .models import load_policy, quiet_transformers
+    from .model_dirs import load_policy, load_tokenizer, quiet_transformers
 
     if not is_dcp(ckpt):
         return load_policy(ckpt, dtype, trust_remote_code)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     quiet_transformers()
     cfg = AutoConfig.from_pretrained(ckpt, local_files_only=True,
@@ -50,12 +50,7 @@ def load_checkpoint_model(ckpt: Path, dtype: str = "float32",
 
         model.generation_config = GenerationConfig.from_pretrained(ckpt)
     model.to(getattr(torch, dtype)).eval()
-    tok = AutoTokenizer.from_pretrained(ckpt, local_files_only=True,
-                                        trust_remote_code=trust_remote_code)
-    tok.padding_side = "left"
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
+    return model, load_tokenizer(ckpt, trust_remote_code)
 
 
 def check_checkpoint_dir(path: Path) -> None:

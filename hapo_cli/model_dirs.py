@@ -43,14 +43,33 @@ def load_policy(
     return model, load_tokenizer(path, trust_remote_code)
 
 
+# what `PreTrainedTokenizerFast.save_pretrained` declares in transformers 5 (and 4)
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def auto_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
+    """`AutoTokenizer.from_pretrained(path)`, except that a folder whose tokenizer_config.json
+    declares the generic class gets exactly its tokenizer.json. transformers 5 maps a config's
+    model_type (qwen2) to its own class (Qwen2Tokenizer) even then, and that class rebuilds the
+    pre-tokenizer from its own recipe: the tiny character tokenizer reloaded that way silently
+    dropped every space ("be brief" encoded as "bebrief")."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        declared = json.loads((Path(path) / "tokenizer_config.json").read_text(
+            encoding="utf-8")).get("tokenizer_class")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        declared = None
+    if declared in GENERIC_TOKENIZER_CLASSES and (Path(path) / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True,
+                                         trust_remote_code=trust_remote_code)
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
     """The policy's tokenizer, padding on the left (what generation needs), <eos> as the pad
     token when it has none."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(
-        path, local_files_only=True, trust_remote_code=trust_remote_code
-    )
+    tokenizer = auto_tokenizer(path, trust_remote_code)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -102,11 +121,9 @@ def check_tokenizer(path: str | Path) -> None:
     tokenizer_config.json alone, one of a few special tokens that encodes every prompt to
     nothing; a folder is loadable only if what it needs loads. A tokenizer that needs
     remote code is left to `load_policy`, which knows `model.trust_remote_code`."""
-    from transformers import AutoTokenizer
-
     quiet_transformers()
     try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tok = auto_tokenizer(path)
     except Exception as exc:  # OSError, ValueError, KeyError, tokenizers' own Exception
         if "trust_remote_code" in str(exc):
             return

@@ -31,6 +31,19 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("warmup-cache")
 
 
+@pytest.fixture(scope="session")
+def warm_cache(cache_dir: Path) -> Path:
+    """`cache_dir` with the tiny arithmetic task's 150-step warm-up policy already in it (the
+    key tiny/hapo, dapo, grpo and forking share), built here once for the session, so a
+    multi-process launch finds it and no module pays for its own (~50 s each)."""
+    from hapo_cli.models import warmup_policy
+    from hapo_cli.recipe import load_recipe
+
+    rec = load_recipe("tiny/hapo", ["model.warmup.steps=150", f"model.cache_dir={cache_dir}"])
+    warmup_policy(rec.model, rec.data)
+    return cache_dir
+
+
 def sets(cache_dir: Path, *extra: str) -> list[str]:
     """`--set` arguments: SMALL, the shared cache, then `extra` (later ones win)."""
     out: list[str] = []

@@ -65,10 +65,10 @@ def test_settings_parse():
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
+def trained_run(tmp_path_factory, cache_dir):
     root = tmp_path_factory.mktemp("evalrun")
     out = root / "run"
-    sets = ["model.warmup.steps=150", f"model.cache_dir={root / 'cache'}",
+    sets = ["model.warmup.steps=150", f"model.cache_dir={cache_dir}",
             "train.prompts_per_step=4", "train.mini_batch_prompts=2",
             "train.micro_batch_size=8", "rollout.n=4", "eval.at_start=false",
             "eval.limit=4", "eval.n=1", "train.dynamic_sampling.enabled=false"]

@@ -20,11 +20,6 @@ SMALL = [
 ]
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("warmup-cache")
-
-
 def sets(cache_dir, *extra: str) -> list[str]:
     return [x for s in [*SMALL, f"model.cache_dir={cache_dir}", *extra] for x in ("--set", s)]
 

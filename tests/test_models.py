@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 
 import hapo_cli.models as models
 from hapo_cli.data import heldout_examples
+from hapo_cli.model_dirs import check_tokenizer, load_tokenizer
 from hapo_cli.models import (
     ModelError,
     build_tiny_model,
@@ -50,6 +51,22 @@ def test_tokenizer_is_character_level_and_round_trips(tmp_path):
     assert loaded.decode(ids) == text and loaded.eos_token == "<eos>"
     batch = loaded(["1+1=", "12+30="], padding=True, add_special_tokens=False)
     assert batch["input_ids"][0][:2] == [0, 0]  # left padding survives the round trip
+
+
+def test_a_policy_folder_reloads_the_tokenizer_it_was_saved_with(tmp_path):
+    """Next to a qwen2 config.json, transformers 5's AutoTokenizer picks Qwen2Tokenizer, whose
+    own pre-tokenizer dropped the tiny tokenizer's spaces ("be brief" -> "bebrief"): every run
+    that reloads the policy folder (train, evaluate, export) must get the same ids."""
+    tok = build_tokenizer()
+    build_tiny_model(TinyModelConfig(), tok).config.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    text = "be brief. 12+3= 15"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text)
+    loaded = load_tokenizer(tmp_path)
+    assert loaded(text, add_special_tokens=False)["input_ids"] == ids
+    assert loaded.decode(ids) == text and loaded.padding_side == "left"
+    check_tokenizer(tmp_path)  # the cheap pre-flight check loads it the same way
 
 
 def test_tiny_model_forward_and_ties():

@@ -32,26 +32,13 @@ def _train(out: Path, cache: Path, strategy: str, precision: str) -> subprocess.
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    """The warm-up policy, built once by one process (two ranks building it at once race)."""
-    root = tmp_path_factory.mktemp("precision-cache")
-    res = subprocess.run([sys.executable, "-m", "hapo_cli.cli", "train", "--recipe", "tiny/hapo",
-                          "--output", str(root / "warm"), "--set", "train.max_steps=0",
-                          "--set", "model.warmup.steps=150", "--set",
-                          f"model.cache_dir={root / 'cache'}"],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert res.returncode == 0, res.stdout + res.stderr
-    return root / "cache"
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, cache) -> dict[tuple[str, str], Path]:
+def runs(tmp_path_factory, warm_cache) -> dict[tuple[str, str], Path]:
     root = tmp_path_factory.mktemp("precision")
     out = {}
     for strategy in ("single", "ddp", "fsdp"):
         for name, precision in PRECISIONS.items():
             run = root / f"{strategy}-{name}"
-            res = _train(run, cache, strategy, precision)
+            res = _train(run, warm_cache, strategy, precision)
             assert res.returncode == 0, f"{strategy} {precision}\n" + failure_report(res)
             out[(strategy, name)] = run
     return out

@@ -584,10 +584,10 @@ def test_a_hostile_ground_truth_is_parsed_once_per_answer(monkeypatch):
 
 
 @pytest.mark.slow
-def test_ctrl_c_on_ablate_says_how_to_continue(tmp_path):
+def test_ctrl_c_on_ablate_says_how_to_continue(tmp_path, warm_cache):
     """Ctrl-C in a terminal signals the whole foreground process group: the ablation and its
     training process. The ablation says one line and exits 130; its run is `interrupted`."""
-    out, cache = tmp_path / "abl", tmp_path / "cache"
+    out, cache = tmp_path / "abl", warm_cache
     cmd = [sys.executable, "-m", "hapo_cli.cli", "ablate", "--recipe", "tiny/hapo",
            "--variants", "none", "--seeds", "1", "--output", str(out), "--max-steps", "200"]
     for s in [*SMALL, f"model.cache_dir={cache}"]:

@@ -57,13 +57,9 @@ def _no_times(rows):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, warm_cache):
     root = tmp_path_factory.mktemp("fsdp-e2e")
-    cache = root / "cache"
-    # one process first: builds the warm-up cache (two ranks building it at once race)
-    subprocess.run([sys.executable, *_train_args(root / "one", cache, "--set",
-                                                 "train.max_steps=0")],
-                   check=True, capture_output=True, timeout=600, cwd=ROOT)
+    cache = warm_cache
     out = {}
     for name in ("ddp", "fsdp"):
         res = subprocess.run([*_launch(name), *_train_args(root / name, cache)],

@@ -4,6 +4,7 @@ holds its worker's process-wide state; building one per test would only cost tim
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ import vllm  # noqa: F401  (no importorskip: this suite must fail, not skip, wit
 
 from hapo_cli.models import build_tokenizer, quiet_transformers
 from hapo_cli.recipe import VllmConfig
+
+# tests/rows.py (assert_same_rows) is shared with the CPU suite
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 
 def tiny_policy(tied: bool, seed: int = 0):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rows import assert_same_rows  # tests/rows.py (tests_vllm/conftest.py)
 from safetensors.torch import load_file
 
 from analysis import schema
@@ -134,16 +135,9 @@ def test_first_step_after_resume_samples_from_the_checkpoint(tmp_path, dapo_run)
     assert [r["step"] for r in again] == [r["step"] for r in full]
     step3 = next(r for r in again if r["step"] == 3)
     assert step3[GAP] < 1e-5, step3[GAP]
-    for a, b in zip(full, again):
-        for k, v in a.items():
-            if k.startswith("time/"):
-                continue
-            if isinstance(v, float):
-                # the same computation from the same fp32 weights; 1e-6 relative covers the
-                # summation-order noise of a fresh process
-                assert b[k] == pytest.approx(v, rel=1e-6, abs=1e-7), (a["step"], k)
-            else:
-                assert b[k] == v, (a["step"], k)
+    # the same computation from the same fp32 weights; 1e-6 relative covers the summation-order
+    # noise of a fresh process
+    assert_same_rows(full, again, rel=1e-6, abs=1e-7)
 
 
 def evaluate(run: Path, engine: str, name: str, *extra: str) -> list[dict]:
@@ -213,20 +207,8 @@ def test_two_processes_match_one(tmp_path, cache, dapo_run, strategy):
     if strategy == "zero3":
         assert manifest["zero_stage"] == 3 and manifest["sharded"]
     a, b = rows(dapo_run), rows(two)
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    compared = 0
-    for ra, rb in zip(a, b):
-        assert set(ra) == set(rb)
-        for k, va in ra.items():
-            if k.startswith("time/"):
-                continue
-            if isinstance(va, float):
-                # DDP all-reduces gradients in another summation order (as tests/test_distributed)
-                assert rb[k] == pytest.approx(va, rel=1e-4, abs=1e-6), (ra["step"], k)
-            else:
-                assert rb[k] == va, (ra["step"], k)
-            compared += 1
-    assert compared > 150
+    # DDP all-reduces gradients in another summation order (as tests/test_distributed_e2e.py)
+    assert_same_rows(a, b, rel=1e-4, abs=1e-6)
 
 
 LORA = ["model.lora={rank: 4, alpha: 8, target_modules: [q_proj, v_proj, up_proj]}",

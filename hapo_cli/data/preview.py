@@ -13,10 +13,9 @@ def recipe_tokenizer(recipe: Any) -> Any:
         from ..models import build_tokenizer
 
         return build_tokenizer()
-    from transformers import AutoTokenizer
+    from ..model_dirs import auto_tokenizer
 
-    return AutoTokenizer.from_pretrained(recipe.model.path, local_files_only=True,
-                                         trust_remote_code=recipe.model.trust_remote_code)
+    return auto_tokenizer(recipe.model.path, recipe.model.trust_remote_code)
 
 
 def first_prompt(recipe: Any, tokenizer: Any = None) -> tuple[str, int]:
