@@ -104,3 +104,62 @@ def test_probe_finds_a_truncated_or_missing_shard(tmp_path):
     (tmp_path / DCP_DIR / ".metadata").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="unreadable"):
         probe_dcp(tmp_path)
+
+
+def test_async_save_snapshots_the_save_step_while_training_goes_on(tmp_path):
+    """The asynchronous save copies the live tensors in DCP's staging thread; the next
+    optimizer step waits for that copy. Here the copy is held back until the next step has run
+    (or 1 s has passed): without the wait the step would change the weights and Adam moments
+    first and the checkpoint would hold the later state."""
+    import threading
+    from types import SimpleNamespace
+
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    from hapo_cli.learner.dcp_checkpoint import Checkpointer, load_train_state, train_state
+
+    def build(seed: int):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(),
+                                    torch.nn.Linear(64, 8))
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def step(model, opt) -> None:
+        model(torch.randn(16, 32)).square().sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def flat(model, opt) -> dict[str, torch.Tensor]:
+        st = train_state(model, opt)
+        out = {f"model.{k}": v.detach().clone() for k, v in st["model"].items()}
+        for name, s in st["optim"]["state"].items():
+            out.update({f"optim.{name}.{k}": v.detach().clone() for k, v in s.items()})
+        return out
+
+    model, opt = build(0)
+    step(model, opt)
+    at_save = flat(model, opt)
+    stepped = threading.Event()
+    opt.register_step_post_hook(lambda *_: stepped.set())
+
+    class HeldStager(DefaultStager):  # DCP's own stager, starting its copy late
+        def _stage(self, state_dict, **kwargs):
+            stepped.wait(timeout=1.0)
+            return super()._stage(state_dict, **kwargs)
+
+    one_process = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    saver = Checkpointer(tmp_path, one_process, keep=2, stager=lambda: HeldStager(
+        StagingOptions(use_pinned_memory=False, use_shared_memory=False,
+                       use_async_staging=True, use_non_blocking_copy=False)))
+    saver.save(1, model, opt, lambda folder: None)
+    step(model, opt)  # waits for the copy, then changes every tensor
+    saver.wait()
+    after = flat(model, opt)
+    assert all(not torch.equal(after[k], at_save[k]) for k in at_save)
+
+    fresh, fresh_opt = build(1)
+    load_train_state(tmp_path / "checkpoints" / "step-000001", fresh, fresh_opt)
+    loaded = flat(fresh, fresh_opt)
+    assert loaded.keys() == at_save.keys()
+    for k in at_save:
+        assert torch.equal(loaded[k], at_save[k]), k

@@ -20,8 +20,13 @@ mid-save leaves only the temporary folder, which `list_checkpoints` ignores, so 
 checkpoint stays the newest. One save is in flight at a time: the next save, the end of the
 run, and a failure wait for it (`wait`), and a write error (a full disk) surfaces there.
 
-The asynchronous write runs in DCP's background thread over its own gloo group, never the
-training collectives' group (two threads' collectives on one group would interleave).
+An asynchronous save holds the training thread only for `get_state_dict` (no copy). DCP's
+`DefaultStager` copies this rank's shards to host memory in a background thread while the
+next step's rollout and forward/backward run: none of them changes a weight or an Adam moment;
+only `optimizer.step` does, so a step pre-hook on the optimizer waits there for the copy to
+finish (the snapshot is the state at the save step, bit for bit). The write then runs in DCP's
+upload thread over its own gloo group, never the training collectives' group (two threads'
+collectives on one group would interleave).
 DeepSpeed ZeRO keeps its own format (`zero_state.py`): `get_state_dict` cannot address its
 flat fp32 partitions.
 """
@@ -34,15 +39,17 @@ import threading
 import time
 import warnings
 from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_loader import load
-from torch.distributed.checkpoint.state_dict_saver import async_save, save
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse, async_save, save
 
 from analysis import schema
 
@@ -173,21 +180,35 @@ def _first_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-class Checkpointer:
-    """Writes DCP checkpoints; every rank holds one and calls `save` and `wait` together."""
+def background_stager() -> AsyncStager:
+    """DCP's stager copying to host memory in its own thread (pinned memory and a side stream
+    for the device-to-host copies when an accelerator is present)."""
+    dev = torch.accelerator.is_available()
+    return DefaultStager(StagingOptions(use_pinned_memory=dev, use_shared_memory=False,
+                                        use_async_staging=True, use_non_blocking_copy=dev))
 
-    def __init__(self, run_dir: Path, accelerator, *, keep: int, async_save: bool = True):
+
+class Checkpointer:
+    """Writes DCP checkpoints; every rank holds one and calls `save` and `wait` together.
+    `stager`: makes the AsyncStager of each asynchronous save (tests slow it down)."""
+
+    def __init__(self, run_dir: Path, accelerator, *, keep: int, async_save: bool = True,
+                 stager=background_stager):
         self.run_dir, self.accelerator, self.keep = Path(run_dir), accelerator, keep
         self.async_save = async_save
+        self.stager = stager
         self.main = accelerator.is_main_process
         # DCP's background thread gets its own gloo group (collective: every rank builds it)
         # (every rank is a member: a ProcessGroup, never new_group's int NON_GROUP_MEMBER)
         self.group = cast("dist.ProcessGroup | None",
                           dist.new_group(backend="gloo") if _distributed() else None)
         self._pending: Future | None = None
+        self._staged: Future | None = None  # the host copy of the save in flight
+        self._hook = None  # the optimizer step pre-hook waiting for `_staged`
         self._published = threading.Event()
         self._error: BaseException | None = None
-        self.last_stall_s = 0.0  # how long the last `save` held the training thread
+        self.last_stall_s = 0.0  # how long the last `save` call held the training thread
+        self.last_staging_wait_s = 0.0  # how long the next optimizer step waited for its copy
 
     def save(self, step: int, model, optimizer, write_small) -> None:
         """Checkpoint `step`. `write_small(folder)`: the main process's small files."""
@@ -213,18 +234,36 @@ class Checkpointer:
             return
         self._published.clear()
         self._error = None
-        # stages a CPU copy of this rank's state (training may change it from here on), then
-        # writes in DCP's thread
-        fut = async_save(state, checkpoint_id=target, process_group=self.group,
-                         no_dist=self.group is None)
-        assert isinstance(fut, Future)  # DCP's default stager stages in this thread: a Future
-        fut.add_done_callback(lambda f: self._finish(f, tmp, step))
-        self._pending = fut
+        self.last_staging_wait_s = 0.0
+        stager = self.stager()
+        # `state` holds the live tensors: the stager's thread copies them while training goes
+        # on, and the next optimizer step (the first write to any of them) waits for the copy
+        res = async_save(state, checkpoint_id=target, process_group=self.group,
+                         no_dist=self.group is None, async_stager=stager)
+        assert isinstance(res, AsyncSaveResponse)  # a stager that stages in the background
+        self._staged = res.staging_completion
+        self._hook = torch_optimizer(optimizer).register_step_pre_hook(
+            lambda *_: self.wait_staged())
+        res.upload_completion.add_done_callback(lambda f: self._finish(f, tmp, step, stager))
+        self._pending = res.upload_completion
         self.last_stall_s = time.perf_counter() - t0
 
-    def _finish(self, fut: Future, tmp: Path, step: int) -> None:
+    def wait_staged(self) -> None:
+        """Block until the save in flight has its host copy (the training state may change
+        from then on); its errors surface in `wait`."""
+        staged, self._staged = self._staged, None
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if staged is not None:
+            t0 = time.perf_counter()
+            wait_futures([staged])
+            self.last_staging_wait_s += time.perf_counter() - t0
+
+    def _finish(self, fut: Future, tmp: Path, step: int, stager: AsyncStager) -> None:
         """DCP's thread, once this rank's save ended: the main process publishes it."""
         try:
+            stager.close()  # its host copy goes (and its staging thread)
             if fut.exception() is None and self.main:
                 publish(tmp, checkpoint_dir(self.run_dir, step), self.run_dir, self.keep)
         except BaseException as exc:  # a full disk at the rename: reported by `wait`
@@ -234,6 +273,7 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until the save in flight is written and published; raise its error."""
+        self.wait_staged()
         fut, self._pending = self._pending, None
         if fut is None:
             return
