@@ -106,17 +106,25 @@ def test_probe_finds_a_truncated_or_missing_shard(tmp_path):
         probe_dcp(tmp_path)
 
 
-def test_async_save_snapshots_the_save_step_while_training_goes_on(tmp_path):
-    """The asynchronous save copies the live tensors in DCP's staging thread; the next
-    optimizer step waits for that copy. Here the copy is held back until the next step has run
-    (or 1 s has passed): without the wait the step would change the weights and Adam moments
-    first and the checkpoint would hold the later state."""
+@pytest.mark.parametrize("copy_state", [False, True])
+def test_async_save_writes_the_save_step_while_training_goes_on(tmp_path, copy_state):
+    """An asynchronous save returns at once; the next optimizer step waits until the save no
+    longer reads the live tensors: the write itself (copy_state=False, no copy made) or DCP's
+    staging copy (True). Here that work is held back until the next step has run (or 1 s has
+    passed): without the wait the step would change the weights and Adam moments first and
+    the checkpoint would hold the later state."""
     import threading
+    from concurrent.futures import Future
     from types import SimpleNamespace
 
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-    from hapo_cli.learner.dcp_checkpoint import Checkpointer, load_train_state, train_state
+    from hapo_cli.learner.dcp_checkpoint import (
+        Checkpointer,
+        LiveState,
+        load_train_state,
+        train_state,
+    )
 
     def build(seed: int):
         torch.manual_seed(seed)
@@ -142,17 +150,27 @@ def test_async_save_snapshots_the_save_step_while_training_goes_on(tmp_path):
     stepped = threading.Event()
     opt.register_step_post_hook(lambda *_: stepped.set())
 
-    class HeldStager(DefaultStager):  # DCP's own stager, starting its copy late
+    class HeldCopy(DefaultStager):  # DCP's own stager, starting its copy late
         def _stage(self, state_dict, **kwargs):
             stepped.wait(timeout=1.0)
             return super()._stage(state_dict, **kwargs)
 
+    class HeldLive(LiveState):  # no copy; the writer starts late
+        def stage(self, state_dict, **kwargs):
+            fut: Future = Future()
+            threading.Thread(target=lambda: (stepped.wait(timeout=1.0),
+                                             fut.set_result(state_dict))).start()
+            return fut
+
+    def held():
+        return HeldCopy(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
+                                       use_async_staging=True, use_non_blocking_copy=False)
+                        ) if copy_state else HeldLive()
+
     one_process = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
-    saver = Checkpointer(tmp_path, one_process, keep=2, stager=lambda: HeldStager(
-        StagingOptions(use_pinned_memory=False, use_shared_memory=False,
-                       use_async_staging=True, use_non_blocking_copy=False)))
+    saver = Checkpointer(tmp_path, one_process, keep=2, copy_state=copy_state, stager=held)
     saver.save(1, model, opt, lambda folder: None)
-    step(model, opt)  # waits for the copy, then changes every tensor
+    step(model, opt)  # waits for the copy or the write, then changes every tensor
     saver.wait()
     after = flat(model, opt)
     assert all(not torch.equal(after[k], at_save[k]) for k in at_save)
