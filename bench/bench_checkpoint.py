@@ -162,12 +162,13 @@ def worker(args) -> None:
         write_trainer_files(folder, Path(args.run), 3, sched, _Stream(), state, format="dcp")
         write_config_files(folder, model, tok)
 
-    modes = ["sync"] if args.fmt == "hf" else ["sync", "async"]
-    for mode in modes:
+    # the asynchronous ones last, at steps 4 and 5: the resume reads step 3 (the sync one)
+    modes = ["sync"] if args.fmt == "hf" else ["sync", "async", "async_copy"]
+    for i, mode in enumerate(modes):
         acc.wait_for_everyone()
         _reset_peak()
         t0 = time.perf_counter()
-        steps = 0
+        steps, waited = 0, 0.0
         if args.fmt == "hf":
             from hapo_cli.learner.loop import save_hf_checkpoint
 
@@ -177,11 +178,13 @@ def worker(args) -> None:
         else:
             from hapo_cli.learner.dcp_checkpoint import Checkpointer
 
-            saver = Checkpointer(Path(args.run), acc, keep=5, async_save=mode == "async")
-            # the async one last, at step 4: the resume reads step 3 (the sync one)
-            saver.save(3 if mode == "sync" else 4, model, opt, small)
+            # async: no copy, the next optimizer step waits for the write (the CPU default);
+            # async_copy: DCP's staging thread copies, the next step waits for the copy
+            saver = Checkpointer(Path(args.run), acc, keep=5, async_save=mode != "sync",
+                                 copy_state=mode == "async_copy")
+            saver.save(3 + i, model, opt, small)
             stall = time.perf_counter() - t0
-            if mode == "async":  # train on while the write runs (steps agree across ranks)
+            if mode != "sync":  # train on while the write runs (steps agree across ranks)
                 import torch.distributed as dist
 
                 while True:
@@ -191,10 +194,12 @@ def worker(args) -> None:
                     dist.all_reduce(done, op=dist.ReduceOp.MIN)
                     if done.item() or steps == 10:
                         break
+                waited = saver.last_step_wait_s
             saver.wait()
         total = time.perf_counter() - t0
         out[f"save_{mode}_mb"] = _hwm_mb()
         out[f"save_{mode}_call_s"] = stall
+        out[f"save_{mode}_blocked_s"] = stall + waited  # the save call + the next step's wait
         out[f"save_{mode}_steps"] = steps
         out[f"save_{mode}_lost_s"] = total - steps * med
     _dump(args, acc, out)
@@ -277,23 +282,42 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         f"{args.hidden}, vocab {args.vocab}, {args.layers} layer(s), fp32 "
                         "masters + AdamW; host peak RSS per rank (MB), x = / the hf row's rank 0")
     for col in ("strategy", "format", "rank", "start-up", "train", "save sync", "x",
-                "save async", "x ", "resume", "x  ", "step s", "lost sync s", "lost async s",
-                "async/sync"):
+                "save async", "x ", "async copy", "x  ", "resume", "x   ", "step s"):
         table.add_column(col)
+
+    def mb(r, key, o):
+        v = r.get(key)
+        return ["-", "-"] if v is None else [f"{v:.0f}", f"{v / o:.2f}"]
+
     for r in rows:
         o = old0[r["kind"]]
         fmt = r["fmt"] if r["kind"] == "fsdp2" else "hf + ZeRO parts"
-        a = r.get("save_async_mb")
-        la = r.get("save_async_lost_s")
-        table.add_row(
-            NAMES[r["kind"]], fmt, str(r["rank"]), f"{r['startup_mb']:.0f}",
-            f"{r['train_mb']:.0f}", f"{r['save_sync_mb']:.0f}",
-            f"{r['save_sync_mb'] / o['save_sync_mb']:.2f}",
-            "-" if a is None else f"{a:.0f}", "-" if a is None else f"{a / o['save_sync_mb']:.2f}",
-            f"{r['resume_mb']:.0f}", f"{r['resume_mb'] / o['resume_mb']:.2f}",
-            f"{r['step_s']:.2f}", f"{r['save_sync_lost_s']:.2f}",
-            "-" if la is None else f"{la:.2f} ({r['save_async_steps']} steps)",
-            "-" if la is None else f"{la / r['save_sync_lost_s']:.2f}")
+        table.add_row(NAMES[r["kind"]], fmt, str(r["rank"]), f"{r['startup_mb']:.0f}",
+                      f"{r['train_mb']:.0f}", *mb(r, "save_sync_mb", o["save_sync_mb"]),
+                      *mb(r, "save_async_mb", o["save_sync_mb"]),
+                      *mb(r, "save_async_copy_mb", o["save_sync_mb"]),
+                      *mb(r, "resume_mb", o["resume_mb"]), f"{r['step_s']:.2f}")
+    Console(width=220).print(table)
+    # blocked: the save call + the wait at the next optimizer step (the training thread's
+    # time in checkpoint code); lost: the save call + the steps taken until the write is on
+    # disk, minus as many median steps (adds what the writer's threads slow training down
+    # by, competing for the same cores)
+    table = Table(title="training time a save costs (s), per rank; x = / the same rank's sync "
+                        "save; async: no copy, the next optimizer step waits for the write; "
+                        "async copy: DCP's staging thread copies, the next step waits for the copy")
+    for col in ("strategy", "format", "rank", "save", "call", "blocked", "x", "lost", "x ",
+                "steps during write"):
+        table.add_column(col)
+    for r in rows:
+        fmt = r["fmt"] if r["kind"] == "fsdp2" else "hf + ZeRO parts"
+        for mode in ("sync", "async", "async_copy"):
+            if f"save_{mode}_lost_s" not in r:
+                continue
+            b, lost = r[f"save_{mode}_blocked_s"], r[f"save_{mode}_lost_s"]
+            b0, lost0 = r["save_sync_blocked_s"], r["save_sync_lost_s"]
+            table.add_row(NAMES[r["kind"]], fmt, str(r["rank"]), mode.replace("_", " "),
+                          f"{r[f'save_{mode}_call_s']:.2f}", f"{b:.2f}", f"{b / b0:.2f}",
+                          f"{lost:.2f}", f"{lost / lost0:.2f}", str(r[f"save_{mode}_steps"]))
     Console(width=220).print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -60,6 +60,7 @@ from ..models import ModelError, check_tokenizer
 from .checkpoint import (
     checkpoint_dir,
     fresh_temporary_dir,
+    new_run_command,
     publish,
     temporary_dir,
     write_trainer_files,
@@ -164,11 +165,13 @@ def load_into_strategy(ckpt: Path, strategy) -> None:
     """`load_train_state` into a learner `Strategy`'s model and optimizer; DeepSpeed ZeRO is
     one line saying what it cannot do and what works instead."""
     if strategy.kind == "deepspeed":
+        run, step = Path(ckpt).parent.parent, schema.checkpoint_step(Path(ckpt).name)
         raise HapoError(
-            f"{ckpt}: a DCP checkpoint cannot resume under DeepSpeed ZeRO (its flat fp32 "
-            "partitions have no DCP layout); resume it with FSDP2 or DDP (accelerate launch "
-            "--config_file recipes/accelerate/fsdp.yaml), or start a new run from `hapo export "
-            "RUN --step N --out DIR` (model only)")
+            f"{ckpt}: a DCP checkpoint cannot resume under DeepSpeed ZeRO (DCP cannot address "
+            "its flat fp32 partitions); resume it with FSDP2 or DDP (accelerate launch "
+            "--config_file recipes/accelerate/fsdp.yaml or ddp.yaml), or convert its weights "
+            f"into a new run (optimizer state and data position start afresh): hapo export "
+            f"{run} --step {step} --out DIR, then {new_run_command(run, 'DIR')}")
     load_train_state(ckpt, strategy.model, strategy.optimizer)
 
 
