@@ -134,7 +134,8 @@ def new_run_command(run_dir: Path, model_dir: str | Path) -> str:
     a save_pretrained folder: what converts a checkpoint another strategy cannot resume (its
     optimizer state and data position start afresh)."""
     return (f"hapo train --recipe {Path(run_dir) / schema.RECIPE} --set model.init=pretrained "
-            f"--set model.path={model_dir} --output NEW_RUN")
+            f"--set model.path={model_dir} --set model.tiny=null --set model.warmup=null "
+            "--output NEW_RUN")
 
 
 def publish(tmp: Path, final: Path, run_dir: Path, keep: int) -> None:
