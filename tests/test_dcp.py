@@ -181,3 +181,18 @@ def test_async_save_writes_the_save_step_while_training_goes_on(tmp_path, copy_s
     assert loaded.keys() == at_save.keys()
     for k in at_save:
         assert torch.equal(loaded[k], at_save[k]), k
+
+
+def test_zero_partitions_elsewhere_are_one_line_naming_the_conversion(tmp_path):
+    """A ZeRO checkpoint met by FSDP2, DDP or one process: one line naming DeepSpeed with the
+    world size that wrote it, and the new-run command that test_dcp_e2e.py runs (for a DCP
+    checkpoint's export) with this checkpoint's own folder as the model."""
+    from hapo_cli.learner import zero_state
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000007"
+    msg = str(zero_state.not_resumable_here(ckpt, 4))
+    assert "\n" not in msg and msg.startswith(f"{ckpt}: holds DeepSpeed ZeRO")
+    assert "--num_processes 4" in msg
+    assert msg.endswith(f"hapo train --recipe {tmp_path / 'run' / 'recipe.yaml'} --set "
+                        f"model.init=pretrained --set model.path={ckpt} --set model.tiny=null "
+                        "--set model.warmup=null --output NEW_RUN")
