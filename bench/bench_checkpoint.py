@@ -8,8 +8,14 @@ folder, 3 AdamW steps on 2 x 32 tokens per rank, then the format's save(s)) and 
 one (start-up + restoring model and optimizer from that checkpoint, as `--resume` does).
 Peaks are the kernel's own high-water mark of resident memory (VmHWM), reset with
 `/proc/self/clear_refs` at the start of each phase, so each phase's peak is its own (an
-asynchronous write's thread shares the process). The step time lost to a save: (the save
-call + the training steps taken until its write is on disk) minus as many median steps.
+asynchronous write's thread shares the process). The training time a save costs, two ways:
+*blocked*, the training thread's time in checkpoint code (the save call + the wait at the next
+optimizer step for the save to stop reading the live tensors); *lost*, (the save call + the
+training steps taken until its write is on disk) minus as many median steps, which adds what
+the writer's threads slow training by (on a CPU-only machine they compete for the same cores).
+DCP saves three ways: sync; async (the CPU default: no copy, the next optimizer step waits for
+the write); async copy (DCP's DefaultStager copies in its own thread, the next step waits for
+the copy: the accelerator default).
 
     python bench/bench_checkpoint.py [--hidden 1536] [--vocab 151936] [--layers 1]
 
@@ -20,13 +26,15 @@ ZeRO-3 keeps its own format in both (DCP cannot address DeepSpeed's flat partiti
 folder gathered on rank 0 + one optimizer partition per rank; its start-up builds the model
 inside `deepspeed.zero.Init` (recipes/accelerate/zero3.yaml's zero3_init_flag).
 
-Measured in one run (2 CPU cores shared with other jobs, load ~11; 258 M parameters), rank 0,
-MB: FSDP2 hf: start-up 2326, save 6518, resume 5188; FSDP2 dcp: start-up 1344 (0.58x), sync
-save 2036 (0.31x), async save 5073 (0.78x: a training step runs beside the write; the step
-alone peaks at 4873), resume 3221 (0.62x). Step time lost to a save: hf 48.0 s, dcp sync
-8.0 s, dcp async 9.6 s (1.20x sync: 5.1 s staging copy + one step slowed 4.5 s by the writer
-on 2 busy cores). ZeRO-3 (own format): start-up 3874, train 7133, save 6057, resume 3880,
-lost 17.3 s.
+Measured in one run (2 CPU cores shared with ~7 other jobs, load 5-19 during it: a training
+step took 46 s; 258 M parameters), rank 0, MB: FSDP2 hf: start-up 2324, save 6479,
+resume 5185; FSDP2 dcp: start-up 1344 (0.58x), sync save 1984 (0.31x), async save 4790 (0.74x:
+the training step's own peak, 4828, no copy), async copy 6296 (0.97x: + the 1.5 GB staged copy),
+resume 2757 (0.53x: Adam's state preallocated, no zero-gradient step). Blocked: hf 69.7 s, dcp
+sync 6.32 s, async 0.04 s (0.006x sync), async copy 0.02 s (0.003x); neither async waited at the
+next optimizer step (a write takes ~6 s, a sync save 6.3 s, of a 46 s step). Lost: dcp sync 6.32 s, async 1.62 s
+(0.26x: the writer slowed the step beside it), async copy -0.93 s (below the +-1-2 s noise of
+the steps). ZeRO-3 (own format): start-up 3875, train 7289, save 6203, resume 3884, lost 16.3 s.
 """
 
 from __future__ import annotations
