@@ -170,8 +170,10 @@ def test_async_save_writes_the_save_step_while_training_goes_on(tmp_path, copy_s
     one_process = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
     saver = Checkpointer(tmp_path, one_process, keep=2, copy_state=copy_state, stager=held)
     saver.save(1, model, opt, lambda folder: None)
+    opt.register_step_pre_hook(lambda *_: None)  # another pre-hook, after the saver's
     step(model, opt)  # waits for the copy or the write, then changes every tensor
     saver.wait()
+    step(model, opt)  # nothing in flight: the hook lets it through
     after = flat(model, opt)
     assert all(not torch.equal(after[k], at_save[k]) for k in at_save)
 

@@ -252,7 +252,7 @@ class Checkpointer:
                           dist.new_group(backend="gloo") if _distributed() else None)
         self._pending: Future | None = None
         self._in_use: Future | None = None  # done once the saved tensors may change
-        self._hook = None  # the optimizer step pre-hook waiting for `_in_use`
+        self._hooked: set[int] = set()  # id() of the optimizers whose steps call `release`
         self._published = threading.Event()
         self._error: BaseException | None = None
         self.last_stall_s = 0.0  # how long the last `save` call held the training thread
@@ -292,8 +292,10 @@ class Checkpointer:
         else:  # staged (or not copied) in this thread
             staged = written = res
         self._in_use = staged if self.copy_state else written
-        self._hook = torch_optimizer(optimizer).register_step_pre_hook(
-            lambda *_: self.release())
+        opt = torch_optimizer(optimizer)
+        if id(opt) not in self._hooked:  # once: a hook never removes itself mid-iteration
+            opt.register_step_pre_hook(lambda *_: self.release())
+            self._hooked.add(id(opt))
         written.add_done_callback(lambda f: self._finish(f, tmp, step, stager))
         self._pending = written
         self.last_stall_s = time.perf_counter() - t0
@@ -302,9 +304,6 @@ class Checkpointer:
         """Block until the save in flight no longer reads the live training state (which may
         change from then on); its errors surface in `wait`."""
         in_use, self._in_use = self._in_use, None
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
         if in_use is not None:
             t0 = time.perf_counter()
             wait_futures([in_use])
