@@ -8,8 +8,14 @@ folder, 3 AdamW steps on 2 x 32 tokens per rank, then the format's save(s)) and 
 one (start-up + restoring model and optimizer from that checkpoint, as `--resume` does).
 Peaks are the kernel's own high-water mark of resident memory (VmHWM), reset with
 `/proc/self/clear_refs` at the start of each phase, so each phase's peak is its own (an
-asynchronous write's thread shares the process). The step time lost to a save: (the save
-call + the training steps taken until its write is on disk) minus as many median steps.
+asynchronous write's thread shares the process). The training time a save costs, two ways:
+*blocked*, the training thread's time in checkpoint code (the save call + the wait at the next
+optimizer step for the save to stop reading the live tensors); *lost*, (the save call + the
+training steps taken until its write is on disk) minus as many median steps, which adds what
+the writer's threads slow training by (on a CPU-only machine they compete for the same cores).
+DCP saves three ways: sync; async (the CPU default: no copy, the next optimizer step waits for
+the write); async copy (DCP's DefaultStager copies in its own thread, the next step waits for
+the copy: the accelerator default).
 
     python bench/bench_checkpoint.py [--hidden 1536] [--vocab 151936] [--layers 1]
 
@@ -20,13 +26,15 @@ ZeRO-3 keeps its own format in both (DCP cannot address DeepSpeed's flat partiti
 folder gathered on rank 0 + one optimizer partition per rank; its start-up builds the model
 inside `deepspeed.zero.Init` (recipes/accelerate/zero3.yaml's zero3_init_flag).
 
-Measured in one run (2 CPU cores shared with other jobs, load ~11; 258 M parameters), rank 0,
-MB: FSDP2 hf: start-up 2326, save 6518, resume 5188; FSDP2 dcp: start-up 1344 (0.58x), sync
-save 2036 (0.31x), async save 5073 (0.78x: a training step runs beside the write; the step
-alone peaks at 4873), resume 3221 (0.62x). Step time lost to a save: hf 48.0 s, dcp sync
-8.0 s, dcp async 9.6 s (1.20x sync: 5.1 s staging copy + one step slowed 4.5 s by the writer
-on 2 busy cores). ZeRO-3 (own format): start-up 3874, train 7133, save 6057, resume 3880,
-lost 17.3 s.
+Measured in one run (2 CPU cores shared with ~7 other jobs, load 5-19 during it: a training
+step took 46 s; 258 M parameters), rank 0, MB: FSDP2 hf: start-up 2324, save 6479,
+resume 5185; FSDP2 dcp: start-up 1344 (0.58x), sync save 1984 (0.31x), async save 4790 (0.74x:
+the training step's own peak, 4828, no copy), async copy 6296 (0.97x: + the 1.5 GB staged copy),
+resume 2757 (0.53x: Adam's state preallocated, no zero-gradient step). Blocked: hf 69.7 s, dcp
+sync 6.32 s, async 0.04 s (0.006x sync), async copy 0.02 s (0.003x); neither async waited at the
+next optimizer step (a write takes ~6 s, a sync save 6.3 s, of a 46 s step). Lost: dcp sync 6.32 s, async 1.62 s
+(0.26x: the writer slowed the step beside it), async copy -0.93 s (below the +-1-2 s noise of
+the steps). ZeRO-3 (own format): start-up 3875, train 7289, save 6203, resume 3884, lost 16.3 s.
 """
 
 from __future__ import annotations
@@ -162,12 +170,13 @@ def worker(args) -> None:
         write_trainer_files(folder, Path(args.run), 3, sched, _Stream(), state, format="dcp")
         write_config_files(folder, model, tok)
 
-    modes = ["sync"] if args.fmt == "hf" else ["sync", "async"]
-    for mode in modes:
+    # the asynchronous ones last, at steps 4 and 5: the resume reads step 3 (the sync one)
+    modes = ["sync"] if args.fmt == "hf" else ["sync", "async", "async_copy"]
+    for i, mode in enumerate(modes):
         acc.wait_for_everyone()
         _reset_peak()
         t0 = time.perf_counter()
-        steps = 0
+        steps, waited = 0, 0.0
         if args.fmt == "hf":
             from hapo_cli.learner.loop import save_hf_checkpoint
 
@@ -177,11 +186,13 @@ def worker(args) -> None:
         else:
             from hapo_cli.learner.dcp_checkpoint import Checkpointer
 
-            saver = Checkpointer(Path(args.run), acc, keep=5, async_save=mode == "async")
-            # the async one last, at step 4: the resume reads step 3 (the sync one)
-            saver.save(3 if mode == "sync" else 4, model, opt, small)
+            # async: no copy, the next optimizer step waits for the write (the CPU default);
+            # async_copy: DCP's staging thread copies, the next step waits for the copy
+            saver = Checkpointer(Path(args.run), acc, keep=5, async_save=mode != "sync",
+                                 copy_state=mode == "async_copy")
+            saver.save(3 + i, model, opt, small)
             stall = time.perf_counter() - t0
-            if mode == "async":  # train on while the write runs (steps agree across ranks)
+            if mode != "sync":  # train on while the write runs (steps agree across ranks)
                 import torch.distributed as dist
 
                 while True:
@@ -191,10 +202,12 @@ def worker(args) -> None:
                     dist.all_reduce(done, op=dist.ReduceOp.MIN)
                     if done.item() or steps == 10:
                         break
+                waited = saver.last_step_wait_s
             saver.wait()
         total = time.perf_counter() - t0
         out[f"save_{mode}_mb"] = _hwm_mb()
         out[f"save_{mode}_call_s"] = stall
+        out[f"save_{mode}_blocked_s"] = stall + waited  # the save call + the next step's wait
         out[f"save_{mode}_steps"] = steps
         out[f"save_{mode}_lost_s"] = total - steps * med
     _dump(args, acc, out)
@@ -277,23 +290,42 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         f"{args.hidden}, vocab {args.vocab}, {args.layers} layer(s), fp32 "
                         "masters + AdamW; host peak RSS per rank (MB), x = / the hf row's rank 0")
     for col in ("strategy", "format", "rank", "start-up", "train", "save sync", "x",
-                "save async", "x ", "resume", "x  ", "step s", "lost sync s", "lost async s",
-                "async/sync"):
+                "save async", "x ", "async copy", "x  ", "resume", "x   ", "step s"):
         table.add_column(col)
+
+    def mb(r, key, o):
+        v = r.get(key)
+        return ["-", "-"] if v is None else [f"{v:.0f}", f"{v / o:.2f}"]
+
     for r in rows:
         o = old0[r["kind"]]
         fmt = r["fmt"] if r["kind"] == "fsdp2" else "hf + ZeRO parts"
-        a = r.get("save_async_mb")
-        la = r.get("save_async_lost_s")
-        table.add_row(
-            NAMES[r["kind"]], fmt, str(r["rank"]), f"{r['startup_mb']:.0f}",
-            f"{r['train_mb']:.0f}", f"{r['save_sync_mb']:.0f}",
-            f"{r['save_sync_mb'] / o['save_sync_mb']:.2f}",
-            "-" if a is None else f"{a:.0f}", "-" if a is None else f"{a / o['save_sync_mb']:.2f}",
-            f"{r['resume_mb']:.0f}", f"{r['resume_mb'] / o['resume_mb']:.2f}",
-            f"{r['step_s']:.2f}", f"{r['save_sync_lost_s']:.2f}",
-            "-" if la is None else f"{la:.2f} ({r['save_async_steps']} steps)",
-            "-" if la is None else f"{la / r['save_sync_lost_s']:.2f}")
+        table.add_row(NAMES[r["kind"]], fmt, str(r["rank"]), f"{r['startup_mb']:.0f}",
+                      f"{r['train_mb']:.0f}", *mb(r, "save_sync_mb", o["save_sync_mb"]),
+                      *mb(r, "save_async_mb", o["save_sync_mb"]),
+                      *mb(r, "save_async_copy_mb", o["save_sync_mb"]),
+                      *mb(r, "resume_mb", o["resume_mb"]), f"{r['step_s']:.2f}")
+    Console(width=220).print(table)
+    # blocked: the save call + the wait at the next optimizer step (the training thread's
+    # time in checkpoint code); lost: the save call + the steps taken until the write is on
+    # disk, minus as many median steps (adds what the writer's threads slow training down
+    # by, competing for the same cores)
+    table = Table(title="training time a save costs (s), per rank; x = / the same rank's sync "
+                        "save; async: no copy, the next optimizer step waits for the write; "
+                        "async copy: DCP's staging thread copies, the next step waits for the copy")
+    for col in ("strategy", "format", "rank", "save", "call", "blocked", "x", "lost", "x ",
+                "steps during write"):
+        table.add_column(col)
+    for r in rows:
+        fmt = r["fmt"] if r["kind"] == "fsdp2" else "hf + ZeRO parts"
+        for mode in ("sync", "async", "async_copy"):
+            if f"save_{mode}_lost_s" not in r:
+                continue
+            b, lost = r[f"save_{mode}_blocked_s"], r[f"save_{mode}_lost_s"]
+            b0, lost0 = r["save_sync_blocked_s"], r["save_sync_lost_s"]
+            table.add_row(NAMES[r["kind"]], fmt, str(r["rank"]), mode.replace("_", " "),
+                          f"{r[f'save_{mode}_call_s']:.2f}", f"{b:.2f}", f"{b / b0:.2f}",
+                          f"{lost:.2f}", f"{lost / lost0:.2f}", str(r[f"save_{mode}_steps"]))
     Console(width=220).print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

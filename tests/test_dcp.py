@@ -104,3 +104,97 @@ def test_probe_finds_a_truncated_or_missing_shard(tmp_path):
     (tmp_path / DCP_DIR / ".metadata").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="unreadable"):
         probe_dcp(tmp_path)
+
+
+@pytest.mark.parametrize("copy_state", [False, True])
+def test_async_save_writes_the_save_step_while_training_goes_on(tmp_path, copy_state):
+    """An asynchronous save returns at once; the next optimizer step waits until the save no
+    longer reads the live tensors: the write itself (copy_state=False, no copy made) or DCP's
+    staging copy (True). Here that work is held back until the next step has run (or 1 s has
+    passed): without the wait the step would change the weights and Adam moments first and
+    the checkpoint would hold the later state."""
+    import threading
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    from hapo_cli.learner.dcp_checkpoint import (
+        Checkpointer,
+        LiveState,
+        load_train_state,
+        train_state,
+    )
+
+    def build(seed: int):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(),
+                                    torch.nn.Linear(64, 8))
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def step(model, opt) -> None:
+        model(torch.randn(16, 32)).square().sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def flat(model, opt) -> dict[str, torch.Tensor]:
+        st = train_state(model, opt)
+        out = {f"model.{k}": v.detach().clone() for k, v in st["model"].items()}
+        for name, s in st["optim"]["state"].items():
+            out.update({f"optim.{name}.{k}": v.detach().clone() for k, v in s.items()})
+        return out
+
+    model, opt = build(0)
+    step(model, opt)
+    at_save = flat(model, opt)
+    stepped = threading.Event()
+    opt.register_step_post_hook(lambda *_: stepped.set())
+
+    class HeldCopy(DefaultStager):  # DCP's own stager, starting its copy late
+        def _stage(self, state_dict, **kwargs):
+            stepped.wait(timeout=1.0)
+            return super()._stage(state_dict, **kwargs)
+
+    class HeldLive(LiveState):  # no copy; the writer starts late
+        def stage(self, state_dict, **kwargs):
+            fut: Future = Future()
+            threading.Thread(target=lambda: (stepped.wait(timeout=1.0),
+                                             fut.set_result(state_dict))).start()
+            return fut
+
+    def held():
+        return HeldCopy(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
+                                       use_async_staging=True, use_non_blocking_copy=False)
+                        ) if copy_state else HeldLive()
+
+    one_process = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    saver = Checkpointer(tmp_path, one_process, keep=2, copy_state=copy_state, stager=held)
+    saver.save(1, model, opt, lambda folder: None)
+    opt.register_step_pre_hook(lambda *_: None)  # another pre-hook, after the saver's
+    step(model, opt)  # waits for the copy or the write, then changes every tensor
+    saver.wait()
+    step(model, opt)  # nothing in flight: the hook lets it through
+    after = flat(model, opt)
+    assert all(not torch.equal(after[k], at_save[k]) for k in at_save)
+
+    fresh, fresh_opt = build(1)
+    load_train_state(tmp_path / "checkpoints" / "step-000001", fresh, fresh_opt)
+    loaded = flat(fresh, fresh_opt)
+    assert loaded.keys() == at_save.keys()
+    for k in at_save:
+        assert torch.equal(loaded[k], at_save[k]), k
+
+
+def test_zero_partitions_elsewhere_are_one_line_naming_the_conversion(tmp_path):
+    """A ZeRO checkpoint met by FSDP2, DDP or one process: one line naming DeepSpeed with the
+    world size that wrote it, and the new-run command that test_dcp_e2e.py runs (for a DCP
+    checkpoint's export) with this checkpoint's own folder as the model."""
+    from hapo_cli.learner import zero_state
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000007"
+    msg = str(zero_state.not_resumable_here(ckpt, 4))
+    assert "\n" not in msg and msg.startswith(f"{ckpt}: holds DeepSpeed ZeRO")
+    assert "--num_processes 4" in msg
+    assert msg.endswith(f"hapo train --recipe {tmp_path / 'run' / 'recipe.yaml'} --set "
+                        f"model.init=pretrained --set model.path={ckpt} --set model.tiny=null "
+                        "--set model.warmup=null --output NEW_RUN")

@@ -106,6 +106,35 @@ def test_usable_checkpoint_skips_a_corrupt_dcp_checkpoint(dcp_run, tmp_path, cor
 
 
 @pytest.mark.slow
+def test_deepspeed_refusal_names_commands_that_convert(dcp_run, tmp_path, cache_dir):
+    """Under DeepSpeed ZeRO a DCP checkpoint is one line naming the conversion: its commands,
+    run as written, start a new run from the checkpoint's weights (checked with a learning rate
+    so small that one step leaves them: AdamW moves a weight by ~lr = 1e-30, far under fp32
+    rounding of the logits)."""
+    import re
+    import shlex
+    from types import SimpleNamespace
+
+    from hapo_cli.errors import HapoError
+    from hapo_cli.learner.dcp_checkpoint import load_into_strategy
+
+    ckpt = dcp_run / schema.CHECKPOINTS_DIR / f"step-{STEPS:06d}"
+    with pytest.raises(HapoError) as err:
+        load_into_strategy(ckpt, SimpleNamespace(kind="deepspeed"))
+    msg = str(err.value)
+    assert "\n" not in msg
+    export, train = re.search(r"(hapo export .*), then (hapo train .*)$", msg).groups()
+    folder, new = tmp_path / "weights", tmp_path / "new"
+    res = runner.invoke(app, shlex.split(export.replace("DIR", str(folder)))[1:])
+    assert res.exit_code == 0, res.output
+    train = train.replace("DIR", str(folder)).replace("NEW_RUN", str(new))
+    res = runner.invoke(app, [*shlex.split(train)[1:], "--max-steps", "1", "--set",
+                              "train.lr=1e-30"])
+    assert res.exit_code == 0, res.output
+    torch.testing.assert_close(_logits(new / "exports" / "step-000001"), _logits(folder))
+
+
+@pytest.mark.slow
 def test_disk_full_in_an_async_save_is_one_line_then_resume(tmp_path, cache_dir, monkeypatch,
                                                             dcp_run):
     """The write fails in DCP's thread; the next save (or the end) reports it as the run's
@@ -136,7 +165,8 @@ def test_disk_full_in_an_async_save_is_one_line_then_resume(tmp_path, cache_dir,
 
 
 # The CLI with step 2's shard write held back (as a slow disk would): the kill lands while the
-# asynchronous save of step 2 is in flight and step 3 trains.
+# asynchronous save of step 2 is in flight and step 3 trains (up to its optimizer step, which
+# waits for that write).
 SLOW_WRITER = """
 import sys, time
 from torch.distributed.checkpoint import filesystem

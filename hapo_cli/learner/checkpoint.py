@@ -129,6 +129,15 @@ def write_trainer_files(tmp: Path, run_dir: Path, step: int, scheduler, stream, 
     (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2))
 
 
+def new_run_command(run_dir: Path, model_dir: str | Path) -> str:
+    """The command that starts a new run (the same recipe) from the weights in `model_dir`,
+    a save_pretrained folder: what converts a checkpoint another strategy cannot resume (its
+    optimizer state and data position start afresh)."""
+    return (f"hapo train --recipe {Path(run_dir) / schema.RECIPE} --set model.init=pretrained "
+            f"--set model.path={model_dir} --set model.tiny=null --set model.warmup=null "
+            "--output NEW_RUN")
+
+
 def publish(tmp: Path, final: Path, run_dir: Path, keep: int) -> None:
     """The atomic marker of a complete checkpoint: rename its finished temporary folder to
     `final`, then delete all but the newest `keep` checkpoints (main process)."""

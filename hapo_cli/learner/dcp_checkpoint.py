@@ -20,8 +20,14 @@ mid-save leaves only the temporary folder, which `list_checkpoints` ignores, so 
 checkpoint stays the newest. One save is in flight at a time: the next save, the end of the
 run, and a failure wait for it (`wait`), and a write error (a full disk) surfaces there.
 
-The asynchronous write runs in DCP's background thread over its own gloo group, never the
-training collectives' group (two threads' collectives on one group would interleave).
+An asynchronous save holds the training thread only for `get_state_dict` (no copy): the next
+step's rollout and forward/backward change no weight and no Adam moment, only `optimizer.step`
+does, so a step pre-hook on the optimizer waits there until the save no longer reads the live
+tensors (on CPU: the write is done, no second copy of the state is made; with an accelerator:
+DCP's `DefaultStager` has copied them to pinned host memory in its own thread). What is written
+is the state at the save step, bit for bit. The write runs in DCP's upload thread over its own
+gloo group, never the training collectives' group (two threads' collectives on one group would
+interleave).
 DeepSpeed ZeRO keeps its own format (`zero_state.py`): `get_state_dict` cannot address its
 flat fp32 partitions.
 """
@@ -34,15 +40,18 @@ import threading
 import time
 import warnings
 from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_loader import load
-from torch.distributed.checkpoint.state_dict_saver import async_save, save
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse, async_save, save
+from torch.optim.optimizer import _get_scalar_dtype
 
 from analysis import schema
 
@@ -51,6 +60,7 @@ from ..models import ModelError, check_tokenizer
 from .checkpoint import (
     checkpoint_dir,
     fresh_temporary_dir,
+    new_run_command,
     publish,
     temporary_dir,
     write_trainer_files,
@@ -116,9 +126,34 @@ def train_state(model, optimizer) -> dict[str, Any]:
     return {"model": msd, "optim": osd}
 
 
+def init_adam_state(optimizer) -> bool:
+    """Give a fresh Adam/AdamW the state its first step would create (step 0, zero moments),
+    without stepping: `get_state_dict` would otherwise take a step with zero gradients and
+    lr 0, allocating a gradient per parameter and AdamW's temporaries beside the moments
+    (resume's peak). False (nothing done) for another optimizer or one that has state."""
+    opt = torch_optimizer(optimizer)
+    if opt.state or type(opt) not in (torch.optim.Adam, torch.optim.AdamW):
+        return False
+    for group in opt.param_groups:
+        on_device = group.get("capturable") or group.get("fused")
+        for p in group["params"]:
+            if not p.requires_grad:
+                continue
+            st = opt.state[p]  # as torch.optim.Adam._init_group builds it
+            st["step"] = (torch.zeros((), dtype=_get_scalar_dtype(is_fused=group.get("fused")),
+                                      device=p.device) if on_device
+                          else torch.tensor(0.0, dtype=_get_scalar_dtype()))
+            moments = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
+            for k in moments:
+                st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return True
+
+
 def load_train_state(ckpt: Path, model, optimizer, process_group=None) -> None:
     """Load model and optimizer from a DCP checkpoint into this run's (sharded or not) layout
-    (every rank calls it)."""
+    (every rank calls it). DCP reads each saved chunk and copies it into the live parameters
+    and optimizer state in place (one chunk's temporary at a time)."""
+    init_adam_state(optimizer)
     state = train_state(model, optimizer)
     load(state, checkpoint_id=str(Path(ckpt) / DCP_DIR), process_group=process_group,
          no_dist=not _distributed())
@@ -130,11 +165,13 @@ def load_into_strategy(ckpt: Path, strategy) -> None:
     """`load_train_state` into a learner `Strategy`'s model and optimizer; DeepSpeed ZeRO is
     one line saying what it cannot do and what works instead."""
     if strategy.kind == "deepspeed":
+        run, step = Path(ckpt).parent.parent, schema.checkpoint_step(Path(ckpt).name)
         raise HapoError(
-            f"{ckpt}: a DCP checkpoint cannot resume under DeepSpeed ZeRO (its flat fp32 "
-            "partitions have no DCP layout); resume it with FSDP2 or DDP (accelerate launch "
-            "--config_file recipes/accelerate/fsdp.yaml), or start a new run from `hapo export "
-            "RUN --step N --out DIR` (model only)")
+            f"{ckpt}: a DCP checkpoint cannot resume under DeepSpeed ZeRO (DCP cannot address "
+            "its flat fp32 partitions); resume it with FSDP2 or DDP (accelerate launch "
+            "--config_file recipes/accelerate/fsdp.yaml or ddp.yaml), or convert its weights "
+            f"into a new run (optimizer state and data position start afresh): hapo export "
+            f"{run} --step {step} --out DIR, then {new_run_command(run, 'DIR')}")
     load_train_state(ckpt, strategy.model, strategy.optimizer)
 
 
@@ -173,21 +210,53 @@ def _first_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-class Checkpointer:
-    """Writes DCP checkpoints; every rank holds one and calls `save` and `wait` together."""
+def background_stager() -> AsyncStager:
+    """DCP's stager copying to host memory in its own thread (pinned memory and a side stream
+    for the device-to-host copies when an accelerator is present)."""
+    dev = torch.accelerator.is_available()
+    return DefaultStager(StagingOptions(use_pinned_memory=dev, use_shared_memory=False,
+                                        use_async_staging=True, use_non_blocking_copy=dev))
 
-    def __init__(self, run_dir: Path, accelerator, *, keep: int, async_save: bool = True):
+
+class LiveState(AsyncStager):
+    """No staging copy: DCP's writer thread reads the live tensors (host memory already), and
+    the next optimizer step waits until the write is done."""
+
+    _synchronize_after_execute = False
+
+    def stage(self, state_dict, **kwargs):
+        return state_dict
+
+
+class Checkpointer:
+    """Writes DCP checkpoints; every rank holds one and calls `save` and `wait` together.
+
+    An asynchronous save returns after `get_state_dict` (no copy); a step pre-hook on the
+    optimizer makes the next `optimizer.step` (the first change to a saved tensor) wait until
+    the saved tensors are no longer read: `copy_state=True`, until DCP's staging thread has
+    copied them to host memory (the default with an accelerator: device memory must come to
+    the host anyway); `False`, until the write itself is done (the default on CPU: no second
+    copy of the state in memory). `stager`: makes each save's AsyncStager (tests hold it)."""
+
+    def __init__(self, run_dir: Path, accelerator, *, keep: int, async_save: bool = True,
+                 copy_state: bool | None = None, stager=None):
         self.run_dir, self.accelerator, self.keep = Path(run_dir), accelerator, keep
         self.async_save = async_save
+        self.copy_state = (torch.accelerator.is_available() if copy_state is None
+                           else copy_state)
+        self.stager = stager or (background_stager if self.copy_state else LiveState)
         self.main = accelerator.is_main_process
         # DCP's background thread gets its own gloo group (collective: every rank builds it)
         # (every rank is a member: a ProcessGroup, never new_group's int NON_GROUP_MEMBER)
         self.group = cast("dist.ProcessGroup | None",
                           dist.new_group(backend="gloo") if _distributed() else None)
         self._pending: Future | None = None
+        self._in_use: Future | None = None  # done once the saved tensors may change
+        self._hooked: set[int] = set()  # id() of the optimizers whose steps call `release`
         self._published = threading.Event()
         self._error: BaseException | None = None
-        self.last_stall_s = 0.0  # how long the last `save` held the training thread
+        self.last_stall_s = 0.0  # how long the last `save` call held the training thread
+        self.last_step_wait_s = 0.0  # how long the next optimizer step waited for it
 
     def save(self, step: int, model, optimizer, write_small) -> None:
         """Checkpoint `step`. `write_small(folder)`: the main process's small files."""
@@ -213,18 +282,37 @@ class Checkpointer:
             return
         self._published.clear()
         self._error = None
-        # stages a CPU copy of this rank's state (training may change it from here on), then
-        # writes in DCP's thread
-        fut = async_save(state, checkpoint_id=target, process_group=self.group,
-                         no_dist=self.group is None)
-        assert isinstance(fut, Future)  # DCP's default stager stages in this thread: a Future
-        fut.add_done_callback(lambda f: self._finish(f, tmp, step))
-        self._pending = fut
+        self.last_step_wait_s = 0.0
+        stager = self.stager()
+        # `state` holds the live tensors, read by DCP's threads while training goes on
+        res = async_save(state, checkpoint_id=target, process_group=self.group,
+                         no_dist=self.group is None, async_stager=stager)
+        if isinstance(res, AsyncSaveResponse):  # staged in a thread of its own
+            staged, written = res.staging_completion, res.upload_completion
+        else:  # staged (or not copied) in this thread
+            staged = written = res
+        self._in_use = staged if self.copy_state else written
+        opt = torch_optimizer(optimizer)
+        if id(opt) not in self._hooked:  # once: a hook never removes itself mid-iteration
+            opt.register_step_pre_hook(lambda *_: self.release())
+            self._hooked.add(id(opt))
+        written.add_done_callback(lambda f: self._finish(f, tmp, step, stager))
+        self._pending = written
         self.last_stall_s = time.perf_counter() - t0
 
-    def _finish(self, fut: Future, tmp: Path, step: int) -> None:
+    def release(self) -> None:
+        """Block until the save in flight no longer reads the live training state (which may
+        change from then on); its errors surface in `wait`."""
+        in_use, self._in_use = self._in_use, None
+        if in_use is not None:
+            t0 = time.perf_counter()
+            wait_futures([in_use])
+            self.last_step_wait_s += time.perf_counter() - t0
+
+    def _finish(self, fut: Future, tmp: Path, step: int, stager: AsyncStager) -> None:
         """DCP's thread, once this rank's save ended: the main process publishes it."""
         try:
+            stager.close()  # its host copy goes (and its staging thread)
             if fut.exception() is None and self.main:
                 publish(tmp, checkpoint_dir(self.run_dir, step), self.run_dir, self.keep)
         except BaseException as exc:  # a full disk at the rename: reported by `wait`
@@ -234,6 +322,7 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until the save in flight is written and published; raise its error."""
+        self.release()
         fut, self._pending = self._pending, None
         if fut is None:
             return

@@ -384,10 +384,7 @@ class Strategy:
             return
         written = zero_state.written_world(ckpt)
         if written is not None:
-            raise HapoError(
-                f"{ckpt}: holds DeepSpeed ZeRO optimizer partitions for {written} ranks; resume "
-                f"it under DeepSpeed (accelerate launch --config_file "
-                f"recipes/accelerate/zero2.yaml or zero3.yaml --num_processes {written})")
+            raise zero_state.not_resumable_here(ckpt, written)
         self.load_optimizer_state(torch.load(ckpt / OPTIM_FILE, weights_only=True))
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:

@@ -83,6 +83,19 @@ def check_world(ckpt: Path, world: int) -> None:
             f"resume with --num_processes {got}")
 
 
+def not_resumable_here(ckpt: Path, world: int) -> HapoError:
+    """The error for ZeRO partitions (for `world` ranks) met by FSDP2, DDP or one process:
+    DeepSpeed resumes them; the checkpoint's HF folder starts a new run anywhere."""
+    from .checkpoint import new_run_command
+
+    return HapoError(
+        f"{ckpt}: holds DeepSpeed ZeRO optimizer partitions for {world} ranks, which only "
+        "DeepSpeed resumes (accelerate launch --config_file recipes/accelerate/zero2.yaml or "
+        f"zero3.yaml --num_processes {world}); or convert its weights into a new run "
+        "(optimizer state and data position start afresh): "
+        f"{new_run_command(Path(ckpt).parent.parent, ckpt)}")
+
+
 def load(engine, ckpt: Path, rank: int, world: int) -> None:
     """Restore this rank's partition (optimizer moments and fp32 masters) from `ckpt`.
 
@@ -101,4 +114,4 @@ def load(engine, ckpt: Path, rank: int, world: int) -> None:
 
 
 __all__ = ["rank_file", "written_world", "safe_loading", "load_file", "save", "check_world",
-           "load"]
+           "not_resumable_here", "load"]
