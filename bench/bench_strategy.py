@@ -1,25 +1,55 @@
-"""Per-rank peak memory and step time of one learner update, DDP vs FSDP2 vs DeepSpeed ZeRO-2 and
+"""Per-rank memory and step time of the learner's update, DDP vs FSDP2 vs DeepSpeed ZeRO-2 and
 ZeRO-3, 2 processes (gloo on CPU, NCCL on GPUs), on a model with a large vocabulary: Qwen2 hidden
 1536, vocab 151,936 (the Qwen2.5-1.5B head, tied embeddings), 1 decoder layer by default.
 
-Each strategy runs in its own `torchrun` so peak memory is its own. Every rank builds the model
-(fp32 masters), the learner's `Strategy` prepares it (DDP via accelerate, FSDP2 via
-`fully_shard`, ZeRO through accelerate's DeepSpeed plugin as recipes/accelerate/zero{2,3}.yaml
-set it), then it runs `--steps` updates of the learner's path: fused log-probs
-(`response_logprobs`), backward over 2 micro-batches, clip, AdamW step. Reported per rank: peak
-RSS (CPU; `ru_maxrss`) or peak allocated CUDA memory, parameter bytes held, and the median step
-time after one warm-up step. The ZeRO rows need deepspeed (skipped without it).
+Each strategy runs in its own `torchrun`. Start-up is the learner's own (`Strategy.load_policy`
+from a policy folder written first: FSDP2 reads each rank's slices of the safetensors, ZeRO-3
+builds the model inside `deepspeed.zero.Init` as recipes/accelerate/zero3.yaml's zero3_init_flag
+asks, DDP/ZeRO-2 load the whole model) plus `Strategy.prepare`, with the vLLM engine (no engine
+copy; `--engine hf` adds the HF engine's unsharded copy under FSDP2/ZeRO-3). Then `--steps`
+updates after one warm-up step: fused log-probs (`response_logprobs`), backward over 2
+micro-batches, clip, AdamW step. Per rank, on CPU (the kernel's high-water mark VmHWM, reset
+with /proc/self/clear_refs at each phase; CUDA: peak allocated):
+
+- start-up peak; resident: RSS after the warm-up step (model states without gradients, the
+  process itself: ~340 MB of imports, ~470 MB with DeepSpeed); step peak: the training steps'
+  own peak; temporaries: step peak - resident (gradients, activations, gathered parameters,
+  communication buffers, optimizer-step temporaries);
+- states: the distinct storages held for the model's training state at the end of a step
+  (parameters or this rank's shard/partition, `.grad`, the optimizer's state; DeepSpeed's fp32
+  master and gradient partitions are counted under optim); engine: the HF engine's copy.
 
     python bench/bench_strategy.py [--hidden 1536] [--vocab 151936] [--layers 1] [--steps 3]
+        [--engine vllm|hf] [--kinds ddp,fsdp2,zero2,zero3] [--chunk-size 1024]
 
-Measured in one run (2 CPU cores, gloo, 258 M parameters, fp32, 4 x 128 tokens per rank,
---steps 2), rank 0: peak RSS DDP 7227 MB, FSDP2 5808 (0.80), ZeRO-2 5945 (0.82), ZeRO-3 7178
-(0.99) MB; parameter bytes per rank 983 MB (DDP, ZeRO-2) vs 492 (FSDP2, ZeRO-3); step 22.9 s,
-39.1 s (1.71), 31.6 s (1.38), 33.5 s (1.47). FSDP2's saving is modest because the tied
-151,936 x 1536 embedding (90 % of the parameters) sits in the root FSDP group, which is
-unsharded for the whole forward/backward with its full gradient; the optimizer state is
-halved (ZeRO-2 halves it too). ZeRO-3 gathers that embedding for the whole forward as well, and
-its RSS peak keeps the full model every rank builds before partitioning (zero3_init off).
+Measured in one run (2 CPU cores shared with other jobs, load ~5; 258 M parameters, fp32,
+4 x 128 tokens per rank, --steps 2), MB, rank 0 / rank 1:
+
+| strategy | start-up   | resident   | step peak (vs DDP)      | states (vs DDP) | step s      |
+| -------- | ---------- | ---------- | ----------------------- | --------------- | ----------- |
+| DDP      | 2326 2326  | 4372 4376  | 7175 7199               | 3933            | 40.8        |
+| FSDP2    | 1352 1346  | 2020 1994  | 5330 5275 (0.74 0.73)   | 1967 (0.50)     | 81.4 (2.00) |
+| ZeRO-2   | 2500 2500  | 3116 3113  | 5771 5965 (0.80 0.83)   | 3348 (0.85)     | 31.3 (0.77) |
+| ZeRO-3   | 3884 3915  | 3485 3258  | 6182 6067 (0.86 0.84)   | 2458 (0.63)     | 45.6 (1.12) |
+
+Before this bench's fixes the whole-process peaks were FSDP2 0.80x, ZeRO-2 0.82x, ZeRO-3 0.99x.
+What changed: FSDP2 reduce-scatters every micro-batch (it kept the whole model's unsharded
+gradients from one micro-batch to the next: ~1 GB here), and DeepSpeed's buckets are sized from
+hidden_size where the config leaves them out (DeepSpeed's default 5e8-element reduce bucket is a
+2 GB fp32 buffer; ZeRO-3 copied the embedding's 933 MB gradient into it and kept it resident).
+
+Where the rest goes: the tied 151,936 x 1536 embedding is 90 % of the parameters (933 MB fp32).
+Every strategy computes its full gradient on every rank (the fused LM-head backward's (V, d)
+accumulator, plus the embedding's own dense gradient), and FSDP2/ZeRO-3 gather the full weight
+for the forward and backward: the temporaries (~2.7-3.3 GB) are 3 embedding-sized tensors plus
+FSDP2's reduce-scatter input copy, and no sharding of whole parameters removes them (that needs
+the vocabulary split across ranks, tensor parallelism). ZeRO-3's states are 0.63x, not 0.5x:
+DeepSpeed keeps an fp32 master partition beside the fp32 parameter partition, and a gradient
+partition buffer. ZeRO-3's start-up under zero.Init peaks above DDP's (rank 0 reads the whole
+state dict; each parameter is gathered on every rank to be filled, the embedding twice its size
+during the all-gather); FSDP2's sharded start-up is 0.58x of DDP's. DDP's peak is the AdamW step
+(gradients + foreach temporaries on top of 4.4 GB resident). FSDP2's step time doubles here: a
+reduce-scatter per micro-batch and gathers over gloo on 2 busy cores.
 """
 
 from __future__ import annotations
