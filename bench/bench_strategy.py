@@ -1,25 +1,55 @@
-"""Per-rank peak memory and step time of one learner update, DDP vs FSDP2 vs DeepSpeed ZeRO-2 and
+"""Per-rank memory and step time of the learner's update, DDP vs FSDP2 vs DeepSpeed ZeRO-2 and
 ZeRO-3, 2 processes (gloo on CPU, NCCL on GPUs), on a model with a large vocabulary: Qwen2 hidden
 1536, vocab 151,936 (the Qwen2.5-1.5B head, tied embeddings), 1 decoder layer by default.
 
-Each strategy runs in its own `torchrun` so peak memory is its own. Every rank builds the model
-(fp32 masters), the learner's `Strategy` prepares it (DDP via accelerate, FSDP2 via
-`fully_shard`, ZeRO through accelerate's DeepSpeed plugin as recipes/accelerate/zero{2,3}.yaml
-set it), then it runs `--steps` updates of the learner's path: fused log-probs
-(`response_logprobs`), backward over 2 micro-batches, clip, AdamW step. Reported per rank: peak
-RSS (CPU; `ru_maxrss`) or peak allocated CUDA memory, parameter bytes held, and the median step
-time after one warm-up step. The ZeRO rows need deepspeed (skipped without it).
+Each strategy runs in its own `torchrun`. Start-up is the learner's own (`Strategy.load_policy`
+from a policy folder written first: FSDP2 reads each rank's slices of the safetensors, ZeRO-3
+builds the model inside `deepspeed.zero.Init` as recipes/accelerate/zero3.yaml's zero3_init_flag
+asks, DDP/ZeRO-2 load the whole model) plus `Strategy.prepare`, with the vLLM engine (no engine
+copy; `--engine hf` adds the HF engine's unsharded copy under FSDP2/ZeRO-3). Then `--steps`
+updates after one warm-up step: fused log-probs (`response_logprobs`), backward over 2
+micro-batches, clip, AdamW step. Per rank, on CPU (the kernel's high-water mark VmHWM, reset
+with /proc/self/clear_refs at each phase; CUDA: peak allocated):
+
+- start-up peak; resident: RSS after the warm-up step (model states without gradients, the
+  process itself: ~340 MB of imports, ~470 MB with DeepSpeed); step peak: the training steps'
+  own peak; temporaries: step peak - resident (gradients, activations, gathered parameters,
+  communication buffers, optimizer-step temporaries);
+- states: the distinct storages held for the model's training state at the end of a step
+  (parameters or this rank's shard/partition, `.grad`, the optimizer's state; DeepSpeed's fp32
+  master and gradient partitions are counted under optim); engine: the HF engine's copy.
 
     python bench/bench_strategy.py [--hidden 1536] [--vocab 151936] [--layers 1] [--steps 3]
+        [--engine vllm|hf] [--kinds ddp,fsdp2,zero2,zero3] [--chunk-size 1024]
 
-Measured in one run (2 CPU cores, gloo, 258 M parameters, fp32, 4 x 128 tokens per rank,
---steps 2), rank 0: peak RSS DDP 7227 MB, FSDP2 5808 (0.80), ZeRO-2 5945 (0.82), ZeRO-3 7178
-(0.99) MB; parameter bytes per rank 983 MB (DDP, ZeRO-2) vs 492 (FSDP2, ZeRO-3); step 22.9 s,
-39.1 s (1.71), 31.6 s (1.38), 33.5 s (1.47). FSDP2's saving is modest because the tied
-151,936 x 1536 embedding (90 % of the parameters) sits in the root FSDP group, which is
-unsharded for the whole forward/backward with its full gradient; the optimizer state is
-halved (ZeRO-2 halves it too). ZeRO-3 gathers that embedding for the whole forward as well, and
-its RSS peak keeps the full model every rank builds before partitioning (zero3_init off).
+Measured in one run (2 CPU cores shared with other jobs, load ~5; 258 M parameters, fp32,
+4 x 128 tokens per rank, --steps 2), MB, rank 0 / rank 1:
+
+| strategy | start-up   | resident   | step peak (vs DDP)      | states (vs DDP) | step s      |
+| -------- | ---------- | ---------- | ----------------------- | --------------- | ----------- |
+| DDP      | 2326 2326  | 4372 4376  | 7175 7199               | 3933            | 40.8        |
+| FSDP2    | 1352 1346  | 2020 1994  | 5330 5275 (0.74 0.73)   | 1967 (0.50)     | 81.4 (2.00) |
+| ZeRO-2   | 2500 2500  | 3116 3113  | 5771 5965 (0.80 0.83)   | 3348 (0.85)     | 31.3 (0.77) |
+| ZeRO-3   | 3884 3915  | 3485 3258  | 6182 6067 (0.86 0.84)   | 2458 (0.63)     | 45.6 (1.12) |
+
+Before this bench's fixes the whole-process peaks were FSDP2 0.80x, ZeRO-2 0.82x, ZeRO-3 0.99x.
+What changed: FSDP2 reduce-scatters every micro-batch (it kept the whole model's unsharded
+gradients from one micro-batch to the next: ~1 GB here), and DeepSpeed's buckets are sized from
+hidden_size where the config leaves them out (DeepSpeed's default 5e8-element reduce bucket is a
+2 GB fp32 buffer; ZeRO-3 copied the embedding's 933 MB gradient into it and kept it resident).
+
+Where the rest goes: the tied 151,936 x 1536 embedding is 90 % of the parameters (933 MB fp32).
+Every strategy computes its full gradient on every rank (the fused LM-head backward's (V, d)
+accumulator, plus the embedding's own dense gradient), and FSDP2/ZeRO-3 gather the full weight
+for the forward and backward: the temporaries (~2.7-3.3 GB) are 3 embedding-sized tensors plus
+FSDP2's reduce-scatter input copy, and no sharding of whole parameters removes them (that needs
+the vocabulary split across ranks, tensor parallelism). ZeRO-3's states are 0.63x, not 0.5x:
+DeepSpeed keeps an fp32 master partition beside the fp32 parameter partition, and a gradient
+partition buffer. ZeRO-3's start-up under zero.Init peaks above DDP's (rank 0 reads the whole
+state dict; each parameter is gathered on every rank to be filled, the embedding twice its size
+during the all-gather); FSDP2's sharded start-up is 0.58x of DDP's. DDP's peak is the AdamW step
+(gradients + foreach temporaries on top of 4.4 GB resident). FSDP2's step time doubles here: a
+reduce-scatter per micro-batch and gathers over gloo on 2 busy cores.
 """
 
 from __future__ import annotations
@@ -28,6 +58,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -39,11 +70,89 @@ ROOT = Path(__file__).resolve().parent.parent
 NAMES = {"ddp": "DDP", "fsdp2": "FSDP2", "zero2": "ZeRO-2", "zero3": "ZeRO-3"}
 
 
-def worker(args) -> None:
-    import resource
+def _status_mb(field: str) -> float:
+    """A field of /proc/self/status (VmRSS: resident now; VmHWM: the peak since `_reset_peak`)."""
+    kb = re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)
+    return int(kb) / 1024
 
+
+def _reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := the current RSS
+
+
+def _storage_bytes(tensors, seen: set[int]) -> int:
+    """Bytes of the distinct storages behind `tensors` (a DTensor's local shard; each storage
+    once across calls sharing `seen`: DeepSpeed's parameters are views of its flat buffers)."""
+    import torch
+
+    total = 0
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.to_local() if hasattr(t, "to_local") else t
+        st = t.untyped_storage()
+        if st.nbytes() == 0 or st.data_ptr() in seen:
+            continue
+        seen.add(st.data_ptr())
+        total += st.nbytes()
+    return total
+
+
+def _tensors_of(obj, depth: int = 2):
+    """Tensors held by `obj`'s attributes (and lists/dicts of them), `depth` levels down."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth > 0 and isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors_of(v, depth - 1)
+    elif depth > 0 and isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors_of(v, depth - 1)
+
+
+def model_state_bytes(model, optimizer) -> dict[str, int]:
+    """What this rank holds for the model's training state: parameters (the local shard; under
+    ZeRO-3 the partition), their gradients, and the optimizer (its state, and DeepSpeed's own
+    fp32 master partitions and gradient partitions/buckets), each storage counted once."""
+    params = list(model.parameters())
+    seen: set[int] = set()
+    out = {"params": _storage_bytes([getattr(p, "ds_tensor", p) for p in params], seen)}
+    out["grads"] = _storage_bytes([p.grad for p in params if p.grad is not None], seen)
+    inner, ds = optimizer, []
+    while hasattr(inner, "optimizer"):  # accelerate's wrapper > DeepSpeed's ZeRO optimizer
+        inner = inner.optimizer
+        if hasattr(inner, "optimizer") and type(inner).__module__.startswith("deepspeed"):
+            ds.append(inner)
+    masters_and_grads = [t for o in ds for v in vars(o).values() for t in _tensors_of(v)]
+    out["grads"] += _storage_bytes([t for o in ds for t in _tensors_of(
+        getattr(o, "averaged_gradients", {}))], seen)
+    out["optimizer"] = _storage_bytes(
+        [t for s in inner.state.values() for t in s.values()], seen)
+    out["optimizer"] += _storage_bytes(masters_and_grads, seen)
+    return out
+
+
+def write_policy(args) -> None:
+    """The policy folder (fp32 safetensors + a tokenizer) every worker starts from."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    sys.path.insert(0, str(ROOT))
+    from hapo_cli.models import build_tokenizer
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                      num_attention_heads=12, num_key_value_heads=2,
+                      intermediate_size=args.intermediate, tie_word_embeddings=True,
+                      max_position_embeddings=1024)
+    Qwen2ForCausalLM(cfg).save_pretrained(args.policy, safe_serialization=True)
+    build_tokenizer().save_pretrained(args.policy)
+
+
+def worker(args) -> None:
+    import torch
 
     sys.path.insert(0, str(ROOT))
     from hapo_cli.learner.forward import response_logprobs
@@ -57,18 +166,32 @@ def worker(args) -> None:
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true" if stage else "false"
     if stage:  # what `accelerate launch --config_file recipes/accelerate/zero{2,3}.yaml` sets
         os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"] = stage
-        os.environ["ACCELERATE_DEEPSPEED_ZERO3_INIT"] = "false"
+        os.environ["ACCELERATE_DEEPSPEED_ZERO3_INIT"] = "true" if stage == "3" else "false"
+    cuda = torch.cuda.is_available()
+
+    def peak_mb() -> float:
+        return torch.cuda.max_memory_allocated() / 2**20 if cuda else _status_mb("VmHWM")
+
+    def now_mb() -> float:
+        return torch.cuda.memory_allocated() / 2**20 if cuda else _status_mb("VmRSS")
+
+    def reset() -> None:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            _reset_peak()
+
+    row: dict = {"kind": args.kind, "base_mb": now_mb()}  # imports only
+    reset()
+    t0 = time.perf_counter()
     precision = resolve_precision(args.dtype, "no")
     acc, kind = build_accelerator(precision)
     strategy = Strategy(kind, acc, precision)
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                      num_attention_heads=12, num_key_value_heads=2,
-                      intermediate_size=args.intermediate, tie_word_embeddings=True,
-                      max_position_embeddings=1024)
-    model = Qwen2ForCausalLM(cfg)
+    model, _tok = strategy.load_policy(Path(args.policy))  # the learner's own start-up
+    model.train()
     model, opt = strategy.prepare(model, lambda ps: torch.optim.AdamW(ps, lr=1e-6),
-                                  engine="vllm")
+                                  engine=args.engine, micro_batch_size=args.batch // 2)
+    row["startup_mb"], row["startup_s"] = peak_mb(), time.perf_counter() - t0
     world, rank = acc.num_processes, acc.process_index
     g = torch.Generator().manual_seed(rank)
     P, T, B = args.prompt_len, args.response_len, args.batch
@@ -76,28 +199,32 @@ def worker(args) -> None:
     am = torch.ones_like(ids)
     micros = [slice(0, B // 2), slice(B // 2, B)]
     times = []
-    for _ in range(args.steps + 1):
-        if acc.device.type == "cuda":
+    for step in range(args.steps + 1):
+        if step == 1:  # after the warm-up step (the optimizer state exists from here on)
+            row["resident_mb"] = now_mb()
+            reset()
+        if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for i, mr in enumerate(micros):
             with strategy.micro_batch(i, len(micros)):
                 logp, _ = response_logprobs(model, ids[mr], am[mr], T, None, fused=True,
-                                            chunk_size=1024, entropy=False)
+                                            chunk_size=args.chunk_size, entropy=False)
                 strategy.backward(-logp.mean() / len(micros))
         strategy.clip_and_step(1.0)
+        if step == args.steps:  # gradients are still held here (zero_grad frees them)
+            row["states"] = model_state_bytes(model, opt)
         opt.zero_grad(set_to_none=True)
-        if acc.device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    if acc.device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
+    row["step_mb"] = peak_mb()
+    engine = strategy._engine_model
+    row["engine_mb"] = (0.0 if engine is None else
+                        _storage_bytes(list(engine.parameters()), set()) / 2**20)
     desc = strategy.describe()
-    row = {"kind": args.kind, "rank": rank, "world": world, "peak_mb": peak,
-           "step_s": statistics.median(times[1:]), "param_mb": desc["param_bytes_per_rank"] / 2**20,
-           "num_parameters": desc["num_parameters"], "device": acc.device.type}
+    row.update(rank=rank, world=world, step_s=statistics.median(times[1:]),
+               num_parameters=desc["num_parameters"], device=acc.device.type)
     Path(args.out).with_suffix(f".{rank}.json").write_text(json.dumps(row))
     import torch.distributed as dist
 
@@ -109,10 +236,12 @@ def run(kind: str, args, tmp: Path) -> list[dict]:
     out = tmp / kind
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            str(args.nproc), __file__, "--worker", "--kind", kind, "--out", str(out)]
-    for k in ("hidden", "vocab", "layers", "intermediate", "steps", "batch", "prompt_len",
-              "response_len", "dtype"):
+    for k in ("policy", "vocab", "engine", "chunk_size", "steps", "batch", "prompt_len", "response_len",
+              "dtype"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode:
+        sys.exit(f"{kind}: the 2-process run failed:\n{done.stderr[-6000:]}")
     return [json.loads(out.with_suffix(f".{r}.json").read_text()) for r in range(args.nproc)]
 
 
@@ -121,6 +250,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--worker", action="store_true")
     p.add_argument("--kind", default="ddp")
     p.add_argument("--out", default="")
+    p.add_argument("--policy", default="")
     p.add_argument("--hidden", type=int, default=1536)
     p.add_argument("--vocab", type=int, default=151_936)
     p.add_argument("--layers", type=int, default=1)
@@ -129,8 +259,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--batch", type=int, default=4, help="responses per rank (2 micro-batches)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--response-len", type=int, default=96)
+    p.add_argument("--chunk-size", type=int, default=1024, help="fused log-prob chunk (tokens)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--engine", default="vllm", choices=["vllm", "hf"],
+                   help="hf: sharded strategies keep the HF engine's unsharded copy")
     p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--kinds", default="ddp,fsdp2,zero2,zero3")
     args = p.parse_args(argv)
     if args.worker:
         worker(args)
@@ -138,28 +272,44 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from rich.console import Console
     from rich.table import Table
 
-    kinds = ["ddp", "fsdp2"]
-    if importlib.util.find_spec("deepspeed") is not None:
-        kinds += ["zero2", "zero3"]
-    else:
+    kinds = args.kinds.split(",")
+    if importlib.util.find_spec("deepspeed") is None:
+        kinds = [k for k in kinds if not k.startswith("zero")]
         print("deepspeed not installed: the ZeRO rows are skipped (pip install -e '.[deepspeed]')")
     with tempfile.TemporaryDirectory() as tmp:
+        args.policy = str(Path(tmp) / "policy")
+        write_policy(args)
         res = {k: run(k, args, Path(tmp)) for k in kinds}
-    n = res["ddp"][0]["num_parameters"]
+    ref = res[kinds[0]]
+    n = ref[0]["num_parameters"]
+    unit = "MB allocated" if ref[0]["device"] == "cuda" else "MB resident (VmHWM / VmRSS)"
     table = Table(title=f"learner update, {args.nproc} processes, Qwen2 hidden {args.hidden}, "
                         f"vocab {args.vocab}, {args.layers} layer(s), {n / 1e6:.0f} M parameters, "
-                        f"{args.dtype} compute, fp32 masters ({res['ddp'][0]['device']})")
-    for col in ("strategy", "rank", "peak MB", "vs DDP", "params MB", "step s", "vs DDP "):
-        table.add_column(col)
+                        f"{args.dtype} compute, fp32 masters, engine {args.engine} "
+                        f"({ref[0]['device']}; {unit}; ratios vs {NAMES[kinds[0]]})")
+    for col in ("strategy", "rank", "start-up peak", "resident", "step peak", "vs", "states",
+                "vs ", "params", "grads", "optim", "temporaries", "engine", "step s", " vs"):
+        table.add_column(col, justify="right")
     rows = []
     for kind in kinds:
-        for d, r in zip(res["ddp"], res[kind]):
-            rows.append({"strategy": kind, "rank": r["rank"], "peak_mb": r["peak_mb"],
-                         "param_mb": r["param_mb"], "step_s": r["step_s"]})
-            table.add_row(NAMES[kind], str(r["rank"]), f"{r['peak_mb']:.0f}",
-                          f"{r['peak_mb'] / d['peak_mb']:.2f}", f"{r['param_mb']:.0f}",
-                          f"{r['step_s']:.2f}", f"{r['step_s'] / d['step_s']:.2f}")
-    Console().print(table)
+        for d, r in zip(ref, res[kind]):
+            st = {k: v / 2**20 for k, v in r["states"].items()}
+            states = sum(st.values())
+            d_states = sum(d["states"].values()) / 2**20
+            row = {"strategy": kind, "rank": r["rank"], "startup_mb": r["startup_mb"],
+                   "resident_mb": r["resident_mb"], "step_mb": r["step_mb"],
+                   "states_mb": states, **{f"{k}_mb": v for k, v in st.items()},
+                   "temporaries_mb": r["step_mb"] - r["resident_mb"],
+                   "engine_mb": r["engine_mb"], "step_s": r["step_s"]}
+            rows.append(row)
+            table.add_row(NAMES[kind], str(r["rank"]), f"{r['startup_mb']:.0f}",
+                          f"{r['resident_mb']:.0f}", f"{r['step_mb']:.0f}",
+                          f"{r['step_mb'] / d['step_mb']:.2f}", f"{states:.0f}",
+                          f"{states / d_states:.2f}", f"{st['params']:.0f}", f"{st['grads']:.0f}",
+                          f"{st['optimizer']:.0f}", f"{row['temporaries_mb']:.0f}",
+                          f"{r['engine_mb']:.0f}", f"{r['step_s']:.1f}",
+                          f"{r['step_s'] / d['step_s']:.2f}")
+    Console(width=200).print(table)
     return rows
 
 

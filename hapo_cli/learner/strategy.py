@@ -54,7 +54,6 @@ from .precision import Precision, env_true
 from .sharded_load import load_policy_sharded
 
 if TYPE_CHECKING:
-    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
     from transformers import PreTrainedModel
 
@@ -157,6 +156,23 @@ def local_param_bytes(model: nn.Module) -> int:
     return total
 
 
+def _zero_buckets(cfg: dict[str, Any], model: nn.Module) -> None:
+    """Size DeepSpeed's buffers from the model, as accelerate does for `auto`, where the config
+    leaves them out (accelerate's zero{2,3}.yaml do): DeepSpeed's defaults (5e8 elements) give a
+    2 GB fp32 gradient bucket per rank, which a large embedding's gradient then fills."""
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if not isinstance(hidden, int):
+        return
+    zero = cfg.setdefault("zero_optimization", {})
+    sizes = {"reduce_bucket_size": hidden * hidden, "allgather_bucket_size": hidden * hidden}
+    if zero.get("stage") == 3:
+        sizes.update(stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
+                     stage3_param_persistence_threshold=10 * hidden)
+    for key, value in sizes.items():
+        if zero.get(key) in (None, "auto"):
+            zero[key] = value
+
+
 class Strategy:
     """Prepares model and optimizer and runs the parts of an update that differ by strategy."""
 
@@ -227,6 +243,7 @@ class Strategy:
             cfg["gradient_accumulation_steps"] = 1  # boundaries: `micro_batch` sets them
             cfg["train_batch_size"] = micro_batch_size * self.world
             cfg["gradient_clipping"] = grad_clip
+            _zero_buckets(cfg, model)
         if self.sharded and samples_with_learner_module(engine):
             # the HF engine decodes token by token on each rank with different lengths, which a
             # sharded forward (FSDP2, ZeRO-3: a collective per layer) cannot: it samples from an
@@ -268,11 +285,13 @@ class Strategy:
     @contextmanager
     def micro_batch(self, index: int, count: int):
         """Context of micro-batch `index` of `count` in one mini-batch: gradients are reduced
-        across ranks (and, for DeepSpeed, the optimizer may step) only on the last one."""
+        across ranks (and, for DeepSpeed, the optimizer may step) only on the last one, except
+        under FSDP2, which reduce-scatters each micro-batch's gradients into the shards."""
         last = index == count - 1
         if self.kind == "fsdp2":
-            fsdp: FSDPModule = cast("FSDPModule", self._prepared()[0])  # fully_shard's class
-            fsdp.set_requires_gradient_sync(last or self.world == 1)
+            # gradients are reduce-scattered after every micro-batch and summed as shards:
+            # skipping the sync (as DDP does) keeps every unsharded gradient, a whole model's
+            # worth per rank, from one micro-batch to the next
             yield
         elif self.kind == "deepspeed":
             # accelerate's DeepSpeed wrapper sets the engine's accumulation boundary from
