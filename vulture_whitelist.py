@@ -29,6 +29,8 @@ Task.description  # synthetic task metadata (the data preview shows it)
 padding_side, pad_token, pre_tokenizer, decoder, bos_token_id
 
 Checkpointer.last_stall_s  # how long a save blocked the loop; read by tests/dcp_worker.py
+Checkpointer.last_step_wait_s  # how long the next optimizer step waited; read by bench_checkpoint.py
+LiveState.stage  # DCP's AsyncStager interface: async_save calls it
 Recipe.content_hash  # hashes recipe sections (tests/test_recipe.py)
 
 # rollout engines: a field every RolloutBatch carries (pinned by the engines' tests)
