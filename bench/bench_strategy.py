@@ -134,23 +134,6 @@ def model_state_bytes(model, optimizer) -> dict[str, int]:
     return out
 
 
-def write_policy(args) -> None:
-    """The policy folder (fp32 safetensors + a tokenizer) every worker starts from."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    sys.path.insert(0, str(ROOT))
-    from hapo_cli.models import build_tokenizer
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                      num_attention_heads=12, num_key_value_heads=2,
-                      intermediate_size=args.intermediate, tie_word_embeddings=True,
-                      max_position_embeddings=1024)
-    Qwen2ForCausalLM(cfg).save_pretrained(args.policy, safe_serialization=True)
-    build_tokenizer().save_pretrained(args.policy)
-
-
 def worker(args) -> None:
     import torch
 
@@ -276,6 +259,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if importlib.util.find_spec("deepspeed") is None:
         kinds = [k for k in kinds if not k.startswith("zero")]
         print("deepspeed not installed: the ZeRO rows are skipped (pip install -e '.[deepspeed]')")
+    sys.path.insert(0, str(ROOT))
+    from bench.bench_checkpoint import write_policy  # the checkpoint bench's policy folder
+
     with tempfile.TemporaryDirectory() as tmp:
         args.policy = str(Path(tmp) / "policy")
         write_policy(args)
