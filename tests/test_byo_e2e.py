@@ -115,10 +115,9 @@ def run(tmp_path_factory):
         "eval.every=0", "eval.at_start=false", "train.dynamic_sampling.enabled=false",
         "train.overlong.enabled=false",  # the score is the rewards' weighted sum only
         "log.token_sample_every=1", "log.token_sample_responses=8", "log.checkpoint_every=0",
-        # no spaces: reloaded from a folder, the tiny character tokenizer comes back as
-        # transformers' Qwen2Tokenizer, whose pre-tokenizer drops them (the rendered prompt
-        # below would show it: 'bebrief')
-        "data.system_prompt=brief", "data.prompt_template={prompt},answer#",
+        # spaces: the tiny character tokenizer reloaded from the model folder keeps them (as
+        # transformers' Qwen2Tokenizer it dropped them: 'be brief' became 'bebrief')
+        "data.system_prompt=be brief", "data.prompt_template={prompt}, answer #",
         "data.chat_template_kwargs={enable_thinking: false}",
         f"data.rewards=[{{function: arith}}, {{function: '{root / 'len_bonus.py'}:compute_score',"
         " weight: 0.5, name: len_bonus}]",
@@ -141,8 +140,8 @@ def test_first_token_rows_hold_the_rendered_prompt(run):
     for prompt in first[schema.TOKEN_PROMPT]:
         # system_prompt as a system message, prompt_template around the task's prompt,
         # enable_thinking=false through the chat template, exactly as the model read it
-        assert prompt.startswith("system=brief;user=") and prompt.endswith(
-            ",answer#;assistant=nothink"), prompt  # (the template's last space: dropped too)
+        assert prompt.startswith("system=be brief;user=") and prompt.endswith(
+            ", answer #;assistant=nothink "), prompt
     # two samples of a group share their prompt (rollout.n=2: samples 2g and 2g+1)
     by_sample = dict(zip(first["sample"], first[schema.TOKEN_PROMPT]))
     pairs = [(s, s ^ 1) for s in by_sample if s % 2 == 0 and s + 1 in by_sample]

@@ -172,7 +172,7 @@ BAD_PROMPTS = [
     ('""', "line 2: 'prompt' is empty; expected a question"),
     ('"  \\t "', "line 2: 'prompt' is whitespace only ('  \\t '); expected a question"),
     ('[{"role": "user", "content": " "}]', "line 2: 'prompt' is whitespace only (' ')"),
-    ('"\\u20ac\\u00a7"', "line 2: 'prompt' ('€§') encodes to 0 tokens: none is in the "
+    ('"\\u20ac\\u00a7"', "line 2: 'prompt' ('€§') is 2 unknown tokens: none is in the "
      "tokenizer's vocabulary"),
 ]
 
@@ -220,6 +220,9 @@ def test_a_prompt_of_unknown_characters_in_the_fresh_tokenizer(model_dir):
         check_prompt_content("€§", "€§", ids, tok, "f line 2", "prompt")
     mixed = tuple(tok("1+€", add_special_tokens=False)["input_ids"])
     check_prompt_content("1+€", "1+€", mixed, tok, "f line 2", "prompt")
+    # a tokenizer without an unknown token drops what it cannot read: nothing is left
+    with pytest.raises(DataError, match=r"f line 2: 'prompt' \('€§'\) encodes to 0 tokens"):
+        check_prompt_content("€§", "€§", (), tok, "f line 2", "prompt")
 
 
 # ---------------------------------------------------------------------------------------------
