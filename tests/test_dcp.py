@@ -198,3 +198,43 @@ def test_zero_partitions_elsewhere_are_one_line_naming_the_conversion(tmp_path):
     assert msg.endswith(f"hapo train --recipe {tmp_path / 'run' / 'recipe.yaml'} --set "
                         f"model.init=pretrained --set model.path={ckpt} --set model.tiny=null "
                         "--set model.warmup=null --output NEW_RUN")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("default_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
+def test_init_adam_state_is_the_state_a_first_step_builds(cls, amsgrad, default_dtype, fused):
+    """`init_adam_state` restates torch's Adam `_init_group` (and its private step dtype rule):
+    the same keys, dtypes, devices and shapes as the state a real first step creates, all zero
+    (the step count included). Fails if a torch release changes what Adam keeps."""
+    from hapo_cli.learner.dcp_checkpoint import init_adam_state
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        def fresh():
+            torch.manual_seed(0)
+            model = torch.nn.Linear(3, 2)  # default-dtype parameters
+            model.bias.requires_grad_(False)  # a frozen parameter gets no state either way
+            return model, cls(model.parameters(), lr=1e-3, amsgrad=amsgrad, fused=fused)
+
+        model, opt = fresh()
+        for p in model.parameters():
+            p.grad = torch.ones_like(p) if p.requires_grad else None
+        opt.step()
+        stepped = {n: opt.state[p] for n, p in model.named_parameters() if p in opt.state}
+
+        model, opt = fresh()
+        assert init_adam_state(opt)
+        assert not init_adam_state(opt)  # it has state now: left alone
+        ours = {n: opt.state[p] for n, p in model.named_parameters() if p in opt.state}
+    finally:
+        torch.set_default_dtype(previous)
+    assert ours.keys() == stepped.keys() == {"weight"}
+    for n in ours:
+        assert ours[n].keys() == stepped[n].keys(), n
+        for k, t in ours[n].items():
+            ref = stepped[n][k]
+            assert (t.dtype, t.device, t.shape) == (ref.dtype, ref.device, ref.shape), (n, k)
+            assert not t.any(), (n, k)  # step 0, zero moments

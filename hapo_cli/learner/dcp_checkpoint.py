@@ -51,7 +51,6 @@ from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, Sta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_loader import load
 from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse, async_save, save
-from torch.optim.optimizer import _get_scalar_dtype
 
 from analysis import schema
 
@@ -126,6 +125,15 @@ def train_state(model, optimizer) -> dict[str, Any]:
     return {"model": msd, "optim": osd}
 
 
+def _step_dtype(*, fused: bool | None) -> torch.dtype:
+    """The dtype of Adam's `step` count: torch's private `optim.optimizer._get_scalar_dtype`
+    (the same code in torch 2.4 through 2.13), restated so that no private name is imported;
+    tests/test_dcp.py compares `init_adam_state` with the state a real first step builds."""
+    if fused:
+        return torch.float32
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
 def init_adam_state(optimizer) -> bool:
     """Give a fresh Adam/AdamW the state its first step would create (step 0, zero moments),
     without stepping: `get_state_dict` would otherwise take a step with zero gradients and
@@ -140,9 +148,9 @@ def init_adam_state(optimizer) -> bool:
             if not p.requires_grad:
                 continue
             st = opt.state[p]  # as torch.optim.Adam._init_group builds it
-            st["step"] = (torch.zeros((), dtype=_get_scalar_dtype(is_fused=group.get("fused")),
+            st["step"] = (torch.zeros((), dtype=_step_dtype(fused=group.get("fused")),
                                       device=p.device) if on_device
-                          else torch.tensor(0.0, dtype=_get_scalar_dtype()))
+                          else torch.tensor(0.0, dtype=_step_dtype(fused=False)))
             moments = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
             for k in moments:
                 st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
