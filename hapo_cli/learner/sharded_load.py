@@ -15,6 +15,13 @@ the model is built with real buffers and meta parameters (`init_empty_weights(in
 False)`), and the buffers are put back after `to_empty`. A folder this cannot address (no
 safetensors, a parameter under another name or shape) is loaded the old way: `supported` says
 so before anything is built.
+
+DeepSpeed ZeRO-3 (`load_policy_zero3`): the same meta model, then each parameter in turn gets
+DeepSpeed's partition (`ds_tensor`: this rank's 1/world of the flattened, padded parameter,
+DeepSpeed's own `partition()` on an unwritten full-size buffer) filled from the rows of the
+safetensors that cover its flat range. `from_pretrained` under `zero.Init` instead initialises
+every parameter, broadcasts it from rank 0, then gathers each one in full on every rank while
+rank 0 copies it from the whole state dict it read.
 """
 
 from __future__ import annotations
@@ -127,6 +134,69 @@ def fill_shards(model: nn.Module, path: Path) -> int:
     return read
 
 
+def _flat_range(sl, start: int, stop: int) -> torch.Tensor:
+    """Elements [start, stop) of the flattened tensor behind safetensors slice `sl`, reading
+    only the rows (along dim 0) that hold them."""
+    shape = list(sl.get_shape())
+    if not shape:
+        return sl[:].reshape(-1)[start:stop]
+    row = 1
+    for d in shape[1:]:
+        row *= d
+    first, last = start // row, -(-stop // row)
+    part = sl[first:last].reshape(-1)
+    return part[start - first * row: stop - first * row]
+
+
+def fill_partitions(model: nn.Module, path: Path, init) -> int:
+    """Turn each (meta) parameter of `model` into a ZeRO-3 parameter whose partition holds this
+    rank's flat range from the safetensors files (`init`: a `deepspeed.zero.Init`, not entered);
+    the number of bytes read. A tied parameter is converted once and stays shared."""
+    files = weight_files(path)
+    assert files is not None
+    handles = {f: safe_open(f, "pt") for f in set(files.values())}
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for key, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((module, key))
+    read = 0
+    with torch.no_grad():
+        for name, p in list(model.named_parameters()):
+            # a full-size buffer that is never written: DeepSpeed's `partition()` copies this
+            # rank's range out of it (on CPU its pages are never touched), then frees it
+            new = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=init.local_device),
+                               requires_grad=p.requires_grad)
+            for module, key in owners[id(p)]:
+                module._parameters[key] = new
+            init._convert_to_deepspeed_param(new)
+            new.partition()
+            size = new.ds_tensor.ds_numel
+            start = size * new.ds_zero_partition_rank
+            stop = min(start + size, new.ds_numel)
+            if stop > start:
+                part = _flat_range(handles[files[name]].get_slice(name), start, stop)
+                new.ds_tensor[: stop - start].copy_(part)
+                read += part.numel() * part.element_size()
+    return read
+
+
+def load_policy_zero3(path: Path, strategy, trust_remote_code: bool = False):
+    """(model with ZeRO-3 partitioned parameters, tokenizer), or None when the folder's layout
+    needs the full load (`supported`). Every rank calls it."""
+    import deepspeed
+    from transformers.integrations import deepspeed_config
+    from transformers.modeling_utils import set_zero3_state
+
+    with set_zero3_state():  # a meta model, not transformers' own zero.Init construction
+        model = build_empty(path, strategy.load_dtype, trust_remote_code)
+    if supported(path, model) is not None:
+        return None
+    init = deepspeed.zero.Init(config_dict_or_path=deepspeed_config(), dtype=strategy.load_dtype)
+    fill_partitions(model, path, init)
+    return model, load_tokenizer(path, trust_remote_code)
+
+
 def load_policy_sharded(path: Path, strategy, trust_remote_code: bool = False):
     """(model already under `fully_shard`, tokenizer), or None when the folder's layout needs
     the full load (`supported`). Every rank calls it."""
@@ -144,4 +214,4 @@ def load_policy_sharded(path: Path, strategy, trust_remote_code: bool = False):
 
 
 __all__ = ["weight_files", "build_empty", "supported", "materialize", "fill_shards",
-           "load_policy_sharded"]
+           "fill_partitions", "load_policy_sharded", "load_policy_zero3"]

@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
+from transformers.integrations import deepspeed_config
 
 from ..errors import HapoError
 from ..lora import checkpoint_state
@@ -51,7 +52,7 @@ from .dcp_checkpoint import is_dcp, load_into_strategy
 from .forward import unwrap
 from .fsdp2 import apply_fsdp2
 from .precision import Precision, env_true
-from .sharded_load import load_policy_sharded
+from .sharded_load import load_policy_sharded, load_policy_zero3
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -156,6 +157,32 @@ def local_param_bytes(model: nn.Module) -> int:
     return total
 
 
+def share_fp32_masters(optimizer) -> int:
+    """Under ZeRO-3 with fp32 parameters, make each fp32 master partition the parameter
+    partition itself; the bytes freed per rank. DeepSpeed means to (stage3.py
+    `_create_fp32_partitions`: same dtype and device, "we don't need another copy of the
+    weights"), but compares the partition's `torch.device` with the accelerator's device *name*,
+    a str, which is never equal: every rank held a second fp32 copy of its partition. The copy
+    was exact and DeepSpeed copies the master back into the partition after each step, so
+    sharing changes no value (tests/test_zero3_start_up.py: bit for bit). Not with optimizer
+    offload or NVMe swapping, or when the partitions are bf16/fp16."""
+    inner, freed = optimizer, 0
+    while inner is not None and not hasattr(inner, "fp32_partitioned_groups_flat"):
+        inner = getattr(inner, "optimizer", None)
+    if inner is None or getattr(inner, "offload_optimizer", True) or getattr(
+            inner, "swap_optimizer", True):
+        return 0
+    for lp, master in zip(inner.fp16_partitioned_groups_flat, inner.fp32_partitioned_groups_flat):
+        if (lp is None or master.dtype != lp.dtype or master.device != lp.device
+                or master.untyped_storage().data_ptr() == lp.untyped_storage().data_ptr()):
+            continue
+        if not torch.equal(master, lp):  # what `_create_fp32_partitions` copied, unchanged
+            raise AssertionError("ZeRO-3: an fp32 master partition differs from its parameters")
+        freed += master.untyped_storage().nbytes()
+        master.data = lp.data
+    return freed
+
+
 def _zero_buckets(cfg: dict[str, Any], model: nn.Module) -> None:
     """Size DeepSpeed's buffers from the model, as accelerate does for `auto`, where the config
     leaves them out (accelerate's zero{2,3}.yaml do): DeepSpeed's defaults (5e8 elements) give a
@@ -214,13 +241,18 @@ class Strategy:
         """(model, tokenizer) of the policy folder `path` in the master dtype. FSDP2: a sharded
         start-up, each rank reading only its slices of the safetensors (`sharded_load.py`;
         the model comes back already under `fully_shard`, `prepare` keeps it), unless the
-        folder's layout needs a full load or adapters (model.lora) are added first. Others:
-        every rank loads the whole model (ZeRO-3 with zero3_init: transformers partitions it
-        as it loads, inside `deepspeed.zero.Init`)."""
+        folder's layout needs a full load or adapters (model.lora) are added first. ZeRO-3
+        with zero3_init_flag: the same, each rank filling only its DeepSpeed partitions
+        (`load_policy_zero3`). Others (and those fallbacks): every rank loads the whole model
+        (ZeRO-3 with zero3_init: transformers' `from_pretrained` inside `deepspeed.zero.Init`)."""
         from ..model_dirs import load_policy
 
         if self.kind == "fsdp2" and not lora:
             got = load_policy_sharded(Path(path), self, trust_remote_code)
+            if got is not None:
+                return got
+        if self.kind == "deepspeed" and self.sharded and not lora and deepspeed_config():
+            got = load_policy_zero3(Path(path), self, trust_remote_code)
             if got is not None:
                 return got
         with self.loading():
@@ -262,6 +294,8 @@ class Strategy:
         else:
             optimizer = make_optimizer(model.parameters())
             model, optimizer = self.accelerator.prepare(model, optimizer)
+            if self.kind == "deepspeed" and self.sharded:
+                share_fp32_masters(optimizer)
         self.model, self.optimizer = model, optimizer
         return model, optimizer
 
@@ -459,4 +493,5 @@ class Strategy:
         return out
 
 
-__all__ = ["Strategy", "build_accelerator", "detect_kind", "local_param_bytes"]
+__all__ = ["Strategy", "build_accelerator", "detect_kind", "local_param_bytes",
+           "share_fp32_masters"]
