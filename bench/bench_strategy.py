@@ -20,36 +20,53 @@ with /proc/self/clear_refs at each phase; CUDA: peak allocated):
   master and gradient partitions are counted under optim); engine: the HF engine's copy.
 
     python bench/bench_strategy.py [--hidden 1536] [--vocab 151936] [--layers 1] [--steps 3]
-        [--engine vllm|hf] [--kinds ddp,fsdp2,zero2,zero3] [--chunk-size 1024]
+        [--engine vllm|hf] [--kinds ddp,fsdp2,zero2,zero3,zero3-zinit] [--chunk-size 1024]
 
-Measured in one run (2 CPU cores shared with other jobs, load ~5; 258 M parameters, fp32,
-4 x 128 tokens per rank, --steps 2), MB, rank 0 / rank 1:
+Measured in one run (2 CPU cores shared with other jobs, load ~3-5; 258 M parameters, fp32,
+4 x 128 tokens per rank, --steps 2), MB, rank 0 / rank 1; load: the peak of `load_policy` alone
+(DDP's is low because transformers maps the safetensors lazily: the pages are read at prepare):
 
-| strategy | start-up   | resident   | step peak (vs DDP)      | states (vs DDP) | step s      |
-| -------- | ---------- | ---------- | ----------------------- | --------------- | ----------- |
-| DDP      | 2326 2326  | 4372 4376  | 7175 7199               | 3933            | 40.8        |
-| FSDP2    | 1352 1346  | 2020 1994  | 5330 5275 (0.74 0.73)   | 1967 (0.50)     | 81.4 (2.00) |
-| ZeRO-2   | 2500 2500  | 3116 3113  | 5771 5965 (0.80 0.83)   | 3348 (0.85)     | 31.3 (0.77) |
-| ZeRO-3   | 3884 3915  | 3485 3258  | 6182 6067 (0.86 0.84)   | 2458 (0.63)     | 45.6 (1.12) |
+| strategy        | load       | start-up   | resident   | step peak (vs DDP)    | states (vs DDP) |
+| --------------- | ---------- | ---------- | ---------- | --------------------- | --------------- |
+| DDP             | 359 359    | 2325 2325  | 4357 4445  | 7225 7218             | 3933            |
+| FSDP2           | 1351 1346  | 1351 1346  | 1979 1973  | 5386 5392 (0.75 0.75) | 1967 (0.50)     |
+| ZeRO-2          | 485 485    | 2499 2499  | 3090 3106  | 5764 5956 (0.80 0.83) | 3348 (0.85)     |
+| ZeRO-3          | 1475 1470  | 3833 3833  | 2868 2906  | 5621 5659 (0.78 0.78) | 1967 (0.50)     |
 
-Before this bench's fixes the whole-process peaks were FSDP2 0.80x, ZeRO-2 0.82x, ZeRO-3 0.99x.
-What changed: FSDP2 reduce-scatters every micro-batch (it kept the whole model's unsharded
-gradients from one micro-batch to the next: ~1 GB here), and DeepSpeed's buckets are sized from
-hidden_size where the config leaves them out (DeepSpeed's default 5e8-element reduce bucket is a
-2 GB fp32 buffer; ZeRO-3 copied the embedding's 933 MB gradient into it and kept it resident).
+The ZeRO-3 start-up before and after, side by side in a second run (`--kinds
+ddp,zero3,zero3-zinit`; the same step peaks, 0.78-0.79x of DDP's 7196 / 7216):
+
+| ZeRO-3 start-up                       | load                    | start-up   | step peak  |
+| ------------------------------------- | ----------------------- | ---------- | ---------- |
+| sharded (`load_policy_zero3`)         | 1475 1470 (0.46 0.45)   | 3833 3833  | 5685 5612  |
+| `from_pretrained` inside `zero.Init`  | 3201 3245               | 3931 3930  | 5663 5667  |
+
+ZeRO-3 before this bench's fixes: states 2458 (0.63x), step peak 6182 6067 (0.86 0.84x).
+- **Shared fp32 masters:** DeepSpeed keeps an fp32 master partition beside the fp32 parameter
+  partition, though it means not to (`share_fp32_masters` in hapo_cli/learner/strategy.py: its
+  same-dtype check compares a device with a str). Sharing them gives 0.50x.
+- **Sharded start-up:** each rank fills only its partitions from the safetensors
+  (`load_policy_zero3`): load peak 0.46x of `from_pretrained` inside `zero.Init` (rank 0 reads the
+  whole state dict; every parameter is gathered in full on every rank to be filled). The start-up
+  peak after `prepare` is DeepSpeed's optimizer set-up (a flat copy of the partitions, the fp32
+  masters before they are shared, and a step with zero gradients that creates Adam's moments),
+  2.9 GB over the 0.5 GB partition and the libraries, the same either way.
+- **Earlier:** FSDP2 reduce-scatters every micro-batch (it kept the whole model's unsharded
+  gradients from one micro-batch to the next: ~1 GB here), and DeepSpeed's buckets are sized
+  from hidden_size where the config leaves them out (DeepSpeed's default 5e8-element reduce
+  bucket is a 2 GB fp32 buffer). The whole-process peaks were FSDP2 0.80x, ZeRO-2 0.82x,
+  ZeRO-3 0.99x before those.
 
 Where the rest goes: the tied 151,936 x 1536 embedding is 90 % of the parameters (933 MB fp32).
 Every strategy computes its full gradient on every rank (the fused LM-head backward's (V, d)
 accumulator, plus the embedding's own dense gradient), and FSDP2/ZeRO-3 gather the full weight
-for the forward and backward: the temporaries (~2.7-3.3 GB) are 3 embedding-sized tensors plus
-FSDP2's reduce-scatter input copy, and no sharding of whole parameters removes them (that needs
-the vocabulary split across ranks, tensor parallelism). ZeRO-3's states are 0.63x, not 0.5x:
-DeepSpeed keeps an fp32 master partition beside the fp32 parameter partition, and a gradient
-partition buffer. ZeRO-3's start-up under zero.Init peaks above DDP's (rank 0 reads the whole
-state dict; each parameter is gathered on every rank to be filled, the embedding twice its size
-during the all-gather); FSDP2's sharded start-up is 0.58x of DDP's. DDP's peak is the AdamW step
-(gradients + foreach temporaries on top of 4.4 GB resident). FSDP2's step time doubles here: a
-reduce-scatter per micro-batch and gathers over gloo on 2 busy cores.
+for the forward and backward: the temporaries (~2.7-3.4 GB) are about 3 embedding-sized tensors
+(FSDP2: plus its reduce-scatter input copy), and no sharding of whole parameters removes them
+(that needs the vocabulary split across ranks, tensor parallelism). A sparse embedding gradient
+(nn.Embedding(sparse=True)) did not lower ZeRO-3's peak (5660 / 5596), so the embedding's dense
+gradient is not what sets it. DDP's peak is the AdamW step (gradients + foreach temporaries on
+top of 4.4 GB resident). FSDP2's step time doubles here: a reduce-scatter per micro-batch and
+gathers over gloo on 2 busy cores.
 """
 
 from __future__ import annotations
@@ -67,7 +84,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-NAMES = {"ddp": "DDP", "fsdp2": "FSDP2", "zero2": "ZeRO-2", "zero3": "ZeRO-3"}
+NAMES = {"ddp": "DDP", "fsdp2": "FSDP2", "zero2": "ZeRO-2", "zero3": "ZeRO-3",
+         "zero3-zinit": "ZeRO-3 (zero.Init load)"}
 
 
 def _status_mb(field: str) -> float:
@@ -145,7 +163,7 @@ def worker(args) -> None:
     torch.set_num_threads(1)
     os.environ["ACCELERATE_USE_FSDP"] = "true" if args.kind == "fsdp2" else "false"
     os.environ["FSDP_VERSION"] = "2"
-    stage = {"zero2": "2", "zero3": "3"}.get(args.kind)
+    stage = {"zero2": "2", "zero3": "3", "zero3-zinit": "3"}.get(args.kind)
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true" if stage else "false"
     if stage:  # what `accelerate launch --config_file recipes/accelerate/zero{2,3}.yaml` sets
         os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"] = stage
@@ -170,7 +188,13 @@ def worker(args) -> None:
     precision = resolve_precision(args.dtype, "no")
     acc, kind = build_accelerator(precision)
     strategy = Strategy(kind, acc, precision)
-    model, _tok = strategy.load_policy(Path(args.policy))  # the learner's own start-up
+    if args.kind == "zero3-zinit":  # the start-up before the sharded one: from_pretrained
+        from hapo_cli.model_dirs import load_policy  # inside zero.Init (the fallback's path)
+
+        model = load_policy(Path(args.policy), strategy.load_dtype)[0]
+    else:
+        model, _tok = strategy.load_policy(Path(args.policy))  # the learner's own start-up
+    row["load_mb"] = peak_mb()
     model.train()
     model, opt = strategy.prepare(model, lambda ps: torch.optim.AdamW(ps, lr=1e-6),
                                   engine=args.engine, micro_batch_size=args.batch // 2)
@@ -247,7 +271,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--engine", default="vllm", choices=["vllm", "hf"],
                    help="hf: sharded strategies keep the HF engine's unsharded copy")
     p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--kinds", default="ddp,fsdp2,zero2,zero3")
+    p.add_argument("--kinds", default="ddp,fsdp2,zero2,zero3,zero3-zinit")
     args = p.parse_args(argv)
     if args.worker:
         worker(args)
@@ -273,8 +297,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         f"vocab {args.vocab}, {args.layers} layer(s), {n / 1e6:.0f} M parameters, "
                         f"{args.dtype} compute, fp32 masters, engine {args.engine} "
                         f"({ref[0]['device']}; {unit}; ratios vs {NAMES[kinds[0]]})")
-    for col in ("strategy", "rank", "start-up peak", "resident", "step peak", "vs", "states",
-                "vs ", "params", "grads", "optim", "temporaries", "engine", "step s", " vs"):
+    for col in ("strategy", "rank", "load peak", "start-up peak", "resident", "step peak", "vs",
+                "states", "vs ", "params", "grads", "optim", "temporaries", "engine", "step s", " vs"):
         table.add_column(col, justify="right")
     rows = []
     for kind in kinds:
@@ -282,13 +306,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             st = {k: v / 2**20 for k, v in r["states"].items()}
             states = sum(st.values())
             d_states = sum(d["states"].values()) / 2**20
-            row = {"strategy": kind, "rank": r["rank"], "startup_mb": r["startup_mb"],
+            row = {"strategy": kind, "rank": r["rank"], "load_mb": r["load_mb"],
+                   "startup_mb": r["startup_mb"],
                    "resident_mb": r["resident_mb"], "step_mb": r["step_mb"],
                    "states_mb": states, **{f"{k}_mb": v for k, v in st.items()},
                    "temporaries_mb": r["step_mb"] - r["resident_mb"],
                    "engine_mb": r["engine_mb"], "step_s": r["step_s"]}
             rows.append(row)
-            table.add_row(NAMES[kind], str(r["rank"]), f"{r['startup_mb']:.0f}",
+            table.add_row(NAMES[kind], str(r["rank"]), f"{r['load_mb']:.0f}",
+                          f"{r['startup_mb']:.0f}",
                           f"{r['resident_mb']:.0f}", f"{r['step_mb']:.0f}",
                           f"{r['step_mb'] / d['step_mb']:.2f}", f"{states:.0f}",
                           f"{states / d_states:.2f}", f"{st['params']:.0f}", f"{st['grads']:.0f}",

@@ -204,7 +204,11 @@ def build_learner(recipe: Recipe, output_dir: Path | None = None, *, resume: boo
     engine = build_engine(recipe.rollout, strategy.engine_model(), tokenizer, str(engine_path),
                           accelerator,
                           max_prompt_length=recipe.data.max_prompt_length,
-                          dtype=recipe.model.dtype, seed=recipe.seed,
+                          # the learner's compute dtype: train.mixed_precision=bf16 on fp32
+                          # masters samples in bf16, as model.dtype=bfloat16 does (verl's
+                          # rollout.dtype defaults to bf16 beside fp32 FSDP masters)
+                          dtype=str(strategy.precision.compute).removeprefix("torch."),
+                          seed=recipe.seed,
                           trust_remote_code=recipe.model.trust_remote_code, run_dir=run_dir)
 
     state = LoopState()
