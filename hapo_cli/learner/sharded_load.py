@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from accelerate import init_empty_weights
@@ -165,8 +165,9 @@ def fill_partitions(model: nn.Module, path: Path, init) -> int:
         for name, p in list(model.named_parameters()):
             # a full-size buffer that is never written: DeepSpeed's `partition()` copies this
             # rank's range out of it (on CPU its pages are never touched), then frees it
-            new = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=init.local_device),
-                               requires_grad=p.requires_grad)
+            new: Any = nn.Parameter(  # + DeepSpeed's ds_* attributes and methods below
+                torch.empty(p.shape, dtype=p.dtype, device=init.local_device),
+                requires_grad=p.requires_grad)
             for module, key in owners[id(p)]:
                 module._parameters[key] = new
             init._convert_to_deepspeed_param(new)
@@ -185,7 +186,7 @@ def load_policy_zero3(path: Path, strategy, trust_remote_code: bool = False):
     """(model with ZeRO-3 partitioned parameters, tokenizer), or None when the folder's layout
     needs the full load (`supported`). Every rank calls it."""
     import deepspeed
-    from transformers.integrations import deepspeed_config
+    from transformers.integrations.deepspeed import deepspeed_config
     from transformers.modeling_utils import set_zero3_state
 
     with set_zero3_state():  # a meta model, not transformers' own zero.Init construction

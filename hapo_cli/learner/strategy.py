@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
-from transformers.integrations import deepspeed_config
+from transformers.integrations.deepspeed import deepspeed_config
 
 from ..errors import HapoError
 from ..lora import checkpoint_state
