@@ -27,6 +27,18 @@ def _tiny_dir(tmp: Path, dtype: torch.dtype) -> Path:
     return out
 
 
+def run_two_ranks(worker: str, out: Path, model_dirs: list[str], timeout: int) -> None:
+    """torchrun 2 ranks of tests/`worker` OUT MODEL_DIR ...; fails the test with its report."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"),
+                                                        os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "tests" / worker), str(out), *model_dirs],
+        env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, failure_report(res)
+
+
 def test_sharded_start_up_equals_full_load(tmp_path):
     """2 FSDP2 ranks: every local shard (fp32 masters, also from a bf16 file: the same cast)
     and every buffer equal those of `from_pretrained` + `fully_shard`, bit for bit; the tied
@@ -34,14 +46,7 @@ def test_sharded_start_up_equals_full_load(tmp_path):
     dtypes = [torch.float32, torch.bfloat16]
     model_dirs = [str(_tiny_dir(tmp_path, dtype)) for dtype in dtypes]
     out = tmp_path / "shards"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"),
-                                                        os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(ROOT / "tests" / "sharded_load_worker.py"), str(out), *model_dirs],
-        env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, failure_report(res)
+    run_two_ranks("sharded_load_worker.py", out, model_dirs, timeout=300)
     for i, rank in ((i, r) for i in range(len(dtypes)) for r in range(2)):
         got = torch.load(f"{out}.{i}.{rank}.pt", weights_only=True)
         assert got["tied"] and got["dtensor"]

@@ -5,17 +5,9 @@ fills only its partitions from the safetensors, and they equal `from_pretrained`
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import failure_report
-from test_sharded_load import _tiny_dir
-
-ROOT = Path(__file__).resolve().parent.parent
+from test_sharded_load import _tiny_dir, run_two_ranks
 
 
 @pytest.mark.slow
@@ -24,14 +16,7 @@ def test_zero3_start_up_equals_zero_init_load_and_shared_masters_train_the_same(
     dtypes = [torch.float32, torch.bfloat16]
     model_dirs = [str(_tiny_dir(tmp_path, dtype)) for dtype in dtypes]
     out = tmp_path / "parts"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"),
-                                                        os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(ROOT / "tests" / "zero3_start_up_worker.py"), str(out), *model_dirs],
-        env=env, capture_output=True, text=True, timeout=450)
-    assert res.returncode == 0, failure_report(res)
+    run_two_ranks("zero3_start_up_worker.py", out, model_dirs, timeout=450)
     for i in range(len(dtypes)):
         numel = 0
         for rank in range(2):
