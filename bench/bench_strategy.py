@@ -57,6 +57,14 @@ ZeRO-3 before this bench's fixes: states 2458 (0.63x), step peak 6182 6067 (0.86
   bucket is a 2 GB fp32 buffer). The whole-process peaks were FSDP2 0.80x, ZeRO-2 0.82x,
   ZeRO-3 0.99x before those.
 
+gloo rs copy: what gloo's `reduce_scatter_tensor` (FSDP2's and ZeRO-3's gradient reduction on
+CPU) allocates beside its input, for the largest parameter's gradient, measured in the same
+processes after the steps: 1335 MB per rank for the 890 MB embedding gradient (gloo's
+`all_reduce`, DDP's, adds ~2 MB; NCCL reduce-scatters in place). In a third run (`--kinds
+ddp,fsdp2,zero3`) the step peaks were FSDP2 5311 / 5288 (0.74 / 0.73x), ZeRO-3 5531 / 5566
+(0.77 / 0.77x) with that copy; less it, 0.55x and 0.58x (arithmetic: the copy lives while the
+embedding's gradient is reduced, at the end of the backward, where the temporaries peak).
+
 Where the rest goes: the tied 151,936 x 1536 embedding is 90 % of the parameters (933 MB fp32).
 Every strategy computes its full gradient on every rank (the fused LM-head backward's (V, d)
 accumulator, plus the embedding's own dense gradient), and FSDP2/ZeRO-3 gather the full weight
@@ -226,6 +234,19 @@ def worker(args) -> None:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     row["step_mb"] = peak_mb()
+    import torch.distributed as dist
+
+    row["gloo_rs_mb"] = 0.0
+    if not cuda and args.kind in ("fsdp2", "zero3", "zero3-zinit"):
+        # what gloo's reduce-scatter (FSDP2's and ZeRO-3's gradient reduction) allocates
+        # beside its input, for the largest parameter's gradient: NCCL reduces in place
+        n = max(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        x, out = torch.ones(n), torch.empty(n // world)
+        before = now_mb()
+        reset()
+        dist.reduce_scatter_tensor(out, x)
+        row["gloo_rs_mb"] = peak_mb() - before
+        del x, out
     engine = strategy._engine_model
     row["engine_mb"] = (0.0 if engine is None else
                         _storage_bytes(list(engine.parameters()), set()) / 2**20)
@@ -233,8 +254,6 @@ def worker(args) -> None:
     row.update(rank=rank, world=world, step_s=statistics.median(times[1:]),
                num_parameters=desc["num_parameters"], device=acc.device.type)
     Path(args.out).with_suffix(f".{rank}.json").write_text(json.dumps(row))
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -298,7 +317,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         f"{args.dtype} compute, fp32 masters, engine {args.engine} "
                         f"({ref[0]['device']}; {unit}; ratios vs {NAMES[kinds[0]]})")
     for col in ("strategy", "rank", "load peak", "start-up peak", "resident", "step peak", "vs",
-                "states", "vs ", "params", "grads", "optim", "temporaries", "engine", "step s", " vs"):
+                "states", "vs ", "params", "grads", "optim", "temporaries", "gloo rs copy",
+                "engine", "step s", " vs"):
         table.add_column(col, justify="right")
     rows = []
     for kind in kinds:
@@ -311,6 +331,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    "resident_mb": r["resident_mb"], "step_mb": r["step_mb"],
                    "states_mb": states, **{f"{k}_mb": v for k, v in st.items()},
                    "temporaries_mb": r["step_mb"] - r["resident_mb"],
+                   "gloo_rs_mb": r["gloo_rs_mb"],
                    "engine_mb": r["engine_mb"], "step_s": r["step_s"]}
             rows.append(row)
             table.add_row(NAMES[kind], str(r["rank"]), f"{r['load_mb']:.0f}",
@@ -319,6 +340,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                           f"{r['step_mb'] / d['step_mb']:.2f}", f"{states:.0f}",
                           f"{states / d_states:.2f}", f"{st['params']:.0f}", f"{st['grads']:.0f}",
                           f"{st['optimizer']:.0f}", f"{row['temporaries_mb']:.0f}",
+                          f"{r['gloo_rs_mb']:.0f}",
                           f"{r['engine_mb']:.0f}", f"{r['step_s']:.1f}",
                           f"{r['step_s'] / d['step_s']:.2f}")
     Console(width=200).print(table)
