@@ -71,8 +71,18 @@ def trained(run: Path) -> list[dict]:
 
 
 def group_members(pgid: int) -> list[int]:
+    """The live processes of group `pgid` (a zombie, killed and waiting for its reaper, holds
+    nothing; an orphan's reaper here is the container's pid 1)."""
     out = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+    live = []
+    for p in out.split():
+        try:
+            state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            live.append(int(p))
+    return live
 
 
 def recorded_groups(run: Path) -> list[int]:

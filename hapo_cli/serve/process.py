@@ -80,6 +80,7 @@ class ServerProcess:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
+        _wait_group_gone(proc.pid, 10.0)
 
     def __enter__(self) -> ServerProcess:
         return self.start() if self.proc is None else self
@@ -132,6 +133,31 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _live_members(pgid: int) -> list[int]:
+    """The processes of group `pgid` that are not zombies (a zombie holds nothing; it waits
+    for its reaper)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(entry.name))
+    return out
+
+
+def _wait_group_gone(pgid: int, timeout_s: float) -> None:
+    """Until no live process is left in group `pgid` (SIGKILLed members take a moment to exit,
+    and the guard's children can outlive a guard killed first), at most `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while _live_members(pgid) and time.monotonic() < deadline:
+        _kill_group(pgid)
+        time.sleep(0.1)
 
 
 def _is_guard(pid: int) -> bool:
