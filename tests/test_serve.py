@@ -19,7 +19,7 @@ from hapo_cli.rollout.base import SamplingSpec
 from hapo_cli.rollout.server import ServerClient, ServerError, reply_as_output, split_evenly
 from hapo_cli.rollout.vllm import parse_outputs
 from hapo_cli.serve import parse_extra, server_command
-from hapo_cli.serve.process import ServerProcess, stop_leftovers
+from hapo_cli.serve.process import ServerProcess, live_members, stop_leftovers
 
 
 def alive(pid: int) -> bool:
@@ -132,3 +132,24 @@ def test_no_orphan_after_the_owner_is_sigkilled(tmp_path):
     assert wait_gone(group) == []
     assert stop_leftovers(tmp_path / "servers.pid") == 0  # nothing left to stop
     assert not (tmp_path / "servers.pid").exists()
+
+
+def test_live_members_lists_a_groups_running_processes_but_not_its_zombies():
+    """`live_members` (what `ServerProcess.stop` waits on): a running member of a new session
+    is listed; once SIGKILLed and not yet reaped (a zombie) it is not; another group's process
+    never is."""
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        assert live_members(proc.pid) == [proc.pid]
+        assert proc.pid not in live_members(os.getpgrp())
+        os.kill(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        state = ""
+        while time.monotonic() < deadline and state != "Z":  # not waited on: a zombie
+            state = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            time.sleep(0.05)
+        assert state == "Z"
+        assert live_members(proc.pid) == []
+    finally:
+        proc.kill()
+        proc.wait()

@@ -54,3 +54,25 @@ def test_sharded_start_up_equals_full_load(tmp_path):
         for k, v in got["full"].items():
             assert v.dtype == torch.float32 or k.startswith("buffer."), k
             assert got["sharded"][k].dtype == v.dtype and torch.equal(got["sharded"][k], v), k
+
+
+def test_flat_range_reads_the_rows_that_hold_a_flat_range(tmp_path):
+    """`_flat_range` (ZeRO-3 start-up): elements [start, stop) of the flattened tensor, by hand
+    on a 3 x 4 tensor holding 0..11, a 1-D one and a scalar."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from hapo_cli.learner.sharded_load import _flat_range
+
+    f = tmp_path / "t.safetensors"
+    save_file({"m": torch.arange(12.0).reshape(3, 4), "v": torch.arange(5.0),
+               "s": torch.tensor(7.0)}, str(f))
+    with safe_open(f, "pt") as h:
+        m, v, s = h.get_slice("m"), h.get_slice("v"), h.get_slice("s")
+        assert _flat_range(m, 5, 7).tolist() == [5.0, 6.0]  # inside row 1
+        assert _flat_range(m, 3, 9).tolist() == [3.0, 4.0, 5.0, 6.0, 7.0, 8.0]  # rows 0-2
+        assert _flat_range(m, 0, 6).tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # 2 ranks: 0
+        assert _flat_range(m, 6, 12).tolist() == [6.0, 7.0, 8.0, 9.0, 10.0, 11.0]  # rank 1
+        assert _flat_range(m, 8, 12).tolist() == [8.0, 9.0, 10.0, 11.0]  # a whole last row
+        assert _flat_range(v, 3, 5).tolist() == [3.0, 4.0]
+        assert _flat_range(s, 0, 1).tolist() == [7.0]

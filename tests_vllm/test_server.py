@@ -31,6 +31,7 @@ from analysis import schema
 from hapo_cli.rollout.base import SamplingSpec
 from hapo_cli.sections import ServerConfig, VllmConfig
 from hapo_cli.serve import ServerProcess, server_command
+from hapo_cli.serve.process import live_members
 
 ROOT = Path(__file__).resolve().parent.parent
 GAP = "actor/behaviour_logp_gap"
@@ -71,18 +72,9 @@ def trained(run: Path) -> list[dict]:
 
 
 def group_members(pgid: int) -> list[int]:
-    """The live processes of group `pgid` (a zombie, killed and waiting for its reaper, holds
-    nothing; an orphan's reaper here is the container's pid 1)."""
-    out = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True).stdout
-    live = []
-    for p in out.split():
-        try:
-            state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state != "Z":
-            live.append(int(p))
-    return live
+    """The live processes of group `pgid` (zombies hold nothing: `live_members`, tested in
+    tests/test_serve.py against real processes)."""
+    return live_members(pgid)
 
 
 def recorded_groups(run: Path) -> list[int]:

@@ -139,7 +139,7 @@ def _flat_range(sl, start: int, stop: int) -> torch.Tensor:
     only the rows (along dim 0) that hold them."""
     shape = list(sl.get_shape())
     if not shape:
-        return sl[:].reshape(-1)[start:stop]
+        return sl[...].reshape(-1)[start:stop]  # a scalar: `[:]` is refused on 0-dim
     row = 1
     for d in shape[1:]:
         row *= d

@@ -135,7 +135,7 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def _live_members(pgid: int) -> list[int]:
+def live_members(pgid: int) -> list[int]:
     """The processes of group `pgid` that are not zombies (a zombie holds nothing; it waits
     for its reaper)."""
     out = []
@@ -155,7 +155,7 @@ def _wait_group_gone(pgid: int, timeout_s: float) -> None:
     """Until no live process is left in group `pgid` (SIGKILLed members take a moment to exit,
     and the guard's children can outlive a guard killed first), at most `timeout_s`."""
     deadline = time.monotonic() + timeout_s
-    while _live_members(pgid) and time.monotonic() < deadline:
+    while live_members(pgid) and time.monotonic() < deadline:
         _kill_group(pgid)
         time.sleep(0.1)
 
