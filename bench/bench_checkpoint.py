@@ -129,8 +129,12 @@ def worker(args) -> None:
     if args.role == "resume":
         _reset_peak()
         t0 = time.perf_counter()
-        if args.fmt == "hf":
-            strategy.load_checkpoint_optimizer(ckpt)  # the whole optimizer.pt on every rank
+        if args.fmt == "hf":  # FSDP2: the whole optimizer.pt on every rank
+            strategy.load_checkpoint_optimizer(ckpt)
+        elif zero3:  # DeepSpeed's own: each rank its partition
+            from hapo_cli.learner import zero_checkpoint
+
+            zero_checkpoint.load_into_strategy(ckpt, strategy)
         else:
             from hapo_cli.learner.dcp_checkpoint import load_into_strategy
 
@@ -167,11 +171,12 @@ def worker(args) -> None:
         from hapo_cli.learner.checkpoint import write_trainer_files
         from hapo_cli.learner.dcp_checkpoint import write_config_files
 
-        write_trainer_files(folder, Path(args.run), 3, sched, _Stream(), state, format="dcp")
+        write_trainer_files(folder, Path(args.run), 3, sched, _Stream(), state,
+                            format="zero" if zero3 else "dcp")
         write_config_files(folder, model, tok)
 
     # the asynchronous ones last, at steps 4 and 5: the resume reads step 3 (the sync one)
-    modes = ["sync"] if args.fmt == "hf" else ["sync", "async", "async_copy"]
+    modes = ["sync"] if args.fmt == "hf" or zero3 else ["sync", "async", "async_copy"]
     for i, mode in enumerate(modes):
         acc.wait_for_everyone()
         _reset_peak()
@@ -182,6 +187,11 @@ def worker(args) -> None:
 
             save_hf_checkpoint(strategy, model, opt, Path(args.run), 3, tok, sched, _Stream(),
                                state, keep=5)
+            stall = time.perf_counter() - t0
+        elif zero3:  # DeepSpeed's engine.save_checkpoint: each rank its partition, in sync
+            from hapo_cli.learner.zero_checkpoint import ZeroCheckpointer
+
+            ZeroCheckpointer(Path(args.run), strategy, keep=5).save(3, model, opt, small)
             stall = time.perf_counter() - t0
         else:
             from hapo_cli.learner.dcp_checkpoint import Checkpointer
@@ -220,6 +230,13 @@ def _dump(args, acc, out: dict) -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _label(row: dict) -> str:
+    """The format column: FSDP2 hf / dcp; ZeRO-3's two (dcp = DeepSpeed's per-rank files)."""
+    if row["kind"] == "fsdp2":
+        return row["fmt"]
+    return "hf + ZeRO parts" if row["fmt"] == "hf" else "ZeRO per rank"
 
 
 def _run(args, tmp: Path, kind: str, fmt: str, role: str) -> list[dict]:
@@ -277,7 +294,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "--hidden", str(args.hidden), "--vocab", str(args.vocab), "--layers",
                         str(args.layers), "--intermediate", str(args.intermediate)], check=True)
         for kind in kinds:
-            for fmt in ("hf", "dcp") if kind == "fsdp2" else ("hf",):
+            for fmt in ("hf", "dcp"):
                 train = _run(args, tmp, kind, fmt, "train")
                 resume = _run(args, tmp, kind, fmt, "resume")
                 for t, r in zip(train, resume):
@@ -299,7 +316,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     for r in rows:
         o = old0[r["kind"]]
-        fmt = r["fmt"] if r["kind"] == "fsdp2" else "hf + ZeRO parts"
+        fmt = _label(r)
         table.add_row(NAMES[r["kind"]], fmt, str(r["rank"]), f"{r['startup_mb']:.0f}",
                       f"{r['train_mb']:.0f}", *mb(r, "save_sync_mb", o["save_sync_mb"]),
                       *mb(r, "save_async_mb", o["save_sync_mb"]),
@@ -317,7 +334,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "steps during write"):
         table.add_column(col)
     for r in rows:
-        fmt = r["fmt"] if r["kind"] == "fsdp2" else "hf + ZeRO parts"
+        fmt = _label(r)
         for mode in ("sync", "async", "async_copy"):
             if f"save_{mode}_lost_s" not in r:
                 continue

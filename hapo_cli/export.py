@@ -1,10 +1,11 @@
 """Hugging Face folders from a run: `hapo export RUN [--step N] [--dtype D] --out DIR`, the
 exports a run writes itself (`log.export_every`, the end of the run), and loading any
-checkpoint (DCP or a save_pretrained folder) as a model for `hapo evaluate`.
+checkpoint (DCP, DeepSpeed ZeRO, or a save_pretrained folder) as a model for `hapo evaluate`.
 
-A DCP checkpoint holds config.json and the tokenizer beside its shards, so one plain process
-builds the model from the config, lets DCP fill the unsharded weights from however many ranks
-wrote them, and calls `save_pretrained`: loadable by transformers and vLLM.
+A sharded checkpoint holds config.json and the tokenizer beside its shards, so one plain process
+builds the model from the config, fills the unsharded weights from however many ranks wrote
+them (DCP's load; for DeepSpeed ZeRO its own merge of the fp32 partitions, `zero_to_fp32`), and
+calls `save_pretrained`: loadable by transformers and vLLM.
 """
 
 from __future__ import annotations
@@ -18,24 +19,26 @@ import torch
 from analysis import schema
 
 from .errors import HapoError
+from .learner import zero_checkpoint
 from .learner.checkpoint import checkpoints_by_step
 from .learner.dcp_checkpoint import (
     EXPORTS_DIR,
     export_dir,
-    is_dcp,
     load_model_weights,
     write_export,
 )
+from .learner.zero_checkpoint import is_sharded, is_zero
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 def load_checkpoint_model(ckpt: Path, dtype: str = "float32",
                           trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """(model, tokenizer) of a checkpoint: a DCP one through its shards, else the folder."""
+    """(model, tokenizer) of a checkpoint: a sharded one (DCP, ZeRO) through its shards, else
+    the folder."""
     from .model_dirs import load_policy, load_tokenizer, quiet_transformers
 
-    if not is_dcp(ckpt):
+    if not is_sharded(ckpt):
         return load_policy(ckpt, dtype, trust_remote_code)
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -44,7 +47,8 @@ def load_checkpoint_model(ckpt: Path, dtype: str = "float32",
                                      trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32,
                                              trust_remote_code=trust_remote_code)
-    load_model_weights(ckpt, model)  # fp32 masters, exactly as trained
+    # fp32 masters, exactly as trained
+    (zero_checkpoint.load_model_weights if is_zero(ckpt) else load_model_weights)(ckpt, model)
     if (ckpt / "generation_config.json").is_file():
         from transformers import GenerationConfig
 
@@ -54,20 +58,20 @@ def load_checkpoint_model(ckpt: Path, dtype: str = "float32",
 
 
 def check_checkpoint_dir(path: Path) -> None:
-    """ModelError (one line) unless `path` loads as a model: a DCP checkpoint's config,
+    """ModelError (one line) unless `path` loads as a model: a sharded checkpoint's config,
     tokenizer and shard files, or an HF folder (`check_model_dir`)."""
     from .learner.dcp_checkpoint import probe_dcp
     from .models import ModelError, check_model_dir, check_tokenizer
 
     path = Path(path)
-    if not is_dcp(path):
+    if not is_sharded(path):
         check_model_dir(path)
         return
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: no config.json (not an HF model directory)")
     check_tokenizer(path)
     try:
-        probe_dcp(path)
+        (zero_checkpoint.probe_zero if is_zero(path) else probe_dcp)(path)
     except ValueError as exc:
         raise ModelError(f"{path}: {exc}") from None
 
@@ -80,7 +84,7 @@ def engine_folder(ckpt: Path) -> Path:
     import tempfile
 
     ckpt = Path(ckpt)
-    if not is_dcp(ckpt):
+    if not is_sharded(ckpt):
         return without_adapters(ckpt)
     step = schema.checkpoint_step(ckpt.name)
     if step is not None:
@@ -137,7 +141,8 @@ def export_checkpoint(run_dir: Path, out: Path, step: int | None = None,
 
 
 def export_folder(ckpt: Path, out: Path, dtype: str = "float32") -> Path:
-    """Write checkpoint `ckpt` (DCP or HF) as a save_pretrained folder `out` (aside, renamed)."""
+    """Write checkpoint `ckpt` (DCP, ZeRO or HF) as a save_pretrained folder `out` (aside,
+    renamed)."""
     model, tok = load_checkpoint_model(ckpt, dtype)
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():

@@ -458,11 +458,13 @@ class LogConfig(_Section):
     keep_checkpoints: int = Field(default=2, ge=1, description="Checkpoints kept (oldest deleted).")
     checkpoint_format: Literal["dcp", "hf"] = Field(
         default="dcp", description="dcp: torch.distributed.checkpoint, every rank writes its own shards "
-        "of model and optimizer, loadable on another world size or strategy; hf: a "
+        "of model and optimizer, loadable on another world size or strategy (under DeepSpeed "
+        "ZeRO: DeepSpeed's own per-rank files, resumed on the same number of ranks); hf: a "
         "save_pretrained folder + the whole optimizer in optimizer.pt, written by the main "
-        "process (DeepSpeed ZeRO always writes hf + its per-rank partitions).")
+        "process (DeepSpeed ZeRO: + each rank's partition).")
     async_save: bool = Field(default=True, description="dcp: write checkpoints in a background thread "
-                             "(the next step starts while the shards are written).")
+                             "(the next step starts while the shards are written; DeepSpeed "
+                             "ZeRO saves synchronously).")
     export_every: int = Field(default=0, ge=0, description="Write a Hugging Face save_pretrained folder "
                               "to <run>/exports/step-N every N steps (0 = only at the end of "
                               "the run, which always writes one).")

@@ -176,10 +176,12 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     assert not alive, alive
 
 
-def _kill_at_step_2_and_resume(root: Path, cache: Path, strategy: str) -> Path:
-    """Start a run, SIGKILL the launcher and both ranks once checkpoint 2 exists, resume it."""
-    killed = root / f"killed-{strategy}"
-    cmd = [*_launch(strategy), *_train_args(killed, cache)]
+def _kill_at_step_2_and_resume(root: Path, cache: Path, strategy: str, *sets: str) -> Path:
+    """Start a run, SIGKILL the launcher and both ranks once checkpoint 2 exists, resume it.
+    `sets`: more --set arguments (`log.checkpoint_format=hf`)."""
+    killed = root / f"killed-{strategy}{'-'.join(['', *sets])}"
+    extra = [a for s in sets for a in ("--set", s)]
+    cmd = [*_launch(strategy), *_train_args(killed, cache, *extra)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, cwd=ROOT)
     deadline = time.time() + 400
@@ -257,29 +259,65 @@ def test_zero_run_matches_ddp_and_writes_each_ranks_partition(runs, zero_runs, s
                 assert rb[k] == pytest.approx(va, rel=1e-3, abs=1e-6), k
             compared += 1
     assert compared > 30
+    # DeepSpeed's own per-rank files (log.checkpoint_format=dcp, the default): nothing gathered
     ck = run / schema.CHECKPOINTS_DIR / f"step-{STEPS:06d}"
     names = sorted(p.name for p in ck.iterdir())
-    assert "optimizer.pt" not in names  # no rank-0-only partition posing as the whole state
-    assert [n for n in names if n.startswith("zero-optim-")] == [
-        "zero-optim-rank00000-of-00002.pt", "zero-optim-rank00001-of-00002.pt"]
+    assert json.loads((ck / "trainer_state.json").read_text())["format"] == "zero"
+    assert not [n for n in names if n.endswith((".safetensors", ".bin")) or n == "optimizer.pt"]
+    assert {"config.json", "zero", "zero_to_fp32.py"} <= set(names)
+    zero = sorted(p.name for p in (ck / "zero").iterdir())
+    assert [n for n in zero if n.endswith("optim_states.pt")] == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
 
 
 @pytest.mark.slow
-def test_zero3_checkpoint_is_the_gathered_model(runs, zero_runs):
-    """ZeRO-3's checkpoint holds every parameter in full (gathered), 4 steps close to DDP's."""
-    from transformers import AutoModelForCausalLM
+@pytest.mark.parametrize("stage", ZERO)
+def test_zero_export_from_partitions_is_the_runs_gathered_model(runs, zero_runs, stage, tmp_path):
+    """`hapo export` merges every rank's fp32 partition in one process (no DeepSpeed engine):
+    the weights equal, bit for bit, the end-of-run export the run gathered from the live
+    engine, and are 4 steps close to DDP's; `hapo evaluate --step` reads the partitions."""
+    from safetensors.torch import load_file
 
     _, _, out = runs
-    ck = lambda run: run / schema.CHECKPOINTS_DIR / f"step-{STEPS:06d}"  # noqa: E731
-    m3 = AutoModelForCausalLM.from_pretrained(ck(zero_runs["zero3"]), local_files_only=True)
-    # DDP's checkpoints are DCP shards; its end-of-run export is the HF model of the same step
-    md = AutoModelForCausalLM.from_pretrained(out["ddp"] / f"exports/step-{STEPS:06d}",
-                                              local_files_only=True)
-    s3, sd = m3.state_dict(), md.state_dict()
-    assert s3.keys() == sd.keys()
-    for k in sd:
-        assert s3[k].dtype == torch.float32 and s3[k].shape == sd[k].shape
-        torch.testing.assert_close(s3[k], sd[k], rtol=0, atol=2e-5, msg=k)  # as FSDP's test
+    run = zero_runs[stage]
+    res = subprocess.run([sys.executable, "-m", "hapo_cli.cli", "export", str(run), "--step",
+                          str(STEPS), "--out", str(tmp_path / "export")],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, failure_report(res)
+    mine = load_file(tmp_path / "export" / "model.safetensors")
+    gathered = load_file(run / f"exports/step-{STEPS:06d}/model.safetensors")
+    ddp = load_file(out["ddp"] / f"exports/step-{STEPS:06d}/model.safetensors")
+    assert mine.keys() == gathered.keys() == ddp.keys()
+    for k in gathered:
+        assert mine[k].dtype == torch.float32 and torch.equal(mine[k], gathered[k]), k
+        torch.testing.assert_close(mine[k], ddp[k], rtol=0, atol=2e-5, msg=k)  # as FSDP's test
+    res = subprocess.run([sys.executable, "-m", "hapo_cli.cli", "evaluate", str(run), "--step",
+                          str(STEPS), "--bench", "arith", "--limit", "4", "--n", "1",
+                          "--temperature", "1.0", "--name", "zero"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, failure_report(res)
+    rows = [json.loads(x) for x in (run / "eval" / "zero.jsonl").read_text().splitlines()]
+    assert rows and all(r["checkpoint_step"] == STEPS for r in rows)
+
+
+@pytest.mark.slow
+def test_zero_truncated_partition_falls_back_to_the_previous_checkpoint(zero_runs, tmp_path):
+    """A rank's partition cut short on disk: --resume skips that checkpoint, with its reason."""
+    from hapo_cli.learner.resume import usable_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(zero_runs["zero3"], run)
+    last = run / schema.CHECKPOINTS_DIR / f"step-{STEPS:06d}"
+    f = last / "zero" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    ckpt, skipped = usable_checkpoint(run)
+    assert ckpt is not None and ckpt.name == f"step-{STEPS - 1:06d}"
+    assert skipped == [f"{last.name}: zero/{f.name}: cannot be loaded safely (RuntimeError)"], \
+        skipped
+    f.unlink()
+    ckpt, skipped = usable_checkpoint(run)
+    assert ckpt is not None and ckpt.name == f"step-{STEPS - 1:06d}"
+    assert skipped == [f"{last.name}: zero/: no partition of rank 1 (of 2)"], skipped
 
 
 @pytest.mark.slow
@@ -288,6 +326,18 @@ def test_zero_sigkill_then_resume_matches_uninterrupted(runs, zero_runs, stage):
     root, cache, _ = runs
     killed = _kill_at_step_2_and_resume(root, cache, stage)
     assert _no_times(_rows(killed)) == _no_times(_rows(zero_runs[stage]))
+
+
+@pytest.mark.slow
+def test_zero3_earlier_format_still_resumes_to_the_same_rows(runs, zero_runs):
+    """log.checkpoint_format=hf keeps the earlier layout (the gathered HF folder + each rank's
+    partition, `zero_state.py`): killed and resumed, it gives the rows of the uninterrupted
+    run that wrote DeepSpeed's per-rank format."""
+    root, cache, _ = runs
+    killed = _kill_at_step_2_and_resume(root, cache, "zero3", "log.checkpoint_format=hf")
+    ck = killed / schema.CHECKPOINTS_DIR / "step-000002"
+    assert (ck / "model.safetensors").is_file() and (ck / "zero-optim-rank00001-of-00002.pt").is_file()
+    assert _no_times(_rows(killed)) == _no_times(_rows(zero_runs["zero3"]))
 
 
 @pytest.mark.slow

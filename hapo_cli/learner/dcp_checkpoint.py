@@ -28,8 +28,8 @@ DCP's `DefaultStager` has copied them to pinned host memory in its own thread). 
 is the state at the save step, bit for bit. The write runs in DCP's upload thread over its own
 gloo group, never the training collectives' group (two threads' collectives on one group would
 interleave).
-DeepSpeed ZeRO keeps its own format (`zero_state.py`): `get_state_dict` cannot address its
-flat fp32 partitions.
+DeepSpeed ZeRO keeps its own per-rank format (`zero_checkpoint.py`): `get_state_dict` cannot
+address its flat fp32 partitions.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import warnings
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -65,6 +65,9 @@ from .checkpoint import (
     write_trainer_files,
 )
 from .forward import unwrap
+
+if TYPE_CHECKING:
+    from .zero_checkpoint import ZeroCheckpointer
 
 # one process is a supported layout here, not a mistake DCP should warn about on every save
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or "
@@ -98,7 +101,12 @@ def probe_dcp(ckpt: Path) -> None:
             raise ValueError(f"{DCP_DIR}/{name}: missing")
         if f.stat().st_size < size:
             raise ValueError(f"{DCP_DIR}/{name}: truncated ({f.stat().st_size} of {size} bytes)")
+    probe_config_files(ckpt)
 
+
+def probe_config_files(ckpt: Path) -> None:
+    """ValueError unless `ckpt` holds the config.json and tokenizer `hapo export` builds the
+    model from (a sharded checkpoint: DCP, or DeepSpeed's `zero_checkpoint.py`)."""
     try:
         cfg = json.loads((Path(ckpt) / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -246,6 +254,8 @@ class Checkpointer:
     the host anyway); `False`, until the write itself is done (the default on CPU: no second
     copy of the state in memory). `stager`: makes each save's AsyncStager (tests hold it)."""
 
+    format = FORMAT  # trainer_state.json's "format"
+
     def __init__(self, run_dir: Path, accelerator, *, keep: int, async_save: bool = True,
                  copy_state: bool | None = None, stager=None):
         self.run_dir, self.accelerator, self.keep = Path(run_dir), accelerator, keep
@@ -378,17 +388,18 @@ def write_export(run_dir: Path, step: int, model, tokenizer,
 
 
 class LoopCheckpoints:
-    """What `Loop.checkpoint` does under log.checkpoint_format=dcp: the DCP save of model and
-    optimizer (every rank), the small files (main process), and the Hugging Face export when
-    due (log.export_every, and the last step)."""
+    """What `Loop.checkpoint` does under log.checkpoint_format=dcp: the sharded save of model
+    and optimizer (every rank: DCP, or DeepSpeed's own under ZeRO), the small files (main
+    process), and the Hugging Face export when due (log.export_every, and the last step)."""
 
-    def __init__(self, checkpointer: Checkpointer, export_every: int, max_steps: int):
+    def __init__(self, checkpointer: Checkpointer | ZeroCheckpointer, export_every: int,
+                 max_steps: int):
         self.checkpointer, self.export_every, self.max_steps = checkpointer, export_every, max_steps
 
     def save(self, loop, step: int) -> None:
         def small(folder: Path) -> None:
             write_trainer_files(folder, loop.run_dir, step, loop.scheduler, loop.stream,
-                                loop.state, format=FORMAT)
+                                loop.state, format=self.checkpointer.format)
             write_config_files(folder, loop.model, loop.tokenizer)
 
         self.checkpointer.save(step, loop.model, loop.optimizer, small)
@@ -412,4 +423,4 @@ class LoopCheckpoints:
 
 __all__ = ["DCP_DIR", "FORMAT", "EXPORTS_DIR", "Checkpointer", "LoopCheckpoints", "is_dcp",
            "train_state", "load_train_state", "load_into_strategy", "load_model_weights", "write_config_files",
-           "export_dir", "write_export", "probe_dcp"]
+           "export_dir", "write_export", "probe_dcp", "probe_config_files"]

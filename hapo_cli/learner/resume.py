@@ -24,6 +24,7 @@ from ..runlog import _recipe_diff
 from . import zero_state
 from .checkpoint import STATE_FILE, list_checkpoints, recipe_fingerprint
 from .dcp_checkpoint import is_dcp, probe_dcp
+from .zero_checkpoint import is_zero, probe_zero
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
@@ -36,15 +37,17 @@ def probe_checkpoint(ckpt: Path) -> None:
     meta = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
     if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
         raise ValueError(f"{STATE_FILE}: no integer 'step'")
-    if is_dcp(ckpt):  # shards, index, config and tokenizer; then the small torch files
-        probe_dcp(ckpt)
-    else:
-        check_model_dir(ckpt)
-    zero_files = zero_state.written_world(ckpt) is not None
+    zero_files = zero_state.written_world(ckpt) is not None or is_zero(ckpt)
     if zero_files and importlib.util.find_spec("deepspeed") is None:
         raise ValueError("holds DeepSpeed ZeRO optimizer partitions, and deepspeed is not "
                          "installed (pip install 'hapo[deepspeed]')")
-    for f in sorted(ckpt.rglob("*.pt")):
+    if is_dcp(ckpt):  # shards, index, config and tokenizer; then the small torch files
+        probe_dcp(ckpt)
+    elif is_zero(ckpt):  # every rank's DeepSpeed files, config and tokenizer
+        probe_zero(ckpt)
+    else:
+        check_model_dir(ckpt)
+    for f in sorted(ckpt.glob("*.pt")):  # (zero/: probe_zero)
         try:
             if zero_state.PATTERN.match(f.name):
                 zero_state.load_file(f)  # DeepSpeed's own classes allowed, nothing else

@@ -46,7 +46,7 @@ from ..errors import HapoError
 from ..lora import checkpoint_state
 from ..rollout.factory import samples_with_learner_module
 from ..sharded import full_named_parameters, sharding_of
-from . import zero_state
+from . import zero_checkpoint, zero_state
 from .checkpoint import OPTIM_FILE
 from .dcp_checkpoint import is_dcp, load_into_strategy
 from .forward import unwrap
@@ -431,6 +431,8 @@ class Strategy:
         """Restore the optimizer from a checkpoint folder (every rank calls it)."""
         if is_dcp(ckpt):  # model and optimizer, resharded to this run's layout
             return load_into_strategy(ckpt, self)
+        if zero_checkpoint.is_zero(ckpt):  # DeepSpeed's own per-rank format: model and optimizer
+            return zero_checkpoint.load_into_strategy(ckpt, self)
         if self.kind == "deepspeed":
             zero_state.load(self.accelerator.deepspeed_engine_wrapped.engine, ckpt,
                             self.accelerator.process_index, self.world)

@@ -42,7 +42,7 @@ from ..rollout.factory import build_engine, samples_with_learner_module
 from ..runlog import RunLog, disk_full, os_error_line
 from ..trackers import Trackers, check_trackers
 from .checkpoint import load_trainer_state
-from .dcp_checkpoint import Checkpointer, LoopCheckpoints, export_dir, is_dcp
+from .dcp_checkpoint import Checkpointer, LoopCheckpoints, export_dir
 from .forward import check_packing
 from .loop import Loop
 from .precision import resolve_precision
@@ -53,6 +53,7 @@ from .state import LoopState, TrainSummary
 from .strategy import Strategy, build_accelerator, local_param_bytes
 from .streams import build_streams
 from .weights import check_engine_sharding
+from .zero_checkpoint import ZeroCheckpointer, is_sharded
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -169,11 +170,12 @@ def build_learner(recipe: Recipe, output_dir: Path | None = None, *, resume: boo
             _warmup_bar(progress and accelerator.is_main_process) as on_step:
         policy_path = resolve_policy_path(recipe.model, recipe.data, progress=on_step)
     ckpt = _checkpoint_to_resume(run_dir, mode, accelerator)
-    # a DCP checkpoint's weights load after sharding (`load_trainer_state`): build from the policy
-    dcp_ckpt = ckpt is not None and is_dcp(ckpt)
+    # a sharded checkpoint's weights (DCP, DeepSpeed's) load after sharding
+    # (`load_trainer_state`): build from the policy
+    sharded_ckpt = ckpt is not None and is_sharded(ckpt)
     # model.lora: the base never changes, so a resumed run loads it again and the adapters on top
-    source = policy_path if dcp_ckpt or recipe.model.lora is not None else (ckpt or policy_path)
-    model, tokenizer = _load_model(recipe, strategy, source, None if dcp_ckpt else ckpt)
+    source = policy_path if sharded_ckpt or recipe.model.lora is not None else (ckpt or policy_path)
+    model, tokenizer = _load_model(recipe, strategy, source, None if sharded_ckpt else ckpt)
     stream = build_streams(recipe.data, tokenizer, recipe.seed)
     val_sets = build_val_sets(recipe.data, tokenizer)
     if recipe.train.packing:
@@ -200,7 +202,7 @@ def build_learner(recipe: Recipe, output_dir: Path | None = None, *, resume: boo
     # vLLM loads from disk: on --resume the checkpoint, the weights the learner just loaded
     # (the warm-up policy there would make the first resumed step sample off-policy)
     engine_path = (_engine_path(recipe, accelerator, run_dir, ckpt, policy_path)
-                   if ckpt is not None and dcp_ckpt else source)
+                   if ckpt is not None and sharded_ckpt else source)
     engine = build_engine(recipe.rollout, strategy.engine_model(), tokenizer, str(engine_path),
                           accelerator,
                           max_prompt_length=recipe.data.max_prompt_length,
@@ -217,7 +219,7 @@ def build_learner(recipe: Recipe, output_dir: Path | None = None, *, resume: boo
     # the engine (an unsharded copy, vLLM) samples from the loaded weights; servers may serve
     # any weights of the model (vllm-server): they get the learner's before the first rollout.
     # model.lora: vLLM loaded the base (`source`), a resumed run's merged adapters go in here
-    if (ckpt is not None and (dcp_ckpt or recipe.model.lora is not None)) \
+    if (ckpt is not None and (sharded_ckpt or recipe.model.lora is not None)) \
             or engine.push_before_first_rollout:
         engine.sync_from(model, accelerator)
 
@@ -296,23 +298,26 @@ def _start_runlog(recipe: Recipe, recipe_yaml: str, run_dir: Path, mode: str,
 
 
 def _saver(recipe: Recipe, strategy, run_dir: Path):
-    """DCP checkpoints (dcp_checkpoint.py) unless log.checkpoint_format=hf, DeepSpeed ZeRO
-    (whose flat partitions keep their per-rank format, zero_state.py) or a LoRA run (its
-    adapters are small; the HF folder holds them): None = the HF format."""
-    if recipe.log.checkpoint_format != "dcp" or strategy.kind == "deepspeed":
+    """Sharded checkpoints unless log.checkpoint_format=hf or a LoRA run (its adapters are
+    small; the HF folder holds them): None = the HF format. DCP shards (dcp_checkpoint.py);
+    under DeepSpeed ZeRO, whose flat partitions DCP cannot address, DeepSpeed's own per-rank
+    files (zero_checkpoint.py)."""
+    if recipe.log.checkpoint_format != "dcp":
         return None
     if getattr(recipe.model, "lora", None):  # adapters: small, saved with the HF folder
         return None
-    saver = Checkpointer(run_dir, strategy.accelerator, keep=recipe.log.keep_checkpoints,
-                         async_save=recipe.log.async_save)
+    keep = recipe.log.keep_checkpoints
+    saver = (ZeroCheckpointer(run_dir, strategy, keep=keep) if strategy.kind == "deepspeed"
+             else Checkpointer(run_dir, strategy.accelerator, keep=keep,
+                               async_save=recipe.log.async_save))
     return LoopCheckpoints(saver, recipe.log.export_every, recipe.train.max_steps)
 
 
 def _engine_path(recipe: Recipe, accelerator, run_dir: Path, ckpt: Path, policy_path: Path):
-    """The folder an engine starts from on a DCP resume. The HF engine samples with the
-    learner's module (or its copy): the policy folder will do. vLLM loads from disk: the run's
-    HF export of that step, which the main process writes from the DCP shards if the run has
-    none (`sync_from` pushes the loaded weights afterwards either way)."""
+    """The folder an engine starts from on a sharded (DCP, ZeRO) resume. The HF engine samples
+    with the learner's module (or its copy): the policy folder will do. vLLM loads from disk:
+    the run's HF export of that step, which the main process writes from the shards if the run
+    has none (`sync_from` pushes the loaded weights afterwards either way)."""
     if samples_with_learner_module(recipe.rollout.engine):
         return policy_path
     step = schema.checkpoint_step(ckpt.name)

@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO optimizer state in a hapo checkpoint: one file per rank.
+"""DeepSpeed ZeRO optimizer state in an HF-format checkpoint (log.checkpoint_format=hf, and the
+checkpoints DeepSpeed runs wrote before `zero_checkpoint.py`): one file per rank.
 
 ZeRO-1/2/3 partition the fp32 master weights and the Adam moments across the data-parallel
 ranks, so no rank holds the whole optimizer state. Each rank writes its own partition,
