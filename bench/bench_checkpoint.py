@@ -176,7 +176,8 @@ def worker(args) -> None:
         write_config_files(folder, model, tok)
 
     # the asynchronous ones last, at steps 4 and 5: the resume reads step 3 (the sync one)
-    modes = ["sync"] if args.fmt == "hf" or zero3 else ["sync", "async", "async_copy"]
+    modes = (["sync"] if args.fmt == "hf" else ["sync", "async"] if zero3
+             else ["sync", "async", "async_copy"])
     for i, mode in enumerate(modes):
         acc.wait_for_everyone()
         _reset_peak()
@@ -188,18 +189,17 @@ def worker(args) -> None:
             save_hf_checkpoint(strategy, model, opt, Path(args.run), 3, tok, sched, _Stream(),
                                state, keep=5)
             stall = time.perf_counter() - t0
-        elif zero3:  # DeepSpeed's engine.save_checkpoint: each rank its partition, in sync
-            from hapo_cli.learner.zero_checkpoint import ZeroCheckpointer
-
-            ZeroCheckpointer(Path(args.run), strategy, keep=5).save(3, model, opt, small)
-            stall = time.perf_counter() - t0
         else:
             from hapo_cli.learner.dcp_checkpoint import Checkpointer
+            from hapo_cli.learner.zero_checkpoint import ZeroCheckpointer
 
             # async: no copy, the next optimizer step waits for the write (the CPU default);
-            # async_copy: DCP's staging thread copies, the next step waits for the copy
-            saver = Checkpointer(Path(args.run), acc, keep=5, async_save=mode != "sync",
-                                 copy_state=mode == "async_copy")
+            # async_copy: DCP's staging thread copies, the next step waits for the copy;
+            # ZeRO-3: DeepSpeed's engine.save_checkpoint, each rank its partition
+            saver = (ZeroCheckpointer(Path(args.run), strategy, keep=5,
+                                      async_save=mode != "sync") if zero3 else
+                     Checkpointer(Path(args.run), acc, keep=5, async_save=mode != "sync",
+                                  copy_state=mode == "async_copy"))
             saver.save(3 + i, model, opt, small)
             stall = time.perf_counter() - t0
             if mode != "sync":  # train on while the write runs (steps agree across ranks)

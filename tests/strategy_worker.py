@@ -97,13 +97,18 @@ def run_case(out: Path, kind: str, dtype: str, lr: float) -> None:
     mask = am[:, -T:].bool()
     normalizer = float(batch()[1][:, -T:].sum())  # global valid tokens
     micros = [slice(0, local // 2), slice(local // 2, local)]
-    for i, mr in enumerate(micros):
-        with strategy.micro_batch(i, len(micros)):
-            logp, _ = response_logprobs(model, ids[mr].to(acc.device), am[mr].to(acc.device), T,
-                                        None, fused=True, chunk_size=16, entropy=False)
-            loss = -(logp * adv[mr, None].to(logp.device) * mask[mr].to(logp.device)).sum()
-            strategy.backward(loss / normalizer * world)
-    grad_norm = strategy.clip_and_step(1e9)  # no clipping: compare raw steps
+
+    def train_step() -> float:
+        for i, mr in enumerate(micros):
+            with strategy.micro_batch(i, len(micros)):
+                logp, _ = response_logprobs(model, ids[mr].to(acc.device),
+                                            am[mr].to(acc.device), T, None, fused=True,
+                                            chunk_size=16, entropy=False)
+                loss = -(logp * adv[mr, None].to(logp.device) * mask[mr].to(logp.device)).sum()
+                strategy.backward(loss / normalizer * world)
+        return strategy.clip_and_step(1e9)  # no clipping: compare raw steps
+
+    grad_norm = train_step()
     full1 = {k: v.detach().cpu().float().clone() for k, v in full_named_parameters(model, acc)}
     n_all = sum(v.numel() for v in full1.values())
     n_changed = sum(int((full1[k] != ref[k].float()).sum()) for k in full1)
@@ -183,10 +188,58 @@ def run_case(out: Path, kind: str, dtype: str, lr: float) -> None:
         res["zero_moment_tensors"] = [int(d[1]) for d in every]
         res["zero_master_numel"] = [int(d[2]) for d in every]
         res["zero_files"] = sorted(p.name for p in folder.iterdir())
+        res.update(async_zero_save(out / f"{got_kind}-run", strategy, engine, train_step))
     if rank == 0:
         tag = f"{got_kind}-{dtype}-{world}"
         torch.save(full1, out / f"{tag}.pt")
         (out / f"{tag}.json").write_text(json.dumps(res, indent=1, default=str))
+
+
+def async_zero_save(run_dir: Path, strategy, engine, train_step) -> dict:
+    """hapo_cli/learner/zero_checkpoint.py: an asynchronous save whose writes are held back past
+    the next step's forward and backward. The next optimizer step waits for them, and the
+    checkpoint holds the save step's partition bit for bit, not the next step's."""
+    import threading
+    import time
+
+    import torch.distributed as dist
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from hapo_cli.learner.checkpoint import checkpoint_dir
+    from hapo_cli.learner.dcp_checkpoint import torch_optimizer
+    from hapo_cli.learner.zero_checkpoint import ZeroCheckpointer, load_into_strategy
+
+    order: list[str] = []
+    real_save = TorchCheckpointEngine.save
+
+    def late_save(self, state_dict, path):  # the writer thread, a second late
+        assert threading.current_thread() is not threading.main_thread()
+        time.sleep(1.0)
+        real_save(self, state_dict, path)
+        order.append("write")
+
+    TorchCheckpointEngine.save = late_save
+    try:
+        saver = ZeroCheckpointer(run_dir, strategy, keep=2, async_save=True)
+        saved = [t.detach().clone() for t in sum(zero_partition(engine), [])]
+        saver.save(1, None, None, lambda folder: None)
+        # after the saver's own hook: records when the step is let through
+        torch_optimizer(engine.optimizer).register_step_pre_hook(lambda *_: order.append("step"))
+        train_step()
+        saver.wait()
+    finally:
+        TorchCheckpointEngine.save = real_save
+    stepped = [t.detach().clone() for t in sum(zero_partition(engine), [])]
+    load_into_strategy(checkpoint_dir(run_dir, 1), strategy)
+    loaded = sum(zero_partition(engine), [])
+    diffs = torch.tensor([max(float((a - b).abs().max()) for a, b in zip(loaded, saved)),
+                          max(float((a - b).abs().max()) for a, b in zip(stepped, saved))])
+    dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
+    first = order.index("step") if "step" in order else len(order)
+    return {"async_order_ok": bool(order.count("write") and "write" not in order[first:]
+                                   and first < len(order)),
+            "async_order": order, "async_loaded_vs_saved": float(diffs[0]),
+            "async_next_step_moved": float(diffs[1])}
 
 
 def main() -> None:

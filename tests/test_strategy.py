@@ -191,6 +191,19 @@ def test_deepspeed_optimizer_partitions_round_trip_per_rank(zero, stage):
     assert res["zero_reload_max_diff"] == 0.0
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_async_save_holds_the_save_steps_partition(zero, stage):
+    """hapo_cli/learner/zero_checkpoint.py: DeepSpeed's files written by a thread, each write a
+    second late: the next optimizer step waits until they are on disk (rank 0's order of
+    events), the step then moves the partition, and the checkpoint reloads the partition of the
+    save step bit for bit."""
+    res, _ = zero[stage]
+    assert res["async_order_ok"], res["async_order"]
+    assert res["async_next_step_moved"] > 0
+    assert res["async_loaded_vs_saved"] == 0.0
+
+
 def test_fsdp2_loading_makes_every_rank_load_the_weights(monkeypatch):
     """`fsdp_cpu_ram_efficient_loading: true` would leave ranks > 0 with unloaded weights
     (transformers expects an FSDP1 broadcast): while the policy loads under FSDP2 it is off,

@@ -64,3 +64,67 @@ def test_weights_only_loading_admits_deepspeed_classes_only(tmp_path):
         zero_state.load_file(bad)
     with pytest.raises(Exception, match="LossScaler"):  # ...and outside the context too
         torch.load(good, weights_only=True)
+
+
+# ---- hapo_cli/learner/zero_checkpoint.py: DeepSpeed's own per-rank format ----------------------
+# (real files from `engine.save_checkpoint` are written, resumed, exported and cut short in
+# tests/test_strategy_e2e.py; here its probe and refusals on hand-made folders)
+
+def _zero_ckpt(tmp_path, world=2, ranks=(0, 1)):
+    from hapo_cli.models import build_tokenizer
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000003"
+    (ckpt / "zero").mkdir(parents=True)
+    for r in ranks:
+        torch.save({"dp_world_size": world, "module": {}},
+                   ckpt / "zero" / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
+        torch.save({"optimizer_state_dict": {"x": torch.zeros(2)}},
+                   ckpt / "zero" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+    (ckpt / "config.json").write_text('{"model_type": "qwen2"}')
+    build_tokenizer().save_pretrained(ckpt)
+    return ckpt
+
+
+def test_zero_format_is_recognised_and_probed(tmp_path):
+    from hapo_cli.learner import zero_checkpoint as zc
+
+    ckpt = _zero_ckpt(tmp_path)
+    assert zc.is_zero(ckpt) and zc.is_sharded(ckpt) and zc.written_world(ckpt) == 2
+    zc.probe_zero(ckpt)
+    assert not zc.is_zero(tmp_path) and not zc.is_zero(ckpt / "zero")
+
+
+def test_zero_probe_names_a_missing_rank_a_refused_pickle_and_the_config(tmp_path):
+    from hapo_cli.learner import zero_checkpoint as zc
+
+    ckpt = _zero_ckpt(tmp_path / "a", ranks=(0,))  # rank 1 never wrote
+    with pytest.raises(ValueError, match=r"^zero/: no partition of rank 1 \(of 2\)$"):
+        zc.probe_zero(ckpt)
+    ckpt = _zero_ckpt(tmp_path / "b")
+    bad = ckpt / "zero" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    torch.save({"when": datetime.datetime(2026, 1, 1)}, bad)  # not a global weights_only allows
+    with pytest.raises(ValueError, match=rf"^zero/{bad.name}: cannot be loaded safely "
+                                         r"\(UnpicklingError\)$"):
+        zc.probe_zero(ckpt)
+    ckpt = _zero_ckpt(tmp_path / "c")
+    (ckpt / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="model_type"):
+        zc.probe_zero(ckpt)
+
+
+@pytest.mark.parametrize(("kind", "world", "why"), [("fsdp2", 2, "which fsdp2 cannot resume"),
+                                                   ("ddp", 1, "which ddp cannot resume"),
+                                                   ("deepspeed", 4, "this run has 4")])
+def test_zero_format_elsewhere_is_one_line_naming_the_conversion(tmp_path, kind, world, why):
+    from types import SimpleNamespace
+
+    from hapo_cli.learner import zero_checkpoint as zc
+
+    ckpt = _zero_ckpt(tmp_path)
+    with pytest.raises(HapoError) as info:
+        zc.load_into_strategy(ckpt, SimpleNamespace(kind=kind, world=world))
+    msg = str(info.value)
+    assert "\n" not in msg and f"for 2 ranks ({why})" in msg
+    assert "--num_processes 2" in msg
+    assert f"hapo export {tmp_path / 'run'} --step 3 --out DIR" in msg
+    assert "--set model.path=DIR" in msg

@@ -307,9 +307,10 @@ def _saver(recipe: Recipe, strategy, run_dir: Path):
     if getattr(recipe.model, "lora", None):  # adapters: small, saved with the HF folder
         return None
     keep = recipe.log.keep_checkpoints
-    saver = (ZeroCheckpointer(run_dir, strategy, keep=keep) if strategy.kind == "deepspeed"
-             else Checkpointer(run_dir, strategy.accelerator, keep=keep,
-                               async_save=recipe.log.async_save))
+    saver = (ZeroCheckpointer(run_dir, strategy, keep=keep, async_save=recipe.log.async_save)
+             if strategy.kind == "deepspeed" else
+             Checkpointer(run_dir, strategy.accelerator, keep=keep,
+                          async_save=recipe.log.async_save))
     return LoopCheckpoints(saver, recipe.log.export_every, recipe.train.max_steps)
 
 

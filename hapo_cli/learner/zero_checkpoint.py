@@ -20,8 +20,8 @@ DCP cannot address ZeRO's flat fp32 partitions (`torch.distributed.checkpoint.ge
 knows FSDP and plain modules), so this is what log.checkpoint_format=dcp (the default) writes
 under DeepSpeed. Like DeepSpeed without its universal-checkpoint conversion it resumes on the
 number of ranks that wrote it; another number, or another strategy, is one line naming the
-commands that convert its weights into a new run. The save is synchronous (DeepSpeed's default
-checkpoint engine). log.checkpoint_format=hf keeps the older layout (`zero_state.py`: the main
+commands that convert its weights into a new run. Saves are asynchronous by default
+(`ZeroCheckpointer`: DeepSpeed's files, written by a thread of ours). log.checkpoint_format=hf keeps the older layout (`zero_state.py`: the main
 process's gathered HF folder beside each rank's partition).
 """
 
@@ -29,11 +29,15 @@ from __future__ import annotations
 
 import io
 import re
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from analysis import schema
 
@@ -45,7 +49,7 @@ from .checkpoint import (
     publish,
     temporary_dir,
 )
-from .dcp_checkpoint import is_dcp, probe_config_files
+from .dcp_checkpoint import is_dcp, probe_config_files, torch_optimizer
 from .zero_state import safe_loading
 
 FORMAT = "zero"
@@ -104,35 +108,125 @@ def _engine(strategy):
 
 
 class ZeroCheckpointer:
-    """Writes checkpoints with DeepSpeed's `engine.save_checkpoint` (every rank its files, in
-    parallel); the same calls as `dcp_checkpoint.Checkpointer`, synchronous."""
+    """Writes checkpoints with DeepSpeed's `engine.save_checkpoint` (every rank its own files,
+    in parallel); the same calls as `dcp_checkpoint.Checkpointer`.
+
+    Asynchronous (log.async_save, the default): `engine.save_checkpoint` runs as usual (its
+    barriers, its state dicts: references to the live partitions and moments, no copy), but
+    each file it hands its checkpoint engine is queued, and one writer thread per rank writes
+    them while training goes on. Nothing before the next optimizer step changes a saved tensor
+    (forward and backward read the partitions, gradients are not saved), so a pre-hook on the
+    torch optimizer inside DeepSpeed makes that step wait until this rank's files are written:
+    the checkpoint holds the save step's state bit for bit, and no second copy of it is made.
+    The writers then agree over their own gloo group (never the training collectives' group)
+    that every rank's files are on disk, and the main process publishes the folder. One save
+    is in flight at a time; the next save, the end of the run and a failure wait for it, and a
+    write error (a full disk) surfaces there."""
 
     format = FORMAT
 
-    def __init__(self, run_dir: Path, strategy, *, keep: int):
+    def __init__(self, run_dir: Path, strategy, *, keep: int, async_save: bool = True):
         self.run_dir, self.strategy, self.keep = Path(run_dir), strategy, keep
         self.accelerator = strategy.accelerator
         self.main = self.accelerator.is_main_process
+        self.async_save = async_save
+        distributed = dist.is_available() and dist.is_initialized()
+        # the writers' own group (collective: every rank builds it), as dcp_checkpoint's
+        self.group = dist.new_group(backend="gloo") if async_save and distributed else None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="hapo-zero-save")
+        self._pending: Future | None = None
+        self._written = threading.Event()
+        self._written.set()
+        self._hooked: set[int] = set()
+        self.last_stall_s = 0.0  # how long the last `save` call held the training thread
+        self.last_step_wait_s = 0.0  # how long the next optimizer step waited for it
 
     def save(self, step: int, model, optimizer, write_small) -> None:
         """Checkpoint `step` (collective). `write_small(folder)`: the main process's files."""
         del model, optimizer  # the engine holds both
+        t0 = time.perf_counter()
+        self.wait()
         tmp = temporary_dir(self.run_dir, step)
         if self.main:
             fresh_temporary_dir(self.run_dir, step)
             write_small(tmp)
         self.accelerator.wait_for_everyone()  # the folder exists before any rank writes
-        _engine(self.strategy).save_checkpoint(str(tmp), tag=ZERO_DIR, save_latest=False)
-        self.accelerator.wait_for_everyone()  # every rank's files are on disk
+        engine = _engine(self.strategy)
+        if not self.async_save:
+            engine.save_checkpoint(str(tmp), tag=ZERO_DIR, save_latest=False)
+            self.accelerator.wait_for_everyone()  # every rank's files are on disk
+            if self.main:
+                publish(tmp, checkpoint_dir(self.run_dir, step), self.run_dir, self.keep)
+            self.accelerator.wait_for_everyone()
+            self.last_stall_s = time.perf_counter() - t0
+            return
+        files = self._collect(engine, tmp)
+        opt = torch_optimizer(engine.optimizer)
+        if id(opt) not in self._hooked:  # once: a hook never removes itself mid-iteration
+            opt.register_step_pre_hook(lambda *_: self.release())
+            self._hooked.add(id(opt))
+        self._written.clear()
+        self.last_step_wait_s = 0.0
+        self._pending = self._pool.submit(self._write, engine.checkpoint_engine, files, tmp, step)
+        self.last_stall_s = time.perf_counter() - t0
+
+    @staticmethod
+    def _collect(engine, tmp: Path) -> list[tuple[Any, str]]:
+        """Run `engine.save_checkpoint` with its checkpoint engine's writes queued, not made:
+        [(state dict of live tensors, path)]."""
+        ckpt_engine, files = engine.checkpoint_engine, []
+        ckpt_engine.save = lambda state_dict, path: files.append((state_dict, path))  # this call
+        try:
+            engine.save_checkpoint(str(tmp), tag=ZERO_DIR, save_latest=False)
+        finally:
+            del ckpt_engine.save  # the class's own again
+        return files
+
+    def _write(self, ckpt_engine, files: list[tuple[Any, str]], tmp: Path, step: int) -> None:
+        """The writer thread: this rank's files (with the checkpoint engine's own `save`), then
+        every rank agrees they are all on disk and the main process publishes."""
+        error: BaseException | None = None
+        try:
+            for state, path in files:
+                ckpt_engine.save(state, path)
+        except BaseException as exc:  # a full disk: reported by `wait`, after the agreement
+            error = exc
+        finally:
+            files.clear()  # the live tensors are no longer referenced from here
+            self._written.set()
+        ok = torch.tensor([0 if error else 1])
+        if self.group is not None:  # every rank takes part, failed or not: none is left waiting
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.group)
+        if error is not None:
+            raise error
+        if not ok.item():
+            raise HapoError(f"checkpoint step {step}: another rank could not write its ZeRO "
+                            "partition (its error is in that rank's output)")
         if self.main:
             publish(tmp, checkpoint_dir(self.run_dir, step), self.run_dir, self.keep)
-        self.accelerator.wait_for_everyone()
+
+    def release(self) -> None:
+        """Block until this rank's files of the save in flight are written (the live tensors
+        they hold may change from then on); errors surface in `wait`."""
+        if not self._written.is_set():
+            t0 = time.perf_counter()
+            self._written.wait()
+            self.last_step_wait_s += time.perf_counter() - t0
 
     def wait(self) -> None:
-        """Nothing is in flight: `save` returns once the checkpoint is published."""
+        """Block until the save in flight is written on every rank and published; raise its
+        error."""
+        self.release()
+        fut, self._pending = self._pending, None
+        if fut is not None:
+            fut.result()
 
     def abandon(self) -> None:
-        """Nothing is in flight (`wait`)."""
+        """Wait for the save in flight, ignoring its outcome (a failing run cleans up next)."""
+        try:
+            self.wait()
+        except BaseException:
+            pass
 
 
 def not_resumable_here(ckpt: Path, world: int, why: str) -> HapoError:
@@ -154,12 +248,25 @@ def load_into_strategy(ckpt: Path, strategy) -> None:
     if world != strategy.world:
         raise not_resumable_here(ckpt, world, f"this run has {strategy.world}")
     # each rank reads its own partition (a rigid checkpoint: DeepSpeed loads no other rank's);
-    # the weights come from the fp32 masters (zero_load_from_fp32_weights, DeepSpeed's default)
-    path, _ = _engine(strategy).load_checkpoint(
-        str(ckpt), tag=ZERO_DIR, load_module_strict=True, load_optimizer_states=True,
-        load_lr_scheduler_states=False)
+    # the weights come from the fp32 masters (zero_load_from_fp32_weights, DeepSpeed's default).
+    # Its files are read memory-mapped and through weights_only (`probe_zero` checked both):
+    # DeepSpeed's checkpoint engine would unpickle each whole into memory first
+    engine = _engine(strategy)
+    ckpt_engine = engine.checkpoint_engine
+    ckpt_engine.load = _mapped_load  # this call only
+    try:
+        path, _ = engine.load_checkpoint(
+            str(ckpt), tag=ZERO_DIR, load_module_strict=True, load_optimizer_states=True,
+            load_lr_scheduler_states=False)
+    finally:
+        del ckpt_engine.load  # the class's own again
     if path is None:
         raise HapoError(f"{ckpt}: DeepSpeed found no checkpoint in {ZERO_DIR}/")
+
+
+def _mapped_load(path: str, map_location=None) -> Any:
+    with safe_loading():
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
 
 
 def full_state_dict(ckpt: Path) -> dict[str, Any]:
