@@ -22,9 +22,11 @@ the copy: the accelerator default).
 Start-up: `hf` rows load the policy as before this bench's change (every rank
 `from_pretrained`s the full fp32 model, then shards it); `dcp` rows use the sharded start-up
 (FSDP2: each rank reads only its slices of the safetensors, `learner/sharded_load.py`).
-ZeRO-3 keeps its own format in both (DCP cannot address DeepSpeed's flat partitions): the HF
-folder gathered on rank 0 + one optimizer partition per rank; its start-up builds the model
-inside `deepspeed.zero.Init` (recipes/accelerate/zero3.yaml's zero3_init_flag).
+ZeRO-3 (DCP cannot address DeepSpeed's flat partitions): `hf` is the HF folder gathered on
+rank 0 + one optimizer partition per rank, its start-up `from_pretrained` inside
+`deepspeed.zero.Init` (recipes/accelerate/zero3.yaml's zero3_init_flag); `dcp` is what
+log.checkpoint_format=dcp writes under DeepSpeed, its own per-rank files
+(`learner/zero_checkpoint.py`, sync and async), after the sharded start-up.
 
 Measured in one run (2 CPU cores shared with ~7 other jobs, load 5-19 during it: a training
 step took 46 s; 258 M parameters), rank 0, MB: FSDP2 hf: start-up 2324, save 6479,
@@ -35,6 +37,12 @@ sync 6.32 s, async 0.04 s (0.006x sync), async copy 0.02 s (0.003x); neither asy
 next optimizer step (a write takes ~6 s, a sync save 6.3 s, of a 46 s step). Lost: dcp sync 6.32 s, async 1.62 s
 (0.26x: the writer slowed the step beside it), async copy -0.93 s (below the +-1-2 s noise of
 the steps). ZeRO-3 (own format): start-up 3875, train 7289, save 6203, resume 3884, lost 16.3 s.
+
+A later run, `--kinds zero3` (2 cores otherwise idle, a step 9.7 s), rank 0: hf start-up 3915,
+save 4746 (the shared fp32 masters took it from 6203), resume 3948; per rank: start-up 3833,
+save sync 2846 (0.60x), async 5572 (the step beside the write), resume 3833 (the start-up; the
+memory-mapped load itself 2146). Blocked: hf 5.94 s, sync 1.97 s, async 0.05 s (0.03x);
+lost async 2.83 s (1.44x: both ranks' writers compete with both ranks' step on 2 cores).
 """
 
 from __future__ import annotations

@@ -276,7 +276,10 @@ def full_state_dict(ckpt: Path) -> dict[str, Any]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with redirect_stdout(io.StringIO()):  # its progress prints
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=ZERO_DIR, lazy_mode=True)
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=ZERO_DIR, lazy_mode=True)
+    if state is None:  # (its annotation allows it; no path returns it)
+        raise HapoError(f"{ckpt}: DeepSpeed merged no state from {ZERO_DIR}/")
+    return dict(state)
 
 
 def load_model_weights(ckpt: Path, model) -> None:
