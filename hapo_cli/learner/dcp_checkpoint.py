@@ -244,6 +244,17 @@ class LiveState(AsyncStager):
         return state_dict
 
 
+def open_folder(run_dir: Path, step: int, accelerator, write_small) -> Path:
+    """The fresh temporary folder of checkpoint `step` with the main process's small files
+    (`write_small(folder)`), returned once every rank may write into it (collective)."""
+    tmp = temporary_dir(run_dir, step)
+    if accelerator.is_main_process:
+        fresh_temporary_dir(run_dir, step)
+        write_small(tmp)
+    accelerator.wait_for_everyone()  # the folder exists before any rank writes
+    return tmp
+
+
 class Checkpointer:
     """Writes DCP checkpoints; every rank holds one and calls `save` and `wait` together.
 
@@ -280,11 +291,7 @@ class Checkpointer:
         """Checkpoint `step`. `write_small(folder)`: the main process's small files."""
         t0 = time.perf_counter()
         self.wait()
-        tmp = temporary_dir(self.run_dir, step)
-        if self.main:
-            fresh_temporary_dir(self.run_dir, step)
-            write_small(tmp)
-        self.accelerator.wait_for_everyone()  # the folder exists before any rank writes
+        tmp = open_folder(self.run_dir, step, self.accelerator, write_small)
         state = train_state(model, optimizer)
         target = str(tmp / DCP_DIR)
         if not self.async_save:
@@ -423,4 +430,4 @@ class LoopCheckpoints:
 
 __all__ = ["DCP_DIR", "FORMAT", "EXPORTS_DIR", "Checkpointer", "LoopCheckpoints", "is_dcp",
            "train_state", "load_train_state", "load_into_strategy", "load_model_weights", "write_config_files",
-           "export_dir", "write_export", "probe_dcp", "probe_config_files"]
+           "export_dir", "write_export", "probe_dcp", "probe_config_files", "open_folder"]

@@ -42,14 +42,8 @@ import torch.distributed as dist
 from analysis import schema
 
 from ..errors import HapoError
-from .checkpoint import (
-    checkpoint_dir,
-    fresh_temporary_dir,
-    new_run_command,
-    publish,
-    temporary_dir,
-)
-from .dcp_checkpoint import is_dcp, probe_config_files, torch_optimizer
+from .checkpoint import checkpoint_dir, new_run_command, publish
+from .dcp_checkpoint import is_dcp, open_folder, probe_config_files, torch_optimizer
 from .zero_state import safe_loading
 
 FORMAT = "zero"
@@ -146,11 +140,7 @@ class ZeroCheckpointer:
         del model, optimizer  # the engine holds both
         t0 = time.perf_counter()
         self.wait()
-        tmp = temporary_dir(self.run_dir, step)
-        if self.main:
-            fresh_temporary_dir(self.run_dir, step)
-            write_small(tmp)
-        self.accelerator.wait_for_everyone()  # the folder exists before any rank writes
+        tmp = open_folder(self.run_dir, step, self.accelerator, write_small)
         engine = _engine(self.strategy)
         if not self.async_save:
             engine.save_checkpoint(str(tmp), tag=ZERO_DIR, save_latest=False)
