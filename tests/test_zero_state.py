@@ -76,7 +76,8 @@ def _zero_ckpt(tmp_path, world=2, ranks=(0, 1)):
     ckpt = tmp_path / "run" / "checkpoints" / "step-000003"
     (ckpt / "zero").mkdir(parents=True)
     for r in ranks:
-        torch.save({"dp_world_size": world, "module": {}},
+        torch.save({"dp_world_size": world, "module": {},
+                    "ds_config": {"zero_optimization": {"stage": 3}}},
                    ckpt / "zero" / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
         torch.save({"optimizer_state_dict": {"x": torch.zeros(2)}},
                    ckpt / "zero" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
@@ -112,19 +113,24 @@ def test_zero_probe_names_a_missing_rank_a_refused_pickle_and_the_config(tmp_pat
         zc.probe_zero(ckpt)
 
 
-@pytest.mark.parametrize(("kind", "world", "why"), [("fsdp2", 2, "which fsdp2 cannot resume"),
-                                                   ("ddp", 1, "which ddp cannot resume"),
-                                                   ("deepspeed", 4, "this run has 4")])
-def test_zero_format_elsewhere_is_one_line_naming_the_conversion(tmp_path, kind, world, why):
+@pytest.mark.parametrize(("kind", "world", "stage", "why"), [
+    ("fsdp2", 2, 3, "which fsdp2 cannot resume"), ("ddp", 1, 3, "which ddp cannot resume"),
+    ("deepspeed", 4, 3, "this run has 4"),
+    ("deepspeed", 2, 2, "written under ZeRO-3, this run is ZeRO-2")])
+def test_zero_format_elsewhere_is_one_line_naming_the_conversion(tmp_path, kind, world, stage,
+                                                                   why):
     from types import SimpleNamespace
 
     from hapo_cli.learner import zero_checkpoint as zc
 
     ckpt = _zero_ckpt(tmp_path)
+    assert zc.written_stage(ckpt) == 3
+    engine = SimpleNamespace(zero_optimization_stage=lambda: stage)
+    acc = SimpleNamespace(deepspeed_engine_wrapped=SimpleNamespace(engine=engine))
     with pytest.raises(HapoError) as info:
-        zc.load_into_strategy(ckpt, SimpleNamespace(kind=kind, world=world))
+        zc.load_into_strategy(ckpt, SimpleNamespace(kind=kind, world=world, accelerator=acc))
     msg = str(info.value)
     assert "\n" not in msg and f"for 2 ranks ({why})" in msg
-    assert "--num_processes 2" in msg
+    assert "--config_file recipes/accelerate/zero3.yaml --num_processes 2" in msg
     assert f"hapo export {tmp_path / 'run'} --step 3 --out DIR" in msg
     assert "--set model.path=DIR" in msg

@@ -66,13 +66,24 @@ def is_sharded(ckpt: Path) -> bool:
 def written_world(ckpt: Path) -> int:
     """The number of data-parallel ranks that wrote `ckpt`, as DeepSpeed recorded it
     (`dp_world_size` of its model-state file; ValueError without a readable one)."""
+    return int(_recorded(ckpt)["dp_world_size"])
+
+
+def written_stage(ckpt: Path) -> int | None:
+    """The ZeRO stage that wrote `ckpt` (its recorded DeepSpeed config); None: not recorded."""
+    stage = ((_recorded(ckpt).get("ds_config") or {}).get("zero_optimization") or {}).get("stage")
+    return None if stage is None else int(stage)
+
+
+def _recorded(ckpt: Path) -> dict[str, Any]:
     files = sorted((Path(ckpt) / ZERO_DIR).glob("*model_states.pt"))
     if not files:
         raise ValueError(f"{ZERO_DIR}/: no *model_states.pt")
     try:
         with safe_loading():
             state = torch.load(files[0], weights_only=True, map_location="cpu", mmap=True)
-        return int(state["dp_world_size"])
+        int(state["dp_world_size"])
+        return state
     except Exception as exc:  # a truncated zip, a refused pickle, no such key
         raise ValueError(f"{ZERO_DIR}/{files[0].name}: cannot be loaded safely "
                          f"({type(exc).__name__})") from None
@@ -219,12 +230,14 @@ class ZeroCheckpointer:
             pass
 
 
-def not_resumable_here(ckpt: Path, world: int, why: str) -> HapoError:
+def not_resumable_here(ckpt: Path, world: int, why: str, stage: int | None = None) -> HapoError:
     run, step = Path(ckpt).parent.parent, schema.checkpoint_step(Path(ckpt).name)
+    configs = (f"recipes/accelerate/zero{stage}.yaml" if stage in (2, 3) else
+               "recipes/accelerate/zero2.yaml or zero3.yaml")
     return HapoError(
         f"{ckpt}: holds DeepSpeed ZeRO partitions for {world} ranks ({why}); resume it under "
-        "DeepSpeed (accelerate launch --config_file recipes/accelerate/zero2.yaml or zero3.yaml "
-        f"--num_processes {world}), or convert its weights into a new run (optimizer state and "
+        f"DeepSpeed (accelerate launch --config_file {configs} --num_processes {world}), or "
+        "convert its weights into a new run (optimizer state and "
         f"data position start afresh): hapo export {run} --step {step} --out DIR, then "
         f"{new_run_command(run, 'DIR')}")
 
@@ -232,16 +245,20 @@ def not_resumable_here(ckpt: Path, world: int, why: str) -> HapoError:
 def load_into_strategy(ckpt: Path, strategy) -> None:
     """Restore model and optimizer (fp32 masters, moments, the engine's step counters) from
     `ckpt` (every rank calls it); another world size or strategy is one line."""
-    world = written_world(ckpt)
+    world, stage = written_world(ckpt), written_stage(ckpt)
     if strategy.kind != "deepspeed":
-        raise not_resumable_here(ckpt, world, f"which {strategy.kind} cannot resume")
+        raise not_resumable_here(ckpt, world, f"which {strategy.kind} cannot resume", stage)
     if world != strategy.world:
-        raise not_resumable_here(ckpt, world, f"this run has {strategy.world}")
+        raise not_resumable_here(ckpt, world, f"this run has {strategy.world}", stage)
+    engine = _engine(strategy)
+    if stage is not None and stage != engine.zero_optimization_stage():
+        raise not_resumable_here(
+            ckpt, world, f"written under ZeRO-{stage}, this run is ZeRO-"
+                         f"{engine.zero_optimization_stage()}", stage)
     # each rank reads its own partition (a rigid checkpoint: DeepSpeed loads no other rank's);
     # the weights come from the fp32 masters (zero_load_from_fp32_weights, DeepSpeed's default).
     # Its files are read memory-mapped and through weights_only (`probe_zero` checked both):
     # DeepSpeed's checkpoint engine would unpickle each whole into memory first
-    engine = _engine(strategy)
     ckpt_engine = engine.checkpoint_engine
     ckpt_engine.load = _mapped_load  # this call only
     try:
@@ -293,5 +310,5 @@ def _non_persistent(model) -> set[str]:
             for b in mod._non_persistent_buffers_set}
 
 
-__all__ = ["FORMAT", "ZERO_DIR", "is_zero", "is_sharded", "written_world", "probe_zero", "ZeroCheckpointer",
-           "not_resumable_here", "load_into_strategy", "full_state_dict", "load_model_weights"]
+__all__ = ["FORMAT", "ZERO_DIR", "is_zero", "is_sharded", "written_world", "written_stage",
+           "probe_zero", "ZeroCheckpointer", "not_resumable_here", "load_into_strategy", "full_state_dict", "load_model_weights"]
