@@ -42,7 +42,7 @@ import warnings
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 import torch.distributed as dist
@@ -65,9 +65,6 @@ from .checkpoint import (
     write_trainer_files,
 )
 from .forward import unwrap
-
-if TYPE_CHECKING:
-    from .zero_checkpoint import ZeroCheckpointer
 
 # one process is a supported layout here, not a mistake DCP should warn about on every save
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or "
@@ -394,13 +391,25 @@ def write_export(run_dir: Path, step: int, model, tokenizer,
     return out
 
 
+class Saver(Protocol):
+    """What writes a run's sharded checkpoints: `Checkpointer` (DCP), or under DeepSpeed ZeRO
+    `zero_checkpoint.ZeroCheckpointer`."""
+
+    format: str  # trainer_state.json's "format"
+
+    def save(self, step: int, model, optimizer, write_small) -> None: ...
+
+    def wait(self) -> None: ...
+
+    def abandon(self) -> None: ...
+
+
 class LoopCheckpoints:
     """What `Loop.checkpoint` does under log.checkpoint_format=dcp: the sharded save of model
     and optimizer (every rank: DCP, or DeepSpeed's own under ZeRO), the small files (main
     process), and the Hugging Face export when due (log.export_every, and the last step)."""
 
-    def __init__(self, checkpointer: Checkpointer | ZeroCheckpointer, export_every: int,
-                 max_steps: int):
+    def __init__(self, checkpointer: Saver, export_every: int, max_steps: int):
         self.checkpointer, self.export_every, self.max_steps = checkpointer, export_every, max_steps
 
     def save(self, loop, step: int) -> None:
