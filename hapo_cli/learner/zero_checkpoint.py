@@ -19,10 +19,11 @@ Written by `engine.save_checkpoint` (deepspeed/runtime/engine.py), read back by
 DCP cannot address ZeRO's flat fp32 partitions (`torch.distributed.checkpoint.get_state_dict`
 knows FSDP and plain modules), so this is what log.checkpoint_format=dcp (the default) writes
 under DeepSpeed. Like DeepSpeed without its universal-checkpoint conversion it resumes on the
-number of ranks that wrote it; another number, or another strategy, is one line naming the
-commands that convert its weights into a new run. Saves are asynchronous by default
-(`ZeroCheckpointer`: DeepSpeed's files, written by a thread of ours). log.checkpoint_format=hf keeps the older layout (`zero_state.py`: the main
-process's gathered HF folder beside each rank's partition).
+number of ranks and ZeRO stage that wrote it; another number, stage or strategy is one line
+naming the commands that convert its weights into a new run. Saves are asynchronous by default
+(`ZeroCheckpointer`: DeepSpeed's files, written by a thread of ours). log.checkpoint_format=hf
+keeps the older layout (`zero_state.py`: the main process's gathered HF folder beside each
+rank's partition).
 """
 
 from __future__ import annotations
