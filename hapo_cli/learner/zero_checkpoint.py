@@ -45,7 +45,7 @@ from analysis import schema
 from ..errors import HapoError
 from .checkpoint import checkpoint_dir, new_run_command, publish
 from .dcp_checkpoint import is_dcp, open_folder, probe_config_files, torch_optimizer
-from .zero_state import safe_loading
+from .zero_state import load_file
 
 FORMAT = "zero"
 ZERO_DIR = "zero"  # DeepSpeed's checkpoint tag: the folder of its files
@@ -81,8 +81,7 @@ def _recorded(ckpt: Path) -> dict[str, Any]:
     if not files:
         raise ValueError(f"{ZERO_DIR}/: no *model_states.pt")
     try:
-        with safe_loading():
-            state = torch.load(files[0], weights_only=True, map_location="cpu", mmap=True)
+        state = load_file(files[0])
         int(state["dp_world_size"])
         return state
     except Exception as exc:  # a truncated zip, a refused pickle, no such key
@@ -101,8 +100,7 @@ def probe_zero(ckpt: Path) -> None:
         raise ValueError(f"{ZERO_DIR}/: no partition of rank {missing[0]} (of {world})")
     for f in sorted(folder.glob("*.pt")):
         try:
-            with safe_loading():
-                torch.load(f, weights_only=True, map_location="cpu", mmap=True)
+            load_file(f)
         except Exception as exc:  # a truncated zip, a refused pickle
             raise ValueError(f"{ZERO_DIR}/{f.name}: cannot be loaded safely "
                              f"({type(exc).__name__})") from None
@@ -273,8 +271,8 @@ def load_into_strategy(ckpt: Path, strategy) -> None:
 
 
 def _mapped_load(path: str, map_location=None) -> Any:
-    with safe_loading():
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+    del map_location  # DeepSpeed asks for the CPU: so does load_file
+    return load_file(Path(path))
 
 
 def full_state_dict(ckpt: Path) -> dict[str, Any]:
