@@ -27,6 +27,13 @@ runner = CliRunner()
 VARIANTS = "none,ABCD"
 
 
+@pytest.fixture(autouse=True)
+def _submit_from_the_test_folder(tmp_path, monkeypatch):
+    """sbatch runs where it is called: a requeued job's slurmstepd message ("CANCELLED ... DUE
+    TO JOB REQUEUE") was written as slurm-N.out into the checkout's root (and committed)."""
+    monkeypatch.chdir(tmp_path)
+
+
 def ablate(out: Path, cache_dir: Path, *extra: str, steps: int = 3, variants: str = VARIANTS):
     args = ["ablate", "--recipe", "tiny/hapo", "--variants", variants, "--seeds", "1",
             "--max-steps", str(steps), "--output", str(out), *extra,
