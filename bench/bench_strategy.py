@@ -62,8 +62,13 @@ CPU) allocates beside its input, for the largest parameter's gradient, measured 
 processes after the steps: 1335 MB per rank for the 890 MB embedding gradient (gloo's
 `all_reduce`, DDP's, adds ~2 MB; NCCL reduce-scatters in place). In a third run (`--kinds
 ddp,fsdp2,zero3`) the step peaks were FSDP2 5311 / 5288 (0.74 / 0.73x), ZeRO-3 5531 / 5566
-(0.77 / 0.77x) with that copy; less it, 0.55x and 0.58x (arithmetic: the copy lives while the
-embedding's gradient is reduced, at the end of the backward, where the temporaries peak).
+(0.77 / 0.77x) with that copy. Removing the copy does not lower ZeRO-3's peak: a later run
+(`--kinds zero3 --steps 1`) timed the VmHWM around each DeepSpeed reduce-scatter. Peak 5460 /
+5665 with gloo's call, 5607 / 5718 with the gradient reduced in slices of 32 MB (tried, not
+kept): in both, the peak is reached just before the embedding's reduce, at the resident size
+then plus one embedding-sized tensor (the lookup's gradient, freed once added into the head's),
+as high as the copy would take it. An earlier note here said 0.55x / 0.58x "less the copy":
+arithmetic, which that measurement refutes for ZeRO-3.
 
 Where the rest goes: the tied 151,936 x 1536 embedding is 90 % of the parameters (933 MB fp32).
 Every strategy computes its full gradient on every rank (the fused LM-head backward's (V, d)
@@ -71,8 +76,9 @@ accumulator, plus the embedding's own dense gradient), and FSDP2/ZeRO-3 gather t
 for the forward and backward: the temporaries (~2.7-3.4 GB) are about 3 embedding-sized tensors
 (FSDP2: plus its reduce-scatter input copy), and no sharding of whole parameters removes them
 (that needs the vocabulary split across ranks, tensor parallelism). A sparse embedding gradient
-(nn.Embedding(sparse=True)) did not lower ZeRO-3's peak (5660 / 5596), so the embedding's dense
-gradient is not what sets it. DDP's peak is the AdamW step (gradients + foreach temporaries on
+(nn.Embedding(sparse=True)) did not lower ZeRO-3's peak (5660 / 5596): autograd adds a sparse
+gradient into the head's dense one into a new dense tensor (it accumulates in place only dense
+into dense), so an embedding-sized tensor appears at that moment either way. DDP's peak is the AdamW step (gradients + foreach temporaries on
 top of 4.4 GB resident). FSDP2's step time doubles here: a reduce-scatter per micro-batch and
 gathers over gloo on 2 busy cores.
 """
