@@ -7,6 +7,7 @@ from analysis import schema
 from analysis.report import AnalyzeResult
 from hapo_cli.data.synthetic import Task
 from hapo_cli.learner.dcp_checkpoint import Checkpointer
+from hapo_cli.learner.gloo_reduce import SlicedReduceScatter
 from hapo_cli.recipe import Recipe
 from hapo_cli.rollout import base, server_worker, vllm_plugin
 
@@ -44,3 +45,6 @@ init_info_cls, update_info_cls, supports_draft_weight_update
 init_transfer_engine, start_weight_update, update_weights, finish_weight_update
 vllm_plugin._active, validate_params, add_request, apply_staged_writes
 is_pin_memory, is_argmax_invariant, update_state
+
+# FSDP2 calls a custom reduce-scatter comm's `allocate` for its buffers (torch `_fsdp_api.Comm`)
+SlicedReduceScatter.allocate

@@ -43,7 +43,7 @@ ddp,zero3,zero3-zinit`; the same step peaks, 0.78-0.79x of DDP's 7196 / 7216):
 
 ZeRO-3 before this bench's fixes: states 2458 (0.63x), step peak 6182 6067 (0.86 0.84x).
 - **Shared fp32 masters:** DeepSpeed keeps an fp32 master partition beside the fp32 parameter
-  partition, though it means not to (`share_fp32_masters` in hapo_cli/learner/strategy.py: its
+  partition, though it means not to (`share_fp32_masters` in hapo_cli/learner/zero_memory.py: its
   same-dtype check compares a device with a str). Sharing them gives 0.50x.
 - **Sharded start-up:** each rank fills only its partitions from the safetensors
   (`load_policy_zero3`): load peak 0.46x of `from_pretrained` inside `zero.Init` (rank 0 reads the
@@ -99,7 +99,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = {"ddp": "DDP", "fsdp2": "FSDP2", "zero2": "ZeRO-2", "zero3": "ZeRO-3",
-         "zero3-zinit": "ZeRO-3 (zero.Init load)"}
+         "zero3-zinit": "ZeRO-3 (zero.Init load)", "fsdp2-before": "FSDP2 before",
+         "zero3-before": "ZeRO-3 before", "zero3-tied-only": "ZeRO-3 tied only"}
 
 
 def _status_mb(field: str) -> float:
@@ -175,9 +176,16 @@ def worker(args) -> None:
     from hapo_cli.learner.strategy import Strategy, build_accelerator
 
     torch.set_num_threads(1)
-    os.environ["ACCELERATE_USE_FSDP"] = "true" if args.kind == "fsdp2" else "false"
+    base = args.kind.split("-")[0]
+    os.environ["ACCELERATE_USE_FSDP"] = "true" if base == "fsdp2" else "false"
     os.environ["FSDP_VERSION"] = "2"
-    stage = {"zero2": "2", "zero3": "3", "zero3-zinit": "3"}.get(args.kind)
+    stage = {"zero2": "2", "zero3": "3"}.get(base)
+    from hapo_cli.learner import forward, gloo_reduce
+
+    if args.kind.endswith(("-before", "-tied-only")):  # gloo's reduce-scatter in one call
+        gloo_reduce._is_gloo = lambda group: False
+    if args.kind.endswith("-before"):  # the tied embedding's dense lookup gradient
+        forward.plain_tied_embedding = lambda model, head: None
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true" if stage else "false"
     if stage:  # what `accelerate launch --config_file recipes/accelerate/zero{2,3}.yaml` sets
         os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"] = stage
@@ -243,14 +251,20 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     row["gloo_rs_mb"] = 0.0
-    if not cuda and args.kind in ("fsdp2", "zero3", "zero3-zinit"):
+    if not cuda and base in ("fsdp2", "zero3"):
         # what gloo's reduce-scatter (FSDP2's and ZeRO-3's gradient reduction) allocates
-        # beside its input, for the largest parameter's gradient: NCCL reduces in place
+        # beside its input, for the largest parameter's gradient, as this kind reduces it (in
+        # slices, or one call): NCCL reduces in place
         n = max(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         x, out = torch.ones(n), torch.empty(n // world)
         before = now_mb()
         reset()
-        dist.reduce_scatter_tensor(out, x)
+        if gloo_reduce._is_gloo(None):
+            gloo_reduce.reduce_scatter_in_slices(
+                lambda o, i: dist.reduce_scatter_single(output=o, input=i), out, x,
+                rank=rank, world=world)
+        else:
+            dist.reduce_scatter_single(output=out, input=x)
         row["gloo_rs_mb"] = peak_mb() - before
         del x, out
     engine = strategy._engine_model

@@ -1,9 +1,9 @@
-"""DeepSpeed's buffer sizes (`strategy._zero_buckets`): filled from the model's hidden size where
+"""DeepSpeed's buffer sizes (`zero_memory.zero_buckets`): filled from the model's hidden size where
 the config leaves them out or says `auto`, never over a value the user set."""
 
 from types import SimpleNamespace
 
-from hapo_cli.learner.strategy import _zero_buckets
+from hapo_cli.learner.zero_memory import zero_buckets
 
 
 def _model(hidden):
@@ -13,7 +13,7 @@ def _model(hidden):
 def test_zero3_buckets_come_from_hidden_size_unless_set():
     cfg = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto",
                                  "stage3_param_persistence_threshold": 123}}
-    _zero_buckets(cfg, _model(100))
+    zero_buckets(cfg, _model(100))
     assert cfg["zero_optimization"] == {
         "stage": 3,
         "reduce_bucket_size": 10_000,  # 100 * 100
@@ -25,9 +25,9 @@ def test_zero3_buckets_come_from_hidden_size_unless_set():
 
 def test_zero2_gets_no_stage3_keys_and_a_model_without_hidden_size_nothing():
     cfg = {"zero_optimization": {"stage": 2}}
-    _zero_buckets(cfg, _model(64))
+    zero_buckets(cfg, _model(64))
     assert cfg["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 4096,
                                         "allgather_bucket_size": 4096}
     cfg = {"zero_optimization": {"stage": 3}}
-    _zero_buckets(cfg, SimpleNamespace())
+    zero_buckets(cfg, SimpleNamespace())
     assert cfg == {"zero_optimization": {"stage": 3}}

@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-3 start-up (hapo_cli/learner/sharded_load.py `load_policy_zero3`): each rank
 fills only its partitions from the safetensors, and they equal `from_pretrained` inside
 `zero.Init` bit for bit; the fp32 masters shared with the partitions
-(strategy.py `share_fp32_masters`) train exactly as DeepSpeed's own second copy does."""
+(zero_memory.py `share_fp32_masters`) train exactly as DeepSpeed's own second copy does."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ entropies of the N valid response tokens.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import cast
 
@@ -22,6 +22,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from ..algo import fused_logprobs_and_entropy, logprobs_and_entropy
 from ..errors import HapoError
 from ..tensors import left_pad_prompts, position_ids
+from .tied_grad import TiedGradient, hold_head_gradient, plain_tied_embedding, tied_lookup
 
 
 def unwrap(model: nn.Module) -> PreTrainedModel:
@@ -32,11 +33,20 @@ def unwrap(model: nn.Module) -> PreTrainedModel:
 
 
 @contextmanager
-def _head_forward(head, fn):
-    """Within the block, calling `head` (hooks included) runs `fn(hidden)` as its forward."""
-    head.forward = fn  # an instance attribute shadows the class's forward
+def _head_forward(model: nn.Module, head, fn):
+    """Within the block, calling `head` (hooks included) runs `fn(hidden, weight)` as its
+    forward. With tied plain embeddings the lookup's gradient is added into the head's in place
+    (tied_grad.py: one (V, d) gradient fewer at the embedding's backward)."""
+    emb = plain_tied_embedding(unwrap(model), head)
+    channel = TiedGradient()
+
+    def forward(hidden: Tensor) -> Tensor:
+        return fn(hidden, head.weight if emb is None else hold_head_gradient(head.weight, channel))
+
+    head.forward = forward  # an instance attribute shadows the class's forward
     try:
-        yield
+        with nullcontext() if emb is None else tied_lookup(emb, channel):
+            yield
     finally:
         del head.forward
 
@@ -157,17 +167,17 @@ def _packed_forward(model, input_ids, attention_mask, T, temperature, *, fused, 
         head = unwrap(model).get_output_embeddings()
         assert head is not None  # a causal LM has an output head
 
-        def fused_head(hidden: Tensor) -> Tensor:  # (1, N_r, d): the predicting positions
+        def fused_head(hidden: Tensor, weight: Tensor) -> Tensor:  # (1, N_r, d): predicting
             hidden = hidden.reshape(-1, hidden.shape[-1])
-            if hidden.dtype != head.weight.dtype:  # as in the padded path
-                hidden = hidden.to(head.weight.dtype)
+            if hidden.dtype != weight.dtype:  # as in the padded path
+                hidden = hidden.to(weight.dtype)
             lp, en = fused_logprobs_and_entropy(
-                hidden, head.weight, pk.targets, temperature=temp, chunk_size=chunk_size,
+                hidden, weight, pk.targets, temperature=temp, chunk_size=chunk_size,
                 bias=getattr(head, "bias", None), compute_entropy=entropy,
             )
             return torch.stack([lp, en] if entropy else [lp])  # (2 or 1, N_r)
 
-        with _head_forward(head, fused_head):
+        with _head_forward(model, head, fused_head):
             res = model(**kw).logits.float()
         lp, en = res[0], (res[1] if entropy else None)
     else:
@@ -218,13 +228,13 @@ def response_logprobs(
         valid = attention_mask[:, P:].reshape(-1).bool()  # (B*T,)
         idx = valid.nonzero().squeeze(1)
 
-        def fused_head(hidden: Tensor) -> Tensor:  # (B, T+1, d): positions P-1 .. L-1
+        def fused_head(hidden: Tensor, weight: Tensor) -> Tensor:  # (B, T+1, d): P-1 .. L-1
             hidden = hidden[:, :T, :]  # position P-1+t predicts response token t
-            if hidden.dtype != head.weight.dtype:  # e.g. fp32 norm output, autocast on: the
-                hidden = hidden.to(head.weight.dtype)  # backward recomputes outside autocast
+            if hidden.dtype != weight.dtype:  # e.g. fp32 norm output, autocast on: the
+                hidden = hidden.to(weight.dtype)  # backward recomputes outside autocast
             lp, en = fused_logprobs_and_entropy(
                 hidden.reshape(B * T, -1)[idx],
-                head.weight,
+                weight,
                 targets.reshape(-1)[idx],
                 temperature=temp[idx] if isinstance(temp, Tensor) else temp,
                 chunk_size=chunk_size,
@@ -233,7 +243,7 @@ def response_logprobs(
             )
             return torch.stack([lp, en] if entropy else [lp])  # (2 or 1, N), not a view
 
-        with _head_forward(head, fused_head):
+        with _head_forward(model, head, fused_head):
             out = model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

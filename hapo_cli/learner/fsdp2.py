@@ -6,8 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from .gloo_reduce import SlicedReduceScatter
 from .precision import Precision
 
 
@@ -18,7 +20,12 @@ def apply_fsdp2(model: nn.Module, precision: Precision, device: torch.device, *,
     final norm, LM head). Parameters stay fp32 (sharded); with a bf16 compute dtype they are
     all-gathered in bf16 and gradients reduce-scattered in fp32. `materialized=False`: the
     parameters are on the meta device (sharded start-up, `sharded_load.py`), left there."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        FSDPModule,
+        MixedPrecisionPolicy,
+        fully_shard,
+    )
 
     mp = MixedPrecisionPolicy(
         param_dtype=None if precision.compute == torch.float32 else precision.compute,
@@ -34,4 +41,8 @@ def apply_fsdp2(model: nn.Module, precision: Precision, device: torch.device, *,
     for layer in layers:
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
+    if dist.get_backend() == "gloo":  # gradients reduce-scattered in slices (gloo_reduce.py)
+        for m in [*layers, model]:
+            if isinstance(m, FSDPModule):
+                m.set_custom_reduce_scatter(SlicedReduceScatter())
     return model
