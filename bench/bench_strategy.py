@@ -20,9 +20,10 @@ with /proc/self/clear_refs at each phase; CUDA: peak allocated):
   master and gradient partitions are counted under optim); engine: the HF engine's copy.
 
     python bench/bench_strategy.py [--hidden 1536] [--vocab 151936] [--layers 1] [--steps 3]
-        [--engine vllm|hf] [--kinds ddp,fsdp2,zero2,zero3,zero3-zinit] [--chunk-size 1024]
+        [--engine vllm|hf] [--kinds ddp,fsdp2,zero2,zero3,zero3-zinit,fsdp2-before,zero3-before,zero3-tied-only] [--chunk-size 1024]
 
-Measured in one run (2 CPU cores shared with other jobs, load ~3-5; 258 M parameters, fp32,
+Measured in one run before the two step-peak fixes further down (their table has the step
+peaks now: FSDP2 0.65x, ZeRO-3 0.69x) (2 CPU cores shared with other jobs, load ~3-5; 258 M parameters, fp32,
 4 x 128 tokens per rank, --steps 2), MB, rank 0 / rank 1; load: the peak of `load_policy` alone
 (DDP's is low because transformers maps the safetensors lazily: the pages are read at prepare):
 
@@ -57,28 +58,42 @@ ZeRO-3 before this bench's fixes: states 2458 (0.63x), step peak 6182 6067 (0.86
   bucket is a 2 GB fp32 buffer). The whole-process peaks were FSDP2 0.80x, ZeRO-2 0.82x,
   ZeRO-3 0.99x before those.
 
-gloo rs copy: what gloo's `reduce_scatter_tensor` (FSDP2's and ZeRO-3's gradient reduction on
-CPU) allocates beside its input, for the largest parameter's gradient, measured in the same
-processes after the steps: 1335 MB per rank for the 890 MB embedding gradient (gloo's
-`all_reduce`, DDP's, adds ~2 MB; NCCL reduce-scatters in place). In a third run (`--kinds
-ddp,fsdp2,zero3`) the step peaks were FSDP2 5311 / 5288 (0.74 / 0.73x), ZeRO-3 5531 / 5566
-(0.77 / 0.77x) with that copy. Removing the copy does not lower ZeRO-3's peak: a later run
-(`--kinds zero3 --steps 1`) timed the VmHWM around each DeepSpeed reduce-scatter. Peak 5460 /
-5665 with gloo's call, 5607 / 5718 with the gradient reduced in slices of 32 MB (tried, not
-kept): in both, the peak is reached just before the embedding's reduce, at the resident size
-then plus one embedding-sized tensor (the lookup's gradient, freed once added into the head's),
-as high as the copy would take it. An earlier note here said 0.55x / 0.58x "less the copy":
-arithmetic, which that measurement refutes for ZeRO-3.
+The two step-peak fixes, side by side in one run (`--kinds ddp,fsdp2-before,fsdp2,
+zero3-before,zero3-tied-only,zero3 --steps 2`, 2 cores otherwise idle), MB rank 0 / rank 1:
+
+| strategy                              | step peak (vs DDP)     | temporaries | gloo rs copy | step s (vs DDP) |
+| ------------------------------------- | ---------------------- | ----------- | ------------ | --------------- |
+| DDP                                   | 7218 7174              | 2732 2811   | 0            | 28.4            |
+| FSDP2 before                          | 5224 5270 (0.72 0.73)  | 3218 3275   | 1335         | 36.4 (1.28)     |
+| FSDP2                                 | 4676 4635 (0.65 0.65)  | 2725 2627   | 448          | 37.2 (1.31)     |
+| ZeRO-3 before                         | 5704 5677 (0.79 0.79)  | 2708 2787   | 1335         | 29.3 (1.03)     |
+| ZeRO-3, tied gradient only            | 5732 5677 (0.79 0.79)  | 2695 2696   | 1335 1277    | 27.6 (0.97)     |
+| ZeRO-3 (tied gradient + slices)       | 4980 4954 (0.69 0.69)  | 2107 2046   | 448 445      | 25.8 (0.91)     |
+
+- **Tied gradient** (hapo_cli/learner/tied_grad.py, on the learner's fused path): the token
+  lookup's gradient is added into the LM head's (same tied weight) in place, instead of
+  autograd's dense (V, d) lookup gradient added into it; the same sums bit for bit.
+- **Slices** (hapo_cli/learner/gloo_reduce.py): gloo's reduce-scatter copies its whole input
+  beside it (the "gloo rs copy" column: what reducing the largest gradient allocates, measured
+  in the same processes after the steps, as each kind reduces it); in slices of 32 MB it
+  allocates 448 MB instead of 1335. ZeRO-3: DeepSpeed's reduce-scatter function wrapped; FSDP2:
+  torch's `set_custom_reduce_scatter`. NCCL reduces in place and keeps its own call.
+- **Both are needed:** measured inside the step (VmHWM around each DeepSpeed reduce-scatter,
+  `--steps 1`), ZeRO-3's peak came just before the embedding's reduce, at the resident size
+  then plus one embedding-sized tensor (the lookup's gradient), and the gloo copy in the reduce
+  reached the same height: slices alone gave 5607 / 5718 (vs 5460 / 5665 in that run), the tied
+  gradient alone the "tied only" row. An earlier note here said 0.55x / 0.58x "less the copy";
+  that was arithmetic, and wrong for ZeRO-3 until the lookup's gradient went too.
 
 Where the rest goes: the tied 151,936 x 1536 embedding is 90 % of the parameters (933 MB fp32).
 Every strategy computes its full gradient on every rank (the fused LM-head backward's (V, d)
-accumulator, plus the embedding's own dense gradient), and FSDP2/ZeRO-3 gather the full weight
-for the forward and backward: the temporaries (~2.7-3.4 GB) are about 3 embedding-sized tensors
-(FSDP2: plus its reduce-scatter input copy), and no sharding of whole parameters removes them
+accumulator; before the tied-gradient fix also the lookup's own dense gradient), and FSDP2/ZeRO-3
+gather the full weight for the forward and backward: the temporaries (~2.0-2.7 GB now) are
+about 2-3 embedding-sized tensors, and no sharding of whole parameters removes them
 (that needs the vocabulary split across ranks, tensor parallelism). A sparse embedding gradient
-(nn.Embedding(sparse=True)) did not lower ZeRO-3's peak (5660 / 5596): autograd adds a sparse
+(nn.Embedding(sparse=True)) had not lowered ZeRO-3's peak (5660 / 5596): autograd adds a sparse
 gradient into the head's dense one into a new dense tensor (it accumulates in place only dense
-into dense), so an embedding-sized tensor appears at that moment either way. DDP's peak is the AdamW step (gradients + foreach temporaries on
+into dense), which the tied-gradient fix avoids by adding the rows itself. DDP's peak is the AdamW step (gradients + foreach temporaries on
 top of 4.4 GB resident). FSDP2's step time doubles here: a reduce-scatter per micro-batch and
 gathers over gloo on 2 busy cores.
 """

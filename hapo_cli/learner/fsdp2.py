@@ -41,7 +41,7 @@ def apply_fsdp2(model: nn.Module, precision: Precision, device: torch.device, *,
     for layer in layers:
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
-    if dist.get_backend() == "gloo":  # gradients reduce-scattered in slices (gloo_reduce.py)
+    if dist.is_initialized() and dist.get_backend() == "gloo":  # reduce-scatter in slices
         for m in [*layers, model]:
             if isinstance(m, FSDPModule):
                 m.set_custom_reduce_scatter(SlicedReduceScatter())
