@@ -76,11 +76,13 @@ class _Lookup(torch.autograd.Function):
 
 
 def plain_tied_embedding(model: nn.Module, head: nn.Module) -> nn.Embedding | None:
-    """The input embedding module when it is an `nn.Embedding` sharing `head.weight` and using
-    none of max_norm, scale_grad_by_freq, sparse; else None."""
+    """The input embedding module when a gradient is being recorded for it and it is an
+    `nn.Embedding` sharing `head.weight` and using none of max_norm, scale_grad_by_freq,
+    sparse; else None (scoring under no_grad keeps the module's own forward)."""
     get = getattr(model, "get_input_embeddings", None)
     emb = get() if callable(get) else None
-    if (type(emb) is not nn.Embedding or emb.weight is not getattr(head, "weight", None)
+    if (not torch.is_grad_enabled() or type(emb) is not nn.Embedding
+            or not emb.weight.requires_grad or emb.weight is not getattr(head, "weight", None)
             or emb.max_norm is not None or emb.scale_grad_by_freq or emb.sparse):
         return None
     return emb
