@@ -2,10 +2,10 @@
 
 A tied weight W (V, d) gets two gradients in one backward: the LM head's (dense, every row) and
 the token lookup's (only the rows of the batch's tokens). Autograd materialises the lookup's as a
-dense (V, d) tensor (`embedding_dense_backward`) and adds it into the head's: for a moment three
-(V, d) tensors are alive beside the model (the head's gradient, the lookup's, and under ZeRO-3
-the weight gathered again for the lookup's backward). With the 151,936 x 1536 embedding of
-bench/bench_strategy.py that moment was ZeRO-3's step peak. Here the head's gradient is held on
+dense (V, d) tensor (`embedding_dense_backward`) and adds it into the head's: for a moment the
+head's gradient and the lookup's are both alive beside the model. With the 151,936 x 1536
+embedding of bench/bench_strategy.py that moment (with gloo's reduce-scatter copy, which
+reaches the same height: gloo_reduce.py) was ZeRO-3's step peak. Here the head's gradient is held on
 its way to the parameter, and the lookup's backward adds its rows into it (`index_add_` of the
 per-token sums) and hands autograd nothing for W: the same sums, bit for bit
 (tests/test_tied_grad.py), without the dense one.
